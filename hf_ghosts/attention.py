@@ -1,0 +1,164 @@
+"""The ``"ghosts"`` attention implementation: sdpa outside a probe, eager with score capture inside.
+
+Registered with both ``transformers.AttentionInterface`` and ``AttentionMaskInterface`` (without
+the mask registration ``masking_utils`` passes ``attention_mask=None`` and attention silently
+turns non-causal). Outside a probe it calls transformers' own ``sdpa_attention_forward`` with the
+sdpa mask, so training is bit-identical to ``attn_implementation="sdpa"``. Inside
+:func:`capture_scores` it computes attention eagerly and records, per layer and head, the spread
+of the pre-softmax score slopes over the keys the mask allows (Section 6.6 of the paper).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from hf_ghosts.radii import spread
+
+__all__ = ["ATTENTION_NAME", "ScoreCapture", "capture_scores", "ghosts_attention_forward", "register"]
+
+ATTENTION_NAME = "ghosts"
+
+
+@dataclass
+class ScoreCapture:
+    """What one probe forward records from every attention call.
+
+    ``mode="jvp"``: slopes are the tangents of the scores. ``mode="fd_plus"`` stores the scores
+    of the ``theta + h v`` pass; ``mode="fd_minus"`` differences them against the ``theta - h v``
+    pass, ``(s_plus - s_minus) / (2 h)``.
+    """
+
+    mode: str
+    query_mask: torch.Tensor | None = None
+    fd_step: float = 0.0
+    spreads: dict[int, torch.Tensor] = field(default_factory=dict)
+    plus_scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    calls: int = 0
+
+    def layer_key(self, module: torch.nn.Module) -> int:
+        layer = getattr(module, "layer_idx", None)
+        key = self.calls if layer is None else int(layer)
+        self.calls += 1
+        return key
+
+
+_STATE = threading.local()
+
+
+def _active() -> ScoreCapture | None:
+    return getattr(_STATE, "capture", None)
+
+
+@contextlib.contextmanager
+def capture_scores(capture: ScoreCapture) -> Iterator[ScoreCapture]:
+    """Route every ``"ghosts"`` attention call in this thread through the eager capturing path."""
+    if _active() is not None:
+        raise RuntimeError("capture_scores: a score capture is already active in this thread (nested probes)")
+    _STATE.capture = capture
+    try:
+        yield capture
+    finally:
+        _STATE.capture = None
+
+
+def _allowed_keys(module: torch.nn.Module, attention_mask: torch.Tensor | None, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean ``[b|1, 1, q, k]`` mask of the keys each query may attend to.
+
+    Accepts what the sdpa and eager mask functions produce: ``None`` (causal for a causal
+    module, else everything), a boolean mask (True = attend) or an additive float mask.
+    """
+    if attention_mask is None:
+        if getattr(module, "is_causal", True) and q_len > 1:
+            offset = k_len - q_len
+            return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(offset)[None, None]
+        return torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=device)
+    if attention_mask.dtype == torch.bool:
+        return attention_mask[..., :k_len]
+    return attention_mask[..., :k_len] > torch.finfo(attention_mask.dtype).min / 2
+
+
+def _eager_capture(
+    capture: ScoreCapture,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    allowed = _allowed_keys(module, attention_mask, query.shape[2], key.shape[2], query.device)
+    rows = allowed
+    if capture.query_mask is not None and capture.query_mask.shape[-1] == query.shape[2]:
+        rows = allowed & capture.query_mask[:, None, :, None].to(torch.bool)
+    layer = capture.layer_key(module)
+    primal, tangent = fwAD.unpack_dual(scores)
+    if capture.mode == "jvp":
+        slopes = torch.zeros_like(primal) if tangent is None else tangent
+    elif capture.mode == "fd_plus":
+        capture.plus_scores[layer] = primal.detach()
+        slopes = None
+    elif capture.mode == "fd_minus":
+        slopes = (capture.plus_scores.pop(layer) - primal) / (2 * capture.fd_step)
+    else:
+        raise ValueError(f"ScoreCapture: unknown mode {capture.mode!r}; expected 'jvp', 'fd_plus' or 'fd_minus'")
+    if slopes is not None:
+        rows = rows.expand_as(slopes)
+        per_row = spread(slopes.float(), rows, dim=-1)  # [batch, heads, queries]
+        capture.spreads[layer] = per_row.amax(dim=(0, 2))
+    probs = torch.softmax(scores.float().masked_fill(~allowed, torch.finfo(torch.float32).min), dim=-1)
+    probs = probs.to(value.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous()
+
+
+def ghosts_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention for ``attn_implementation="ghosts"``: sdpa, or eager with capture inside a probe."""
+    capture = _active()
+    if capture is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    for unsupported in ("s_aux", "sinks", "position_bias"):
+        if kwargs.get(unsupported) is not None:
+            raise NotImplementedError(
+                f"ghosts attention: `{unsupported}` in {type(module).__name__} is not supported by the radius probe; "
+                "measure radii=('output',) for this model"
+            )
+    if kwargs.get("sliding_window") is not None and attention_mask is None:
+        raise NotImplementedError(
+            f"ghosts attention: {type(module).__name__} uses a sliding window without a materialized mask; "
+            "pass an attention_mask in the batch"
+        )
+    output = _eager_capture(capture, module, query, key, value, attention_mask, scaling, kwargs.get("softcap"))
+    return output, None
+
+
+def register() -> None:
+    """Register ``"ghosts"`` with transformers' attention and mask interfaces (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, ghosts_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+register()

@@ -1,0 +1,389 @@
+"""`RadiusProbe`: measure the convergence radii of a model along a parameter-space direction.
+
+One forward-mode JVP (or two forwards for central finite differences) at given weights along a
+unit direction ``v`` yields the slopes of the logits, of every head's attention scores and of the
+FFN pre-activations; :mod:`hf_ghosts.radii` turns them into radii. The model is left exactly as
+found: same weights, same train/eval flags, same attention implementation, no gradients touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.func import functional_call
+
+from hf_ghosts import attention
+from hf_ghosts.architectures import FfnSpec, find_ffn_modules, resolve_ffn_spec
+from hf_ghosts.radii import activation_radius, rho_bound, spread
+
+__all__ = ["ESTIMATORS", "FFN_MODES", "RADII", "RadiusProbe", "RadiusReport"]
+
+RADII = ("output", "attention", "ffn")
+ESTIMATORS = ("jvp", "fd")
+FFN_MODES = ("kink", "activation")
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class RadiusReport:
+    """Spreads measured along a unit direction, and the radii they imply.
+
+    The raw fields reduce across processes: ``out_spread`` and ``attn_spread`` with MAX,
+    ``ffn_radius`` with MIN, ``output_tokens`` with SUM.
+
+    Attributes:
+        out_spread: scalar, max over valid positions of the logit-slope spread (0 if none).
+        attn_spread: ``[layers, heads]``, max over batch and query rows of the score-slope spread.
+        ffn_radius: scalar, FFN radius (kink proxy quantile or activation-aware minimum).
+        output_tokens: scalar count of positions that entered ``out_spread``.
+    """
+
+    out_spread: torch.Tensor | None = None
+    attn_spread: torch.Tensor | None = None
+    ffn_radius: torch.Tensor | None = None
+    output_tokens: torch.Tensor | None = None
+
+    @property
+    def rho_out(self) -> torch.Tensor | None:
+        """``pi / out_spread``: the output softmax radius (eq. 14); inf without valid positions."""
+        return None if self.out_spread is None else rho_bound(self.out_spread)
+
+    @property
+    def rho_attn(self) -> torch.Tensor | None:
+        """``pi / attn_spread``, a ``[layers, heads]`` tensor of per-head attention radii."""
+        return None if self.attn_spread is None else rho_bound(self.attn_spread)
+
+    @property
+    def rho_ffn(self) -> torch.Tensor | None:
+        """The FFN radius (kink proxy or activation-aware), as measured."""
+        return self.ffn_radius
+
+    def radii(self) -> dict[str, torch.Tensor]:
+        """Each measured radius as a scalar tensor: ``{"output": ..., "attention": min over heads, "ffn": ...}``."""
+        found: dict[str, torch.Tensor] = {}
+        if self.out_spread is not None:
+            found["output"] = self.rho_out
+        if self.attn_spread is not None:
+            found["attention"] = self.rho_attn.amin() if self.attn_spread.numel() else torch.tensor(math.inf)
+        if self.ffn_radius is not None:
+            found["ffn"] = self.ffn_radius
+        return found
+
+    @property
+    def rho(self) -> torch.Tensor:
+        """The binding radius: the minimum of the radii measured."""
+        values = list(self.radii().values())
+        if not values:
+            raise ValueError("RadiusReport: no radius was measured")
+        return torch.stack([v.to(values[0].device, torch.float32) for v in values]).amin()
+
+    @property
+    def bottleneck(self) -> str:
+        """Name of the binding radius (``"output"``, ``"attention"`` or ``"ffn"``); ``"none"`` if all are inf."""
+        radii = self.radii()
+        name, value = min(radii.items(), key=lambda item: float(item[1]))
+        return name if math.isfinite(float(value)) else "none"
+
+    def map(self, fn_max, fn_min, fn_sum) -> RadiusReport:
+        """Apply reductions field-wise (MAX to spreads, MIN to the FFN radius, SUM to counts)."""
+        return replace(
+            self,
+            out_spread=None if self.out_spread is None else fn_max(self.out_spread),
+            attn_spread=None if self.attn_spread is None else fn_max(self.attn_spread),
+            ffn_radius=None if self.ffn_radius is None else fn_min(self.ffn_radius),
+            output_tokens=None if self.output_tokens is None else fn_sum(self.output_tokens),
+        )
+
+
+def _logits_of(output: object, model: torch.nn.Module) -> torch.Tensor:
+    if torch.is_tensor(output):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if logits is None:
+        raise ValueError(
+            f"{type(model).__name__} returned {type(output).__name__} without `logits`; the output radius needs a model "
+            "with a head that produces logits (for example AutoModelForCausalLM, not AutoModel)"
+        )
+    return logits
+
+
+class RadiusProbe:
+    """Measure output, per-head attention and FFN radii of ``model`` along a direction.
+
+    Args:
+        model: a ``transformers`` model (or any module returning logits, for the output radius).
+        radii: which radii to measure, a subset of ``("output", "attention", "ffn")``.
+        estimator: ``"jvp"`` (forward-mode AD, exact) or ``"fd"`` (central difference
+            ``(z(theta + h v) - z(theta - h v)) / 2h``, no forward AD needed; error ``O(h^2)``).
+        fd_step: ``h`` for ``"fd"``, a length in parameter space along the unit direction.
+        ffn_mode: ``"kink"`` (the paper's proxy, the ``ffn_quantile`` quantile of ``|z| / |z'|``)
+            or ``"activation"`` (min over neurons of :func:`~hf_ghosts.radii.activation_radius`
+            with the model's configured activation).
+        ffn_quantile: quantile of the kink proxy (paper: 1%).
+        ffn_spec: where the FFN pre-activations live, for a ``model_type`` not in
+            :data:`~hf_ghosts.architectures.FFN_PREACTIVATIONS`.
+        shift_labels: whether logits at position ``t`` predict ``labels[t + 1]`` (causal LM).
+            ``None``: True for generative models, False otherwise.
+        dtype: dtype of the probe's forward (float32: the radius of a bf16 run is measured in fp32).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        radii: tuple[str, ...] | list[str] = ("output", "attention"),
+        estimator: str = "jvp",
+        *,
+        fd_step: float = 1e-2,
+        ffn_mode: str = "kink",
+        ffn_quantile: float = 0.01,
+        ffn_spec: FfnSpec | None = None,
+        shift_labels: bool | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        radii = tuple(radii)
+        unknown = [name for name in radii if name not in RADII]
+        if not radii or unknown:
+            raise ValueError(f"RadiusProbe: radii must be a non-empty subset of {RADII}; got {radii}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"RadiusProbe: estimator must be one of {ESTIMATORS}; got {estimator!r}")
+        if ffn_mode not in FFN_MODES:
+            raise ValueError(f"RadiusProbe: ffn_mode must be one of {FFN_MODES}; got {ffn_mode!r}")
+        if not 0 < ffn_quantile < 1:
+            raise ValueError(f"RadiusProbe: ffn_quantile must lie in (0, 1); got {ffn_quantile}")
+        if not fd_step > 0:
+            raise ValueError(f"RadiusProbe: fd_step must be > 0; got {fd_step}")
+        self.model = model
+        self.radii = radii
+        self.estimator = estimator
+        self.fd_step = fd_step
+        self.ffn_mode = ffn_mode
+        self.ffn_quantile = ffn_quantile
+        self.dtype = dtype
+        self.shift_labels = shift_labels
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        if "attention" in radii:
+            can_set = getattr(model, "_can_set_attn_implementation", None)
+            if can_set is None or not can_set():
+                raise ValueError(
+                    f"The attention radius needs attention routed through transformers' AttentionInterface; "
+                    f"model_type {model_type!r} ({type(model).__name__}) does not. Pass radii=('output',) "
+                    "(or ('output', 'ffn'))."
+                )
+        self._ffn_modules: dict[str, torch.nn.Module] = {}
+        self._activation = None
+        if "ffn" in radii:
+            spec = resolve_ffn_spec(model, ffn_spec)
+            self._ffn_modules = find_ffn_modules(model, spec)
+            if ffn_mode == "activation":
+                self._activation = getattr(model.config, spec.activation_attr, None)
+                if not isinstance(self._activation, str):
+                    raise ValueError(
+                        f"RadiusProbe: config.{spec.activation_attr} of {model_type!r} is {self._activation!r}, not an "
+                        "activation name; use ffn_mode='kink'"
+                    )
+        self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    # ----------------------------------------------------------------------------------- masks
+    def _shifts(self) -> bool:
+        if self.shift_labels is not None:
+            return self.shift_labels
+        can_generate = getattr(self.model, "can_generate", None)
+        return bool(can_generate()) if callable(can_generate) else False
+
+    def _output_positions(self, logits: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Boolean mask over ``logits.shape[:-1]`` of the positions that are softmax samples."""
+        labels = inputs.get("labels")
+        if labels is not None and labels.shape[: logits.dim() - 1] == logits.shape[:-1] and not self._shifts():
+            return labels != IGNORE_INDEX
+        if logits.dim() == 2:
+            if labels is not None and labels.dim() == 1:
+                return labels != IGNORE_INDEX
+            return torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+        batch, length = logits.shape[:2]
+        if inputs.get("shift_labels") is not None:
+            return inputs["shift_labels"] != IGNORE_INDEX
+        valid = torch.zeros(batch, length, dtype=torch.bool, device=logits.device)
+        if labels is not None:
+            valid[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        else:
+            mask = inputs.get("attention_mask")
+            real = torch.ones(batch, length, dtype=torch.bool, device=logits.device) if mask is None else mask.bool()
+            valid[:, :-1] = real[:, :-1] & real[:, 1:]
+        return valid
+
+    # ----------------------------------------------------------------------------------- model state
+    @contextlib.contextmanager
+    def _probe_mode(self) -> Iterator[None]:
+        """Eval mode, fp32 forward without Accelerate's autocast wrapper, ghosts attention; all restored."""
+        model = self.model
+        training = {module: module.training for module in model.modules()}
+        wrapped_forward = model.__dict__.get("forward")
+        original_forward = getattr(model, "_original_forward", None)
+        config = getattr(model, "config", None)
+        implementation = getattr(config, "_attn_implementation", None)
+        model.eval()
+        if wrapped_forward is not None and original_forward is not None:
+            model.forward = original_forward
+        if "attention" in self.radii:
+            config._attn_implementation = attention.ATTENTION_NAME
+        try:
+            device_type = next(model.parameters()).device.type
+            with torch.no_grad(), torch.autocast(device_type, enabled=False):
+                yield
+        finally:
+            if "attention" in self.radii:
+                config._attn_implementation = implementation
+            if wrapped_forward is not None:
+                model.forward = wrapped_forward
+            for module, flag in training.items():
+                module.training = flag
+
+    # ----------------------------------------------------------------------------------- measure
+    def _unit_direction(self, direction: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        unknown = sorted(set(direction) - set(self.trainable))
+        if unknown:
+            raise KeyError(f"RadiusProbe.measure: direction names parameters the model does not train: {unknown[:5]}")
+        if not direction:
+            raise ValueError("RadiusProbe.measure: the direction is empty")
+        squares = torch.stack([d.detach().double().pow(2).sum() for d in direction.values()]).sum()
+        norm = squares.sqrt()
+        if not torch.isfinite(norm) or norm == 0:
+            raise ValueError(
+                f"RadiusProbe.measure: the direction's norm is {norm.item()}; a radius needs a finite, non-zero direction "
+                "(a zero update has nothing to measure; a NaN update must be rejected before probing)"
+            )
+        return {name: (d.detach().to(self.dtype) / norm.to(self.dtype)) for name, d in direction.items()}
+
+    def _weights(self, params: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        base = dict(self.trainable) if params is None else dict(params)
+        return {name: t.detach().to(self.dtype) if t.is_floating_point() else t.detach() for name, t in base.items()}
+
+    def _forward(self, weights: dict[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        kwargs = {key: value for key, value in inputs.items() if key not in ("labels", "shift_labels", "num_items_in_batch")}
+        config = getattr(self.model, "config", None)
+        if config is not None and hasattr(config, "use_cache"):
+            kwargs["use_cache"] = False
+        output = functional_call(self.model, weights, args=(), kwargs=kwargs, strict=False, tie_weights=True)
+        return _logits_of(output, self.model)
+
+    def measure(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        direction: Mapping[str, torch.Tensor],
+        params: Mapping[str, torch.Tensor] | None = None,
+    ) -> RadiusReport:
+        """Radii of the loss along ``direction / |direction|`` at ``params`` (default: the model's weights).
+
+        Args:
+            inputs: a batch as the Trainer passes it (``input_ids``, ``attention_mask``, ``labels``, ...).
+            direction: ``{parameter name: tensor}`` over trainable parameters; missing names are 0.
+            params: weights to linearize at, ``{name: tensor}``; names not given use the model's own.
+
+        Returns:
+            A :class:`RadiusReport` (tensors on the model's device, no host sync).
+        """
+        unit = self._unit_direction(direction)
+        weights = self._weights(params)
+        token_mask = inputs.get("attention_mask")
+        capture = attention.ScoreCapture(
+            mode="jvp" if self.estimator == "jvp" else "fd_plus",
+            query_mask=None if token_mask is None else token_mask.bool(),
+            fd_step=self.fd_step,
+        )
+        ffn_state: dict[str, object] = {"plus": {}, "values": [], "phase": capture.mode}
+        hooks = [
+            module.register_forward_hook(self._ffn_hook(name, ffn_state, token_mask))
+            for name, module in self._ffn_modules.items()
+        ]
+        try:
+            with self._probe_mode(), self._maybe_capture(capture):
+                if self.estimator == "jvp":
+                    with fwAD.dual_level():
+                        dual = {
+                            name: fwAD.make_dual(weights[name], unit[name]) if name in unit else value
+                            for name, value in weights.items()
+                        }
+                        logits = self._forward(dual, inputs)
+                        primal, slopes = fwAD.unpack_dual(logits)
+                        if slopes is None:
+                            slopes = torch.zeros_like(primal)
+                        slopes = slopes.float()
+                else:
+                    plus = {n: w + self.fd_step * unit[n] if n in unit else w for n, w in weights.items()}
+                    minus = {n: w - self.fd_step * unit[n] if n in unit else w for n, w in weights.items()}
+                    logits_plus = self._forward(plus, inputs).float()
+                    capture.mode = ffn_state["phase"] = "fd_minus"
+                    capture.calls = 0
+                    logits_minus = self._forward(minus, inputs).float()
+                    slopes = (logits_plus - logits_minus) / (2 * self.fd_step)
+                    primal = logits_plus
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return self._report(primal, slopes, inputs, capture, ffn_state)
+
+    def _maybe_capture(self, capture: attention.ScoreCapture):
+        return attention.capture_scores(capture) if "attention" in self.radii else contextlib.nullcontext()
+
+    def _ffn_hook(self, name: str, state: dict, token_mask: torch.Tensor | None):
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            primal, tangent = fwAD.unpack_dual(output)
+            if state["phase"] == "fd_plus":
+                state["plus"][name] = primal.detach()
+                return
+            if state["phase"] == "fd_minus":
+                plus = state["plus"].pop(name)
+                tangent = (plus - primal) / (2 * self.fd_step)
+                primal = (plus + primal) / 2
+            elif tangent is None:
+                tangent = torch.zeros_like(primal)
+            primal, tangent = primal.float(), tangent.float()
+            if token_mask is not None and token_mask.shape == primal.shape[:2]:
+                keep = token_mask.bool()
+                primal, tangent = primal[keep], tangent[keep]
+            if self.ffn_mode == "activation":
+                state["values"].append(activation_radius(primal, tangent, self._activation).amin().reshape(1))
+            else:
+                magnitude = tangent.abs()
+                ratio = torch.where(magnitude > 0, primal.abs() / magnitude, torch.full_like(magnitude, math.inf))
+                state["values"].append(ratio.reshape(-1))
+
+        return hook
+
+    def _report(
+        self,
+        logits: torch.Tensor,
+        slopes: torch.Tensor,
+        inputs: Mapping[str, torch.Tensor],
+        capture: attention.ScoreCapture,
+        ffn_state: dict,
+    ) -> RadiusReport:
+        out_spread = output_tokens = attn = ffn = None
+        if "output" in self.radii:
+            positions = self._output_positions(logits, inputs)
+            per_position = spread(slopes, dim=-1)
+            output_tokens = positions.sum()
+            out_spread = torch.where(positions, per_position, torch.zeros_like(per_position)).amax() if per_position.numel() else per_position.new_zeros(())
+        if "attention" in self.radii:
+            if not capture.spreads:
+                model_type = getattr(getattr(self.model, "config", None), "model_type", type(self.model).__name__)
+                raise ValueError(
+                    f"No attention call of model_type {model_type!r} went through the ghosts attention; its attention "
+                    "cannot be measured. Pass radii=('output',)"
+                )
+            attn = torch.stack([capture.spreads[layer] for layer in sorted(capture.spreads)])
+        if "ffn" in self.radii:
+            values = torch.cat(ffn_state["values"])
+            if self.ffn_mode == "activation":
+                ffn = values.amin()
+            elif values.numel() == 0:
+                ffn = torch.tensor(math.inf, device=logits.device)
+            else:
+                rank = max(1, math.ceil(self.ffn_quantile * values.numel()))
+                ffn = values.kthvalue(rank).values
+        return RadiusReport(out_spread=out_spread, attn_spread=attn, ffn_radius=ffn, output_tokens=output_tokens)

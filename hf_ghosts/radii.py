@@ -1,0 +1,361 @@
+"""Convergence-radius math of "Ghosts of Softmax" (arXiv 2603.13552).
+
+Pure functions on tensors: no models, no Trainer, no distributed code, no host syncs except
+the input checks that raise. Along a step ``theta + t v`` the logits move as ``z + a t``
+(``a = J v``) and the cross-entropy is analytic in ``t`` up to the nearest complex zero of
+``F(t) / F(0) = sum_k softmax(z)_k exp(a_k t)`` (eq. 8). Everything here estimates or bounds
+the modulus of that zero, or turns it into a step size.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import torch
+
+__all__ = [
+    "ACTIVATION_FAMILIES",
+    "CLIP_MODES",
+    "activation_radius",
+    "binary_radius",
+    "clip_scale",
+    "exact_radius",
+    "normalized_step",
+    "rho_bound",
+    "spread",
+    "top2_radius",
+]
+
+PI = math.pi
+CLIP_MODES = ("clip", "set")
+
+
+def _check_finite(name: str, **tensors: torch.Tensor) -> None:
+    for arg, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(
+                f"{name}: `{arg}` contains NaN or inf (shape {tuple(tensor.shape)}); "
+                "a radius needs finite inputs: check the update and the logits for overflow"
+            )
+
+
+def spread(slopes: torch.Tensor, mask: torch.Tensor | None = None, dim: int = -1) -> torch.Tensor:
+    """Spread of the slopes, ``Delta = max_k a_k - min_k a_k`` over ``dim`` (eq. 11).
+
+    Args:
+        slopes: directional derivatives ``a = J v`` (any float dtype).
+        mask: optional boolean tensor broadcastable to ``slopes``; only entries where it is
+            True count (valid keys, real classes). A slice with no valid entry has spread 0.
+        dim: the class (or key) dimension.
+
+    Returns:
+        ``slopes`` reduced over ``dim``: the spread, ``>= 0``.
+
+    Example: ``spread(torch.tensor([1.0, -2.0, 0.5]))`` is ``tensor(3.)``.
+    """
+    if not slopes.is_floating_point():
+        raise TypeError(f"spread: expects floating-point slopes; got dtype {slopes.dtype}")
+    if mask is None:
+        _check_finite("spread", slopes=slopes)
+        return slopes.amax(dim) - slopes.amin(dim)
+    mask = mask.to(torch.bool).expand_as(slopes)
+    _check_finite("spread", slopes=torch.where(mask, slopes, torch.zeros_like(slopes)))
+    high = slopes.masked_fill(~mask, -math.inf).amax(dim)
+    low = slopes.masked_fill(~mask, math.inf).amin(dim)
+    return torch.where(mask.any(dim), high - low, torch.zeros_like(high))
+
+
+def rho_bound(spread: torch.Tensor) -> torch.Tensor:
+    """General lower bound on the radius, ``rho_a = pi / Delta`` (Theorem 4.6, eq. 14).
+
+    A zero spread means the loss does not bend along the step: the radius is ``inf``
+    (never a large finite number).
+
+    Example: ``rho_bound(torch.tensor([pi, 0.0]))`` is ``tensor([1., inf])``.
+    """
+    _check_finite("rho_bound", spread=spread)
+    if (spread < 0).any():
+        raise ValueError("rho_bound: a spread is max - min and cannot be negative; got a negative value")
+    return torch.where(spread > 0, PI / spread, torch.full_like(spread, math.inf))
+
+
+def binary_radius(logit_gap: torch.Tensor, slope_gap: torch.Tensor) -> torch.Tensor:
+    """Exact radius of a two-class softmax, ``sqrt(delta^2 + pi^2) / |a_1 - a_2|`` (Theorem 4.3).
+
+    The zeros of ``w_1 e^{a_1 t} + w_2 e^{a_2 t}`` sit at ``t = (-delta + i pi (2n + 1)) / (a_1 - a_2)``
+    with ``delta = z_1 - z_2``; ``inf`` where the slopes are equal.
+
+    Example: ``binary_radius(torch.tensor(0.0), torch.tensor(2.0))`` is ``pi / 2``.
+    """
+    logit_gap, slope_gap = torch.broadcast_tensors(logit_gap, slope_gap)
+    _check_finite("binary_radius", logit_gap=logit_gap, slope_gap=slope_gap)
+    numerator = torch.sqrt(logit_gap**2 + PI**2)
+    magnitude = slope_gap.abs()
+    return torch.where(magnitude > 0, numerator / magnitude, torch.full_like(numerator, math.inf))
+
+
+def top2_radius(logits: torch.Tensor, slopes: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Margin-aware radius of the top two classes, ``sqrt(delta^2 + pi^2) / |a_1 - a_2|`` (eq. 13, 38).
+
+    ``delta`` is the gap between the two largest logits and ``a_1 - a_2`` the gap of their
+    slopes. An estimate of the nearest ghost, not a proven bound. ``inf`` for one class.
+    """
+    if logits.shape != slopes.shape:
+        raise ValueError(f"top2_radius: logits and slopes must match; got {tuple(logits.shape)} and {tuple(slopes.shape)}")
+    if logits.shape[dim] < 2:
+        return torch.full_like(logits.select(dim, 0), math.inf)
+    top_logits, top_index = logits.topk(2, dim=dim)
+    top_slopes = slopes.gather(dim, top_index)
+    return binary_radius(
+        top_logits.select(dim, 0) - top_logits.select(dim, 1),
+        top_slopes.select(dim, 0) - top_slopes.select(dim, 1),
+    )
+
+
+def _exp_sum(log_weights: torch.Tensor, rates: torch.Tensor, points: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F(s) = sum_k exp(log w_k + b_k s)`` and ``F'(s)`` at ``points[n, m]`` for each sample ``n``.
+
+    Summed over classes in chunks of ``chunk`` so that memory stays ``O(n * m * chunk)``.
+    """
+    value = torch.zeros(points.shape, dtype=torch.complex128, device=points.device)
+    derivative = torch.zeros_like(value)
+    for start in range(0, rates.shape[1], chunk):
+        rate = rates[:, start : start + chunk, None]
+        term = torch.exp(log_weights[:, start : start + chunk, None] + rate * points[:, None, :])
+        value += term.sum(1)
+        derivative += (rate * term).sum(1)
+    return value, derivative
+
+
+def _circle_points(radius: torch.Tensor) -> int:
+    # |b| <= 1/2, so each term turns by at most radius/2 per radian of the circle: 8 points per
+    # unit of radius keep every term's turn under pi/8 between neighbouring points.
+    return int(8 * math.ceil(radius.max().item())) + 64
+
+
+def _winding(log_weights: torch.Tensor, rates: torch.Tensor, radius: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Number of zeros of ``F`` inside ``|s| < radius`` per sample (argument principle)."""
+    count = _circle_points(radius)
+    angles = torch.linspace(0, 2 * PI, count + 1, dtype=torch.float64, device=radius.device)[:-1]
+    points = radius[:, None] * torch.exp(1j * angles)[None, :]
+    value, _ = _exp_sum(log_weights, rates, points, chunk)
+    turn = torch.angle(value.roll(-1, dims=1) / value).sum(1)
+    return torch.round(turn / (2 * PI)).to(torch.int64)
+
+
+def exact_radius(
+    logits: torch.Tensor,
+    slopes: torch.Tensor,
+    dim: int = -1,
+    *,
+    rtol: float = 1e-9,
+    max_radius: float = 1e4,
+    chunk_elements: int = 1 << 22,
+) -> torch.Tensor:
+    """Exact radius: modulus of the nearest complex zero of ``sum_k softmax(z)_k e^{a_k t}`` (eq. 8).
+
+    Method, per sample, in float64: centre and scale the slopes, ``b = (a - mid) / Delta`` in
+    ``[-1/2, 1/2]`` and ``s = Delta t`` (multiplying by ``e^{-mid t}`` moves no zero). No zero
+    lies in ``|s| < pi`` (Theorem 4.6). The argument principle counts zeros inside a circle;
+    circles are grown from ``pi`` (starting near the top-2 estimate) until one holds a zero,
+    bisected (geometrically) to a bracket of relative width 1%, and Newton's method, started from
+    the points of smallest ``|F|`` on the outer circle, polishes the zero to ``rtol``. The
+    result is the smallest polished modulus not beyond the bracket, or the bracket's outer end
+    (within ~1% of the zero) if Newton lands on no zero there. Cost: ``O(K * radius)`` complex exponentials per circle, in
+    chunks of ``chunk_elements``; fine for a full LM vocabulary over a few hundred tokens.
+
+    Equals :func:`binary_radius` for two classes, and is never below :func:`rho_bound`.
+    ``inf`` for one class or equal slopes; a radius beyond ``max_radius / Delta`` raises.
+
+    Args:
+        logits: ``[..., K]`` logits ``z`` (softmax weights ``w = softmax(z)``).
+        slopes: ``[..., K]`` directional derivatives ``a`` of the logits.
+        dim: the class dimension.
+        rtol: relative tolerance of Newton's polish.
+        max_radius: largest ``|s| = Delta * rho`` searched.
+        chunk_elements: complex exponentials evaluated at once.
+
+    Returns:
+        ``[...]`` radii in units of ``t``, in the dtype of ``slopes``.
+    """
+    if logits.shape != slopes.shape:
+        raise ValueError(f"exact_radius: logits and slopes must match; got {tuple(logits.shape)} and {tuple(slopes.shape)}")
+    _check_finite("exact_radius", logits=logits, slopes=slopes)
+    out_dtype = slopes.dtype if slopes.is_floating_point() else torch.float64
+    logits = logits.movedim(dim, -1).to(torch.float64)
+    slopes = slopes.movedim(dim, -1).to(torch.float64)
+    batch_shape = logits.shape[:-1]
+    logits = logits.reshape(-1, logits.shape[-1])
+    slopes = slopes.reshape(-1, slopes.shape[-1])
+    width = slopes.amax(-1) - slopes.amin(-1)
+    result = torch.full(width.shape, math.inf, dtype=torch.float64, device=logits.device)
+    live = width > 0
+    if live.any():
+        result[live] = _exact_scaled_radius(
+            torch.log_softmax(logits[live], -1),
+            slopes[live],
+            width[live],
+            rtol=rtol,
+            max_radius=max_radius,
+            chunk_elements=chunk_elements,
+        ) / width[live]
+    return result.reshape(batch_shape).to(out_dtype)
+
+
+def _exact_scaled_radius(
+    log_weights: torch.Tensor,
+    slopes: torch.Tensor,
+    width: torch.Tensor,
+    *,
+    rtol: float,
+    max_radius: float,
+    chunk_elements: int,
+) -> torch.Tensor:
+    """Nearest zero modulus of ``sum_k w_k e^{b_k s}``, ``b`` scaled to ``[-1/2, 1/2]``."""
+    middle = (slopes.amax(-1) + slopes.amin(-1)) / 2
+    rates = ((slopes - middle[:, None]) / width[:, None]).to(torch.complex128)
+    log_weights = log_weights.to(torch.complex128)
+    samples, _classes = rates.shape
+    chunk = max(1, chunk_elements // max(1, samples * 512))
+
+    # Grow circles until each sample has a zero inside: start at the top-2 estimate (scaled).
+    guess = top2_radius(log_weights.real, slopes) * width
+    low = torch.full((samples,), PI, dtype=torch.float64, device=rates.device)
+    high = torch.clamp(guess * 1.05, min=PI * 1.05, max=max_radius)
+    found = _winding(log_weights, rates, high, chunk) > 0
+    for _ in range(64):
+        if found.all():
+            break
+        if (high[~found] >= max_radius).any():
+            raise ValueError(
+                f"exact_radius: no zero within |Delta * t| < {max_radius:g} for some sample; "
+                "raise `max_radius` (the logits are extremely confident)"
+            )
+        low = torch.where(found, low, high)
+        high = torch.where(found, high, torch.clamp(high * 1.5, max=max_radius))
+        found = _winding(log_weights, rates, high, chunk) > 0
+    while (high > low * 1.01).any():
+        middle_radius = torch.sqrt(low * high)
+        inside = _winding(log_weights, rates, middle_radius, chunk) > 0
+        high = torch.where(inside, middle_radius, high)
+        low = torch.where(inside, low, middle_radius)
+
+    # Newton from the circle points of smallest |F|: the zero just inside the circle is near them.
+    count = _circle_points(high)
+    angles = torch.linspace(0, 2 * PI, count + 1, dtype=torch.float64, device=rates.device)[:-1]
+    circle = high[:, None] * torch.exp(1j * angles)[None, :]
+    value, _ = _exp_sum(log_weights, rates, circle, chunk)
+    starts = circle.gather(1, value.abs().topk(min(8, count), dim=1, largest=False).indices)
+    points = starts.clone()
+    for _ in range(60):
+        value, derivative = _exp_sum(log_weights, rates, points, chunk)
+        step = value / derivative
+        step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
+        points = points - step
+        if (step.abs() <= rtol * points.abs()).all():
+            break
+    value, _ = _exp_sum(log_weights, rates, points, chunk)
+    scale = torch.exp(log_weights.real[:, :, None] + rates.real[:, :, None] * points.real[:, None, :]).sum(1)
+    # Any polished zero is a true zero, so a modulus below `low` (a zero the sampled circle
+    # missed) is kept: it only makes the answer more exact. No zero lies below pi (Theorem 4.6).
+    converged = (value.abs() <= 1e-8 * scale) & (points.abs() <= high[:, None] * (1 + 1e-6))
+    modulus = torch.where(converged, points.abs(), torch.full_like(points.real, math.inf)).amin(1)
+    return torch.where(torch.isfinite(modulus), modulus, high)
+
+
+@cache
+def _gelu_tanh_singularities(terms: int = 8) -> tuple[tuple[float, float], ...]:
+    """Poles of ``tanh(sqrt(2/pi) (z + 0.044715 z^3))``: roots of the cubic ``= i pi (n + 1/2)``."""
+    import numpy as np
+
+    scale, cubic = math.sqrt(2 / PI), 0.044715
+    poles = []
+    for n in range(-terms, terms):
+        poles.extend(np.roots([scale * cubic, 0.0, scale, -1j * PI * (n + 0.5)]))
+    return tuple((float(p.real), float(abs(p.imag))) for p in poles)
+
+
+ACTIVATION_FAMILIES: dict[str, tuple[str, ...]] = {
+    "kink": ("relu", "leaky_relu", "relu2", "prelu"),
+    "logistic": ("sigmoid", "silu", "swish", "softplus"),
+    "tanh": ("tanh",),
+    "gelu_tanh": ("gelu_tanh", "gelu_new", "gelu_pytorch_tanh", "gelu_fast"),
+    "entire": ("gelu", "linear", "identity"),
+}
+
+
+def activation_radius(preact: torch.Tensor, slope: torch.Tensor, activation: str) -> torch.Tensor:
+    """Per-neuron radius of an activation along the step, ``dist(z, S) / |z'|`` (Appendix B, eq. 21).
+
+    ``S`` is the activation's singular set in the complex plane:
+    ReLU family, the kink at 0 (``dist = |z|``); sigmoid, SiLU/Swish, softplus, poles at
+    ``i pi (2n + 1)`` (``dist = sqrt(z^2 + pi^2)``); tanh, poles at ``i pi (n + 1/2)``
+    (``dist = sqrt(z^2 + pi^2 / 4)``); tanh-approximate GELU, the poles of
+    ``tanh(sqrt(2/pi)(z + 0.044715 z^3))``, solved from the cubic (nearest at
+    ``+-0.634 +- 2.755i``, farther than tanh's ``pi / 2``); exact (erf) GELU, entire: ``inf``.
+    A zero slope gives ``inf``.
+
+    Args:
+        preact: pre-activations ``z``.
+        slope: their directional derivatives ``z'`` (same shape).
+        activation: a name from ``ACTIVATION_FAMILIES`` (Hugging Face ``hidden_act`` names).
+    """
+    family = next((fam for fam, names in ACTIVATION_FAMILIES.items() if activation in names), None)
+    if family is None:
+        supported = sorted(name for names in ACTIVATION_FAMILIES.values() for name in names)
+        raise ValueError(f"activation_radius: unknown activation {activation!r}; supported: {', '.join(supported)}")
+    preact, slope = torch.broadcast_tensors(preact, slope)
+    _check_finite("activation_radius", preact=preact, slope=slope)
+    if family == "kink":
+        distance = preact.abs()
+    elif family == "logistic":
+        distance = torch.sqrt(preact**2 + PI**2)
+    elif family == "tanh":
+        distance = torch.sqrt(preact**2 + (PI / 2) ** 2)
+    elif family == "gelu_tanh":
+        distance = torch.full_like(preact, math.inf)
+        for real, imag in _gelu_tanh_singularities():
+            distance = torch.minimum(distance, torch.sqrt((preact - real) ** 2 + imag**2))
+    else:
+        return torch.full_like(preact, math.inf)
+    magnitude = slope.abs()
+    return torch.where(magnitude > 0, distance / magnitude, torch.full_like(distance, math.inf))
+
+
+def normalized_step(update_norm: torch.Tensor | float, rho: torch.Tensor | float) -> torch.Tensor:
+    """Normalized step ``r = tau / rho`` (eq. 17): ``r < 1`` is inside the convergence disk.
+
+    ``rho = inf`` gives ``r = 0``.
+    """
+    update_norm = torch.as_tensor(update_norm, dtype=torch.float64 if not torch.is_tensor(update_norm) else None)
+    rho = torch.as_tensor(rho, dtype=update_norm.dtype, device=update_norm.device)
+    if (update_norm < 0).any() or (rho <= 0).any() or torch.isnan(update_norm).any() or torch.isnan(rho).any():
+        raise ValueError("normalized_step: expects update_norm >= 0 and rho > 0 (inf allowed for rho)")
+    return update_norm / rho
+
+
+def clip_scale(
+    update_norm: torch.Tensor | float,
+    rho: torch.Tensor | float,
+    r_target: float = 1.0,
+    mode: str = "clip",
+) -> torch.Tensor:
+    """Scale for the proposed update ``u`` (eq. 19, Proposition 5.2).
+
+    ``"clip"``: ``min(1, r_target * rho / |u|)``, so the applied step has ``r <= r_target``.
+    ``"set"``: ``r_target * rho / |u|``, so the applied step has ``r = r_target`` exactly; the
+    step length comes from the geometry, the direction from the optimizer.
+    A zero update, or ``rho = inf`` (nothing bends along the step), gives scale 1.
+
+    Example: ``clip_scale(4.0, 1.0)`` is ``0.25``; ``clip_scale(0.5, 1.0, mode="set")`` is ``2.0``.
+    """
+    if mode not in CLIP_MODES:
+        raise ValueError(f"clip_scale: mode must be one of {CLIP_MODES}; got {mode!r}")
+    if not r_target > 0 or not math.isfinite(r_target):
+        raise ValueError(f"clip_scale: r_target must be a finite number > 0; got {r_target!r}")
+    r = normalized_step(update_norm, rho)
+    ratio = torch.where(r > 0, r_target / r, torch.ones_like(r))
+    if mode == "clip":
+        ratio = torch.clamp(ratio, max=1.0)
+    return ratio
