@@ -1,0 +1,100 @@
+"""`RhoCallback`: watch ``r`` and the radii from any ``Trainer`` (monitoring only).
+
+It never changes weights, optimizer state or data order: it snapshots the weights before each
+optimizer step, measures the step the optimizer really made, and adds the ``ghosts/*`` keys to
+the Trainer's logs (``ghosts/r_applied == ghosts/r``). It shares its engine with ``RhoTrainer``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from hf_ghosts.controller import RhoController
+
+__all__ = ["RhoCallback", "define_wandb_metrics"]
+
+
+def define_wandb_metrics(args: TrainingArguments) -> bool:
+    """Plot ``train/ghosts/*`` against ``train/global_step`` in the active W&B run; True once done."""
+    if "wandb" not in (args.report_to or []) or not args.should_log:
+        return True
+    import wandb
+
+    if wandb.run is None:
+        return False
+    wandb.define_metric("train/global_step")
+    wandb.define_metric("train/ghosts/*", step_metric="train/global_step")
+    return True
+
+
+class RhoCallback(TrainerCallback):
+    """Log ``ghosts/*`` metrics for the real optimizer update of any ``Trainer`` (subclasses included).
+
+    Use :meth:`install` so the keys are added before reporting callbacks (W&B, ...) see the logs::
+
+        trainer = Trainer(model=model, args=args, train_dataset=train)
+        RhoCallback.install(trainer, radii=("output", "attention"))
+
+    Added as ``callbacks=[RhoCallback()]`` it still fills ``trainer.state.log_history``, but
+    reporting callbacks that run before it do not see the keys.
+
+    Args:
+        radii, estimator, every, log_per_head, probe_kwargs: as for
+            :class:`~hf_ghosts.controller.RhoController` (its mode is always ``"monitor"``).
+    """
+
+    def __init__(
+        self,
+        radii: tuple[str, ...] | list[str] = ("output", "attention"),
+        estimator: str = "jvp",
+        every: int = 1,
+        log_per_head: bool = False,
+        **probe_kwargs: Any,
+    ) -> None:
+        self.settings = dict(radii=tuple(radii), estimator=estimator, every=every, log_per_head=log_per_head, **probe_kwargs)
+        self.controller: RhoController | None = None
+        self._hook: Any = None
+        self._wandb_metrics_defined = False
+
+    @classmethod
+    def install(cls, trainer: Any, **settings: Any) -> RhoCallback:
+        """Create a callback and put it first in ``trainer``'s callbacks, ahead of the reporters."""
+        callback = cls(**settings)
+        trainer.callback_handler.callbacks.insert(0, callback)
+        return callback
+
+    def _observe(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if module.training and self.controller is not None:
+            if args:
+                raise TypeError("RhoCallback: the model was called with positional inputs; the Trainer passes a dict of kwargs")
+            self.controller.observe(kwargs)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
+        if model is None or optimizer is None:
+            raise ValueError("RhoCallback: the Trainer passed no model or optimizer to on_train_begin")
+        if getattr(args, "deepspeed", None):
+            raise ValueError("RhoCallback does not support DeepSpeed: the engine updates the weights outside the optimizer hooks")
+        self.controller = RhoController(model, optimizer, mode="monitor", **self.settings)
+        self.controller.attach()
+        self._hook = model.register_forward_pre_hook(self._observe, with_kwargs=True)
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kwargs: Any) -> None:
+        if self.controller is None or logs is None or "loss" not in logs:
+            return
+        metrics = self.controller.pop_metrics()
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+        if not self._wandb_metrics_defined:
+            self._wandb_metrics_defined = define_wandb_metrics(args)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.controller is not None:
+            self.controller.detach()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None

@@ -1,0 +1,345 @@
+"""`RhoController`: measure every optimizer step's normalized length and rescale it (eq. 19).
+
+The optimizer proposes ``u`` (the real AdamW step, momentum and weight decay included). The
+controller snapshots the weights before the step, reads ``u = new - old`` after it, measures
+``rho`` along ``u / |u|`` at the OLD weights with a :class:`~hf_ghosts.probe.RadiusProbe`,
+reduces the spreads across processes, and sets the weights to ``old + scale * u`` with
+``scale = clip_scale(|u|, rho, r_target, mode)``. The optimizer's moments stay as it left them.
+
+It works in three settings: wired into ``Trainer`` by :class:`~hf_ghosts.trainer.RhoTrainer`
+(optimizer step hooks), as a monitor by :class:`~hf_ghosts.callback.RhoCallback`, and in a plain
+PyTorch or Accelerate loop, where ``controller.step(batch)`` replaces ``optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hf_ghosts.probe import RadiusProbe, RadiusReport
+from hf_ghosts.radii import clip_scale, normalized_step
+
+__all__ = ["MODES", "RhoController", "all_reduce_report"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("clip", "set", "monitor")
+
+
+def all_reduce_report(report: RadiusReport, group: Any = None) -> RadiusReport:
+    """Make ``report`` identical on every process: MAX of spreads, MIN of the FFN radius, SUM of counts.
+
+    One ``all_reduce(MAX)`` carries the spreads and the negated FFN radius together; a second
+    (SUM) carries the token count. A no-op when ``torch.distributed`` is not initialized.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return report
+    parts = [t.reshape(-1).float() for t in (report.out_spread, report.attn_spread) if t is not None]
+    if report.ffn_radius is not None:
+        parts.append(-report.ffn_radius.reshape(-1).float())
+    packed = torch.cat(parts)
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+    offset = 0
+
+    def take(tensor: torch.Tensor | None, sign: float = 1.0) -> torch.Tensor | None:
+        nonlocal offset
+        if tensor is None:
+            return None
+        value = packed[offset : offset + tensor.numel()].reshape(tensor.shape) * sign
+        offset += tensor.numel()
+        return value
+
+    out_spread = take(report.out_spread)
+    attn_spread = take(report.attn_spread)
+    ffn_radius = take(report.ffn_radius, -1.0)
+    tokens = report.output_tokens
+    if tokens is not None:
+        tokens = tokens.clone()
+        dist.all_reduce(tokens, op=dist.ReduceOp.SUM, group=group)
+    return RadiusReport(out_spread=out_spread, attn_spread=attn_spread, ffn_radius=ffn_radius, output_tokens=tokens)
+
+
+class _Window:
+    """Aggregates per-step values between two logs: r and update norm by max, radii and scale by min."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.maxima: dict[str, float] = {}
+        self.minima: dict[str, float] = {}
+        self.head_minima: torch.Tensor | None = None
+        self.probed = 0
+        self.clipped = 0
+        self.skipped_nonfinite = 0
+        self.no_output_tokens = 0
+
+    def put_max(self, key: str, value: float) -> None:
+        self.maxima[key] = max(self.maxima.get(key, -math.inf), value)
+
+    def put_min(self, key: str, value: float) -> None:
+        self.minima[key] = min(self.minima.get(key, math.inf), value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "maxima": dict(self.maxima),
+            "minima": dict(self.minima),
+            "head_minima": None if self.head_minima is None else self.head_minima.tolist(),
+            "probed": self.probed,
+            "clipped": self.clipped,
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "no_output_tokens": self.no_output_tokens,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.maxima = dict(state["maxima"])
+        self.minima = dict(state["minima"])
+        heads = state["head_minima"]
+        self.head_minima = None if heads is None else torch.tensor(heads, dtype=torch.float32)
+        self.probed = state["probed"]
+        self.clipped = state["clipped"]
+        self.skipped_nonfinite = state["skipped_nonfinite"]
+        self.no_output_tokens = state["no_output_tokens"]
+
+
+class RhoController:
+    """Keep each optimizer step inside the convergence radius: ``u <- u * clip_scale(|u|, rho)``.
+
+    Args:
+        model: the unwrapped model (not the DDP wrapper) whose trainable parameters the optimizer updates.
+        optimizer: the optimizer proposing the update (any ``torch.optim.Optimizer``, or a wrapper with
+            ``.optimizer``). Needed by :meth:`attach` and :meth:`step`.
+        mode: ``"clip"`` (scale ``min(1, r_target rho / |u|)``), ``"set"`` (scale ``r_target rho / |u|``)
+            or ``"monitor"`` (measure and log; the update is never changed).
+        r_target: the target normalized step ``r*``.
+        radii: radii the probe measures (see :class:`~hf_ghosts.probe.RadiusProbe`).
+        estimator: ``"jvp"`` or ``"fd"``.
+        every: probe every k-th optimizer step; in between, the last measured ``rho`` is reused.
+        log_per_head: also report ``ghosts/rho_attn/layer_{l}/head_{h}``.
+        reduce: how reports agree across processes (default :func:`all_reduce_report`).
+        probe_kwargs: passed to :class:`~hf_ghosts.probe.RadiusProbe` (``fd_step``, ``ffn_mode``, ...).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        mode: str = "clip",
+        r_target: float = 1.0,
+        radii: tuple[str, ...] | list[str] = ("output", "attention"),
+        estimator: str = "jvp",
+        every: int = 1,
+        log_per_head: bool = False,
+        reduce: Callable[[RadiusReport], RadiusReport] = all_reduce_report,
+        **probe_kwargs: Any,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"RhoController: mode must be one of {MODES}; got {mode!r}")
+        if not (isinstance(r_target, (int, float)) and math.isfinite(r_target) and r_target > 0):
+            raise ValueError(f"RhoController: r_target must be a finite number > 0; got {r_target!r}")
+        if not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"RhoController: every must be an integer >= 1; got {every!r}")
+        self.model = model
+        self.optimizer = optimizer
+        self.mode = mode
+        self.r_target = float(r_target)
+        self.every = every
+        self.log_per_head = log_per_head
+        self.reduce = reduce
+        self.probe = RadiusProbe(model, radii=radii, estimator=estimator, **probe_kwargs)
+        self.names = list(self.probe.trainable)
+        self.params = [self.probe.trainable[name] for name in self.names]
+        self.batch: Mapping[str, torch.Tensor] | None = None
+        self.steps = 0
+        self.probes = 0
+        self.last_rho: float | None = None
+        self.last: dict[str, Any] = {}
+        self.window = _Window()
+        self._old: list[torch.Tensor] | None = None
+        self._handles: list[Any] = []
+
+    # ------------------------------------------------------------------------- wiring
+    def observe(self, batch: Mapping[str, torch.Tensor]) -> None:
+        """Remember the batch to probe on (the last micro-batch before the optimizer step)."""
+        self.batch = batch
+
+    def attach(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Register step pre/post hooks on the optimizer, so that ``optimizer.step()`` is controlled."""
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        if optimizer is None:
+            raise ValueError("RhoController.attach: no optimizer to attach to")
+        self.detach()
+        self.optimizer = optimizer
+        inner = _innermost(optimizer)
+        self._handles = [
+            inner.register_step_pre_hook(lambda *_: self.before_step()),
+            inner.register_step_post_hook(lambda *_: self.after_step()),
+        ]
+
+    def detach(self) -> None:
+        """Remove the optimizer hooks installed by :meth:`attach`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Replace ``optimizer.step()`` in a plain loop: step, measure on ``batch``, rescale.
+
+        Returns:
+            The step's record (see :attr:`last`).
+        """
+        if self._handles:
+            raise RuntimeError("RhoController.step: the controller is attached to the optimizer's hooks; call optimizer.step()")
+        if self.optimizer is None:
+            raise ValueError("RhoController.step: construct the controller with the optimizer to step")
+        self.observe(batch)
+        self.before_step()
+        self.optimizer.step()
+        self.after_step()
+        return self.last
+
+    # ------------------------------------------------------------------------- the step
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Snapshot the weights; drop non-finite gradients so the optimizer leaves weights and moments alone."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():  # host sync
+            for p in self.params:
+                p.grad = None
+            self._nonfinite_reason = "gradient"
+        else:
+            self._nonfinite_reason = None
+        if self._old is None:
+            self._old = [p.detach().clone() for p in self.params]
+        else:
+            torch._foreach_copy_(self._old, [p.detach() for p in self.params])
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Measure ``rho`` along the proposed update at the old weights and apply ``old + scale * u``."""
+        if self._old is None:
+            raise RuntimeError("RhoController.after_step: before_step() did not run (no snapshot of the old weights)")
+        self.steps += 1
+        current = [p.detach() for p in self.params]
+        update = torch._foreach_sub(current, self._old)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(update)).double()) if update else torch.zeros(())
+        record: dict[str, Any] = {"step": self.steps, "update_norm": float(norm)}  # host sync
+        if self._nonfinite_reason is not None or not math.isfinite(record["update_norm"]):
+            self._skip(record, self._nonfinite_reason or "update")
+            return
+        if record["update_norm"] == 0.0:
+            record.update(r=0.0, r_applied=0.0, scale=1.0, probed=False, clipped=False)
+            self._finish(record, None)
+            return
+        report = None
+        due = self.last_rho is None or (self.steps - 1) % self.every == 0
+        if due:
+            if self.batch is None:
+                raise RuntimeError("RhoController: no batch observed before the optimizer step; call observe(batch)")
+            direction = dict(zip(self.names, update, strict=True))
+            old = dict(zip(self.names, self._old, strict=True))
+            report = self.reduce(self.probe.measure(self.batch, direction, params=old))
+            rho = float(report.rho)  # host sync
+            if math.isnan(rho):
+                self._skip(record, "radius")
+                return
+            self.last_rho = rho
+            self.probes += 1
+        rho = self.last_rho
+        scale = 1.0 if self.mode == "monitor" else float(clip_scale(record["update_norm"], rho, self.r_target, self.mode))
+        r = float(normalized_step(record["update_norm"], rho))
+        record.update(rho=rho, r=r, r_applied=r * scale, scale=scale, probed=due, clipped=scale < 1.0)
+        if scale != 1.0:
+            torch._foreach_lerp_(current, self._old, 1.0 - scale)
+        self._finish(record, report)
+
+    def _skip(self, record: dict[str, Any], reason: str) -> None:
+        torch._foreach_copy_([p.detach() for p in self.params], self._old)
+        logger.warning(
+            "hf_ghosts: skipped optimizer step %d: non-finite %s (update norm %s); the weights keep their old values",
+            self.steps,
+            reason,
+            record["update_norm"],
+        )
+        record.update(skipped=reason, probed=False, clipped=False)
+        self.window.skipped_nonfinite += 1
+        self.last = record
+
+    def _finish(self, record: dict[str, Any], report: RadiusReport | None) -> None:
+        window = self.window
+        window.put_max("r", record["r"])
+        window.put_max("r_applied", record["r_applied"])
+        window.put_max("update_norm", record["update_norm"])
+        window.put_min("scale", record["scale"])
+        if "rho" in record:
+            window.put_min("rho", record["rho"])
+        if report is not None:
+            window.probed += 1
+            window.clipped += int(record["clipped"])
+            for name, value in report.radii().items():
+                key = {"output": "rho_out", "attention": "rho_attn", "ffn": "rho_ffn"}[name]
+                record[key] = float(value)
+                window.put_min(key, record[key])
+            record["bottleneck"] = report.bottleneck
+            if report.output_tokens is not None:
+                record["output_tokens"] = int(report.output_tokens)
+                if record["output_tokens"] == 0:
+                    window.no_output_tokens += 1
+            if report.attn_spread is not None:
+                heads = report.rho_attn.float().cpu()
+                record["rho_attn_heads"] = heads
+                window.head_minima = heads if window.head_minima is None else torch.minimum(window.head_minima, heads)
+        self.last = record
+
+    # ------------------------------------------------------------------------- logging and state
+    def pop_metrics(self) -> dict[str, float]:
+        """The ``ghosts/*`` metrics aggregated since the last call, then reset.
+
+        r, r_applied, update_norm: max; rho and the radii, scale: min; clipped: fraction of probed
+        steps clipped; skipped_nonfinite and no_output_tokens: counts.
+        """
+        window = self.window
+        metrics = {f"ghosts/{key}": value for key, value in {**window.maxima, **window.minima}.items()}
+        if window.probed:
+            metrics["ghosts/clipped"] = window.clipped / window.probed
+        metrics["ghosts/skipped_nonfinite"] = float(window.skipped_nonfinite)
+        if window.no_output_tokens:
+            metrics["ghosts/no_output_tokens"] = float(window.no_output_tokens)
+        if self.log_per_head and window.head_minima is not None:
+            for layer, row in enumerate(window.head_minima.tolist()):
+                for head, value in enumerate(row):
+                    metrics[f"ghosts/rho_attn/layer_{layer}/head_{head}"] = value
+        window.reset()
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, the last radius (reused between probes) and the open logging window."""
+        return {
+            "steps": self.steps,
+            "probes": self.probes,
+            "last_rho": self.last_rho,
+            "window": self.window.state_dict(),
+            "config": {"mode": self.mode, "r_target": self.r_target, "every": self.every},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.steps = int(state["steps"])
+        self.probes = int(state["probes"])
+        self.last_rho = state["last_rho"]
+        self.window.load_state_dict(state["window"])
+
+
+def _innermost(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside Accelerate's (or any) ``.optimizer`` wrapper."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"RhoController: expected a torch.optim.Optimizer (or a wrapper of one); got {type(optimizer).__name__}")
+    return optimizer

@@ -1,0 +1,144 @@
+"""`RhoTrainer` and `RhoTrainingArguments`: the controller wired into ``transformers.Trainer``.
+
+Swap ``Trainer`` for ``RhoTrainer`` and nothing else changes: the optimizer the Trainer builds
+(or the one you pass) proposes each step, the controller probes it at the old weights and
+rescales it (:mod:`hf_ghosts.controller`), and the ``ghosts/*`` metrics join the Trainer's logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from hf_ghosts.callback import define_wandb_metrics
+from hf_ghosts.controller import MODES, RhoController
+from hf_ghosts.probe import ESTIMATORS, RADII
+
+__all__ = ["CONTROLLER_STATE_NAME", "RhoTrainer", "RhoTrainingArguments"]
+
+CONTROLLER_STATE_NAME = "rho_controller.json"
+
+
+@dataclass
+class RhoTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the radius controller's settings (all prefixed ``rho_``).
+
+    Fields (defaults): ``rho_mode="clip"``, ``rho_target=1.0``, ``rho_radii=["output", "attention"]``,
+    ``rho_estimator="jvp"``, ``rho_every=1``, ``rho_log_per_head=False``, ``rho_fd_step=1e-2``.
+    Everything else is ``TrainingArguments`` unchanged.
+    """
+
+    rho_mode: str = field(
+        default="clip",
+        metadata={
+            "help": "'clip': scale the update by min(1, rho_target*rho/|u|); 'set': make the step length exactly "
+            "rho_target*rho (direction from the optimizer); 'monitor': measure and log only.",
+            "choices": list(MODES),
+        },
+    )
+    rho_target: float = field(default=1.0, metadata={"help": "Target normalized step r* = |u| / rho (> 0)."})
+    rho_radii: list[str] = field(
+        default_factory=lambda: ["output", "attention"],
+        metadata={"help": "Radii to measure: any of 'output', 'attention', 'ffn' (FFN kink proxy)."},
+    )
+    rho_estimator: str = field(
+        default="jvp",
+        metadata={"help": "'jvp' (forward-mode AD, exact) or 'fd' (central finite difference).", "choices": list(ESTIMATORS)},
+    )
+    rho_every: int = field(default=1, metadata={"help": "Probe every k optimizer steps; reuse the last rho between probes."})
+    rho_log_per_head: bool = field(default=False, metadata={"help": "Also log ghosts/rho_attn/layer_{l}/head_{h}."})
+    rho_fd_step: float = field(default=1e-2, metadata={"help": "Step h of the 'fd' estimator along the unit direction."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.rho_radii, str):
+            self.rho_radii = [name.strip() for name in self.rho_radii.split(",") if name.strip()]
+        checks = [
+            ("rho_mode", self.rho_mode in MODES, f"one of {list(MODES)}"),
+            ("rho_estimator", self.rho_estimator in ESTIMATORS, f"one of {list(ESTIMATORS)}"),
+            (
+                "rho_radii",
+                bool(self.rho_radii) and all(name in RADII for name in self.rho_radii),
+                f"a non-empty list drawn from {list(RADII)}",
+            ),
+            ("rho_target", isinstance(self.rho_target, (int, float)) and 0 < self.rho_target < float("inf"), "a number > 0"),
+            ("rho_every", isinstance(self.rho_every, int) and self.rho_every >= 1, "an integer >= 1"),
+            ("rho_fd_step", isinstance(self.rho_fd_step, (int, float)) and self.rho_fd_step > 0, "a number > 0"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"RhoTrainingArguments.{name}: got {getattr(self, name)!r}; expected {allowed}")
+
+    @classmethod
+    def from_training_arguments(cls, args: TrainingArguments, **rho_fields: Any) -> RhoTrainingArguments:
+        """Upgrade plain ``TrainingArguments`` (their values kept) with default or given ``rho_*`` fields."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init and hasattr(args, f.name)}
+        return cls(**{**values, **rho_fields})
+
+
+class RhoTrainer(Trainer):
+    """A ``Trainer`` whose every optimizer step stays inside the convergence radius.
+
+    Accepts everything ``Trainer`` accepts; plain ``TrainingArguments`` are upgraded to
+    :class:`RhoTrainingArguments` with default ``rho_*`` settings. The controller is
+    :attr:`rho_controller` (a :class:`~hf_ghosts.controller.RhoController`).
+    """
+
+    def __init__(self, model: torch.nn.Module | None = None, args: TrainingArguments | None = None, *rest: Any, **kwargs: Any) -> None:
+        if args is not None and not isinstance(args, RhoTrainingArguments):
+            args = RhoTrainingArguments.from_training_arguments(args)
+        super().__init__(model, args, *rest, **kwargs)
+        if self.is_deepspeed_enabled:
+            raise ValueError(
+                "RhoTrainer does not support DeepSpeed: its engine steps the optimizer on flattened fp32 partitions "
+                "inside backward and copies them to the model afterwards, so the update cannot be measured or "
+                "rescaled after AdamW. Use DDP or FSDP (see the README's 'Multiple GPUs'), or plain Trainer."
+            )
+        self.rho_controller = RhoController(
+            self.model,
+            mode=self.args.rho_mode,
+            r_target=self.args.rho_target,
+            radii=tuple(self.args.rho_radii),
+            estimator=self.args.rho_estimator,
+            every=self.args.rho_every,
+            log_per_head=self.args.rho_log_per_head,
+            fd_step=self.args.rho_fd_step,
+        )
+        self._wandb_metrics_defined = False
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        self.rho_controller.attach(self.optimizer)
+        return optimizer
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        self.rho_controller.observe(self._prepare_inputs(inputs))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update(self.rho_controller.pop_metrics())
+            if not self._wandb_metrics_defined:
+                self._wandb_metrics_defined = define_wandb_metrics(self.args)
+        super().log(logs, start_time)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            with open(os.path.join(output_dir, CONTROLLER_STATE_NAME), "w") as handle:
+                json.dump(self.rho_controller.state_dict(), handle)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, CONTROLLER_STATE_NAME)
+        if os.path.isfile(path):
+            with open(path) as handle:
+                self.rho_controller.load_state_dict(json.load(handle))
