@@ -41,7 +41,7 @@ def tiny_config(family: str, **overrides: object):
                     num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
         return Qwen2Config(**{**base, **overrides})
     if family == "gpt2":
-        base = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        base = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
         return GPT2Config(**{**base, **overrides})
     raise ValueError(f"tiny_config: unknown family {family!r}")
 
