@@ -34,7 +34,8 @@ class ScoreCapture:
 
     ``mode="jvp"``: slopes are the tangents of the scores. ``mode="fd_plus"`` stores the scores
     of the ``theta + h v`` pass; ``mode="fd_minus"`` differences them against the ``theta - h v``
-    pass, ``(s_plus - s_minus) / (2 h)``.
+    pass, ``(s_plus - s_minus) / (2 h)``. ``record=False``: attention only, nothing recorded (a
+    probe that needs the eager path for its JVP but does not measure attention).
     """
 
     mode: str
@@ -43,6 +44,7 @@ class ScoreCapture:
     spreads: dict[int, torch.Tensor] = field(default_factory=dict)
     plus_scores: dict[int, torch.Tensor] = field(default_factory=dict)
     calls: int = 0
+    record: bool = True
 
     def layer_key(self, module: torch.nn.Module) -> int:
         layer = getattr(module, "layer_idx", None)
@@ -108,7 +110,9 @@ def _eager_capture(
         rows = allowed & capture.query_mask[:, None, :, None].to(torch.bool)
     layer = capture.layer_key(module)
     primal, tangent = fwAD.unpack_dual(scores)
-    if capture.mode == "jvp":
+    if not capture.record:
+        slopes = None
+    elif capture.mode == "jvp":
         slopes = torch.zeros_like(primal) if tangent is None else tangent
     elif capture.mode == "fd_plus":
         capture.plus_scores[layer] = primal.detach()
@@ -121,8 +125,11 @@ def _eager_capture(
         rows = rows.expand_as(slopes)
         per_row = spread(slopes.float(), rows, dim=-1)  # [batch, heads, queries]
         capture.spreads[layer] = per_row.amax(dim=(0, 2))
-    probs = torch.softmax(scores.float().masked_fill(~allowed, torch.finfo(torch.float32).min), dim=-1)
-    probs = probs.to(value.dtype)
+    compute = torch.promote_types(scores.dtype, torch.float32)  # fp32 softmax for half inputs, fp64 kept
+    probs = torch.softmax(scores.to(compute).masked_fill(~allowed, torch.finfo(compute).min), dim=-1)
+    # A query with no allowed key (left padding) outputs 0, as sdpa does, so the probe's logits at
+    # such positions equal the training forward's (a label may still sit there).
+    probs = probs.masked_fill(~allowed.any(-1, keepdim=True), 0.0).to(value.dtype)
     return torch.matmul(probs, value).transpose(1, 2).contiguous()
 
 

@@ -21,6 +21,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hf_ghosts.distributed import (
+    FSDP1_ERROR,
+    ShardedRadiusProbe,
+    any_rank,
+    detect_backend,
+    global_norm,
+    is_main_process,
+    local_tensor,
+)
 from hf_ghosts.probe import RadiusProbe, RadiusReport
 from hf_ghosts.radii import clip_scale, normalized_step
 
@@ -29,6 +38,10 @@ __all__ = ["MODES", "RhoController", "all_reduce_report"]
 logger = logging.getLogger(__name__)
 
 MODES = ("clip", "set", "monitor")
+# Between probes a step reuses the last rho only while its estimated applied r stays at most
+# TRIGGER_R * r_target and |u| stays within TRIGGER_GROWTH of |u| at the last probe (benchmarks/overhead.py).
+TRIGGER_R = 0.5
+TRIGGER_GROWTH = 2.0
 
 
 def all_reduce_report(report: RadiusReport, group: Any = None) -> RadiusReport:
@@ -74,6 +87,7 @@ class _Window:
         self.maxima: dict[str, float] = {}
         self.minima: dict[str, float] = {}
         self.head_minima: torch.Tensor | None = None
+        self.steps = 0
         self.probed = 0
         self.clipped = 0
         self.skipped_nonfinite = 0
@@ -90,6 +104,7 @@ class _Window:
             "maxima": dict(self.maxima),
             "minima": dict(self.minima),
             "head_minima": None if self.head_minima is None else self.head_minima.tolist(),
+            "steps": self.steps,
             "probed": self.probed,
             "clipped": self.clipped,
             "skipped_nonfinite": self.skipped_nonfinite,
@@ -101,6 +116,7 @@ class _Window:
         self.minima = dict(state["minima"])
         heads = state["head_minima"]
         self.head_minima = None if heads is None else torch.tensor(heads, dtype=torch.float32)
+        self.steps = state.get("steps", state["probed"])
         self.probed = state["probed"]
         self.clipped = state["clipped"]
         self.skipped_nonfinite = state["skipped_nonfinite"]
@@ -109,6 +125,13 @@ class _Window:
 
 class RhoController:
     """Keep each optimizer step inside the convergence radius: ``u <- u * clip_scale(|u|, rho)``.
+
+    What holds: a probed step has ``r_applied <= r_target`` (``"clip"``, ``"set"``) for the radius measured
+    along it. With ``every > 1`` a step may instead reuse the last measured ``rho``; it does so only while
+    its applied ``r`` estimated with that ``rho`` is at most ``trigger_r * r_target`` (so in ``"clip"`` mode it
+    passes unchanged), ``|u|`` is within ``trigger_growth`` of ``|u|`` at the last probe, and fewer than
+    ``every`` steps have passed. Its true ``r_applied`` stays ``<= r_target`` as long as the radius along
+    it is at least ``trigger_r`` times the last one measured (half, at the default ``trigger_r = 0.5``).
 
     Args:
         model: the unwrapped model (not the DDP wrapper) whose trainable parameters the optimizer updates.
@@ -119,7 +142,13 @@ class RhoController:
         r_target: the target normalized step ``r*``.
         radii: radii the probe measures (see :class:`~hf_ghosts.probe.RadiusProbe`).
         estimator: ``"jvp"`` or ``"fd"``.
-        every: probe every k-th optimizer step; in between, the last measured ``rho`` is reused.
+        every: probe at least every k-th optimizer step; in between, a step reuses the last measured
+            ``rho`` unless a trigger fires (``every=1``: probe every step).
+        trigger_r: probe at once when the step's applied ``r`` estimated with the last ``rho``
+            (``scale * |u| / rho_last``) exceeds ``trigger_r * r_target``. With ``trigger_r <= 1`` every
+            clipped step (and in ``"set"`` mode every step) is measured fresh; ``inf`` turns it off.
+        trigger_growth: probe at once when ``|u|`` exceeds ``trigger_growth`` times ``|u|`` at the last
+            probe (``inf``: off).
         log_per_head: also report ``ghosts/rho_attn/layer_{l}/head_{h}``.
         reduce: how reports agree across processes (default :func:`all_reduce_report`).
         probe_kwargs: passed to :class:`~hf_ghosts.probe.RadiusProbe` (``fd_step``, ``ffn_mode``, ...).
@@ -135,6 +164,8 @@ class RhoController:
         radii: tuple[str, ...] | list[str] = ("output", "attention"),
         estimator: str = "jvp",
         every: int = 1,
+        trigger_r: float = TRIGGER_R,
+        trigger_growth: float = TRIGGER_GROWTH,
         log_per_head: bool = False,
         reduce: Callable[[RadiusReport], RadiusReport] = all_reduce_report,
         **probe_kwargs: Any,
@@ -145,20 +176,29 @@ class RhoController:
             raise ValueError(f"RhoController: r_target must be a finite number > 0; got {r_target!r}")
         if not (isinstance(every, int) and every >= 1):
             raise ValueError(f"RhoController: every must be an integer >= 1; got {every!r}")
+        if not (isinstance(trigger_r, (int, float)) and trigger_r > 0):
+            raise ValueError(f"RhoController: trigger_r must be a number > 0 (inf: off); got {trigger_r!r}")
+        if not (isinstance(trigger_growth, (int, float)) and trigger_growth >= 1):
+            raise ValueError(f"RhoController: trigger_growth must be a number >= 1 (inf: off); got {trigger_growth!r}")
         self.model = model
         self.optimizer = optimizer
         self.mode = mode
         self.r_target = float(r_target)
         self.every = every
+        self.trigger_r = float(trigger_r)
+        self.trigger_growth = float(trigger_growth)
         self.log_per_head = log_per_head
         self.reduce = reduce
-        self.probe = RadiusProbe(model, radii=radii, estimator=estimator, **probe_kwargs)
-        self.names = list(self.probe.trainable)
-        self.params = [self.probe.trainable[name] for name in self.names]
+        if "output" in radii:
+            _require_logits(model)
+        self._probe_settings = dict(radii=radii, estimator=estimator, **probe_kwargs)
+        self.rebind(model)
         self.batch: Mapping[str, torch.Tensor] | None = None
         self.steps = 0
         self.probes = 0
         self.last_rho: float | None = None
+        self._probe_step: int | None = None  # step and |u| of the last probe; None: the next step probes
+        self._probe_norm = 0.0
         self.last: dict[str, Any] = {}
         self.window = _Window()
         self._old: list[torch.Tensor] | None = None
@@ -181,6 +221,27 @@ class RhoController:
             inner.register_step_pre_hook(lambda *_: self.before_step()),
             inner.register_step_post_hook(lambda *_: self.after_step()),
         ]
+
+    def rebind(self, model: torch.nn.Module) -> None:
+        """Measure ``model`` from now on, e.g. once FSDP has sharded it; settings, counters and hooks are kept.
+
+        Under FSDP2 (``fully_shard``: DTensor parameters) the probe is a
+        :class:`~hf_ghosts.distributed.ShardedRadiusProbe` (finite differences on the local shards),
+        the update norm is reduced over the shards and the rescale is applied shard-locally.
+        """
+        self.backend = detect_backend(model)
+        if self.backend == "fsdp1":
+            raise ValueError(f"RhoController: {FSDP1_ERROR}")
+        self.sharded = self.backend == "fsdp2"
+        self.model = model
+        self.probe = (ShardedRadiusProbe if self.sharded else RadiusProbe)(model, **self._probe_settings)
+        self.names = list(self.probe.trainable)
+        self.params = [self.probe.trainable[name] for name in self.names]
+        self._old = None
+
+    def _shards(self) -> list[torch.Tensor]:
+        """The parameters as this rank holds them: the full tensors, or under FSDP2 views of the local shards."""
+        return [local_tensor(p.detach()) for p in self.params]
 
     def detach(self) -> None:
         """Remove the optimizer hooks installed by :meth:`attach`."""
@@ -208,17 +269,20 @@ class RhoController:
     @torch.no_grad()
     def before_step(self) -> None:
         """Snapshot the weights; drop non-finite gradients so the optimizer leaves weights and moments alone."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():  # host sync
+        grads = [local_tensor(p.grad) for p in self.params if p.grad is not None]
+        nonfinite = bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())  # host sync
+        if self.sharded:
+            nonfinite = any_rank(nonfinite)  # each rank sees only its shard's gradients: all skip together
+        if nonfinite:
             for p in self.params:
                 p.grad = None
             self._nonfinite_reason = "gradient"
         else:
             self._nonfinite_reason = None
         if self._old is None:
-            self._old = [p.detach().clone() for p in self.params]
+            self._old = [t.clone() for t in self._shards()]
         else:
-            torch._foreach_copy_(self._old, [p.detach() for p in self.params])
+            torch._foreach_copy_(self._old, self._shards())
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -226,9 +290,12 @@ class RhoController:
         if self._old is None:
             raise RuntimeError("RhoController.after_step: before_step() did not run (no snapshot of the old weights)")
         self.steps += 1
-        current = [p.detach() for p in self.params]
+        current = self._shards()
         update = torch._foreach_sub(current, self._old)
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(update)).double()) if update else torch.zeros(())
+        if self.sharded:  # |u| over all shards: all-reduce SUM of the squares
+            norm = global_norm(update, self.params)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(update)).double()) if update else torch.zeros(())
         record: dict[str, Any] = {"step": self.steps, "update_norm": float(norm)}  # host sync
         if self._nonfinite_reason is not None or not math.isfinite(record["update_norm"]):
             self._skip(record, self._nonfinite_reason or "update")
@@ -238,7 +305,7 @@ class RhoController:
             self._finish(record, None)
             return
         report = None
-        due = self.last_rho is None or (self.steps - 1) % self.every == 0
+        due = self._probe_due(record["update_norm"])
         if due:
             if self.batch is None:
                 raise RuntimeError("RhoController: no batch observed before the optimizer step; call observe(batch)")
@@ -251,6 +318,7 @@ class RhoController:
                 return
             self.last_rho = rho
             self.probes += 1
+            self._probe_step, self._probe_norm = self.steps, record["update_norm"]
         rho = self.last_rho
         scale = 1.0 if self.mode == "monitor" else float(clip_scale(record["update_norm"], rho, self.r_target, self.mode))
         r = float(normalized_step(record["update_norm"], rho))
@@ -259,20 +327,32 @@ class RhoController:
             torch._foreach_lerp_(current, self._old, 1.0 - scale)
         self._finish(record, report)
 
+    def _probe_due(self, norm: float) -> bool:
+        """Whether this step must be measured, or may reuse :attr:`last_rho` (``every`` and the triggers)."""
+        if self.every == 1 or self._probe_step is None or not math.isfinite(self.last_rho):
+            return True
+        if self.steps - self._probe_step >= self.every or norm > self.trigger_growth * self._probe_norm:
+            return True
+        scale = 1.0 if self.mode == "monitor" else float(clip_scale(norm, self.last_rho, self.r_target, self.mode))
+        return scale * float(normalized_step(norm, self.last_rho)) > self.trigger_r * self.r_target
+
     def _skip(self, record: dict[str, Any], reason: str) -> None:
-        torch._foreach_copy_([p.detach() for p in self.params], self._old)
-        logger.warning(
-            "hf_ghosts: skipped optimizer step %d: non-finite %s (update norm %s); the weights keep their old values",
-            self.steps,
-            reason,
-            record["update_norm"],
-        )
+        torch._foreach_copy_(self._shards(), self._old)
+        if is_main_process():
+            logger.warning(
+                "hf_ghosts: skipped optimizer step %d: non-finite %s (update norm %s); the weights keep their old values",
+                self.steps,
+                reason,
+                record["update_norm"],
+            )
         record.update(skipped=reason, probed=False, clipped=False)
+        self._probe_step = None  # something went wrong: measure the next step afresh
         self.window.skipped_nonfinite += 1
         self.last = record
 
     def _finish(self, record: dict[str, Any], report: RadiusReport | None) -> None:
         window = self.window
+        window.steps += 1
         window.put_max("r", record["r"])
         window.put_max("r_applied", record["r_applied"])
         window.put_max("update_norm", record["update_norm"])
@@ -302,12 +382,15 @@ class RhoController:
         """The ``ghosts/*`` metrics aggregated since the last call, then reset.
 
         r, r_applied, update_norm: max; rho and the radii, scale: min; clipped: fraction of probed
-        steps clipped; skipped_nonfinite and no_output_tokens: counts.
+        steps clipped; probed: fraction of steps measured afresh (the rest reused the last rho);
+        skipped_nonfinite and no_output_tokens: counts.
         """
         window = self.window
         metrics = {f"ghosts/{key}": value for key, value in {**window.maxima, **window.minima}.items()}
         if window.probed:
             metrics["ghosts/clipped"] = window.clipped / window.probed
+        if window.steps:
+            metrics["ghosts/probed"] = window.probed / window.steps
         metrics["ghosts/skipped_nonfinite"] = float(window.skipped_nonfinite)
         if window.no_output_tokens:
             metrics["ghosts/no_output_tokens"] = float(window.no_output_tokens)
@@ -324,8 +407,16 @@ class RhoController:
             "steps": self.steps,
             "probes": self.probes,
             "last_rho": self.last_rho,
+            "probe_step": self._probe_step,
+            "probe_norm": self._probe_norm,
             "window": self.window.state_dict(),
-            "config": {"mode": self.mode, "r_target": self.r_target, "every": self.every},
+            "config": {
+                "mode": self.mode,
+                "r_target": self.r_target,
+                "every": self.every,
+                "trigger_r": self.trigger_r,
+                "trigger_growth": self.trigger_growth,
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -333,7 +424,29 @@ class RhoController:
         self.steps = int(state["steps"])
         self.probes = int(state["probes"])
         self.last_rho = state["last_rho"]
+        self._probe_step = state.get("probe_step")  # absent in older checkpoints: probe the next step
+        self._probe_norm = float(state.get("probe_norm", 0.0))
         self.window.load_state_dict(state["window"])
+
+
+def _require_logits(model: torch.nn.Module) -> None:
+    """Refuse a bare ``transformers`` backbone (what ``AutoModel`` loads): it returns hidden states, not logits.
+
+    Checked at construction so the error comes before training starts, not at the first probe.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        return
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    bare = MODEL_MAPPING_NAMES.get(model_type, ())
+    if type(model).__name__ in ((bare,) if isinstance(bare, str) else bare):
+        raise ValueError(
+            f"RhoController: {type(model).__name__} is the bare {model_type!r} backbone: it returns hidden states, not "
+            "logits, and the output radius needs logits. Load a model with a head (for example "
+            "AutoModelForCausalLM instead of AutoModel), or drop 'output' from the radii."
+        )
 
 
 def _innermost(optimizer: Any) -> torch.optim.Optimizer:

@@ -167,8 +167,7 @@ class RadiusProbe:
         self.shift_labels = shift_labels
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         if "attention" in radii:
-            can_set = getattr(model, "_can_set_attn_implementation", None)
-            if can_set is None or not can_set():
+            if not self._can_set_attention():
                 raise ValueError(
                     f"The attention radius needs attention routed through transformers' AttentionInterface; "
                     f"model_type {model_type!r} ({type(model).__name__}) does not. Pass radii=('output',) "
@@ -187,6 +186,10 @@ class RadiusProbe:
                         "activation name; use ffn_mode='kink'"
                     )
         self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    def _can_set_attention(self) -> bool:
+        can_set = getattr(self.model, "_can_set_attn_implementation", None)
+        return bool(can_set()) if callable(can_set) else False
 
     # ----------------------------------------------------------------------------------- masks
     def _shifts(self) -> bool:
@@ -217,8 +220,20 @@ class RadiusProbe:
         return valid
 
     # ----------------------------------------------------------------------------------- model state
+    def _routes_through_ghosts(self) -> bool:
+        """Whether the probe's forward runs the ghosts attention (eager inside a probe).
+
+        Always to measure attention; and for a JVP through a model set to sdpa or flash, which have
+        no forward-mode AD. Ghosts, not plain eager: it outputs 0 for a query with no allowed key
+        (left padding) as sdpa does, so the probe's logits equal the training forward's.
+        """
+        if "attention" in self.radii:
+            return True
+        implementation = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+        return self.estimator == "jvp" and implementation not in (None, "eager") and self._can_set_attention()
+
     @contextlib.contextmanager
-    def _probe_mode(self) -> Iterator[None]:
+    def _probe_mode(self, ghosts: bool) -> Iterator[None]:
         """Eval mode, fp32 forward without Accelerate's autocast wrapper, ghosts attention; all restored."""
         model = self.model
         training = {module: module.training for module in model.modules()}
@@ -229,14 +244,14 @@ class RadiusProbe:
         model.eval()
         if wrapped_forward is not None and original_forward is not None:
             model.forward = original_forward
-        if "attention" in self.radii:
+        if ghosts:
             config._attn_implementation = attention.ATTENTION_NAME
         try:
             device_type = next(model.parameters()).device.type
             with torch.no_grad(), torch.autocast(device_type, enabled=False):
                 yield
         finally:
-            if "attention" in self.radii:
+            if ghosts:
                 config._attn_implementation = implementation
             if wrapped_forward is not None:
                 model.forward = wrapped_forward
@@ -260,7 +275,7 @@ class RadiusProbe:
         return {name: (d.detach().to(self.dtype) / norm.to(self.dtype)) for name, d in direction.items()}
 
     def _weights(self, params: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        base = dict(self.trainable) if params is None else dict(params)
+        base = dict(self.trainable) if params is None else {**self.trainable, **params}
         return {name: t.detach().to(self.dtype) if t.is_floating_point() else t.detach() for name, t in base.items()}
 
     def _forward(self, weights: dict[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -294,14 +309,16 @@ class RadiusProbe:
             mode="jvp" if self.estimator == "jvp" else "fd_plus",
             query_mask=None if token_mask is None else token_mask.bool(),
             fd_step=self.fd_step,
+            record="attention" in self.radii,
         )
+        ghosts = self._routes_through_ghosts()
         ffn_state: dict[str, object] = {"plus": {}, "values": [], "phase": capture.mode}
         hooks = [
             module.register_forward_hook(self._ffn_hook(name, ffn_state, token_mask))
             for name, module in self._ffn_modules.items()
         ]
         try:
-            with self._probe_mode(), self._maybe_capture(capture):
+            with self._probe_mode(ghosts), attention.capture_scores(capture) if ghosts else contextlib.nullcontext():
                 if self.estimator == "jvp":
                     with fwAD.dual_level():
                         dual = {
@@ -314,21 +331,21 @@ class RadiusProbe:
                             slopes = torch.zeros_like(primal)
                         slopes = slopes.float()
                 else:
-                    plus = {n: w + self.fd_step * unit[n] if n in unit else w for n, w in weights.items()}
-                    minus = {n: w - self.fd_step * unit[n] if n in unit else w for n, w in weights.items()}
-                    logits_plus = self._forward(plus, inputs).float()
+                    def shifted(sign: float) -> dict[str, torch.Tensor]:  # theta +- h v: one copy alive at a time
+                        alpha = sign * self.fd_step
+                        return {n: torch.add(w, unit[n], alpha=alpha) if n in unit else w for n, w in weights.items()}
+
+                    logits_plus = self._forward(shifted(1.0), inputs)
                     capture.mode = ffn_state["phase"] = "fd_minus"
                     capture.calls = 0
-                    logits_minus = self._forward(minus, inputs).float()
-                    slopes = (logits_plus - logits_minus) / (2 * self.fd_step)
-                    primal = logits_plus
+                    logits_minus = self._forward(shifted(-1.0), inputs)
+                    # difference in the forward's dtype: rounding to fp32 first costs eps / h
+                    slopes = ((logits_plus - logits_minus) / (2 * self.fd_step)).float()
+                    primal = logits_plus.float()
         finally:
             for hook in hooks:
                 hook.remove()
         return self._report(primal, slopes, inputs, capture, ffn_state)
-
-    def _maybe_capture(self, capture: attention.ScoreCapture):
-        return attention.capture_scores(capture) if "attention" in self.radii else contextlib.nullcontext()
 
     def _ffn_hook(self, name: str, state: dict, token_mask: torch.Tensor | None):
         def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:

@@ -113,19 +113,31 @@ def top2_radius(logits: torch.Tensor, slopes: torch.Tensor, dim: int = -1) -> to
     )
 
 
-def _exp_sum(log_weights: torch.Tensor, rates: torch.Tensor, points: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``F(s) = sum_k exp(log w_k + b_k s)`` and ``F'(s)`` at ``points[n, m]`` for each sample ``n``.
+def _exp_sum(
+    log_weights: torch.Tensor, rates: torch.Tensor, points: torch.Tensor, chunk_elements: int, with_magnitude: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``F(s) = sum_k exp(log w_k + b_k s)``, ``F'(s)`` (and ``sum_k |terms|``) at ``points[n, m]``.
 
-    Summed over classes in chunks of ``chunk`` so that memory stays ``O(n * m * chunk)``.
+    Every value at a point is divided by that point's largest term modulus: a positive real factor,
+    so it moves no zero, no argument and no Newton step, and ``exp`` cannot overflow on a large
+    circle. Summed over classes in chunks, so that about ``chunk_elements`` terms exist at once.
     """
+    chunk = max(1, chunk_elements // max(1, points.numel()))
+    shift = torch.full(points.shape, -math.inf, dtype=torch.float64, device=points.device)
+    for start in range(0, rates.shape[1], chunk):
+        real = log_weights.real[:, start : start + chunk, None] + rates.real[:, start : start + chunk, None] * points.real[:, None, :]
+        shift = torch.maximum(shift, real.amax(1))
     value = torch.zeros(points.shape, dtype=torch.complex128, device=points.device)
     derivative = torch.zeros_like(value)
+    magnitude = torch.zeros_like(shift) if with_magnitude else None
     for start in range(0, rates.shape[1], chunk):
         rate = rates[:, start : start + chunk, None]
-        term = torch.exp(log_weights[:, start : start + chunk, None] + rate * points[:, None, :])
+        term = torch.exp(log_weights[:, start : start + chunk, None] + rate * points[:, None, :] - shift[:, None, :])
         value += term.sum(1)
         derivative += (rate * term).sum(1)
-    return value, derivative
+        if magnitude is not None:
+            magnitude += term.abs().sum(1)
+    return value, derivative, magnitude
 
 
 def _circle_points(radius: torch.Tensor) -> int:
@@ -134,14 +146,49 @@ def _circle_points(radius: torch.Tensor) -> int:
     return int(8 * math.ceil(radius.max().item())) + 64
 
 
-def _winding(log_weights: torch.Tensor, rates: torch.Tensor, radius: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Number of zeros of ``F`` inside ``|s| < radius`` per sample (argument principle)."""
+def _arc_turn(
+    log_weights: torch.Tensor,
+    rates: torch.Tensor,
+    radius: torch.Tensor,
+    start: torch.Tensor,
+    stop: torch.Tensor,
+    chunk_elements: int,
+    depth: int,
+) -> torch.Tensor:
+    """Turn of ``F`` along each arc ``radius * e^{i [start, stop]}`` (row ``n`` of the inputs is arc ``n``).
+
+    The turn is summed over 16 sub-arcs; a sub-arc turning by more than ``pi / 2`` (a zero close
+    to the circle turns ``F`` fast there) is split again, ``depth`` more times.
+    """
+    theta = start[:, None] + (stop - start)[:, None] * torch.linspace(0, 1, 17, dtype=torch.float64, device=start.device)
+    value, _, _ = _exp_sum(log_weights, rates, radius[:, None] * torch.exp(1j * theta), chunk_elements)
+    steps = torch.angle(value[:, 1:] / value[:, :-1])
+    coarse = steps.abs() > PI / 2
+    if depth > 0 and coarse.any():
+        arc, piece = coarse.nonzero(as_tuple=True)
+        steps[arc, piece] = _arc_turn(
+            log_weights[arc], rates[arc], radius[arc], theta[arc, piece], theta[arc, piece + 1], chunk_elements, depth - 1
+        )
+    return steps.sum(1)
+
+
+def _winding(log_weights: torch.Tensor, rates: torch.Tensor, radius: torch.Tensor, chunk_elements: int) -> torch.Tensor:
+    """Number of zeros of ``F`` inside ``|s| < radius`` per sample (argument principle).
+
+    The turn of ``F`` is summed over neighbouring circle points; that is only right while each
+    step turns by less than ``pi``, so steps above ``pi / 2`` are resampled finer (up to 16^3x).
+    """
     count = _circle_points(radius)
-    angles = torch.linspace(0, 2 * PI, count + 1, dtype=torch.float64, device=radius.device)[:-1]
-    points = radius[:, None] * torch.exp(1j * angles)[None, :]
-    value, _ = _exp_sum(log_weights, rates, points, chunk)
-    turn = torch.angle(value.roll(-1, dims=1) / value).sum(1)
-    return torch.round(turn / (2 * PI)).to(torch.int64)
+    angles = torch.linspace(0, 2 * PI, count + 1, dtype=torch.float64, device=radius.device)
+    value, _, _ = _exp_sum(log_weights, rates, radius[:, None] * torch.exp(1j * angles[:-1])[None, :], chunk_elements)
+    steps = torch.angle(value.roll(-1, dims=1) / value)
+    coarse = steps.abs() > PI / 2
+    if coarse.any():
+        row, piece = coarse.nonzero(as_tuple=True)
+        steps[row, piece] = _arc_turn(
+            log_weights[row], rates[row], radius[row], angles[piece], angles[piece + 1], chunk_elements, depth=2
+        )
+    return torch.round(steps.sum(1) / (2 * PI)).to(torch.int64)
 
 
 def exact_radius(
@@ -217,46 +264,61 @@ def _exact_scaled_radius(
     rates = ((slopes - middle[:, None]) / width[:, None]).to(torch.complex128)
     log_weights = log_weights.to(torch.complex128)
     samples, _classes = rates.shape
-    chunk = max(1, chunk_elements // max(1, samples * 512))
 
-    # Grow circles until each sample has a zero inside: start at the top-2 estimate (scaled).
+    def zeros_inside(rows: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        # Only the rows still searching: a circle's point count follows its largest radius.
+        return _winding(log_weights[rows], rates[rows], radius, chunk_elements)
+
+    # Grow circles until each sample has a zero inside: start at the top-2 estimate (scaled),
+    # capped, since top-2 can be far off (near-equal top slopes) and big circles are costly.
     guess = top2_radius(log_weights.real, slopes) * width
     low = torch.full((samples,), PI, dtype=torch.float64, device=rates.device)
-    high = torch.clamp(guess * 1.05, min=PI * 1.05, max=max_radius)
-    found = _winding(log_weights, rates, high, chunk) > 0
+    high = torch.clamp(torch.nan_to_num(guess, posinf=PI) * 1.05, min=PI * 1.05, max=min(max_radius, 16 * PI))
+    counts = zeros_inside(torch.ones_like(low, dtype=torch.bool), high)
     for _ in range(64):
-        if found.all():
+        if (counts > 0).all():
             break
-        if (high[~found] >= max_radius).any():
+        todo = counts == 0
+        if (high[todo] >= max_radius).any():
             raise ValueError(
                 f"exact_radius: no zero within |Delta * t| < {max_radius:g} for some sample; "
                 "raise `max_radius` (the logits are extremely confident)"
             )
-        low = torch.where(found, low, high)
-        high = torch.where(found, high, torch.clamp(high * 1.5, max=max_radius))
-        found = _winding(log_weights, rates, high, chunk) > 0
-    while (high > low * 1.01).any():
-        middle_radius = torch.sqrt(low * high)
-        inside = _winding(log_weights, rates, middle_radius, chunk) > 0
-        high = torch.where(inside, middle_radius, high)
-        low = torch.where(inside, low, middle_radius)
+        low[todo] = high[todo]
+        high[todo] = torch.clamp(high[todo] * 1.5, max=max_radius)
+        counts[todo] = zeros_inside(todo, high[todo])
+
+    # Bisect to a 1% bracket, and on while the circle holds more than the nearest conjugate pair
+    # (zeros come in pairs: real logits and slopes): a confident sample has a line of zeros at
+    # nearly equal moduli, and Newton below must start next to the nearest one.
+    def unsettled() -> torch.Tensor:
+        return (high > low * 1.01) | ((counts > 2) & (high > low * (1 + 1e-12)))
+
+    active = unsettled()
+    while active.any():
+        middle_radius = torch.sqrt(low[active] * high[active])
+        inner = zeros_inside(active, middle_radius)
+        inside = inner > 0
+        high[active] = torch.where(inside, middle_radius, high[active])
+        counts[active] = torch.where(inside, inner, counts[active])
+        low[active] = torch.where(inside, low[active], middle_radius)
+        active = unsettled()
 
     # Newton from the circle points of smallest |F|: the zero just inside the circle is near them.
     count = _circle_points(high)
     angles = torch.linspace(0, 2 * PI, count + 1, dtype=torch.float64, device=rates.device)[:-1]
     circle = high[:, None] * torch.exp(1j * angles)[None, :]
-    value, _ = _exp_sum(log_weights, rates, circle, chunk)
+    value, _, _ = _exp_sum(log_weights, rates, circle, chunk_elements)
     starts = circle.gather(1, value.abs().topk(min(8, count), dim=1, largest=False).indices)
     points = starts.clone()
     for _ in range(60):
-        value, derivative = _exp_sum(log_weights, rates, points, chunk)
+        value, derivative, _ = _exp_sum(log_weights, rates, points, chunk_elements)
         step = value / derivative
         step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
         points = points - step
         if (step.abs() <= rtol * points.abs()).all():
             break
-    value, _ = _exp_sum(log_weights, rates, points, chunk)
-    scale = torch.exp(log_weights.real[:, :, None] + rates.real[:, :, None] * points.real[:, None, :]).sum(1)
+    value, _, scale = _exp_sum(log_weights, rates, points, chunk_elements, with_magnitude=True)
     # Any polished zero is a true zero, so a modulus below `low` (a zero the sampled circle
     # missed) is kept: it only makes the answer more exact. No zero lies below pi (Theorem 4.6).
     converged = (value.abs() <= 1e-8 * scale) & (points.abs() <= high[:, None] * (1 + 1e-6))

@@ -7,17 +7,20 @@ rescales it (:mod:`hf_ghosts.controller`), and the ``ghosts/*`` metrics join the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from hf_ghosts.callback import define_wandb_metrics
-from hf_ghosts.controller import MODES, RhoController
+from hf_ghosts.controller import MODES, TRIGGER_GROWTH, TRIGGER_R, RhoController
+from hf_ghosts.distributed import check_fsdp_plugin
 from hf_ghosts.probe import ESTIMATORS, RADII
 
 __all__ = ["CONTROLLER_STATE_NAME", "RhoTrainer", "RhoTrainingArguments"]
@@ -30,7 +33,8 @@ class RhoTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus the radius controller's settings (all prefixed ``rho_``).
 
     Fields (defaults): ``rho_mode="clip"``, ``rho_target=1.0``, ``rho_radii=["output", "attention"]``,
-    ``rho_estimator="jvp"``, ``rho_every=1``, ``rho_log_per_head=False``, ``rho_fd_step=1e-2``.
+    ``rho_estimator="jvp"``, ``rho_every=1``, ``rho_trigger_r=0.5``, ``rho_trigger_growth=2.0``,
+    ``rho_log_per_head=False``, ``rho_fd_step=1e-2``.
     Everything else is ``TrainingArguments`` unchanged.
     """
 
@@ -51,7 +55,24 @@ class RhoTrainingArguments(TrainingArguments):
         default="jvp",
         metadata={"help": "'jvp' (forward-mode AD, exact) or 'fd' (central finite difference).", "choices": list(ESTIMATORS)},
     )
-    rho_every: int = field(default=1, metadata={"help": "Probe every k optimizer steps; reuse the last rho between probes."})
+    rho_every: int = field(
+        default=1,
+        metadata={
+            "help": "Probe at least every k optimizer steps; in between, a step reuses the last rho unless "
+            "rho_trigger_r or rho_trigger_growth fires (1: probe every step)."
+        },
+    )
+    rho_trigger_r: float = field(
+        default=TRIGGER_R,
+        metadata={
+            "help": "With rho_every > 1: probe at once when the step's applied r estimated with the last rho exceeds "
+            "rho_trigger_r * rho_target (> 0; <= 1 measures every clipped step afresh; inf: off)."
+        },
+    )
+    rho_trigger_growth: float = field(
+        default=TRIGGER_GROWTH,
+        metadata={"help": "With rho_every > 1: probe at once when |u| exceeds this factor times |u| at the last probe (>= 1; inf: off)."},
+    )
     rho_log_per_head: bool = field(default=False, metadata={"help": "Also log ghosts/rho_attn/layer_{l}/head_{h}."})
     rho_fd_step: float = field(default=1e-2, metadata={"help": "Step h of the 'fd' estimator along the unit direction."})
 
@@ -69,7 +90,13 @@ class RhoTrainingArguments(TrainingArguments):
             ),
             ("rho_target", isinstance(self.rho_target, (int, float)) and 0 < self.rho_target < float("inf"), "a number > 0"),
             ("rho_every", isinstance(self.rho_every, int) and self.rho_every >= 1, "an integer >= 1"),
-            ("rho_fd_step", isinstance(self.rho_fd_step, (int, float)) and self.rho_fd_step > 0, "a number > 0"),
+            ("rho_trigger_r", isinstance(self.rho_trigger_r, (int, float)) and self.rho_trigger_r > 0, "a number > 0 (inf: off)"),
+            (
+                "rho_trigger_growth",
+                isinstance(self.rho_trigger_growth, (int, float)) and self.rho_trigger_growth >= 1,
+                "a number >= 1 (inf: off)",
+            ),
+            ("rho_fd_step", isinstance(self.rho_fd_step, (int, float)) and 0 < self.rho_fd_step < float("inf"), "a finite number > 0"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -100,6 +127,8 @@ class RhoTrainer(Trainer):
                 "inside backward and copies them to the model afterwards, so the update cannot be measured or "
                 "rescaled after AdamW. Use DDP or FSDP (see the README's 'Multiple GPUs'), or plain Trainer."
             )
+        if self.is_fsdp_enabled:
+            check_fsdp_plugin(self.accelerator.state.fsdp_plugin)  # FSDP2 in fp32 only; FSDP1 is refused
         self.rho_controller = RhoController(
             self.model,
             mode=self.args.rho_mode,
@@ -107,6 +136,8 @@ class RhoTrainer(Trainer):
             radii=tuple(self.args.rho_radii),
             estimator=self.args.rho_estimator,
             every=self.args.rho_every,
+            trigger_r=self.args.rho_trigger_r,
+            trigger_growth=self.args.rho_trigger_growth,
             log_per_head=self.args.rho_log_per_head,
             fd_step=self.args.rho_fd_step,
         )
@@ -118,6 +149,9 @@ class RhoTrainer(Trainer):
         return optimizer
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        if self.is_fsdp_enabled and not self.rho_controller.sharded:
+            # accelerator.prepare sharded the model (FSDP2 swaps in DTensor parameters): follow it
+            self.rho_controller.rebind(self.model)
         self.rho_controller.observe(self._prepare_inputs(inputs))
         return super().training_step(model, inputs, num_items_in_batch)
 
@@ -134,6 +168,14 @@ class RhoTrainer(Trainer):
             with open(os.path.join(output_dir, CONTROLLER_STATE_NAME), "w") as handle:
                 json.dump(self.rho_controller.state_dict(), handle)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        with _checkpoint_keys_renamed(self.model if model is None else model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        with _checkpoint_keys_renamed(self.model):
+            super()._load_best_model()
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
@@ -142,3 +184,51 @@ class RhoTrainer(Trainer):
         if os.path.isfile(path):
             with open(path) as handle:
                 self.rho_controller.load_state_dict(json.load(handle))
+
+
+def _checkpoint_to_model_keys(model: PreTrainedModel, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a checkpoint's key names back to the model's (GPT-NeoX saves ``lm_head.weight`` as ``embed_out.weight``).
+
+    ``save_pretrained`` reverses the model's weight renamings; ``Trainer`` resumes with a bare
+    ``model.load_state_dict(strict=False)``, which does not apply them again, so a renamed tensor
+    would silently keep its initial value. Keys the model knows are kept as they are.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
+
+    renamings = [
+        transform
+        for transform in get_model_conversion_mapping(model, add_legacy=False)
+        if isinstance(transform, WeightRenaming) and not isinstance(transform, PrefixChange)
+    ]
+    if not renamings:
+        return dict(state_dict)
+    known = set(model.state_dict())
+    renamed = {}
+    for key, tensor in state_dict.items():
+        if key not in known and (candidate := apply_renamings(key, renamings)) in known:
+            key = candidate
+        renamed[key] = tensor
+    return renamed
+
+
+@contextlib.contextmanager
+def _checkpoint_keys_renamed(model: torch.nn.Module) -> Iterator[None]:
+    """While active, ``model.load_state_dict`` first maps checkpoint keys to the model's (all Trainer load paths use it)."""
+    if not isinstance(model, PreTrainedModel):
+        yield
+        return
+    load = model.load_state_dict
+    shadowed = model.__dict__.get("load_state_dict")
+
+    def load_state_dict(state_dict: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        return load(_checkpoint_to_model_keys(model, state_dict), *args, **kwargs)
+
+    model.load_state_dict = load_state_dict
+    try:
+        yield
+    finally:
+        if shadowed is None:
+            del model.load_state_dict
+        else:
+            model.load_state_dict = shadowed

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import math
 import os
+import types
+from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 import torch
 from transformers import (
+    AttentionInterface,
     GPT2Config,
     GPT2LMHeadModel,
     GPTNeoXConfig,
@@ -16,7 +22,9 @@ from transformers import (
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    TrainerCallback,
 )
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -87,3 +95,219 @@ def random_direction(model: torch.nn.Module, seed: int = 2) -> dict[str, torch.T
 @pytest.fixture(params=FAMILIES)
 def family(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+# ----------------------------------------------------------------------------- Trainer helpers
+# Shared by the RhoTrainer / RhoCallback / W&B tests.
+
+
+def token_dataset(rows: int = 16, length: int = 12, seed: int = 3, **batch_kwargs: int):
+    """``token_batch`` rows as a ``datasets.Dataset`` (input_ids, attention_mask, labels) for a Trainer."""
+    from datasets import Dataset
+
+    batch = token_batch(batch=rows, length=length, seed=seed, **batch_kwargs)
+    return Dataset.from_dict({key: value.tolist() for key, value in batch.items()})
+
+
+def rho_args(tmp_path, **overrides: object):
+    """``RhoTrainingArguments`` for a fast CPU run: no reporting, saving or progress bar; batch 4, fixed seed."""
+    from hf_ghosts import RhoTrainingArguments
+
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
+                logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    return RhoTrainingArguments(**{**base, **overrides})
+
+
+class StepRecorder(TrainerCallback):
+    """Copies a controller's per-step record (``controller.last``) after every optimizer step.
+
+    ``controller_of`` is called at each step (a ``RhoCallback`` creates its controller only at train begin).
+    """
+
+    def __init__(self, controller_of) -> None:
+        self.controller_of = controller_of
+        self.records: list[dict] = []
+
+    def on_optimizer_step(self, args, state, control, **kwargs) -> None:
+        self.records.append(dict(self.controller_of().last))
+
+
+# ----------------------------------------------------------------------------- probe references
+# Independent of hf_ghosts.probe: weights moved in place, central differences in float64, the
+# pre-softmax scores recorded by an attention function of our own, masks rebuilt from the batch.
+
+RECORDING_ATTENTION = "hf_ghosts_test_recording"
+
+
+def unit_direction(direction: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``direction / |direction|`` in float64 (the norm over all tensors together)."""
+    norm = torch.sqrt(sum(d.double().pow(2).sum() for d in direction.values()))
+    return {name: d.double() / norm for name, d in direction.items()}
+
+
+@contextlib.contextmanager
+def moved(model: torch.nn.Module, direction: Mapping[str, torch.Tensor], step: float) -> Iterator[None]:
+    """The model's weights at ``theta + step * v / |v|`` (in place); restored bit for bit on exit."""
+    unit = unit_direction(direction)
+    params = dict(model.named_parameters())
+    saved = {name: params[name].detach().clone() for name in unit}
+    try:
+        with torch.no_grad():
+            for name, d in unit.items():
+                params[name].add_((step * d).to(params[name].dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+
+def central_difference(
+    model: torch.nn.Module,
+    direction: Mapping[str, torch.Tensor],
+    measure: Callable[[], list[torch.Tensor]],
+    step: float = 1e-4,
+) -> list[torch.Tensor]:
+    """``(m(theta + h v) - m(theta - h v)) / 2h`` for each tensor ``measure()`` returns."""
+    with moved(model, direction, step):
+        plus = measure()
+    with moved(model, direction, -step):
+        minus = measure()
+    return [(p - m) / (2 * step) for p, m in zip(plus, minus, strict=True)]
+
+
+def _rms_norm_float64(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def float64_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A float64 deep copy in eval mode, for tight comparisons (probe and reference both run on it).
+
+    Llama-style RMSNorm upcasts to float32 inside ``forward`` whatever the weights' dtype; here it
+    computes in float64 so that central differences at a small step are not drowned in fp32 rounding.
+    """
+    model = copy.deepcopy(model).double().eval()
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_rms_norm_float64, module)
+    return model
+
+
+def forward_logits(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of ``model`` on ``batch`` (labels dropped, no cache, no grad)."""
+    kwargs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        output = model(**kwargs, use_cache=False) if hasattr(model, "config") else model(**kwargs)
+    return output if torch.is_tensor(output) else output.logits
+
+
+def reference_logit_slopes(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor], step: float = 1e-4
+) -> torch.Tensor:
+    """Directional derivatives of the logits along ``direction / |direction|`` by central differences."""
+    (slopes,) = central_difference(model, direction, lambda: [forward_logits(model, batch).double()], step)
+    return slopes
+
+
+def causal_output_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``[batch, length]`` positions whose logits predict a label: position p predicts ``labels[p + 1]``."""
+    valid = torch.zeros_like(labels, dtype=torch.bool)
+    valid[:, :-1] = labels[:, 1:] != -100
+    return valid
+
+
+def _recording_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """Plain eager attention that appends ``(layer, pre-softmax scores)`` to ``_RECORDED``."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = query @ key.transpose(-1, -2) * scaling
+    _RECORDED.append((int(module.layer_idx), scores.detach().clone()))
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[-2]]
+    return (scores.softmax(-1) @ value).transpose(1, 2).contiguous(), None
+
+
+_RECORDED: list[tuple[int, torch.Tensor]] = []
+AttentionInterface.register(RECORDING_ATTENTION, _recording_attention)
+AttentionMaskInterface.register(RECORDING_ATTENTION, eager_mask)
+
+
+def recorded_scores(model: PreTrainedModel, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Per layer, the ``[batch, heads, queries, keys]`` pre-softmax scores of one forward (no mask applied)."""
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = RECORDING_ATTENTION
+    _RECORDED.clear()
+    try:
+        forward_logits(model, batch)
+    finally:
+        model.config._attn_implementation = previous
+    layers = dict(_RECORDED)
+    _RECORDED.clear()
+    return [layers[index] for index in sorted(layers)]
+
+
+def allowed_keys(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[batch, queries, keys]``: key ``k <= q``, both real tokens (causal AND padding, built by hand)."""
+    real = attention_mask.bool()
+    length = real.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return causal[None] & real[:, None, :] & real[:, :, None]
+
+
+def reference_attention_spreads(
+    model: PreTrainedModel, batch: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor], step: float = 1e-4
+) -> torch.Tensor:
+    """``[layers, heads]``: max over (batch, real query) of max - min over allowed keys of the score slopes."""
+    slopes = central_difference(model, direction, lambda: recorded_scores(model, batch), step)
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones(batch["input_ids"].shape, dtype=torch.long)
+    allowed = allowed_keys(mask)[:, None]  # [batch, 1, q, k]
+    result = []
+    for layer in slopes:
+        high = layer.masked_fill(~allowed, -math.inf).amax(-1)
+        low = layer.masked_fill(~allowed, math.inf).amin(-1)
+        row_spread = torch.where(allowed.any(-1), high - low, torch.zeros_like(high))  # [batch, heads, q]
+        result.append(row_spread.amax(dim=(0, 2)))
+    return torch.stack(result)
+
+
+def module_outputs(model: torch.nn.Module, suffix: str, run: Callable[[], object]) -> list[torch.Tensor]:
+    """Outputs of every module whose name ends with ``suffix`` during ``run()``, in module order."""
+    found = [(name, module) for name, module in model.named_modules() if name.endswith(suffix)]
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        module.register_forward_hook(lambda _m, _a, out, name=name: outputs.__setitem__(name, out.detach().clone()))
+        for name, module in found
+    ]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [outputs[name] for name, _ in found]
+
+
+@pytest.fixture
+def single_thread():
+    """Run the test on one intra-op thread (restored afterwards).
+
+    Tiny models gain nothing from a second thread, and on a busy 2-core machine a spinning second
+    thread made these CPU training steps up to 10x slower. Opt in with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

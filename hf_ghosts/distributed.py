@@ -1,0 +1,281 @@
+"""Several processes: which backend is in use, global reductions over shards, and the FSDP2 probe.
+
+Every rank must compute the same ``rho``, the same scale and apply the same update. How that is
+reached depends on the backend (see the README's "Multiple GPUs"):
+
+=============  ==========================  ===============================  =========================
+backend        weights the controller      update norm ``|u|``              probe estimator
+               sees on each rank
+=============  ==========================  ===============================  =========================
+single, DDP    the full weights (replicas  local (replicas agree: DDP       ``jvp`` (default) or
+               under DDP)                  averaged the gradients)          ``fd``, through
+                                                                            ``functional_call`` on
+                                                                            the unwrapped model
+FSDP2          this rank's shard           ``sqrt`` of the all-reduced SUM  ``fd``, perturbing the
+               (``DTensor.to_local()``)    of squares over the shards       local shards in place
+FSDP1          refused (:data:`FSDP1_ERROR`)
+DeepSpeed      refused by ``RhoTrainer`` (the engine steps flattened fp32 partitions)
+=============  ==========================================================================================
+
+In every backend each rank probes its own micro-batch, and
+:func:`~hf_ghosts.controller.all_reduce_report` reduces the spreads with MAX (the FFN radius
+with MIN) across processes; the scale is then computed from identical numbers everywhere and
+applied to whatever each rank holds (its replica, or its shard).
+
+Why ``fd`` under FSDP2: FSDP2 all-gathers the shards in module hooks and swaps the parameters
+it registers, so neither ``functional_call`` with dual tensors (``NotImplementedError: Operator
+aten._has_same_storage_numel.default does not have a sharding strategy registered``) nor with
+plain ones (``aten.embedding.default got mixed torch.Tensor and DTensor``) reaches the forward.
+:class:`ShardedRadiusProbe` writes ``old +- h v`` into the local shards in place, runs the
+sharded model's own forward (which all-gathers what was written), and copies the saved shards
+back, bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hf_ghosts.probe import RadiusProbe, RadiusReport, _logits_of
+
+__all__ = [
+    "BACKENDS",
+    "FSDP1_ERROR",
+    "ShardedRadiusProbe",
+    "any_rank",
+    "check_fsdp_plugin",
+    "detect_backend",
+    "global_norm",
+    "is_main_process",
+    "local_tensor",
+]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("single", "ddp", "fsdp2", "fsdp1")
+
+FSDP1_ERROR = (
+    "hf_ghosts supports FSDP through FSDP2 only (Accelerate: fsdp_version: 2). FSDP1 keeps the root module's "
+    "unsharded flat parameters after a forward, so a probe that writes old +- h*v into the shards would be "
+    "measured (and training continued) on stale weights. Use fsdp_version: 2, or DDP."
+)
+
+try:  # torch >= 2.6
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment,misc]
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover
+    FSDPModule = None  # type: ignore[assignment,misc]
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main_process() -> bool:
+    """True on global rank 0, and when ``torch.distributed`` is not initialized."""
+    return not _initialized() or dist.get_rank() == 0
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``tensor``: ``tensor.to_local()`` for a DTensor (a view: writes reach the shard), else itself."""
+    if DTensor is not None and isinstance(tensor, DTensor):
+        return tensor.to_local()
+    return tensor
+
+
+def detect_backend(model: torch.nn.Module) -> str:
+    """``"fsdp2"`` (``fully_shard`` or DTensor parameters), ``"fsdp1"``, ``"ddp"`` (world size > 1) or ``"single"``.
+
+    ``model`` is what the controller is given: the unwrapped model under DDP, the sharded one under FSDP.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    modules = list(model.modules())
+    if any(isinstance(m, FullyShardedDataParallel) for m in modules):
+        return "fsdp1"
+    if (FSDPModule is not None and any(isinstance(m, FSDPModule) for m in modules)) or (
+        DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
+    ):
+        return "fsdp2"
+    return "ddp" if _initialized() and dist.get_world_size() > 1 else "single"
+
+
+def check_fsdp_plugin(plugin: Any) -> None:
+    """Raise ``ValueError`` for an Accelerate FSDP plugin the controller cannot serve: FSDP1, or low-precision params.
+
+    Args:
+        plugin: ``accelerator.state.fsdp_plugin`` (an ``accelerate.utils.FullyShardedDataParallelPlugin``).
+    """
+    version = getattr(plugin, "fsdp_version", 1)
+    if version != 2:
+        raise ValueError(f"{FSDP1_ERROR} Got fsdp_version={version!r}.")
+    param_dtype = getattr(getattr(plugin, "mixed_precision_policy", None), "param_dtype", None)
+    _check_param_dtype(param_dtype, "the FSDP plugin's mixed_precision_policy")
+
+
+def _check_param_dtype(param_dtype: torch.dtype | None, where: str) -> None:
+    if param_dtype not in (None, torch.float32):
+        raise ValueError(
+            f"hf_ghosts under FSDP2 needs fp32 parameters in the forward; {where} sets param_dtype={param_dtype}. "
+            "The finite-difference probe writes old +- h*v into the shards, and a cast to a 16-bit dtype erases most "
+            "of that perturbation (the radius would come out too large). Train FSDP2 with mixed_precision 'no', or "
+            "use DDP with bf16 (its probe runs the unwrapped model in fp32)."
+        )
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any rank (an all-reduce MAX; ``flag`` itself without a process group)."""
+    if not _initialized() or dist.get_world_size() == 1:
+        return bool(flag)
+    value = torch.tensor([1.0 if flag else 0.0], dtype=torch.float32, device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())  # host sync
+
+
+def _collective_device() -> torch.device:
+    backend = dist.get_backend()
+    if "nccl" in str(backend) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _shard_groups(param: torch.Tensor) -> tuple[Any, ...]:
+    """The process groups over which ``param``'s local pieces partition it (empty: replicated or plain tensor)."""
+    if DTensor is None or not isinstance(param, DTensor):
+        return ()
+    mesh = param.device_mesh
+    dims = tuple(i for i, placement in enumerate(param.placements) if placement.is_shard())
+    if any(placement.is_partial() for placement in param.placements):
+        raise ValueError(f"hf_ghosts: a parameter with a Partial placement cannot be measured; got {param.placements}")
+    return tuple(mesh.get_group(i) for i in dims)
+
+
+def global_norm(local: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sqrt(sum_i |u_i|^2)`` over the full tensors whose local pieces are ``local`` (float64, same on every rank).
+
+    ``like[i]`` is the parameter ``local[i]`` belongs to: for a DTensor, the squares are summed
+    (all-reduce SUM) over the mesh dimensions it is sharded on and not over those it is replicated
+    on; plain tensors are replicas and are not reduced. One all-reduce per distinct sharding.
+    """
+    groups: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+    for piece, param in zip(local, like, strict=True):
+        groups.setdefault(_shard_groups(param), []).append(piece)
+    total = torch.zeros((), dtype=torch.float64)
+    for process_groups, pieces in groups.items():
+        squares = torch.stack(torch._foreach_norm(pieces)).double().pow(2).sum()
+        for group in process_groups:
+            dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=group)
+        total = total + squares.cpu()  # host sync
+    return total.sqrt()
+
+
+class ShardedRadiusProbe(RadiusProbe):
+    """:class:`~hf_ghosts.probe.RadiusProbe` for an FSDP2 (``fully_shard``) model: central finite differences in place.
+
+    Each forward writes ``old +- h v`` (``v`` the unit direction, its norm taken over all shards)
+    into this rank's shards, runs the model's own forward (FSDP2 all-gathers what was written),
+    and reshards every FSDP module before and after, so no forward reuses unsharded parameters
+    gathered earlier (``reshard_after_forward=False`` would keep them). :meth:`measure` copies
+    the saved shards back afterwards: the model is left bit-identical. All ranks must call
+    :meth:`measure` together (collectives inside); its report is this rank's, to be reduced
+    with :func:`~hf_ghosts.controller.all_reduce_report`.
+
+    Args: as :class:`~hf_ghosts.probe.RadiusProbe`; ``estimator="jvp"`` is replaced by ``"fd"``
+    (logged once), and the parameters and FSDP's ``param_dtype`` must be ``dtype`` (fp32).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        radii: tuple[str, ...] | list[str] = ("output", "attention"),
+        estimator: str = "fd",
+        **kwargs: Any,
+    ) -> None:
+        if estimator == "jvp":
+            if is_main_process():
+                logger.warning(
+                    "hf_ghosts: forward-mode AD does not pass through FSDP2's all-gathers; measuring with the "
+                    "central finite-difference estimator ('fd', fd_step=%s) instead",
+                    kwargs.get("fd_step", 1e-2),
+                )
+            estimator = "fd"
+        super().__init__(model, radii, estimator, **kwargs)
+        self._fsdp_modules = [m for m in model.modules() if FSDPModule is not None and isinstance(m, FSDPModule)]
+        wrong = sorted({str(p.dtype) for p in self.trainable.values() if p.dtype != self.dtype})
+        if wrong:
+            raise ValueError(
+                f"ShardedRadiusProbe: the trainable parameters are {wrong}, the probe's dtype is {self.dtype}; the "
+                "in-place finite-difference probe needs them equal (load the model in fp32 for FSDP2 training)"
+            )
+        for module in self._fsdp_modules:
+            for group in getattr(module._get_fsdp_state(), "_fsdp_param_groups", []):
+                policy = getattr(group, "mp_policy", None)
+                _check_param_dtype(getattr(policy, "param_dtype", None), f"fully_shard({type(module).__name__})")
+
+    def _locals(self) -> dict[str, torch.Tensor]:
+        return {name: local_tensor(p.detach()) for name, p in self.trainable.items()}
+
+    def _reshard(self) -> None:
+        for module in self._fsdp_modules:
+            module.reshard()
+
+    def _unit_direction(self, direction: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        unknown = sorted(set(direction) - set(self.trainable))
+        if unknown:
+            raise KeyError(f"ShardedRadiusProbe.measure: direction names parameters the model does not train: {unknown[:5]}")
+        if not direction:
+            raise ValueError("ShardedRadiusProbe.measure: the direction is empty")
+        pieces = {name: local_tensor(d.detach()) for name, d in direction.items()}
+        norm = global_norm(list(pieces.values()), [self.trainable[name] for name in pieces])
+        if not torch.isfinite(norm) or norm == 0:
+            raise ValueError(
+                f"ShardedRadiusProbe.measure: the direction's norm over all shards is {norm.item()}; a radius needs a "
+                "finite, non-zero direction"
+            )
+        norm = norm.to(next(iter(pieces.values())).device, self.dtype)
+        return {name: piece.to(self.dtype) / norm for name, piece in pieces.items()}
+
+    def _weights(self, params: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        weights = self._locals()
+        if params is not None:
+            weights.update({name: local_tensor(t.detach()) for name, t in params.items()})
+        return weights
+
+    def _forward(self, weights: dict[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        shards = self._locals()
+        names = [name for name in weights if name in shards]
+        self._reshard()
+        torch._foreach_copy_([shards[name] for name in names], [weights[name] for name in names])
+        kwargs = {key: value for key, value in inputs.items() if key not in ("labels", "shift_labels", "num_items_in_batch")}
+        config = getattr(self.model, "config", None)
+        if config is not None and hasattr(config, "use_cache"):
+            kwargs["use_cache"] = False
+        try:
+            output = self.model(**kwargs)
+        finally:
+            self._reshard()
+        return _logits_of(output, self.model)
+
+    @torch.no_grad()
+    def measure(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        direction: Mapping[str, torch.Tensor],
+        params: Mapping[str, torch.Tensor] | None = None,
+    ) -> RadiusReport:
+        """As :meth:`RadiusProbe.measure`; ``direction`` and ``params`` hold DTensors or this rank's local shards."""
+        shards = self._locals()
+        saved = [t.clone() for t in shards.values()]
+        try:
+            return super().measure(inputs, direction, params)
+        finally:
+            torch._foreach_copy_(list(shards.values()), saved)
+            self._reshard()

@@ -1,0 +1,207 @@
+"""Offline building blocks for the recipes: Pythia-shaped models, a local BPE tokenizer, a corpus.
+
+Nothing here touches the network. ``MODEL_PRESETS`` holds GPT-NeoX configs with the shapes of
+EleutherAI's Pythia suite (hidden size, layers, heads, FFN width, rotary fraction, parallel
+residual), plus tiny CPU presets and a tiny Llama for a second architecture family. The
+vocabulary is left to the tokenizer: :func:`build_model` sizes the embeddings to it.
+:func:`train_bpe_tokenizer` trains a byte-level BPE tokenizer (``tokenizers``) in well under a
+second on :func:`pydoc_corpus`, the English prose and code that ships with Python
+(``pydoc_data.topics``). :func:`lm_blocks` turns a text dataset into fixed-length causal-LM
+blocks whose ``labels`` equal ``input_ids`` (the model shifts them), ready for
+``transformers.default_data_collator``.
+
+Example::
+
+    from hf_ghosts.presets import build_model, lm_blocks, pydoc_splits, train_bpe_tokenizer
+
+    splits = pydoc_splits()                       # DatasetDict(train=..., validation=...)
+    tokenizer = train_bpe_tokenizer(splits["train"]["text"], vocab_size=2048)
+    model = build_model("pythia-14m", vocab_size=len(tokenizer))
+    train = lm_blocks(splits["train"], tokenizer, block_size=128)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from datasets import Dataset, DatasetDict
+from transformers import (
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+__all__ = [
+    "EOS_TOKEN",
+    "MODEL_PRESETS",
+    "build_model",
+    "count_parameters",
+    "lm_blocks",
+    "preset_config",
+    "pydoc_corpus",
+    "pydoc_splits",
+    "train_bpe_tokenizer",
+]
+
+EOS_TOKEN = "<|endoftext|>"  # Pythia's (GPT-NeoX-20B tokenizer's) BOS = EOS token
+
+# Shared by every Pythia model (EleutherAI/pythia-* config.json): partial rotary embeddings on
+# 25% of each head, parallel attention + MLP residual, exact GELU, untied input/output embeddings,
+# <|endoftext|> (id 0) as BOS and EOS.
+_PYTHIA = dict(
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    use_parallel_residual=True,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    max_position_embeddings=2048,
+    vocab_size=50304,
+    bos_token_id=0,
+    eos_token_id=0,
+)
+
+
+def _pythia(hidden: int, layers: int, heads: int) -> tuple[str, dict[str, Any]]:
+    return "gpt_neox", {
+        **_PYTHIA,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": 4 * hidden,
+    }
+
+
+#: ``name -> (model_type, config kwargs)``. The ``pythia-*`` entries have the real Pythia shapes
+#: (the vocabulary is replaced by the tokenizer's in :func:`build_model`); ``pythia-tiny`` is the
+#: same architecture small enough to train for hundreds of steps on two CPU cores in a minute;
+#: ``llama-tiny`` is a Llama (RMSNorm, SwiGLU, grouped-query attention) of the same size.
+MODEL_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "pythia-14m": _pythia(128, 6, 4),
+    "pythia-31m": _pythia(256, 6, 8),
+    "pythia-70m": _pythia(512, 6, 8),
+    "pythia-160m": _pythia(768, 12, 12),
+    "pythia-410m": _pythia(1024, 24, 16),
+    "pythia-1b": _pythia(2048, 16, 8),
+    "pythia-1.4b": _pythia(2048, 24, 16),
+    "pythia-2.8b": _pythia(2560, 32, 32),
+    "pythia-6.9b": _pythia(4096, 32, 32),
+    "pythia-12b": _pythia(5120, 36, 40),
+    "pythia-tiny": ("gpt_neox", {**_PYTHIA, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                 "intermediate_size": 256, "max_position_embeddings": 512}),
+    "llama-tiny": ("llama", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                             "intermediate_size": 172, "max_position_embeddings": 512, "hidden_act": "silu",
+                             "tie_word_embeddings": False, "vocab_size": 32000, "bos_token_id": 0, "eos_token_id": 0}),
+}
+
+_CONFIGS: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
+    "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM),
+    "llama": (LlamaConfig, LlamaForCausalLM),
+}
+
+
+def preset_config(name: str, vocab_size: int | None = None, **overrides: Any) -> PretrainedConfig:
+    """The config of preset ``name`` with ``vocab_size`` (if given) and any other field overridden."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"preset_config: unknown preset {name!r}; choose one of {', '.join(MODEL_PRESETS)}")
+    model_type, kwargs = MODEL_PRESETS[name]
+    if vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
+    return _CONFIGS[model_type][0](**{**kwargs, **overrides})
+
+
+def build_model(name: str, vocab_size: int | None = None, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """A freshly initialized causal LM of preset ``name`` (weights drawn from ``torch.manual_seed(seed)``)."""
+    config = preset_config(name, vocab_size, **overrides)
+    torch.manual_seed(seed)
+    return _CONFIGS[config.model_type][1](config)
+
+
+def pydoc_corpus() -> list[str]:
+    """The documents of ``pydoc_data.topics.topics`` (79 topics, ~465k characters), sorted by topic name."""
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def pydoc_splits(eval_every: int = 8) -> DatasetDict:
+    """The pydoc corpus as ``DatasetDict(train, validation)`` with a ``text`` column.
+
+    Whole documents go to one side (no text shared across the split): every ``eval_every``-th
+    topic, in name order, is held out for validation.
+    """
+    if eval_every < 2:
+        raise ValueError(f"pydoc_splits: eval_every must be >= 2; got {eval_every}")
+    documents = pydoc_corpus()
+    held_out = [doc for i, doc in enumerate(documents) if i % eval_every == eval_every - 1]
+    kept = [doc for i, doc in enumerate(documents) if i % eval_every != eval_every - 1]
+    return DatasetDict(train=Dataset.from_dict({"text": kept}), validation=Dataset.from_dict({"text": held_out}))
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2/Pythia style) trained on ``texts``, wrapped for ``transformers``.
+
+    ``<|endoftext|>`` is the BOS, EOS and padding token (id 0), as in Pythia. Training is
+    deterministic for the same texts; on the pydoc corpus it takes ~0.2 s.
+    """
+    from tokenizers import ByteLevelBPETokenizer
+
+    if vocab_size < 257:
+        raise ValueError(f"train_bpe_tokenizer: vocab_size must exceed the 256 byte symbols; got {vocab_size}")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS_TOKEN],
+                            show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
+                                   pad_token=EOS_TOKEN, unk_token=None)
+
+
+def lm_blocks(
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerFast,
+    block_size: int,
+    text_column: str = "text",
+    max_blocks: int | None = None,
+) -> Dataset:
+    """Tokenize ``dataset[text_column]``, join documents with EOS, and cut into blocks of ``block_size``.
+
+    Returns a dataset of ``input_ids``, ``attention_mask`` (all ones) and ``labels`` (= ``input_ids``;
+    causal LMs shift internally). The tail shorter than a block is dropped. ``max_blocks`` keeps
+    the first blocks only.
+    """
+    if text_column not in dataset.column_names:
+        raise ValueError(f"lm_blocks: no column {text_column!r} in the dataset; it has {dataset.column_names}")
+    if block_size < 2:
+        raise ValueError(f"lm_blocks: block_size must be >= 2; got {block_size}")
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        ids = tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [[*row, eos] for row in ids]}
+
+    def group(batch: dict[str, list]) -> dict[str, list]:
+        joined = [token for row in batch["input_ids"] for token in row]
+        usable = (len(joined) // block_size) * block_size
+        blocks = [joined[i : i + block_size] for i in range(0, usable, block_size)]
+        return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": [list(b) for b in blocks]}
+
+    tokens = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="tokenize")
+    # One group over everything: the default batch of 1,000 rows would drop a tail per batch.
+    blocks = tokens.map(group, batched=True, batch_size=max(1, len(tokens)), desc=f"blocks of {block_size}")
+    if len(blocks) == 0:
+        raise ValueError(f"lm_blocks: the texts hold fewer than block_size={block_size} tokens")
+    if max_blocks is not None:
+        blocks = blocks.select(range(min(max_blocks, len(blocks))))
+    return blocks
+
+
+def count_parameters(model: torch.nn.Module) -> str:
+    """``"1.73M"``: the number of parameters, for logs."""
+    total = sum(p.numel() for p in model.parameters())
+    exponent = min(3, int(math.log10(max(total, 1)) // 3))
+    return f"{total / 10 ** (3 * exponent):.2f}{['', 'k', 'M', 'B'][exponent]}"

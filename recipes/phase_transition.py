@@ -1,0 +1,262 @@
+"""Phase transition at r ~ 1 (the paper's Fig. 7/8): single steps of length r * rho along fixed directions.
+
+A model is trained briefly (``--train_steps`` AdamW steps, or ``--model_name_or_path`` loads
+one, e.g. the output of ``pythia_finetune.py``). On one evaluation batch, for the descent
+direction ``-grad`` and ``--random_directions`` Gaussian directions ``v`` (unit length), it
+measures the radius ``rho`` along ``v`` with :class:`hf_ghosts.RadiusProbe` (``--radii``, the
+binding one is used) and takes single steps ``theta + r rho v`` for ``r`` from ``--r_min`` to
+``--r_max``: the loss ratio ``L(theta + r rho v) / L(theta)`` and the fraction of next-token
+predictions (argmax) that flip.
+
+It also measures how far the true nearest singularity of the output softmax lies beyond the
+bound ``pi / Delta``: :func:`hf_ghosts.radii.exact_radius` on the ``--exact_tokens``
+highest-spread tokens (it costs ``O(vocabulary x radius)`` per token, hence a few dozen). Any
+other token has ``Delta`` no larger than theirs, so its exact radius is at least ``pi / Delta`` of
+the next token down: the batch's exact radius lies between that (or the smallest exact radius
+found, if lower: then it is "certified" exact) and the smallest exact radius found.
+
+    python recipes/phase_transition.py                       # ~1 min on 2 CPU cores
+    python recipes/phase_transition.py --model_name_or_path outputs/pythia_finetune --train_steps 0
+    python recipes/phase_transition.py --preset llama-tiny --random_directions 8 --r_points 41
+
+Writes to ``--output_dir`` (default ``outputs/phase_transition``): ``phase_transition.png``
+(loss ratio and flipped fraction against r; dotted lines at each direction's exact radius in
+units of rho), ``phase_curves.csv`` (every step), ``phase_directions.csv`` / ``.md`` (per
+direction: radii, exact vs bound, where the loss and the predictions turn) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from common import (
+    DataArguments,
+    ModelArguments,
+    load_blocks,
+    load_model,
+    load_text_splits,
+    load_tokenizer,
+    save_figure,
+    write_json,
+    write_table,
+)
+from torch.func import functional_call, jvp
+from transformers import HfArgumentParser, PrinterCallback, Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers.utils import logging as hf_logging
+
+from hf_ghosts import RadiusProbe
+from hf_ghosts.radii import exact_radius, spread
+
+
+@dataclass
+class PhaseArguments:
+    """The sweep: how long to train first, which directions, which step lengths."""
+
+    output_dir: str = field(default="outputs/phase_transition", metadata={"help": "Where the plot and tables go."})
+    train_steps: int = field(default=150, metadata={"help": "AdamW steps before the sweep (0: use the model as loaded)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the brief training."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per training step."})
+    probe_blocks: int = field(default=16, metadata={"help": "Evaluation blocks in the batch that is measured and stepped on."})
+    random_directions: int = field(default=4, metadata={"help": "Gaussian directions besides -grad."})
+    radii: list[str] = field(default_factory=lambda: ["output", "attention"], metadata={"help": "Radii measured; r is in units of their minimum."})
+    r_min: float = field(default=0.1, metadata={"help": "Smallest normalized step."})
+    r_max: float = field(default=10.0, metadata={"help": "Largest normalized step."})
+    r_points: int = field(default=21, metadata={"help": "Steps, log-spaced from r_min to r_max."})
+    exact_tokens: int = field(default=32, metadata={"help": "Highest-spread tokens whose exact radius is computed."})
+    seed: int = field(default=0, metadata={"help": "Seed of the model, the data order and the random directions."})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.r_min < self.r_max or self.r_points < 2:
+            raise ValueError(f"need 0 < r_min < r_max and r_points >= 2; got {self.r_min}, {self.r_max}, {self.r_points}")
+
+
+def brief_training(model: torch.nn.Module, spec: PhaseArguments, train: Any, scratch: str) -> None:
+    """``spec.train_steps`` steps of AdamW (cosine schedule, 10% warm-up), in place."""
+    args = TrainingArguments(
+        output_dir=scratch,
+        max_steps=spec.train_steps,
+        learning_rate=spec.learning_rate,
+        warmup_steps=max(1, spec.train_steps // 10),
+        lr_scheduler_type="cosine",
+        per_device_train_batch_size=spec.batch_size,
+        logging_steps=max(1, spec.train_steps // 5),
+        save_strategy="no",
+        report_to=[],
+        seed=spec.seed,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=default_data_collator)
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+
+
+def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def logits_and_slopes(model: torch.nn.Module, batch: dict[str, torch.Tensor], unit: dict[str, torch.Tensor]):
+    """Logits ``z`` and their directional derivatives ``a = J v`` per token (one forward-mode JVP, eager attention)."""
+    params = {name: p.detach() for name, p in model.named_parameters() if name in unit}
+
+    def logits(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        return functional_call(model, weights, args=(), kwargs=_inputs(batch), strict=False).logits
+
+    with torch.no_grad():
+        return jvp(logits, (params,), ({name: unit[name] for name in params},))
+
+
+@torch.no_grad()
+def step_outcome(model: torch.nn.Module, batch: dict[str, torch.Tensor], unit: dict[str, torch.Tensor], length: float):
+    """Loss and next-token predictions at ``theta + length * v`` (the model itself is not changed)."""
+    weights = {name: p.detach() + length * unit[name] for name, p in model.named_parameters() if name in unit}
+    output = functional_call(model, weights, args=(), kwargs={**_inputs(batch), "labels": batch["labels"]}, strict=False)
+    return float(output.loss), output.logits[:, :-1].argmax(-1)
+
+
+def directions(model: torch.nn.Module, batch: dict[str, torch.Tensor], count: int, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Unit directions: ``-grad`` of the batch loss (descent) and ``count`` Gaussian ones."""
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    found = {"-grad": {name: -p.grad.detach().clone() for name, p in trainable.items()}}
+    model.zero_grad(set_to_none=True)
+    generator = torch.Generator().manual_seed(seed)
+    for index in range(count):
+        found[f"random {index}"] = {name: torch.randn(p.shape, generator=generator) for name, p in trainable.items()}
+    for direction in found.values():
+        norm = torch.sqrt(sum(d.double().pow(2).sum() for d in direction.values())).float()
+        for name in direction:
+            direction[name] /= norm
+    return found
+
+
+def exact_vs_bound(logits: torch.Tensor, slopes: torch.Tensor, valid: torch.Tensor, tokens: int) -> dict[str, Any]:
+    """Exact radius of the ``tokens`` highest-spread positions against their bound ``pi / Delta``."""
+    per_token = spread(slopes)[valid]
+    flat_logits, flat_slopes = logits[valid], slopes[valid]
+    order = per_token.argsort(descending=True)
+    top = order[:tokens]
+    exact = exact_radius(flat_logits[top].double(), flat_slopes[top].double()).float()
+    bound = math.pi / per_token[top]
+    ratio = exact / bound
+    next_bound = math.pi / float(per_token[order[tokens]]) if order.numel() > tokens else math.inf
+    batch_exact = float(exact.min())
+    return {
+        "rho_bound": float(bound.min()),  # pi / max Delta over the batch (eq. 14)
+        "rho_exact": batch_exact,  # nearest zero over the top tokens: the batch's exact radius is at most this ...
+        "rho_exact_lower": min(batch_exact, next_bound),  # ... and at least this (every other token's bound)
+        "exact_over_bound": batch_exact / float(bound.min()),
+        "token_ratio_min": float(ratio.min()),
+        "token_ratio_median": float(ratio.median()),
+        "token_ratio_max": float(ratio.max()),
+        "certified": batch_exact <= next_bound,
+    }
+
+
+def first_crossing(r_values: np.ndarray, values: np.ndarray, threshold: float) -> float:
+    """Smallest grid ``r`` at which ``values`` reaches ``threshold`` (NaN if never)."""
+    hits = np.nonzero(values >= threshold)[0]
+    return float(r_values[hits[0]]) if hits.size else math.nan
+
+
+def plot_phase(curves: list[dict[str, Any]], rows: list[dict[str, Any]], path: str, title: str) -> str:
+    """Loss ratio (log) and flipped fraction against r (log); r = 1 and each direction's exact radius marked."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, row in enumerate(rows):
+        mine = [c for c in curves if c["direction"] == row["direction"]]
+        r_values = [c["r"] for c in mine]
+        color = "black" if row["direction"] == "-grad" else palette[index % len(palette)]
+        width = 2.2 if row["direction"] == "-grad" else 1.2
+        left.plot(r_values, [c["loss_ratio"] for c in mine], color=color, lw=width, label=row["direction"])
+        right.plot(r_values, [c["flipped"] for c in mine], color=color, lw=width, label=row["direction"])
+        for axis in (left, right):
+            axis.axvline(row["r_exact"], color=color, ls=":", lw=1)
+    for axis in (left, right):
+        axis.axvline(1.0, color="gray", ls="--", lw=1)
+        axis.set_xscale("log")
+        axis.set_xlabel("r = step length / rho   (dashed: r = 1; dotted: exact output radius)")
+    left.axhline(1.0, color="lightgray", lw=1)
+    left.set_yscale("log")
+    left.set_ylabel("loss ratio L(theta + r rho v) / L(theta)")
+    right.set_ylabel("fraction of next-token predictions flipped")
+    left.legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    return save_figure(figure, path)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train briefly, sweep r along each direction, write the plot, the tables and the summary."""
+    parser = HfArgumentParser((PhaseArguments, ModelArguments, DataArguments))
+    spec, model_args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    os.makedirs(spec.output_dir, exist_ok=True)
+    hf_logging.set_verbosity_error()
+    set_seed(spec.seed)
+    splits = load_text_splits(data_args)
+    tokenizer = load_tokenizer(model_args, data_args, splits["train"][data_args.text_column])
+    train, evaluation = load_blocks(data_args, tokenizer, splits)
+    model = load_model(model_args, len(tokenizer), spec.seed)
+    if spec.train_steps > 0:
+        with tempfile.TemporaryDirectory() as scratch:
+            brief_training(model, spec, train, scratch)
+    model.set_attn_implementation("eager")  # forward-mode AD does not pass through sdpa
+    model.eval()
+    batch = default_data_collator([evaluation[i] for i in range(min(spec.probe_blocks, len(evaluation)))])
+    valid = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    valid[:, :-1] = batch["labels"][:, 1:] != -100  # position t predicts label t + 1
+
+    probe = RadiusProbe(model, radii=spec.radii)
+    base_loss, base_predictions = step_outcome(model, batch, {}, 0.0)
+    r_values = np.geomspace(spec.r_min, spec.r_max, spec.r_points)
+    rows, curves = [], []
+    for name, unit in directions(model, batch, spec.random_directions, spec.seed).items():
+        report = probe.measure(batch, unit)
+        radii = {key: float(value) for key, value in report.radii().items()}
+        rho = float(report.rho)
+        logits, slopes = logits_and_slopes(model, batch, unit)
+        exact = exact_vs_bound(logits, slopes, valid, spec.exact_tokens)
+        losses, flipped = [], []
+        for r in r_values:
+            loss, predictions = step_outcome(model, batch, unit, float(r) * rho)
+            losses.append(loss / base_loss)
+            flipped.append(float((predictions != base_predictions)[valid[:, :-1]].float().mean()))
+            curves.append({"direction": name, "r": float(r), "step_length": float(r) * rho, "loss_ratio": losses[-1],
+                           "flipped": flipped[-1]})
+        rows.append({
+            "direction": name,
+            **{f"rho_{key}": value for key, value in radii.items()},
+            "bottleneck": report.bottleneck,
+            "rho": rho,
+            **exact,
+            "r_exact": exact["rho_exact"] / rho,  # where the output softmax's nearest ghost really is, in units of rho
+            "r_loss_x1.5": first_crossing(r_values, np.array(losses), 1.5),
+            "r_flip_10pct": first_crossing(r_values, np.array(flipped), 0.10),
+            "loss_ratio_at_r1": float(np.interp(0.0, np.log(r_values), np.array(losses))),
+            "flipped_at_r1": float(np.interp(0.0, np.log(r_values), np.array(flipped))),
+        })
+        print(f"{name:>9}: rho={rho:.4g} ({report.bottleneck}), output bound {exact['rho_bound']:.4g}, exact "
+              f"{exact['rho_exact']:.4g} (x{exact['exact_over_bound']:.2f}{', certified' if exact['certified'] else ''}); "
+              f"loss x1.5 at r={rows[-1]['r_loss_x1.5']:.3g}, 10% flipped at r={rows[-1]['r_flip_10pct']:.3g}")
+
+    columns = list(rows[0].keys())
+    table = write_table(rows, os.path.join(spec.output_dir, "phase_directions"), columns)
+    write_table(curves, os.path.join(spec.output_dir, "phase_curves"))
+    title = (f"{model_args.model_name_or_path or model_args.preset} after {spec.train_steps} steps: "
+             f"{len(batch['input_ids'])} x {batch['input_ids'].shape[1]} tokens, loss {base_loss:.3f}")
+    figure = plot_phase(curves, rows, os.path.join(spec.output_dir, "phase_transition.png"), title)
+    summary = {"model": model_args.model_name_or_path or model_args.preset, "train_steps": spec.train_steps,
+               "base_loss": base_loss, "radii": spec.radii, "directions": rows, "figure": figure}
+    write_json(os.path.join(spec.output_dir, "summary.json"), summary)
+    print("\n" + table)
+    print(f"wrote {spec.output_dir}/: phase_transition.png, phase_directions.csv/.md, phase_curves.csv, summary.json")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Probing every k steps with triggers: when the controller measures afresh, and what it guarantees in between.
+
+The decisions are checked on an SGD step with a fixed gradient, so that ``|u| = lr * |g|`` is known
+exactly and each trigger can be crossed on purpose; the LR spike runs on a tiny GPT-NeoX.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_causal_lm, token_batch, token_dataset
+from torch import nn
+
+from hf_ghosts import RhoController, RhoTrainer, RhoTrainingArguments
+from hf_ghosts.controller import TRIGGER_GROWTH, TRIGGER_R
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4))
+
+
+def inputs(rows: int = 8) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    return {"input": torch.randn(rows, 6, generator=generator)}
+
+
+class FixedStep:
+    """SGD (no momentum) with a fixed gradient ``g``: the proposed update is ``-lr * g``, so ``|u| = lr * |g|``."""
+
+    def __init__(self, **controller_kwargs: object) -> None:
+        self.model = mlp()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1.0)
+        generator = torch.Generator().manual_seed(7)
+        self.gradient = [torch.randn(p.shape, generator=generator) for p in self.model.parameters()]
+        self.gradient_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in self.gradient))
+        self.controller = RhoController(self.model, self.optimizer, radii=("output",), **controller_kwargs)
+        self.batch = inputs()
+
+    def step(self, norm: float, gradient: list[torch.Tensor] | None = None) -> dict:
+        """One step whose proposed update has length ``norm``."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = norm / self.gradient_norm
+        for p, g in zip(self.model.parameters(), gradient or self.gradient, strict=True):
+            p.grad = g.clone()
+        return dict(self.controller.step(self.batch))
+
+
+def test_every_one_probes_every_step_whatever_the_triggers() -> None:
+    run = FixedStep(every=1, trigger_r=math.inf, trigger_growth=math.inf)
+    records = [run.step(1e-4) for _ in range(4)]
+    assert [rec["probed"] for rec in records] == [True] * 4
+    assert run.controller.probes == 4
+
+
+def test_without_triggers_every_k_is_a_fixed_schedule() -> None:
+    run = FixedStep(every=3, trigger_r=math.inf, trigger_growth=math.inf)
+    records = [run.step(1e-4) for _ in range(7)]
+    assert [rec["probed"] for rec in records] == [True, False, False, True, False, False, True]
+    assert records[1]["rho"] == records[0]["rho"] and records[4]["rho"] == records[3]["rho"]
+
+
+def test_a_tenfold_jump_of_the_update_norm_probes_at_once() -> None:
+    run = FixedStep(every=100, trigger_r=math.inf, trigger_growth=2.0)
+    norms = [1e-4, 1e-4, 1e-4, 1e-3, 1e-3, 1.9e-3, 2.1e-3, 1e-4]
+    records = [run.step(norm) for norm in norms]
+    # first step; x10 jump; 1.9x (< 2) the |u| of the last probe reuses; 2.1x probes; shrinking never probes
+    assert [rec["probed"] for rec in records] == [True, False, False, True, False, False, True, False]
+    assert records[3]["update_norm"] == pytest.approx(1e-3, rel=1e-5)
+
+
+def test_a_step_near_the_target_is_measured_afresh() -> None:
+    run = FixedStep(every=100, trigger_r=0.5, trigger_growth=math.inf, r_target=1.0)
+    first = run.step(1e-4)
+    rho = first["rho"]
+    below = run.step(0.45 * rho)  # estimated r = 0.45 <= 0.5: reuses the last rho
+    above = run.step(0.55 * rho)  # estimated r = 0.55 > 0.5: measured afresh
+    assert (first["probed"], below["probed"], above["probed"]) == (True, False, True)
+    assert below["rho"] == rho and below["r"] == pytest.approx(0.45, rel=1e-5)
+    assert above["rho"] != rho
+
+
+def test_a_reused_step_passes_unchanged_and_every_clip_is_measured() -> None:
+    run = FixedStep(every=100, r_target=1.0)
+    rho = run.step(1e-4)["rho"]
+    records = [run.step(factor * rho) for factor in (0.01, 0.02, 0.04, 0.3, 3.0, 0.02, 50.0)]
+    for rec in records:
+        if rec["probed"]:
+            assert rec["r_applied"] <= 1.0 + 1e-12
+        else:
+            assert rec["scale"] == 1.0 and not rec["clipped"]
+            assert rec["r_applied"] <= TRIGGER_R * 1.0
+    assert all(rec["probed"] for rec in records if rec["clipped"])
+    assert records[4]["probed"] and records[4]["clipped"] and records[6]["probed"] and records[6]["clipped"]
+
+
+def test_set_mode_measures_every_step() -> None:
+    run = FixedStep(every=100, mode="set", r_target=0.5)
+    records = [run.step(1e-4) for _ in range(4)]
+    assert all(rec["probed"] for rec in records)
+    assert all(rec["r_applied"] == pytest.approx(0.5, rel=1e-6) for rec in records)
+
+
+def test_a_skipped_step_makes_the_next_one_probe(caplog: pytest.LogCaptureFixture) -> None:
+    run = FixedStep(every=100, trigger_r=math.inf, trigger_growth=math.inf)
+    assert run.step(1e-4)["probed"]
+    assert not run.step(1e-4)["probed"]
+    nan_gradient = [torch.full_like(g, math.nan) for g in run.gradient]
+    assert run.step(1e-4, nan_gradient)["skipped"] == "gradient"
+    assert run.step(1e-4)["probed"]
+
+
+def test_probed_fraction_is_logged() -> None:
+    run = FixedStep(every=2, trigger_r=math.inf, trigger_growth=math.inf)
+    for _ in range(3):
+        run.step(1e-4)
+    assert run.controller.pop_metrics()["ghosts/probed"] == pytest.approx(2 / 3)
+
+
+def test_resume_keeps_the_reference_of_the_last_probe() -> None:
+    run = FixedStep(every=100, trigger_r=math.inf, trigger_growth=2.0)
+    run.step(1e-4)
+    state = run.controller.state_dict()
+    resumed = RhoController(run.model, run.optimizer, radii=("output",), every=100, trigger_r=math.inf, trigger_growth=2.0)
+    resumed.load_state_dict(state)
+    run.controller = resumed
+    assert not run.step(1.5e-4)["probed"]  # within 2x of the |u| of the probe before the resume
+    assert run.step(2.5e-4)["probed"]
+    legacy = {key: value for key, value in state.items() if key not in ("probe_step", "probe_norm")}
+    resumed.load_state_dict(legacy)  # a checkpoint written before the triggers existed: probe first
+    assert run.step(1e-4)["probed"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("trigger_r", 0.0), ("trigger_r", -1.0), ("trigger_growth", 0.5), ("trigger_growth", "2")]
+)
+def test_invalid_triggers_name_the_setting(setting: str, value: object) -> None:
+    with pytest.raises(ValueError, match=setting):
+        RhoController(mlp(), radii=("output",), **{setting: value})
+
+
+@pytest.mark.parametrize(("field", "value"), [("rho_trigger_r", 0.0), ("rho_trigger_growth", 0.9), ("rho_every", 0)])
+def test_invalid_trigger_arguments_name_the_field(tmp_path, field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"RhoTrainingArguments.{field}"):
+        RhoTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **{field: value})
+
+
+def test_trainer_passes_the_triggers_to_its_controller(tmp_path) -> None:
+    args = RhoTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, rho_every=5, rho_trigger_r=0.25,
+                                rho_trigger_growth=math.inf)
+    trainer = RhoTrainer(model=tiny_causal_lm(), args=args, train_dataset=token_dataset())
+    controller = trainer.rho_controller
+    assert (controller.every, controller.trigger_r, controller.trigger_growth) == (5, 0.25, math.inf)
+    defaults = RhoTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    assert (defaults.rho_trigger_r, defaults.rho_trigger_growth) == (TRIGGER_R, TRIGGER_GROWTH)
+
+
+def spike_losses(controlled: bool, steps: int = 20, start: int = 8, factor: float = 1000.0) -> list[float]:
+    """Tiny GPT-NeoX, AdamW at 1e-3 with the LR x ``factor`` from step ``start`` on; default controller settings."""
+    model = tiny_causal_lm(seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    controller = RhoController(model, optimizer) if controlled else None
+    losses = []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3 * (factor if step >= start else 1.0)
+        batch = token_batch(batch=4, length=16, seed=step % 4)  # 4 batches in turn: there is something to learn
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.item())
+        controller.step(batch) if controller else optimizer.step()
+        optimizer.zero_grad()
+    return losses
+
+
+def test_default_settings_survive_a_thousandfold_learning_rate_spike() -> None:
+    plain, controlled = spike_losses(controlled=False), spike_losses(controlled=True)
+    assert plain[:9] == pytest.approx(controlled[:9], abs=0.3)  # the loss at step 8 is computed before the spike
+    before = controlled[7]
+    assert max(plain[9:]) > before + 5, f"the spike is meant to wreck plain AdamW; losses {plain}"
+    assert max(controlled[9:]) < before + 0.5, f"the controller let the spike through; losses {controlled}"

@@ -1,0 +1,259 @@
+"""RhoController in a plain PyTorch loop: ``controller.step(batch)`` replaces ``optimizer.step()``.
+
+The model is a small ``nn.Module`` classifier (not transformers). Every check is made against an
+independent reference: a plain ``torch.optim.AdamW`` copy stepped in lockstep gives the update
+``u`` AdamW proposes, and ``rho = pi / max spread`` comes from ``torch.func.jvp`` of the logits
+in float64, without ``RadiusProbe``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jvp
+
+from hf_ghosts import RhoController
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+FEATURES, CLASSES = 8, 5
+
+
+class Classifier(nn.Module):
+    """Two-layer tanh MLP returning logits ``[batch, classes]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(FEATURES, 16), nn.Tanh(), nn.Linear(16, CLASSES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def classifier(seed: int = 0) -> Classifier:
+    torch.manual_seed(seed)
+    return Classifier()
+
+
+def batch_of(step: int, rows: int = 16) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(rows, FEATURES, generator=generator)
+    return {"x": x, "labels": torch.randint(0, CLASSES, (rows,), generator=generator)}
+
+
+def backward(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x=batch["x"]), batch["labels"]).backward()
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def flat_norm(tensors: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
+
+
+def reference_rho(model: nn.Module, at: dict[str, torch.Tensor], direction: dict[str, torch.Tensor], x: torch.Tensor) -> float:
+    """``pi / max_i (max_k a_ik - min_k a_ik)`` with ``a = J v``, ``v = direction / |direction|`` (eq. 11, 14), float64."""
+    model64 = copy.deepcopy(model).double()
+    norm = flat_norm(direction)
+    primal = {name: t.double() for name, t in at.items()}
+    tangent = {name: t.double() / norm for name, t in direction.items()}
+    _, slopes = jvp(lambda params: functional_call(model64, params, (x.double(),)), (primal,), (tangent,))
+    return math.pi / float((slopes.amax(-1) - slopes.amin(-1)).amax())
+
+
+class Lockstep:
+    """A plain AdamW on copies of the parameters: from the same weights and gradients it proposes ``u``."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.copies = {name: p.detach().clone().requires_grad_(True) for name, p in model.named_parameters()}
+        (group,) = optimizer.param_groups
+        options = {key: value for key, value in group.items() if key != "params"}
+        self.reference = torch.optim.AdamW([{**options, "params": list(self.copies.values())}])
+
+    def propose(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                self.copies[name].copy_(p)
+                self.copies[name].grad = None if p.grad is None else p.grad.clone()
+        old = {name: c.detach().clone() for name, c in self.copies.items()}
+        self.reference.step()
+        return {name: self.copies[name].detach() - old[name] for name in old}
+
+
+@pytest.mark.parametrize("mode", ["clip", "set"])
+def test_plain_loop_applies_scale_times_the_adamw_update(mode: str) -> None:
+    model = classifier()
+    lr = 0.3 if mode == "clip" else 1e-3  # clip: steps far outside the radius; set: steps far inside it
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    lockstep = Lockstep(model, optimizer)
+    r_target = 0.5
+    controller = RhoController(model, optimizer, radii=("output",), mode=mode, r_target=r_target)
+    scales = []
+    for step in range(6):
+        batch = batch_of(step)
+        backward(model, batch)
+        old = weights(model)
+        u = lockstep.propose()
+        record = controller.step(batch)
+        applied = {name: p.detach() - old[name] for name, p in model.named_parameters()}
+        rho = reference_rho(model, old, u, batch["x"])
+
+        assert record["probed"]
+        assert record["update_norm"] == pytest.approx(flat_norm(u), rel=1e-6)
+        assert record["rho"] == pytest.approx(rho, rel=1e-4)
+        assert record["r"] == pytest.approx(flat_norm(u) / rho, rel=1e-4)
+        for name in u:
+            torch.testing.assert_close(applied[name], record["scale"] * u[name], rtol=1e-5, atol=1e-7)
+        if mode == "clip":
+            assert record["r_applied"] <= r_target * (1 + 1e-12)
+            assert record["scale"] == pytest.approx(min(1.0, r_target * rho / flat_norm(u)), rel=1e-4)
+            assert flat_norm(applied) / rho <= r_target * (1 + 1e-4)
+        else:
+            assert record["r_applied"] == pytest.approx(r_target, rel=1e-6)
+            assert flat_norm(applied) / rho == pytest.approx(r_target, rel=1e-4)
+        scales.append(record["scale"])
+    if mode == "clip":
+        assert min(scales) < 0.5, f"the learning rate is meant to force clipping; scales {scales}"
+    else:
+        assert min(scales) > 1.0, f"'set' is meant to lengthen these small steps; scales {scales}"
+    assert controller.steps == controller.probes == 6
+
+
+def test_plain_loop_window_aggregates_max_r_and_min_radii() -> None:
+    model = classifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    # every=2 with the triggers off: steps 1, 3, 5 are probed, 2 and 4 reuse the last rho.
+    controller = RhoController(
+        model, optimizer, radii=("output",), r_target=2.0, every=2, trigger_r=math.inf, trigger_growth=math.inf
+    )
+    records = []
+    for step in range(5):
+        batch = batch_of(step)
+        backward(model, batch)
+        records.append(dict(controller.step(batch)))
+    metrics = controller.pop_metrics()
+    probed = [rec for rec in records if rec["probed"]]
+    assert [rec["probed"] for rec in records] == [True, False, True, False, True]
+    assert metrics["ghosts/r"] == max(rec["r"] for rec in records)
+    assert metrics["ghosts/r_applied"] == max(rec["r_applied"] for rec in records)
+    assert metrics["ghosts/update_norm"] == max(rec["update_norm"] for rec in records)
+    assert metrics["ghosts/scale"] == min(rec["scale"] for rec in records)
+    assert metrics["ghosts/rho"] == min(rec["rho"] for rec in records)
+    assert metrics["ghosts/rho_out"] == min(rec["rho_out"] for rec in probed)
+    assert metrics["ghosts/clipped"] == pytest.approx(sum(rec["clipped"] for rec in probed) / len(probed))
+    assert metrics["ghosts/probed"] == pytest.approx(3 / 5)
+    assert metrics["ghosts/skipped_nonfinite"] == 0.0
+    # Steps between probes reuse the last measured radius.
+    assert records[1]["rho"] == records[0]["rho"] and records[3]["rho"] == records[2]["rho"]
+    # The window is emptied by pop_metrics.
+    assert controller.pop_metrics() == {"ghosts/skipped_nonfinite": 0.0}
+
+
+def test_attention_radius_on_a_plain_module_is_refused() -> None:
+    model = classifier()
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match=r"attention.*radii=\('output',\)"):
+        RhoController(model, optimizer, radii=("attention",))
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("mode", "clipp"), ("r_target", 0.0), ("r_target", math.inf), ("every", 0), ("every", 1.5)],
+)
+def test_invalid_controller_settings_name_the_setting(setting: str, value: object) -> None:
+    model = classifier()
+    with pytest.raises(ValueError, match=f"RhoController: {setting}"):
+        RhoController(model, torch.optim.AdamW(model.parameters()), radii=("output",), **{setting: value})
+
+
+def test_zero_update_is_not_probed_and_keeps_scale_one() -> None:
+    model = classifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.1)
+    controller = RhoController(model, optimizer, radii=("output",))
+    before = weights(model)
+    for step in range(2):
+        batch = batch_of(step)
+        backward(model, batch)
+        record = controller.step(batch)
+        assert record["update_norm"] == 0.0 and record["scale"] == 1.0 and record["r"] == 0.0
+        assert not record["probed"]
+    assert controller.probes == 0 and controller.last_rho is None
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_nonfinite_gradient_skips_the_step(caplog: pytest.LogCaptureFixture) -> None:
+    model = classifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    controller = RhoController(model, optimizer, radii=("output",))
+    batch = batch_of(0)
+    backward(model, batch)
+    controller.step(batch)  # one good step, so the optimizer has moments to protect
+    moments = copy.deepcopy(optimizer.state_dict()["state"])
+    backward(model, batch)
+    model.body[0].weight.grad[0, 0] = math.nan
+    before = weights(model)
+    with caplog.at_level(logging.WARNING, logger="hf_ghosts"):
+        record = controller.step(batch)
+    assert record["skipped"] == "gradient"
+    assert "skipped optimizer step 2" in caplog.text
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    after = optimizer.state_dict()["state"]
+    assert all(torch.equal(after[i][key], moments[i][key]) for i in moments for key in moments[i])
+    assert controller.pop_metrics()["ghosts/skipped_nonfinite"] == 1.0
+
+
+def test_nonfinite_update_from_a_nan_learning_rate_is_undone(caplog: pytest.LogCaptureFixture) -> None:
+    model = classifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    optimizer.param_groups[0]["lr"] = math.nan  # what a scheduler bug would do; AdamW's constructor refuses it
+    controller = RhoController(model, optimizer, radii=("output",))
+    batch = batch_of(0)
+    backward(model, batch)
+    before = weights(model)
+    with caplog.at_level(logging.WARNING, logger="hf_ghosts"):
+        record = controller.step(batch)
+    assert record["skipped"] == "update"
+    assert "non-finite update" in caplog.text
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert controller.pop_metrics()["ghosts/skipped_nonfinite"] == 1.0
+
+
+def test_batch_without_labelled_positions_has_no_output_radius() -> None:
+    model = classifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.3)
+    controller = RhoController(model, optimizer, radii=("output",), r_target=0.5)
+    batch = batch_of(0)
+    backward(model, batch)
+    unlabelled = {"x": batch["x"], "labels": torch.full_like(batch["labels"], -100)}
+    old = weights(model)
+    u = Lockstep(model, optimizer).propose()
+    record = controller.step(unlabelled)  # measured on a batch with nothing to predict
+    assert record["output_tokens"] == 0
+    assert record["rho_out"] == math.inf and record["rho"] == math.inf
+    assert record["scale"] == 1.0 and record["r"] == 0.0 and not record["clipped"]
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach() - old[name], u[name], rtol=1e-5, atol=1e-7)
+    assert controller.pop_metrics()["ghosts/no_output_tokens"] == 1.0
+
+
+def test_step_is_refused_while_attached_to_the_optimizer_hooks() -> None:
+    model = classifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    controller = RhoController(model, optimizer, radii=("output",))
+    controller.attach()
+    with pytest.raises(RuntimeError, match="attached"):
+        controller.step(batch_of(0))
+    controller.detach()
+    batch = batch_of(0)
+    backward(model, batch)
+    assert controller.step(batch)["probed"]

@@ -1,0 +1,223 @@
+"""End-to-end smoke tests of the recipes (tiny presets, a few steps, offline) and of hf_ghosts.presets."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_ghosts.presets import MODEL_PRESETS, build_model, lm_blocks, preset_config, pydoc_splits, train_bpe_tokenizer
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Small data for every run: 48 training blocks of 128 tokens, 8 evaluation blocks, a 512-token vocabulary.
+SMALL_DATA = ["--max_train_blocks", "48", "--max_eval_blocks", "8", "--tokenizer_vocab_size", "512"]
+
+
+def recipe(name: str) -> ModuleType:
+    """Import ``recipes/<name>.py`` the way ``python recipes/<name>.py`` sees its siblings."""
+    if str(RECIPES) not in sys.path:
+        sys.path.insert(0, str(RECIPES))
+    return importlib.import_module(name)
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5_000, (path, len(data))
+
+
+def finite_numbers(value: object) -> list[float]:
+    """Every number inside a JSON value."""
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in finite_numbers(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in finite_numbers(v)]
+    return [float(value)] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+# ------------------------------------------------------------------------------------------ presets
+def test_pythia_presets_have_the_real_shapes() -> None:
+    shapes = {  # hidden, layers, heads (EleutherAI/pythia-* config.json)
+        "pythia-14m": (128, 6, 4), "pythia-70m": (512, 6, 8), "pythia-160m": (768, 12, 12),
+        "pythia-410m": (1024, 24, 16), "pythia-1b": (2048, 16, 8), "pythia-12b": (5120, 36, 40),
+    }
+    for name, (hidden, layers, heads) in shapes.items():
+        config = preset_config(name, vocab_size=2048)
+        assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (hidden, layers, heads)
+        assert config.intermediate_size == 4 * hidden and config.rope_parameters["partial_rotary_factor"] == 0.25
+        assert config.use_parallel_residual and config.hidden_act == "gelu" and not config.tie_word_embeddings
+        assert config.vocab_size == 2048 and config.model_type == "gpt_neox"
+    assert preset_config("llama-tiny").model_type == "llama"
+    with pytest.raises(ValueError, match="unknown preset 'pythia-7m'"):
+        preset_config("pythia-7m")
+    assert set(shapes) < set(MODEL_PRESETS)
+
+
+def test_tokenizer_corpus_and_blocks() -> None:
+    splits = pydoc_splits()
+    assert len(splits["train"]) + len(splits["validation"]) == 79
+    assert not set(splits["train"]["text"]) & set(splits["validation"]["text"])
+    tokenizer = train_bpe_tokenizer(splits["train"]["text"], vocab_size=512)
+    assert len(tokenizer) == 512 and tokenizer.eos_token_id == tokenizer.pad_token_id == 0
+    text = "def f(x):\n    return x"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    blocks = lm_blocks(splits["validation"], tokenizer, block_size=32, max_blocks=5)
+    assert len(blocks) == 5 and all(len(row) == 32 for row in blocks["input_ids"])
+    assert blocks["labels"] == blocks["input_ids"]
+    # Blocks are the concatenation of the documents, EOS-separated, cut every 32 tokens.
+    first = tokenizer(splits["validation"][0]["text"], add_special_tokens=False)["input_ids"]
+    assert blocks["input_ids"][0] == first[:32]
+    model = build_model("pythia-tiny", vocab_size=len(tokenizer), seed=3)
+    again = build_model("pythia-tiny", vocab_size=len(tokenizer), seed=3)
+    assert model.get_output_embeddings().weight.shape == (512, 64)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True))
+
+
+# ------------------------------------------------------------------------------------------ pythia_finetune
+def test_pythia_finetune_default_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    summary = recipe("pythia_finetune").main([
+        "--output_dir", str(out), "--max_steps", "6", "--warmup_steps", "0", "--logging_steps", "1", "--eval_steps", "3",
+        "--disable_tqdm", "true", *SMALL_DATA,
+    ])
+    printed = capsys.readouterr().out
+
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    numbers = finite_numbers({k: v for k, v in on_disk.items() if k != "figures"})
+    assert numbers and all(math.isfinite(x) for x in numbers)
+    assert on_disk["rho_radii"] == ["output", "attention", "ffn"]
+
+    # Consistent with the Trainer's log history.
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    evals = [h for h in history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [0, 3, 6]
+    assert on_disk["eval_final"]["loss"] == pytest.approx(evals[-1]["eval_loss"])
+    assert on_disk["eval_final"]["perplexity"] == pytest.approx(math.exp(evals[-1]["eval_loss"]))
+    assert on_disk["eval_final"]["accuracy"] == pytest.approx(evals[-1]["eval_accuracy"])
+    assert on_disk["eval_start"]["loss"] == pytest.approx(evals[0]["eval_loss"])
+    clipped = [h["ghosts/clipped"] for h in history if "ghosts/clipped" in h]  # one probed step per log
+    assert len(clipped) == on_disk["probed_steps"] == 6
+    assert on_disk["clipped_fraction"] == pytest.approx(sum(clipped) / len(clipped))
+    assert max(h["ghosts/r"] for h in history if "ghosts/r" in h) == pytest.approx(on_disk["r_proposed"]["max"])
+    assert sum(on_disk["bottleneck_counts"].values()) == 6
+    thirds = on_disk["bottleneck_by_thirds"]
+    assert [row["third"] for row in thirds] == ["steps 1-2", "steps 3-4", "steps 5-6"]
+    assert [row["probed"] for row in thirds] == [2, 2, 2]
+    for name, count in on_disk["bottleneck_counts"].items():
+        assert sum(row[name] for row in thirds) == count
+    steps = [json.loads(line) for line in (out / "ghosts_steps.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(rec["r_applied"] <= 1.0 + 1e-6 for rec in steps)
+
+    assert_png(out / "radii.png")
+    assert_png(out / "rho_attn_heads.png")
+    assert (out / "bottleneck_by_thirds.csv").read_text().count("\n") == 4
+    assert "final eval: loss" in printed and "bottleneck counts" in printed
+    # W&B offline under the output directory, the sync line printed, the heatmaps logged as images.
+    run_dir = Path(on_disk["wandb_dir"])
+    assert run_dir.parent == out / "wandb" and list(run_dir.glob("*.wandb"))
+    assert f"wandb sync {run_dir}" in printed
+    assert len(list(run_dir.glob("files/media/images/eval/ghosts/rho_attn_heads_*.png"))) == 2
+    # The trained model and its tokenizer reload.
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.vocab_size == len(AutoTokenizer.from_pretrained(out)) == 512
+
+
+def test_pythia_finetune_from_a_checkpoint_and_a_text_file(tmp_path: Path) -> None:
+    """The real fine-tuning path, offline: save a tiny checkpoint, then fine-tune it on a local .txt file."""
+    splits = pydoc_splits()
+    tokenizer = train_bpe_tokenizer(splits["train"]["text"], vocab_size=512)
+    checkpoint = tmp_path / "checkpoint"
+    build_model("pythia-tiny", vocab_size=len(tokenizer), seed=1).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    text_file = tmp_path / "train.txt"
+    text_file.write_text("\n".join(splits["validation"]["text"][:4]))
+
+    out = tmp_path / "finetuned"
+    summary = recipe("pythia_finetune").main([
+        "--model_name_or_path", str(checkpoint), "--train_file", str(text_file), "--validation_split_percentage", "20",
+        "--block_size", "64", "--output_dir", str(out), "--max_steps", "3", "--warmup_steps", "0", "--eval_steps", "3",
+        "--report_to", "none", "--rho_radii", "output", "--disable_tqdm", "true",
+    ])
+    assert summary["model"] == str(checkpoint) and summary["rho_radii"] == ["output"]
+    assert summary["tokens_per_step"] == 8 * 64 and summary["steps"] == 3
+    assert set(summary["bottleneck_counts"]) <= {"output", "none"} and summary["wandb_dir"] is None
+    assert math.isfinite(summary["eval_final"]["loss"])
+    before = AutoModelForCausalLM.from_pretrained(checkpoint)
+    after = AutoModelForCausalLM.from_pretrained(out)
+    assert after.config.hidden_size == 64 and after.config.vocab_size == 512
+    assert not torch.equal(before.gpt_neox.embed_in.weight, after.gpt_neox.embed_in.weight)
+    assert_png(out / "radii.png")
+    assert not (out / "rho_attn_heads.png").exists()  # no attention radius measured, no heatmap
+
+
+# ------------------------------------------------------------------------------------------ spike_test
+def test_spike_test(tmp_path: Path) -> None:
+    rows = recipe("spike_test").main([
+        "--output_dir", str(tmp_path), "--presets", "pythia-tiny", "llama-tiny", "--factors", "1", "10000",
+        "--max_steps", "6", "--spike_step", "3", *SMALL_DATA,
+    ])
+    with open(tmp_path / "spike_runs.csv") as handle:
+        table = list(csv.DictReader(handle))
+    keys = {(row["preset"], row["method"], float(row["factor"])) for row in table}
+    assert keys == {(p, m, f) for p in ("pythia-tiny", "llama-tiny") for m in ("adamw", "adamw+clip", "rho") for f in (1, 10000)}
+    assert len(table) == len(rows) == 12
+    for row in rows:
+        assert 0.0 <= row["eval_accuracy"] <= 1.0
+        assert len(row["losses"]) == 6
+        if row["method"] == "rho" or row["factor"] == 1:
+            assert math.isfinite(row["final_eval_loss"]) and not row["collapsed"]
+            assert math.isfinite(row["loss_before_spike"])
+        if row["method"] == "adamw" and row["factor"] == 10000:
+            assert row["collapsed"]  # the point of the test: plain AdamW does not survive the spike ...
+        if row["method"] == "rho":
+            assert 0.0 <= row["clipped_fraction"] <= 1.0 and row["max_r_proposed"] > 0
+    # ... and before the spike the three methods agree on the same data (same weights, same order, no clip yet).
+    by_key = {(r["preset"], r["method"], r["factor"]): r for r in rows}
+    for preset in ("pythia-tiny", "llama-tiny"):
+        assert by_key[(preset, "adamw", 1.0)]["losses"][0] == pytest.approx(by_key[(preset, "rho", 10000.0)]["losses"][0])
+    markdown = (tmp_path / "spike_table.md").read_text()
+    assert markdown.count("| plain AdamW |") == 2 and "x10000" in markdown
+    assert_png(tmp_path / "spike_test.png")
+
+
+# ------------------------------------------------------------------------------------------ phase_transition
+def test_phase_transition(tmp_path: Path) -> None:
+    summary = recipe("phase_transition").main([
+        "--output_dir", str(tmp_path), "--train_steps", "10", "--random_directions", "1", "--r_points", "5",
+        "--exact_tokens", "8", "--probe_blocks", "4", *SMALL_DATA,
+    ])
+    rows = summary["directions"]
+    assert [row["direction"] for row in rows] == ["-grad", "random 0"]
+    for row in rows:
+        # The recipe's own JVP and the library's probe agree on pi / max Delta of the output softmax.
+        assert row["rho_bound"] == pytest.approx(row["rho_output"], rel=1e-3)
+        assert row["rho"] == pytest.approx(min(row["rho_output"], row["rho_attention"]))
+        # Theorem 4.6: no zero inside pi / Delta; the exact radius sits at or beyond the bound.
+        assert row["token_ratio_min"] >= 1.0 - 1e-6 and row["exact_over_bound"] >= 1.0 - 1e-6
+        assert row["rho_bound"] <= row["rho_exact_lower"] <= row["rho_exact"]
+        assert row["r_exact"] == pytest.approx(row["rho_exact"] / row["rho"])
+    with open(tmp_path / "phase_curves.csv") as handle:
+        curves = list(csv.DictReader(handle))
+    assert len(curves) == 2 * 5
+    for curve in curves:
+        assert 0.0 <= float(curve["flipped"]) <= 1.0 and float(curve["loss_ratio"]) > 0
+    smallest = [float(c["loss_ratio"]) for c in curves if float(c["r"]) == pytest.approx(0.1)]
+    assert all(abs(ratio - 1.0) < 0.05 for ratio in smallest)  # a step of 0.1 rho barely moves the loss
+    gradient = [c for c in curves if c["direction"] == "-grad"]
+    assert float(gradient[0]["loss_ratio"]) < 1.0  # along -grad a small step descends
+    assert json.loads((tmp_path / "summary.json").read_text())["directions"][0]["direction"] == "-grad"
+    assert_png(tmp_path / "phase_transition.png")
