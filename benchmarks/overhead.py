@@ -65,6 +65,8 @@ class Size:
     batch: int
     seq: int
     lr: float
+    steps: int  # timed steps (after the warm-up) unless --steps says otherwise
+    modes: tuple[str, ...] = MODES  # modes timed unless --modes says otherwise
     device: str = "cpu"
 
     def config(self) -> GPTNeoXConfig:
@@ -83,11 +85,12 @@ class Size:
         )
 
 
+# 40m on CPU: "clip" only (a probe costs the same in every mode; "set" probes every step by construction).
 SIZES = {
-    "tiny": Size(hidden=32, layers=2, heads=4, vocab=256, batch=4, seq=32, lr=1e-3),
-    "5m": Size(hidden=256, layers=6, heads=8, vocab=2048, batch=8, seq=128, lr=6e-4),
-    "40m": Size(hidden=512, layers=8, heads=8, vocab=16384, batch=8, seq=128, lr=6e-4),
-    "pythia-160m": Size(hidden=768, layers=12, heads=12, vocab=50304, batch=8, seq=512, lr=6e-4, device="cuda"),
+    "tiny": Size(hidden=32, layers=2, heads=4, vocab=256, batch=4, seq=32, lr=1e-3, steps=48),
+    "5m": Size(hidden=256, layers=6, heads=8, vocab=2048, batch=8, seq=128, lr=6e-4, steps=32),
+    "40m": Size(hidden=512, layers=8, heads=8, vocab=16384, batch=8, seq=128, lr=6e-4, steps=24, modes=("clip",)),
+    "pythia-160m": Size(hidden=768, layers=12, heads=12, vocab=50304, batch=8, seq=512, lr=6e-4, steps=48, device="cuda"),
 }
 
 
@@ -338,6 +341,9 @@ def run_overhead(name: str, size: Size, settings: Sequence[Setting], steps: int,
             errors.append(error)
             turns.fail()
 
+    warm = PeakMemory(size.device)  # start the profiler once in this thread: kineto refuses a first start elsewhere
+    warm.start()
+    warm.stop()
     threads = [threading.Thread(target=work, args=(entry,), name=entry) for entry, _ in entries]
     for thread in threads:
         thread.start()
@@ -536,21 +542,25 @@ def fmt(value: float, digits: int = 2) -> str:
 
 
 def overhead_table(results: Sequence[dict[str, Any]]) -> str:
-    """Settings down, sizes across: time per step / plain step (peak memory / plain)."""
+    """Settings down, sizes across: time per step / plain step (peak memory / plain); "-" where not timed."""
     head = ["setting", *(f"{r['size']} ({r['params'] / 1e6:.2f}M params, {r['batch']}x{r['seq']} tokens)" for r in results)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     plain = ["plain Trainer step", *(f"{r['rows'][0]['cost_s'] * 1e3:.0f} ms" for r in results)]
     lines.append("| " + " | ".join(plain) + " |")
-    for index, row in enumerate(results[0]["rows"][1:], start=1):
-        label = row["setting"] + (" **(default)**" if row["default"] else "")
-        cells = []
-        for result in results:
-            cell = result["rows"][index]
+    by_size = [{row["setting"]: row for row in r["rows"][1:]} for r in results]
+    for name in dict.fromkeys(row["setting"] for r in results for row in r["rows"][1:]):
+        default = any(rows[name]["default"] for rows in by_size if name in rows)
+        cells = [name + (" **(default)**" if default else "")]
+        for rows in by_size:
+            cell = rows.get(name)
+            if cell is None:
+                cells.append("-")
+                continue
             text = f"{fmt(cell['time_ratio'])}x ({fmt(cell['peak_ratio'])}x mem)"
             if cell["probed_fraction"] < 1:
                 text += f", {cell['probed_fraction']:.0%} probed"
             cells.append(text)
-        lines.append("| " + " | ".join([label, *cells]) + " |")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -594,9 +604,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "5m", "40m"], choices=list(SIZES))
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
-    parser.add_argument("--steps", type=int, default=24, help="timed optimizer steps per trainer, after the warm-up")
+    parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per trainer, after the warm-up (default: the size's)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps (the first also measures memory)")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="controller modes to time")
+    parser.add_argument("--modes", nargs="+", default=None, choices=list(MODES), help="controller modes to time (default: the size's)")
     parser.add_argument("--every", type=int, default=None, help="k of the every-k rows (default: rho_every's default)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--bf16", action="store_true", help="train in bf16 (the probe stays fp32)")
@@ -634,7 +644,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as workdir:
             for name in args.sizes:
                 size = SIZES[name]
-                measured = run_overhead(name, size, overhead_settings(every_k, args.modes), args.steps, args.warmup, args.bf16, workdir)
+                settings = overhead_settings(every_k, args.modes or size.modes)
+                measured = run_overhead(name, size, settings, args.steps or size.steps, args.warmup, args.bf16, workdir)
                 result["overhead"].append(measured)
                 print(step_table(measured), "\n", flush=True)
         print(overhead_table(result["overhead"]), "\n", flush=True)

@@ -32,17 +32,19 @@ ATTENTION_NAME = "ghosts"
 class ScoreCapture:
     """What one probe forward records from every attention call.
 
-    ``mode="jvp"``: slopes are the tangents of the scores. ``mode="fd_plus"`` stores the scores
-    of the ``theta + h v`` pass; ``mode="fd_minus"`` differences them against the ``theta - h v``
-    pass, ``(s_plus - s_minus) / (2 h)``. ``record=False``: attention only, nothing recorded (a
-    probe that needs the eager path for its JVP but does not measure attention).
+    ``mode="jvp"``: slopes are the tangents of the scores. ``mode="fd_plus"`` stores the queries
+    and keys of the ``theta + h v`` pass (the scores, under softcapping); ``mode="fd_minus"`` forms
+    ``(s_plus - s_minus) / (2 h)`` against the ``theta - h v`` pass. Keeping ``q`` and ``k`` instead of
+    the scores costs ``2 d / k_len`` of the memory, all layers being held between the two passes.
+    ``record=False``: attention only, nothing recorded (a probe that needs the eager path for its JVP
+    but does not measure attention).
     """
 
     mode: str
     query_mask: torch.Tensor | None = None
     fd_step: float = 0.0
     spreads: dict[int, torch.Tensor] = field(default_factory=dict)
-    plus_scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    plus_scores: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     calls: int = 0
     record: bool = True
 
@@ -99,6 +101,7 @@ def _eager_capture(
     softcap: float | None,
 ) -> torch.Tensor:
     groups = query.shape[1] // key.shape[1]
+    own_key = key
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
@@ -115,10 +118,20 @@ def _eager_capture(
     elif capture.mode == "jvp":
         slopes = torch.zeros_like(primal) if tangent is None else tangent
     elif capture.mode == "fd_plus":
-        capture.plus_scores[layer] = primal.detach()
+        # Without softcapping keep what the scores are made of: [b, h, q, d] + [b, kv, k, d] instead of [b, h, q, k].
+        capture.plus_scores[layer] = primal.detach() if softcap is not None else (query.detach(), own_key.detach())
         slopes = None
     elif capture.mode == "fd_minus":
-        slopes = (capture.plus_scores.pop(layer) - primal) / (2 * capture.fd_step)
+        plus = capture.plus_scores.pop(layer)
+        if isinstance(plus, tuple):
+            # (q+ k+^T - q- k-^T) = ((q+ - q-)(k+ + k-)^T + (q+ + q-)(k+ - k-)^T) / 2, exactly
+            query_plus, key_plus = plus
+            key_sum, key_gap = repeat_kv(key_plus + own_key, groups), repeat_kv(key_plus - own_key, groups)
+            gap = torch.matmul(query_plus - query, key_sum.transpose(2, 3))
+            gap += torch.matmul(query_plus + query, key_gap.transpose(2, 3))
+            slopes = gap * (scaling / (4 * capture.fd_step))
+        else:
+            slopes = (plus - primal) / (2 * capture.fd_step)
     else:
         raise ValueError(f"ScoreCapture: unknown mode {capture.mode!r}; expected 'jvp', 'fd_plus' or 'fd_minus'")
     if slopes is not None:

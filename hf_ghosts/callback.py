@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from hf_ghosts.controller import RhoController
+from hf_ghosts.controller import DEFAULT_ESTIMATOR, DEFAULT_EVERY, RhoController
 
 __all__ = ["RhoCallback", "define_wandb_metrics"]
 
@@ -43,14 +43,16 @@ class RhoCallback(TrainerCallback):
 
     Args:
         radii, estimator, every, log_per_head, probe_kwargs: as for
-            :class:`~hf_ghosts.controller.RhoController` (its mode is always ``"monitor"``).
+            :class:`~hf_ghosts.controller.RhoController` (its mode is always ``"monitor"``), with the same
+            defaults; ``trigger_r`` and ``trigger_growth`` pass through ``probe_kwargs``. ``every=1,
+            estimator="jvp"`` measures every step exactly.
     """
 
     def __init__(
         self,
         radii: tuple[str, ...] | list[str] = ("output", "attention"),
-        estimator: str = "jvp",
-        every: int = 1,
+        estimator: str = DEFAULT_ESTIMATOR,
+        every: int = DEFAULT_EVERY,
         log_per_head: bool = False,
         **probe_kwargs: Any,
     ) -> None:

@@ -38,10 +38,14 @@ __all__ = ["MODES", "RhoController", "all_reduce_report"]
 logger = logging.getLogger(__name__)
 
 MODES = ("clip", "set", "monitor")
-# Between probes a step reuses the last rho only while its estimated applied r stays at most
-# TRIGGER_R * r_target and |u| stays within TRIGGER_GROWTH of |u| at the last probe (benchmarks/overhead.py).
-TRIGGER_R = 0.5
-TRIGGER_GROWTH = 2.0
+# Defaults of RhoController, RhoTrainingArguments and RhoCallback, chosen with benchmarks/overhead.py: central
+# differences (cheaper than the JVP, within 0.5% of it there), a probe at least every DEFAULT_EVERY steps; in
+# between, a step reuses the last rho only while its applied r estimated with it stays at most
+# DEFAULT_TRIGGER_R * r_target and |u| stays within DEFAULT_TRIGGER_GROWTH of |u| at the last probe.
+DEFAULT_ESTIMATOR = "fd"
+DEFAULT_EVERY = 16
+DEFAULT_TRIGGER_R = 0.5
+DEFAULT_TRIGGER_GROWTH = 2.0
 
 
 def all_reduce_report(report: RadiusReport, group: Any = None) -> RadiusReport:
@@ -141,7 +145,7 @@ class RhoController:
             or ``"monitor"`` (measure and log; the update is never changed).
         r_target: the target normalized step ``r*``.
         radii: radii the probe measures (see :class:`~hf_ghosts.probe.RadiusProbe`).
-        estimator: ``"jvp"`` or ``"fd"``.
+        estimator: ``"fd"`` (central differences, default) or ``"jvp"`` (exact).
         every: probe at least every k-th optimizer step; in between, a step reuses the last measured
             ``rho`` unless a trigger fires (``every=1``: probe every step).
         trigger_r: probe at once when the step's applied ``r`` estimated with the last ``rho``
@@ -162,10 +166,10 @@ class RhoController:
         mode: str = "clip",
         r_target: float = 1.0,
         radii: tuple[str, ...] | list[str] = ("output", "attention"),
-        estimator: str = "jvp",
-        every: int = 1,
-        trigger_r: float = TRIGGER_R,
-        trigger_growth: float = TRIGGER_GROWTH,
+        estimator: str = DEFAULT_ESTIMATOR,
+        every: int = DEFAULT_EVERY,
+        trigger_r: float = DEFAULT_TRIGGER_R,
+        trigger_growth: float = DEFAULT_TRIGGER_GROWTH,
         log_per_head: bool = False,
         reduce: Callable[[RadiusReport], RadiusReport] = all_reduce_report,
         **probe_kwargs: Any,

@@ -263,7 +263,7 @@ def plot_training_radii(records: Sequence[Mapping[str, Any]], path: str, title: 
 def head_radii_figure(heads: torch.Tensor | np.ndarray, title: str = "") -> plt.Figure:
     """Heatmap of per-head attention radii ``[layers, heads]`` (log10 colour, values written in)."""
     values = np.asarray(heads, dtype=float)
-    figure, axis = plt.subplots(figsize=(1.0 + 0.55 * values.shape[1], 1.0 + 0.45 * values.shape[0]))
+    figure, axis = plt.subplots(figsize=(max(4.5, 1.5 + 0.55 * values.shape[1]), max(3.0, 1.2 + 0.45 * values.shape[0])))
     shown = np.log10(np.where(np.isfinite(values), values, np.nan))
     image = axis.imshow(shown, cmap="viridis", aspect="auto")
     figure.colorbar(image, ax=axis, label="log10 rho_attn")

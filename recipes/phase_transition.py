@@ -22,7 +22,9 @@ found, if lower: then it is "certified" exact) and the smallest exact radius fou
 Writes to ``--output_dir`` (default ``outputs/phase_transition``): ``phase_transition.png``
 (loss ratio and flipped fraction against r; dotted lines at each direction's exact radius in
 units of rho), ``phase_curves.csv`` (every step), ``phase_directions.csv`` / ``.md`` (per
-direction: radii, exact vs bound, where the loss and the predictions turn) and ``summary.json``.
+direction: radii, exact vs bound, and where things turn: ``r_descent_ends``, the first r at
+which a loss that had dropped is back at its start (the -grad direction); ``r_loss_x1.1``, where
+the loss is 10% up; ``r_flip_50pct``, where half the predictions have flipped) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -165,6 +167,14 @@ def first_crossing(r_values: np.ndarray, values: np.ndarray, threshold: float) -
     return float(r_values[hits[0]]) if hits.size else math.nan
 
 
+def descent_ends(r_values: np.ndarray, ratios: np.ndarray) -> float:
+    """First grid ``r`` at which a loss that had dropped (ratio < 1) is back at or above its start (NaN if never)."""
+    below = np.nonzero(ratios < 1.0)[0]
+    if not below.size:
+        return math.nan
+    return first_crossing(r_values[below[0]:], ratios[below[0]:], 1.0)
+
+
 def plot_phase(curves: list[dict[str, Any]], rows: list[dict[str, Any]], path: str, title: str) -> str:
     """Loss ratio (log) and flipped fraction against r (log); r = 1 and each direction's exact radius marked."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -235,14 +245,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "rho": rho,
             **exact,
             "r_exact": exact["rho_exact"] / rho,  # where the output softmax's nearest ghost really is, in units of rho
-            "r_loss_x1.5": first_crossing(r_values, np.array(losses), 1.5),
-            "r_flip_10pct": first_crossing(r_values, np.array(flipped), 0.10),
+            "r_descent_ends": descent_ends(r_values, np.array(losses)),
+            "r_loss_x1.1": first_crossing(r_values, np.array(losses), 1.1),
+            "r_flip_50pct": first_crossing(r_values, np.array(flipped), 0.5),
             "loss_ratio_at_r1": float(np.interp(0.0, np.log(r_values), np.array(losses))),
             "flipped_at_r1": float(np.interp(0.0, np.log(r_values), np.array(flipped))),
         })
         print(f"{name:>9}: rho={rho:.4g} ({report.bottleneck}), output bound {exact['rho_bound']:.4g}, exact "
               f"{exact['rho_exact']:.4g} (x{exact['exact_over_bound']:.2f}{', certified' if exact['certified'] else ''}); "
-              f"loss x1.5 at r={rows[-1]['r_loss_x1.5']:.3g}, 10% flipped at r={rows[-1]['r_flip_10pct']:.3g}")
+              f"descent ends at r={rows[-1]['r_descent_ends']:.3g}, loss x1.1 at r={rows[-1]['r_loss_x1.1']:.3g}, "
+              f"50% flipped at r={rows[-1]['r_flip_50pct']:.3g}")
 
     columns = list(rows[0].keys())
     table = write_table(rows, os.path.join(spec.output_dir, "phase_directions"), columns)

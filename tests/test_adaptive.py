@@ -7,14 +7,15 @@ exactly and each trigger can be crossed on purpose; the LR spike runs on a tiny 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import tiny_causal_lm, token_batch, token_dataset
 from torch import nn
 
-from hf_ghosts import RhoController, RhoTrainer, RhoTrainingArguments
-from hf_ghosts.controller import TRIGGER_GROWTH, TRIGGER_R
+from hf_ghosts import RhoController, RhoTrainer, RhoTrainingArguments, attention
+from hf_ghosts.controller import DEFAULT_TRIGGER_GROWTH, DEFAULT_TRIGGER_R
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -93,7 +94,7 @@ def test_a_reused_step_passes_unchanged_and_every_clip_is_measured() -> None:
             assert rec["r_applied"] <= 1.0 + 1e-12
         else:
             assert rec["scale"] == 1.0 and not rec["clipped"]
-            assert rec["r_applied"] <= TRIGGER_R * 1.0
+            assert rec["r_applied"] <= DEFAULT_TRIGGER_R * 1.0
     assert all(rec["probed"] for rec in records if rec["clipped"])
     assert records[4]["probed"] and records[4]["clipped"] and records[6]["probed"] and records[6]["clipped"]
 
@@ -156,15 +157,18 @@ def test_trainer_passes_the_triggers_to_its_controller(tmp_path) -> None:
     controller = trainer.rho_controller
     assert (controller.every, controller.trigger_r, controller.trigger_growth) == (5, 0.25, math.inf)
     defaults = RhoTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    assert (defaults.rho_trigger_r, defaults.rho_trigger_growth) == (TRIGGER_R, TRIGGER_GROWTH)
+    assert (defaults.rho_trigger_r, defaults.rho_trigger_growth) == (DEFAULT_TRIGGER_R, DEFAULT_TRIGGER_GROWTH)
 
 
-def spike_losses(controlled: bool, steps: int = 20, start: int = 8, factor: float = 1000.0) -> list[float]:
-    """Tiny GPT-NeoX, AdamW at 1e-3 with the LR x ``factor`` from step ``start`` on; default controller settings."""
+def spike_run(controlled: bool, steps: int = 20, start: int = 8, factor: float = 1000.0) -> tuple[list[float], list[dict]]:
+    """Tiny GPT-NeoX, AdamW at 1e-3 with the LR x ``factor`` from step ``start`` on; default controller settings.
+
+    Returns the loss of every step and the controller's records (none without control).
+    """
     model = tiny_causal_lm(seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     controller = RhoController(model, optimizer) if controlled else None
-    losses = []
+    losses, records = [], []
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = 1e-3 * (factor if step >= start else 1.0)
@@ -172,14 +176,50 @@ def spike_losses(controlled: bool, steps: int = 20, start: int = 8, factor: floa
         loss = model(**batch).loss
         loss.backward()
         losses.append(loss.item())
-        controller.step(batch) if controller else optimizer.step()
+        if controller is None:
+            optimizer.step()
+        else:
+            records.append(dict(controller.step(batch)))
         optimizer.zero_grad()
-    return losses
+    return losses, records
 
 
 def test_default_settings_survive_a_thousandfold_learning_rate_spike() -> None:
-    plain, controlled = spike_losses(controlled=False), spike_losses(controlled=True)
+    (plain, _), (controlled, records) = spike_run(controlled=False), spike_run(controlled=True)
     assert plain[:9] == pytest.approx(controlled[:9], abs=0.3)  # the loss at step 8 is computed before the spike
     before = controlled[7]
     assert max(plain[9:]) > before + 5, f"the spike is meant to wreck plain AdamW; losses {plain}"
     assert max(controlled[9:]) < before + 0.5, f"the controller let the spike through; losses {controlled}"
+    # Every spiked step was measured afresh (|u| jumped) and clipped to the target; few steps before it were.
+    assert all(rec["probed"] and rec["clipped"] and rec["r_applied"] <= 1.0 + 1e-12 for rec in records[8:])
+    assert sum(rec["probed"] for rec in records[:8]) < 8
+
+
+# ----------------------------------------------------------------------------- a cheaper fd probe
+def test_fd_attention_keeps_queries_and_keys_and_repeats_the_score_difference() -> None:
+    """Between its two passes fd keeps ``q`` and ``k`` (not the ``[b, h, q, k]`` scores), with the same slopes."""
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, length, dim, step, scaling = 2, 4, 2, 16, 3, 0.1, 0.7  # grouped-query attention
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    q_plus, q_minus = draw(batch, heads, length, dim), draw(batch, heads, length, dim)
+    k_plus, k_minus = draw(batch, kv_heads, length, dim), draw(batch, kv_heads, length, dim)
+    value = draw(batch, kv_heads, length, dim)
+    layer = SimpleNamespace(layer_idx=0, is_causal=True)
+    capture = attention.ScoreCapture(mode="fd_plus", fd_step=step)
+    attention._eager_capture(capture, layer, q_plus, k_plus, value, None, scaling, None)
+    stored = capture.plus_scores[0]
+    assert isinstance(stored, tuple) and sum(t.numel() for t in stored) < batch * heads * length * length
+    capture.mode = "fd_minus"
+    attention._eager_capture(capture, layer, q_minus, k_minus, value, None, scaling, None)
+
+    def scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return q @ k.repeat_interleave(heads // kv_heads, dim=1).transpose(2, 3) * scaling
+
+    slopes = (scores(q_plus, k_plus) - scores(q_minus, k_minus)) / (2 * step)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    high = slopes.masked_fill(~causal, -math.inf).amax(-1)
+    low = slopes.masked_fill(~causal, math.inf).amin(-1)
+    torch.testing.assert_close(capture.spreads[0], (high - low).amax(dim=(0, 2)).float(), rtol=1e-6, atol=0)  # spreads are fp32

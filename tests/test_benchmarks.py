@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
 def load_benchmark():
     spec = importlib.util.spec_from_file_location("overhead_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

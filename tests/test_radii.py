@@ -175,11 +175,14 @@ def test_exact_radius_when_the_top_two_classes_share_a_slope() -> None:
     torch.testing.assert_close(radii.exact_radius(logits, slopes)[0], torch.sqrt(gap**2 + PI**2) / 6, rtol=1e-9, atol=0)
 
 
-def test_exact_radius_of_a_very_confident_sample() -> None:
-    # |Delta * rho| ~ 1000: exp(b s) would overflow float64 on such a circle without rescaling.
-    logits = torch.tensor([[1000.0, 0.0]], dtype=torch.float64)
-    slopes = torch.tensor([[0.5, -0.5]], dtype=torch.float64)
-    torch.testing.assert_close(radii.exact_radius(logits, slopes)[0], torch.tensor(math.sqrt(1000.0**2 + PI**2), dtype=torch.float64), rtol=1e-9, atol=0)
+@pytest.mark.parametrize("gap", [100.0, 3000.0])
+def test_exact_radius_of_very_confident_samples(gap: float) -> None:
+    # A line of zeros at Re(s) = -gap with nearly equal moduli: the nearest must be found, not a
+    # neighbour. At gap 3000, exp(b s) with |b s| ~ 1500 overflows float64 unless rescaled.
+    logits = torch.tensor([[gap, 0.0], [0.3, 0.0]], dtype=torch.float64)
+    slopes = torch.tensor([[0.5, -0.5], [1.0, -1.0]], dtype=torch.float64)
+    expected = torch.tensor([math.sqrt(gap**2 + PI**2), math.sqrt(0.09 + PI**2) / 2], dtype=torch.float64)
+    torch.testing.assert_close(radii.exact_radius(logits, slopes), expected, rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize(("classes", "samples"), [(3, 32), (10, 32), (200, 4)])

@@ -219,5 +219,7 @@ def test_phase_transition(tmp_path: Path) -> None:
     assert all(abs(ratio - 1.0) < 0.05 for ratio in smallest)  # a step of 0.1 rho barely moves the loss
     gradient = [c for c in curves if c["direction"] == "-grad"]
     assert float(gradient[0]["loss_ratio"]) < 1.0  # along -grad a small step descends
+    ends = rows[0]["r_descent_ends"]
+    assert math.isnan(ends) or float(gradient[0]["r"]) < ends  # ... and the descent, if it ends, ends later
     assert json.loads((tmp_path / "summary.json").read_text())["directions"][0]["direction"] == "-grad"
     assert_png(tmp_path / "phase_transition.png")

@@ -58,7 +58,9 @@ class Lockstep(TrainerCallback):
         self.trainer = trainer
         self.model = trainer.model
         self.batch = LastTrainingBatch(self.model)
-        self.probe = RadiusProbe(probe_model or self.model, radii=tuple(trainer.args.rho_radii))
+        args = trainer.args  # the controller's own estimator: a fresh probe then repeats its measurement exactly
+        self.probe = RadiusProbe(probe_model or self.model, radii=tuple(args.rho_radii), estimator=args.rho_estimator,
+                                 fd_step=args.rho_fd_step)
         self.rows: list[dict] = []
         self.grad_norms: list[float] = []
         self.learning_rates: list[list[float]] = []
