@@ -15,7 +15,7 @@ other token has ``Delta`` no larger than theirs, so its exact radius is at least
 the next token down: the batch's exact radius lies between that (or the smallest exact radius
 found, if lower: then it is "certified" exact) and the smallest exact radius found.
 
-    python recipes/phase_transition.py                       # ~1 min on 2 CPU cores
+    python recipes/phase_transition.py                       # ~2 min on 2 idle CPU cores
     python recipes/phase_transition.py --model_name_or_path outputs/pythia_finetune --train_steps 0
     python recipes/phase_transition.py --preset llama-tiny --random_directions 8 --r_points 41
 
