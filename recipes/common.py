@@ -270,6 +270,8 @@ def head_radii_figure(heads: torch.Tensor | np.ndarray, title: str = "") -> plt.
     if values.size <= 256:
         for (layer, head), value in np.ndenumerate(values):
             axis.text(head, layer, f"{value:.2g}", ha="center", va="center", fontsize=7, color="white")
+    axis.set_xticks(range(values.shape[1]))
+    axis.set_yticks(range(values.shape[0]))
     axis.set_xlabel("head")
     axis.set_ylabel("layer")
     axis.set_title(title, fontsize=9)
