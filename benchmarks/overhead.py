@@ -1,21 +1,23 @@
 """What RhoTrainer costs over a plain Trainer step, how accurate its cheaper settings are, and LR spikes.
 
-    python benchmarks/overhead.py                                   # CPU: tiny, 5m, 40m; ~1 h on 2 cores
-    python benchmarks/overhead.py --sizes tiny --steps 3 --warmup 1 --spike-steps 4 --accuracy-steps 4   # smoke (CI)
-    python benchmarks/overhead.py --sizes pythia-160m --parts overhead   # needs a CUDA GPU
+    python benchmarks/overhead.py                             # CPU: tiny, 5m, 40m; ~2.5 h on 2 busy cores
+    python benchmarks/overhead.py --sizes tiny --steps 2 --warmup 1 --spike-steps 6   # smoke run (tests/test_benchmarks.py)
+    python benchmarks/overhead.py --sizes pythia-160m --parts overhead --bf16            # needs a CUDA GPU
 
 Everything runs in ONE process and writes one JSON (``--out``, default ``outputs/overhead.json``):
 
 1. ``overhead``: a plain ``Trainer`` and one ``RhoTrainer`` per (mode, estimator, every) train copies
-   of the same initial weights on the same batches, interleaved: a round-robin lets each trainer run
-   one optimizer step, then the next, so that whatever else loads the machine hits all of them
-   alike. A step is timed from ``on_step_begin`` to ``on_step_end`` (forward, backward, grad clip,
-   AdamW + probe + rescale, scheduler, zero_grad). Warm-up steps are dropped. Probed and reused
-   steps (``every > 1``) are timed apart; the cost per step is
+   of the same initial weights on the same batches, interleaved: each trainer runs one optimizer
+   step, then another one does (in an order shuffled every round), so that whatever else loads the
+   machine hits all of them alike. A step is timed from ``on_step_begin`` to ``on_step_end``
+   (forward, backward, grad clip, AdamW + probe + rescale, scheduler, zero_grad). Warm-up steps
+   are dropped. Probed and reused steps (``every > 1``) are timed apart; the cost per step is
    ``f * median(probed) + (1 - f) * median(reused)`` with ``f`` the fraction of steps probed, so a
-   probe every k steps is not hidden by a median. Peak memory of the first step (it always probes):
-   on CUDA ``max_memory_allocated``; on CPU the allocator's events under ``torch.profiler``
-   (``profile_memory=True``) plus the bytes alive at the start of the step.
+   probe every k steps is not hidden by a median; the probed steps of an every-k row are pooled
+   with its every-1 twin's (the same work), a handful of probes making a poor median alone. Peak
+   memory of the first step (it always probes): on CUDA ``max_memory_allocated``; on CPU the
+   allocator's events under ``torch.profiler`` (``profile_memory=True``), plus the bytes alive at
+   the start of the step.
 2. ``breakdown``: the pieces of a controlled step timed alone on the last size (snapshot copy, update
    and its norm, a forward without tangents with sdpa and with eager attention, the JVP and FD probes).
 3. ``accuracy`` and ``spike`` (one pass, on ``--spike-size``, default tiny): a plain PyTorch loop,
@@ -35,6 +37,7 @@ import copy
 import gc
 import json
 import math
+import random
 import statistics
 import sys
 import tempfile
@@ -225,13 +228,18 @@ class PeakMemory:
 
 # --------------------------------------------------------------------------------------------- overhead
 class RoundRobin:
-    """Lets one thread run at a time, in a fixed order; a thread hands over after each optimizer step."""
+    """Lets one thread run at a time; a thread hands over after each optimizer step.
 
-    def __init__(self, names: Sequence[str]) -> None:
+    Every thread runs once per round, in an order shuffled anew each round (seeded), so that no
+    setting always follows the same one.
+    """
+
+    def __init__(self, names: Sequence[str], seed: int = 0) -> None:
         self.order = list(names)
         self.turn = 0
         self.condition = threading.Condition()
         self.failed = False
+        self.random = random.Random(seed)
 
     def wait(self, name: str) -> None:
         with self.condition:
@@ -244,9 +252,12 @@ class RoundRobin:
             index = self.order.index(name)
             if done:
                 self.order.remove(name)
-                self.turn = index % len(self.order) if self.order else 0
+                self.turn = index
             else:
-                self.turn = (index + 1) % len(self.order)
+                self.turn = index + 1
+            if self.turn >= len(self.order):
+                self.random.shuffle(self.order)
+                self.turn = 0
             self.condition.notify_all()
 
     def fail(self) -> None:
@@ -289,14 +300,19 @@ class StepTimer(TrainerCallback):
         self.turns.wait(self.name)
 
 
-def step_cost(times: Sequence[float], probed: Sequence[bool]) -> dict[str, Any]:
-    """Cost per step from timed steps: ``f * median(probed) + (1 - f) * median(reused)``."""
+def step_cost(times: Sequence[float], probed: Sequence[bool], probed_elsewhere: Sequence[float] = ()) -> dict[str, Any]:
+    """Cost per step from timed steps: ``f * median(probed) + (1 - f) * median(reused)``.
+
+    ``probed_elsewhere``: times of steps that did the same work as this setting's probed steps (its
+    ``every=1`` twin), pooled with them: a few probes every 16 steps make a poor median alone.
+    """
     probe_times = [t for t, p in zip(times, probed, strict=True) if p]
-    reuse_times = [t for t, p in zip(times, probed, strict=True) if not p]
     fraction = len(probe_times) / len(times)
+    probe_times += probed_elsewhere
+    reuse_times = [t for t, p in zip(times, probed, strict=True) if not p]
     probe_median = statistics.median(probe_times) if probe_times else math.nan
     reuse_median = statistics.median(reuse_times) if reuse_times else math.nan
-    cost = (fraction * probe_median if probe_times else 0.0) + ((1 - fraction) * reuse_median if reuse_times else 0.0)
+    cost = (fraction * probe_median if fraction else 0.0) + ((1 - fraction) * reuse_median if reuse_times else 0.0)
     return {"cost_s": cost, "probed_fraction": fraction, "probed_step_s": probe_median, "reused_step_s": reuse_median,
             "mean_s": statistics.fmean(times), "steps": len(times)}
 
@@ -355,7 +371,9 @@ def run_overhead(name: str, size: Size, settings: Sequence[Setting], steps: int,
     plain = step_cost(timers["plain"].times[warmup:], [False] * steps)
     for entry, setting in entries:
         timer = timers[entry]
-        cost = step_cost(timer.times[warmup:], timer.probed[warmup:])
+        twin = timers.get(f"{setting.mode}/{setting.estimator}/every1") if setting else None  # same work per probe
+        pooled = twin.times[warmup:] if twin and twin is not timer else []
+        cost = step_cost(timer.times[warmup:], timer.probed[warmup:], pooled)
         row = {"setting": entry, **(setting.controller_kwargs() if setting else {}), **cost,
                "peak_bytes": timer.peak_bytes}
         row["default"] = setting is not None and setting.is_default()
@@ -531,6 +549,7 @@ def run_accuracy(name: str, size: Size, settings: Sequence[Setting], steps: int,
             summarize_spike("AdamW + grad-norm clip 1.0", spike_run(size, None, steps, lr, factor, radii, 1.0), steps)]
     for setting in settings:
         rows.append(summarize_spike(setting.name, spike_run(size, setting, steps, lr, factor, radii), steps))
+        rows[-1]["default"] = setting.is_default()
     for row in rows:
         row["size"] = name
     return rows
@@ -595,7 +614,8 @@ def accuracy_table(rows: Sequence[dict[str, Any]]) -> str:
         else:
             cells = ["-"] * 6
         cells += [fmt(row["loss_before_spike"]), fmt(row["max_loss_from_spike"]), "yes" if row["survived"] else "**no**"]
-        lines.append(f"| {row['setting']} | " + " | ".join(cells) + " |")
+        label = row["setting"] + (" **(default)**" if row.get("default") else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
