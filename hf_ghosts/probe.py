@@ -4,29 +4,73 @@ One forward-mode JVP (or two forwards for central finite differences) at given w
 unit direction ``v`` yields the slopes of the logits, of every head's attention scores and of the
 FFN pre-activations; :mod:`hf_ghosts.radii` turns them into radii. The model is left exactly as
 found: same weights, same train/eval flags, same attention implementation, no gradients touched.
+
+For a causal LM whose logits are ``lm_head(x)`` of a plain linear head (:data:`LINEAR_HEAD_MODELS`)
+the forward stops at the head's input ``x`` and the logit slopes are computed from ``x`` block by
+block over the vocabulary, so the ``[batch, seq, vocab]`` logits and their tangent never exist
+(see ``chunked_head``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from hf_ghosts import attention
 from hf_ghosts.architectures import FfnSpec, find_ffn_modules, resolve_ffn_spec
 from hf_ghosts.radii import activation_radius, rho_bound, spread
 
-__all__ = ["ESTIMATORS", "FFN_MODES", "RADII", "RadiusProbe", "RadiusReport"]
+try:  # torch >= 2.6
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment,misc]
+
+__all__ = ["ESTIMATORS", "FFN_MODES", "LINEAR_HEAD_MODELS", "LOGIT_RESCALING_ATTRS", "RADII", "RadiusProbe", "RadiusReport"]
 
 RADII = ("output", "attention", "ffn")
 ESTIMATORS = ("jvp", "fd")
 FFN_MODES = ("kink", "activation")
 IGNORE_INDEX = -100
+
+# model_type -> the causal-LM class whose forward (transformers 5.23) returns ``logits = self.lm_head(x)``
+# unchanged (``x`` the last hidden state, sliced by ``logits_to_keep``): no softcapping, scaling or bias after it.
+# Not gemma2/gemma3 (final_logit_softcapping), cohere (logit_scale), granite (logits_scaling).
+LINEAR_HEAD_MODELS = {
+    "gemma": "GemmaForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+    "gpt_neox": "GPTNeoXForCausalLM",
+    "gptj": "GPTJForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "olmo": "OlmoForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+    "opt": "OPTForCausalLM",
+    "phi": "PhiForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+# Config attributes with which other transformers models rescale or cap the logits after the head.
+LOGIT_RESCALING_ATTRS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "logits_soft_cap",
+    "output_logit_soft_cap",
+    "output_multiplier",
+    "logits_mup_width_multiplier",
+    "lm_head_multiplier",
+)
+
+
+class _HeadReached(Exception):  # noqa: N818 (a control-flow signal, not an error)
+    """Raised by the head's pre-hook: the forward stops where the full-vocabulary head would run."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +144,16 @@ class RadiusReport:
         )
 
 
+def _stop_at_head(captured: list[torch.Tensor]) -> Callable[[torch.nn.Module, tuple], None]:
+    """A forward pre-hook for the output head: append its input ``x`` to ``captured`` and stop the forward."""
+
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        captured.append(args[0])
+        raise _HeadReached
+
+    return hook
+
+
 def _logits_of(output: object, model: torch.nn.Module) -> torch.Tensor:
     if torch.is_tensor(output):
         return output
@@ -130,6 +184,14 @@ class RadiusProbe:
         shift_labels: whether logits at position ``t`` predict ``labels[t + 1]`` (causal LM).
             ``None``: True for generative models, False otherwise.
         dtype: dtype of the probe's forward (float32: the radius of a bf16 run is measured in fp32).
+        chunked_head: stop the forward at the output head's input ``x`` and compute the logit slopes
+            ``a = x' W^T + x W'^T + b'`` (``"fd"``: ``(x+ (W + hW')^T - x- (W - hW')^T) / 2h``, biases
+            likewise) over ``vocab_chunk`` rows of the head at a time, keeping only each position's
+            running max and min: the ``[batch, seq, vocab]`` logits are never built. ``None``: whenever that is provably
+            the same computation (a :data:`LINEAR_HEAD_MODELS` class, no :data:`LOGIT_RESCALING_ATTRS`
+            set, a plain ``nn.Linear`` head without hooks, not sharded); ``True``: require it (ValueError
+            saying why not); ``False``: always run the full head.
+        vocab_chunk: head rows (vocabulary entries) per block of the chunked head.
     """
 
     def __init__(
@@ -144,6 +206,8 @@ class RadiusProbe:
         ffn_spec: FfnSpec | None = None,
         shift_labels: bool | None = None,
         dtype: torch.dtype = torch.float32,
+        chunked_head: bool | None = None,
+        vocab_chunk: int = 8192,
     ) -> None:
         radii = tuple(radii)
         unknown = [name for name in radii if name not in RADII]
@@ -157,6 +221,8 @@ class RadiusProbe:
             raise ValueError(f"RadiusProbe: ffn_quantile must lie in (0, 1); got {ffn_quantile}")
         if not fd_step > 0:
             raise ValueError(f"RadiusProbe: fd_step must be > 0; got {fd_step}")
+        if isinstance(vocab_chunk, bool) or not isinstance(vocab_chunk, int) or vocab_chunk < 1:
+            raise ValueError(f"RadiusProbe: vocab_chunk must be a positive int; got {vocab_chunk!r}")
         self.model = model
         self.radii = radii
         self.estimator = estimator
@@ -165,6 +231,7 @@ class RadiusProbe:
         self.ffn_quantile = ffn_quantile
         self.dtype = dtype
         self.shift_labels = shift_labels
+        self.vocab_chunk = vocab_chunk
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         if "attention" in radii:
             if not self._can_set_attention():
@@ -186,6 +253,46 @@ class RadiusProbe:
                         "activation name; use ffn_mode='kink'"
                     )
         self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self._head: torch.nn.Linear | None = None
+        if chunked_head is not False:
+            blocker = self._chunked_head_blocker()
+            if blocker is None:
+                self._head = model.get_output_embeddings()
+                # named_parameters() names a tied weight once: the name the direction and weights use
+                names = {id(p): name for name, p in model.named_parameters()}
+                self._head_names = (names[id(self._head.weight)], names.get(id(self._head.bias)))
+            elif chunked_head:
+                raise ValueError(
+                    f"RadiusProbe: chunked_head=True, but {blocker}. Pass chunked_head=None to fall back to the "
+                    "full logits automatically (or chunked_head=False)"
+                )
+
+    def _chunked_head_blocker(self) -> str | None:
+        """Why the logits are not provably ``lm_head(x)`` of a plain linear head; ``None`` if they are."""
+        model = self.model
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        expected = LINEAR_HEAD_MODELS.get(model_type)
+        cls = type(model)
+        if expected is None or (cls.__module__, cls.__name__) != (
+            f"transformers.models.{model_type}.modeling_{model_type}",
+            expected,
+        ):
+            return (
+                f"{cls.__name__} (model_type {model_type!r}) is not one of the causal LMs whose logits are known to be "
+                f"their linear head's output unchanged ({', '.join(sorted(LINEAR_HEAD_MODELS.values()))})"
+            )
+        for attr in LOGIT_RESCALING_ATTRS:
+            if getattr(config, attr, None) is not None:
+                return f"config.{attr}={getattr(config, attr)!r} may rescale or cap the logits after the head"
+        head = model.get_output_embeddings()
+        if type(head) is not torch.nn.Linear:
+            return f"its output embedding is a {type(head).__name__}, not a plain torch.nn.Linear"
+        if "forward" in head.__dict__ or head._forward_hooks or head._forward_pre_hooks:
+            return "its output head has forward hooks or a replaced forward, which may change the logits"
+        if DTensor is not None and any(isinstance(p, DTensor) for p in head.parameters()):
+            return "its output head is sharded (DTensor); the chunked head needs the full weight matrix"
+        return None
 
     def _can_set_attention(self) -> bool:
         can_set = getattr(self.model, "_can_set_attn_implementation", None)
@@ -198,24 +305,26 @@ class RadiusProbe:
         can_generate = getattr(self.model, "can_generate", None)
         return bool(can_generate()) if callable(can_generate) else False
 
-    def _output_positions(self, logits: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Boolean mask over ``logits.shape[:-1]`` of the positions that are softmax samples."""
+    def _output_positions(
+        self, shape: torch.Size, device: torch.device, inputs: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Boolean mask over ``shape`` (the logits' shape without the class dim) of the positions that are softmax samples."""
         labels = inputs.get("labels")
-        if labels is not None and labels.shape[: logits.dim() - 1] == logits.shape[:-1] and not self._shifts():
+        if labels is not None and labels.shape[: len(shape)] == shape and not self._shifts():
             return labels != IGNORE_INDEX
-        if logits.dim() == 2:
+        if len(shape) == 1:
             if labels is not None and labels.dim() == 1:
                 return labels != IGNORE_INDEX
-            return torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
-        batch, length = logits.shape[:2]
+            return torch.ones(shape, dtype=torch.bool, device=device)
+        batch, length = shape[:2]
         if inputs.get("shift_labels") is not None:
             return inputs["shift_labels"] != IGNORE_INDEX
-        valid = torch.zeros(batch, length, dtype=torch.bool, device=logits.device)
+        valid = torch.zeros(batch, length, dtype=torch.bool, device=device)
         if labels is not None:
             valid[:, :-1] = labels[:, 1:] != IGNORE_INDEX
         else:
             mask = inputs.get("attention_mask")
-            real = torch.ones(batch, length, dtype=torch.bool, device=logits.device) if mask is None else mask.bool()
+            real = torch.ones(batch, length, dtype=torch.bool, device=device) if mask is None else mask.bool()
             valid[:, :-1] = real[:, :-1] & real[:, 1:]
         return valid
 
@@ -286,6 +395,13 @@ class RadiusProbe:
         output = functional_call(self.model, weights, args=(), kwargs=kwargs, strict=False, tie_weights=True)
         return _logits_of(output, self.model)
 
+    def _run(self, weights: dict[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """The forward's logits; ``None`` where the chunked head's pre-hook stopped it at the head."""
+        try:
+            return self._forward(weights, inputs)
+        except _HeadReached:
+            return None
+
     def measure(
         self,
         inputs: Mapping[str, torch.Tensor],
@@ -317,6 +433,10 @@ class RadiusProbe:
             module.register_forward_hook(self._ffn_hook(name, ffn_state, token_mask))
             for name, module in self._ffn_modules.items()
         ]
+        head_inputs: list[torch.Tensor] = []
+        if self._head is not None:
+            hooks.append(self._head.register_forward_pre_hook(_stop_at_head(head_inputs)))
+        per_position = None
         try:
             with self._probe_mode(ghosts), attention.capture_scores(capture) if ghosts else contextlib.nullcontext():
                 if self.estimator == "jvp":
@@ -325,27 +445,89 @@ class RadiusProbe:
                             name: fwAD.make_dual(weights[name], unit[name]) if name in unit else value
                             for name, value in weights.items()
                         }
-                        logits = self._forward(dual, inputs)
-                        primal, slopes = fwAD.unpack_dual(logits)
-                        if slopes is None:
-                            slopes = torch.zeros_like(primal)
-                        slopes = slopes.float()
+                        logits = self._run(dual, inputs)
+                        if "output" in self.radii and self._head is not None:
+                            per_position = self._chunked_jvp_spread(head_inputs[0], weights, unit)
+                        elif "output" in self.radii:
+                            primal, slopes = fwAD.unpack_dual(logits)
+                            if slopes is None:
+                                slopes = torch.zeros_like(primal)
+                            per_position = spread(slopes.float(), dim=-1)
                 else:
                     def shifted(sign: float) -> dict[str, torch.Tensor]:  # theta +- h v: one copy alive at a time
                         alpha = sign * self.fd_step
                         return {n: torch.add(w, unit[n], alpha=alpha) if n in unit else w for n, w in weights.items()}
 
-                    logits_plus = self._forward(shifted(1.0), inputs)
+                    logits_plus = self._run(shifted(1.0), inputs)
                     capture.mode = ffn_state["phase"] = "fd_minus"
                     capture.calls = 0
-                    logits_minus = self._forward(shifted(-1.0), inputs)
-                    # difference in the forward's dtype: rounding to fp32 first costs eps / h
-                    slopes = ((logits_plus - logits_minus) / (2 * self.fd_step)).float()
-                    primal = logits_plus.float()
+                    logits_minus = self._run(shifted(-1.0), inputs)
+                    if "output" in self.radii and self._head is not None:
+                        per_position = self._chunked_fd_spread(head_inputs[0], head_inputs[1], weights, unit)
+                    elif "output" in self.radii:
+                        # difference in the forward's dtype: rounding to fp32 first costs eps / h
+                        per_position = spread(((logits_plus - logits_minus) / (2 * self.fd_step)).float(), dim=-1)
         finally:
             for hook in hooks:
                 hook.remove()
-        return self._report(primal, slopes, inputs, capture, ffn_state)
+        return self._report(per_position, inputs, capture, ffn_state)
+
+    # ----------------------------------------------------------------------------------- chunked head
+    def _head_tensors(
+        self, weights: Mapping[str, torch.Tensor], unit: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``W, W', b, b'`` of the head as the forward sees them (``W'``/``b'``: ``None`` where the direction has no entry)."""
+        weight_name, bias_name = self._head_names
+        weight = weights.get(weight_name, self._head.weight.detach())  # absent: frozen, the module's own
+        bias = None if bias_name is None else weights.get(bias_name, self._head.bias.detach())
+        return weight, unit.get(weight_name), bias, None if bias_name is None else unit.get(bias_name)
+
+    def _blockwise_spread(self, rows: int, block: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+        """Per position ``max_k a_k - min_k a_k`` over ``rows`` classes, ``a`` built ``vocab_chunk`` rows at a time."""
+        high = low = None
+        for start in range(0, rows, self.vocab_chunk):
+            block_low, block_high = torch.aminmax(block(slice(start, start + self.vocab_chunk)), dim=-1)
+            high = block_high if high is None else torch.maximum(high, block_high)
+            low = block_low if low is None else torch.minimum(low, block_low)
+        # the spread of the two extremes is high - low, with spread's check for NaN and inf
+        return spread(torch.stack((high.float(), low.float()), dim=-1), dim=-1)
+
+    def _chunked_jvp_spread(
+        self, hidden: torch.Tensor, weights: Mapping[str, torch.Tensor], unit: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Spread of ``a = x' W^T + x W'^T + b'`` (``hidden`` the head's dual input ``x + x' eps``), per position."""
+        primal, tangent = fwAD.unpack_dual(hidden)
+        if tangent is None:
+            tangent = torch.zeros_like(primal)
+        weight, weight_slope, _, bias_slope = self._head_tensors(weights, unit)
+
+        def block(rows: slice) -> torch.Tensor:
+            slopes = F.linear(tangent, weight[rows], None if bias_slope is None else bias_slope[rows])
+            return slopes if weight_slope is None else slopes + F.linear(primal, weight_slope[rows])
+
+        return self._blockwise_spread(weight.shape[0], block)
+
+    def _chunked_fd_spread(
+        self,
+        hidden_plus: torch.Tensor,
+        hidden_minus: torch.Tensor,
+        weights: Mapping[str, torch.Tensor],
+        unit: Mapping[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Spread of ``a = (z+ - z-) / 2h``, ``z+- = x+- (W +- hW')^T + b +- hb'``, per position (difference in the forward dtype)."""
+        weight, weight_slope, bias, bias_slope = self._head_tensors(weights, unit)
+
+        def moved(value: torch.Tensor | None, slope: torch.Tensor | None, rows: slice, sign: float) -> torch.Tensor | None:
+            if value is None or slope is None:
+                return None if value is None else value[rows]
+            return torch.add(value[rows], slope[rows], alpha=sign * self.fd_step)
+
+        def block(rows: slice) -> torch.Tensor:
+            plus = F.linear(hidden_plus, moved(weight, weight_slope, rows, 1.0), moved(bias, bias_slope, rows, 1.0))
+            minus = F.linear(hidden_minus, moved(weight, weight_slope, rows, -1.0), moved(bias, bias_slope, rows, -1.0))
+            return (plus - minus) / (2 * self.fd_step)
+
+        return self._blockwise_spread(weight.shape[0], block)
 
     def _ffn_hook(self, name: str, state: dict, token_mask: torch.Tensor | None):
         def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -374,16 +556,15 @@ class RadiusProbe:
 
     def _report(
         self,
-        logits: torch.Tensor,
-        slopes: torch.Tensor,
+        per_position: torch.Tensor | None,
         inputs: Mapping[str, torch.Tensor],
         capture: attention.ScoreCapture,
         ffn_state: dict,
     ) -> RadiusReport:
+        """The report from the per-position logit-slope spreads (``None`` without the output radius) and the hooks' records."""
         out_spread = output_tokens = attn = ffn = None
         if "output" in self.radii:
-            positions = self._output_positions(logits, inputs)
-            per_position = spread(slopes, dim=-1)
+            positions = self._output_positions(per_position.shape, per_position.device, inputs)
             output_tokens = positions.sum()
             out_spread = torch.where(positions, per_position, torch.zeros_like(per_position)).amax() if per_position.numel() else per_position.new_zeros(())
         if "attention" in self.radii:
@@ -399,7 +580,7 @@ class RadiusProbe:
             if self.ffn_mode == "activation":
                 ffn = values.amin()
             elif values.numel() == 0:
-                ffn = torch.tensor(math.inf, device=logits.device)
+                ffn = torch.tensor(math.inf, device=values.device)
             else:
                 rank = max(1, math.ceil(self.ffn_quantile * values.numel()))
                 ffn = values.kthvalue(rank).values
