@@ -227,21 +227,12 @@ class ShardedRadiusProbe(RadiusProbe):
         for module in self._fsdp_modules:
             module.reshard()
 
-    def _unit_direction(self, direction: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        unknown = sorted(set(direction) - set(self.trainable))
-        if unknown:
-            raise KeyError(f"ShardedRadiusProbe.measure: direction names parameters the model does not train: {unknown[:5]}")
-        if not direction:
-            raise ValueError("ShardedRadiusProbe.measure: the direction is empty")
-        pieces = {name: local_tensor(d.detach()) for name, d in direction.items()}
+    def _direction_and_norm(self, direction: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+        """This rank's shards of the direction (probe dtype) and its norm over all shards."""
+        self._check_direction(direction)
+        pieces = {name: local_tensor(d.detach()).to(self.dtype) for name, d in direction.items()}
         norm = global_norm(list(pieces.values()), [self.trainable[name] for name in pieces])
-        if not torch.isfinite(norm) or norm == 0:
-            raise ValueError(
-                f"ShardedRadiusProbe.measure: the direction's norm over all shards is {norm.item()}; a radius needs a "
-                "finite, non-zero direction"
-            )
-        norm = norm.to(next(iter(pieces.values())).device, self.dtype)
-        return {name: piece.to(self.dtype) / norm for name, piece in pieces.items()}
+        return pieces, self._checked_norm(float(norm))
 
     def _weights(self, params: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         weights = self._locals()

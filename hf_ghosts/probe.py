@@ -368,20 +368,30 @@ class RadiusProbe:
                 module.training = flag
 
     # ----------------------------------------------------------------------------------- measure
-    def _unit_direction(self, direction: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _check_direction(self, direction: Mapping[str, torch.Tensor]) -> None:
         unknown = sorted(set(direction) - set(self.trainable))
         if unknown:
-            raise KeyError(f"RadiusProbe.measure: direction names parameters the model does not train: {unknown[:5]}")
+            raise KeyError(f"{type(self).__name__}.measure: direction names parameters the model does not train: {unknown[:5]}")
         if not direction:
-            raise ValueError("RadiusProbe.measure: the direction is empty")
-        squares = torch.stack([d.detach().double().pow(2).sum() for d in direction.values()]).sum()
-        norm = squares.sqrt()
-        if not torch.isfinite(norm) or norm == 0:
+            raise ValueError(f"{type(self).__name__}.measure: the direction is empty")
+
+    def _direction_and_norm(self, direction: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+        """The direction's tensors in the probe's dtype (no copy if they are in it already) and ``|d|``.
+
+        ``|d| = sqrt(sum_i |d_i|^2)``, per-tensor norms by ``torch._foreach_norm``, summed in float64.
+        """
+        self._check_direction(direction)
+        pieces = {name: d.detach().to(self.dtype) for name, d in direction.items()}
+        norms = torch.stack(torch._foreach_norm(list(pieces.values()))).double()
+        return pieces, self._checked_norm(float(torch.linalg.vector_norm(norms)))  # host sync
+
+    def _checked_norm(self, norm: float) -> float:
+        if not math.isfinite(norm) or norm == 0:
             raise ValueError(
-                f"RadiusProbe.measure: the direction's norm is {norm.item()}; a radius needs a finite, non-zero direction "
-                "(a zero update has nothing to measure; a NaN update must be rejected before probing)"
+                f"{type(self).__name__}.measure: the direction's norm is {norm}; a radius needs a finite, non-zero "
+                "direction (a zero update has nothing to measure; a NaN update must be rejected before probing)"
             )
-        return {name: (d.detach().to(self.dtype) / norm.to(self.dtype)) for name, d in direction.items()}
+        return norm
 
     def _weights(self, params: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         base = dict(self.trainable) if params is None else {**self.trainable, **params}
@@ -418,7 +428,7 @@ class RadiusProbe:
         Returns:
             A :class:`RadiusReport` (tensors on the model's device, no host sync).
         """
-        unit = self._unit_direction(direction)
+        pieces, norm = self._direction_and_norm(direction)
         weights = self._weights(params)
         token_mask = inputs.get("attention_mask")
         capture = attention.ScoreCapture(
@@ -440,6 +450,7 @@ class RadiusProbe:
         try:
             with self._probe_mode(ghosts), attention.capture_scores(capture) if ghosts else contextlib.nullcontext():
                 if self.estimator == "jvp":
+                    unit = {name: d / norm for name, d in pieces.items()}  # the tangent v = d / |d|
                     with fwAD.dual_level():
                         dual = {
                             name: fwAD.make_dual(weights[name], unit[name]) if name in unit else value
@@ -454,16 +465,18 @@ class RadiusProbe:
                                 slopes = torch.zeros_like(primal)
                             per_position = spread(slopes.float(), dim=-1)
                 else:
-                    def shifted(sign: float) -> dict[str, torch.Tensor]:  # theta +- h v: one copy alive at a time
-                        alpha = sign * self.fd_step
-                        return {n: torch.add(w, unit[n], alpha=alpha) if n in unit else w for n, w in weights.items()}
+                    step = self.fd_step / norm  # theta +- h v = theta +- (h / |d|) d: no copy of v
+
+                    def shifted(sign: float) -> dict[str, torch.Tensor]:  # one copy of the weights alive at a time
+                        alpha = sign * step
+                        return {n: torch.add(w, pieces[n], alpha=alpha) if n in pieces else w for n, w in weights.items()}
 
                     logits_plus = self._run(shifted(1.0), inputs)
                     capture.mode = ffn_state["phase"] = "fd_minus"
                     capture.calls = 0
                     logits_minus = self._run(shifted(-1.0), inputs)
                     if "output" in self.radii and self._head is not None:
-                        per_position = self._chunked_fd_spread(head_inputs[0], head_inputs[1], weights, unit)
+                        per_position = self._chunked_fd_spread(head_inputs[0], head_inputs[1], weights, pieces, step)
                     elif "output" in self.radii:
                         # difference in the forward's dtype: rounding to fp32 first costs eps / h
                         per_position = spread(((logits_plus - logits_minus) / (2 * self.fd_step)).float(), dim=-1)
@@ -512,15 +525,19 @@ class RadiusProbe:
         hidden_plus: torch.Tensor,
         hidden_minus: torch.Tensor,
         weights: Mapping[str, torch.Tensor],
-        unit: Mapping[str, torch.Tensor],
+        direction: Mapping[str, torch.Tensor],
+        step: float,
     ) -> torch.Tensor:
-        """Spread of ``a = (z+ - z-) / 2h``, ``z+- = x+- (W +- hW')^T + b +- hb'``, per position (difference in the forward dtype)."""
-        weight, weight_slope, bias, bias_slope = self._head_tensors(weights, unit)
+        """Spread of ``a = (z+ - z-) / 2h``, ``z+- = x+- (W +- hW')^T + b +- hb'``, per position (difference in the forward dtype).
+
+        ``W' = d_W / |d|``: the head's rows are moved by ``+- step * d_W`` with ``step = h / |d|``.
+        """
+        weight, weight_slope, bias, bias_slope = self._head_tensors(weights, direction)
 
         def moved(value: torch.Tensor | None, slope: torch.Tensor | None, rows: slice, sign: float) -> torch.Tensor | None:
             if value is None or slope is None:
                 return None if value is None else value[rows]
-            return torch.add(value[rows], slope[rows], alpha=sign * self.fd_step)
+            return torch.add(value[rows], slope[rows], alpha=sign * step)
 
         def block(rows: slice) -> torch.Tensor:
             plus = F.linear(hidden_plus, moved(weight, weight_slope, rows, 1.0), moved(bias, bias_slope, rows, 1.0))
