@@ -1,6 +1,6 @@
 """What RhoTrainer costs over a plain Trainer step, how accurate its cheaper settings are, and LR spikes.
 
-    python benchmarks/overhead.py                             # CPU: tiny, 5m, 40m; ~2.5 h on 2 busy cores
+    python benchmarks/overhead.py                             # CPU: tiny, 5m, 40m; ~45 min on 2 cores
     python benchmarks/overhead.py --sizes tiny --steps 2 --warmup 1 --spike-steps 6   # smoke run (tests/test_benchmarks.py)
     python benchmarks/overhead.py --sizes pythia-160m --parts overhead --bf16            # needs a CUDA GPU
 
