@@ -245,10 +245,7 @@ class ShardedRadiusProbe(RadiusProbe):
         names = [name for name in weights if name in shards]
         self._reshard()
         torch._foreach_copy_([shards[name] for name in names], [weights[name] for name in names])
-        kwargs = {key: value for key, value in inputs.items() if key not in ("labels", "shift_labels", "num_items_in_batch")}
-        config = getattr(self.model, "config", None)
-        if config is not None and hasattr(config, "use_cache"):
-            kwargs["use_cache"] = False
+        kwargs = self._forward_kwargs(inputs)
         try:
             output = self.model(**kwargs)
         finally:

@@ -397,11 +397,18 @@ class RadiusProbe:
         base = dict(self.trainable) if params is None else {**self.trainable, **params}
         return {name: t.detach().to(self.dtype) if t.is_floating_point() else t.detach() for name, t in base.items()}
 
-    def _forward(self, weights: dict[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        kwargs = {key: value for key, value in inputs.items() if key not in ("labels", "shift_labels", "num_items_in_batch")}
+    def _forward_kwargs(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, object]:
+        """The batch without what would make the model compute a loss, and without a KV cache."""
+        kwargs: dict[str, object] = {
+            key: value for key, value in inputs.items() if key not in ("labels", "shift_labels", "num_items_in_batch")
+        }
         config = getattr(self.model, "config", None)
         if config is not None and hasattr(config, "use_cache"):
             kwargs["use_cache"] = False
+        return kwargs
+
+    def _forward(self, weights: dict[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        kwargs = self._forward_kwargs(inputs)
         output = functional_call(self.model, weights, args=(), kwargs=kwargs, strict=False, tie_weights=True)
         return _logits_of(output, self.model)
 
@@ -487,13 +494,14 @@ class RadiusProbe:
 
     # ----------------------------------------------------------------------------------- chunked head
     def _head_tensors(
-        self, weights: Mapping[str, torch.Tensor], unit: Mapping[str, torch.Tensor]
+        self, weights: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """``W, W', b, b'`` of the head as the forward sees them (``W'``/``b'``: ``None`` where the direction has no entry)."""
+        """``W, W', b, b'`` of the head: weights as the forward sees them, ``W'``/``b'`` the direction's
+        entries for them (the unit direction's for jvp, the raw one's for fd); ``None`` where it has none."""
         weight_name, bias_name = self._head_names
         weight = weights.get(weight_name, self._head.weight.detach())  # absent: frozen, the module's own
         bias = None if bias_name is None else weights.get(bias_name, self._head.bias.detach())
-        return weight, unit.get(weight_name), bias, None if bias_name is None else unit.get(bias_name)
+        return weight, direction.get(weight_name), bias, None if bias_name is None else direction.get(bias_name)
 
     def _blockwise_spread(self, rows: int, block: Callable[[slice], torch.Tensor]) -> torch.Tensor:
         """Per position ``max_k a_k - min_k a_k`` over ``rows`` classes, ``a`` built ``vocab_chunk`` rows at a time."""
