@@ -9,7 +9,8 @@ Implements "Ghosts of Softmax" (arXiv 2603.13552) for Hugging Face ``transformer
 from hf_ghosts import radii
 from hf_ghosts.architectures import FFN_PREACTIVATIONS, FfnSpec
 from hf_ghosts.callback import RhoCallback
-from hf_ghosts.controller import RhoController, all_reduce_report
+from hf_ghosts.controller import RhoController
+from hf_ghosts.distributed import all_reduce_report
 from hf_ghosts.probe import RadiusProbe, RadiusReport
 from hf_ghosts.trainer import RhoTrainer, RhoTrainingArguments
 

@@ -19,11 +19,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from hf_ghosts.distributed import (
     FSDP1_ERROR,
     ShardedRadiusProbe,
+    all_reduce_report,
     any_rank,
     detect_backend,
     global_norm,
@@ -33,7 +33,7 @@ from hf_ghosts.distributed import (
 from hf_ghosts.probe import RadiusProbe, RadiusReport
 from hf_ghosts.radii import clip_scale, normalized_step
 
-__all__ = ["MODES", "RhoController", "all_reduce_report"]
+__all__ = ["MODES", "RhoController"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,39 +46,6 @@ DEFAULT_ESTIMATOR = "fd"
 DEFAULT_EVERY = 16
 DEFAULT_TRIGGER_R = 0.5
 DEFAULT_TRIGGER_GROWTH = 2.0
-
-
-def all_reduce_report(report: RadiusReport, group: Any = None) -> RadiusReport:
-    """Make ``report`` identical on every process: MAX of spreads, MIN of the FFN radius, SUM of counts.
-
-    One ``all_reduce(MAX)`` carries the spreads and the negated FFN radius together; a second
-    (SUM) carries the token count. A no-op when ``torch.distributed`` is not initialized.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return report
-    parts = [t.reshape(-1).float() for t in (report.out_spread, report.attn_spread) if t is not None]
-    if report.ffn_radius is not None:
-        parts.append(-report.ffn_radius.reshape(-1).float())
-    packed = torch.cat(parts)
-    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
-    offset = 0
-
-    def take(tensor: torch.Tensor | None, sign: float = 1.0) -> torch.Tensor | None:
-        nonlocal offset
-        if tensor is None:
-            return None
-        value = packed[offset : offset + tensor.numel()].reshape(tensor.shape) * sign
-        offset += tensor.numel()
-        return value
-
-    out_spread = take(report.out_spread)
-    attn_spread = take(report.attn_spread)
-    ffn_radius = take(report.ffn_radius, -1.0)
-    tokens = report.output_tokens
-    if tokens is not None:
-        tokens = tokens.clone()
-        dist.all_reduce(tokens, op=dist.ReduceOp.SUM, group=group)
-    return RadiusReport(out_spread=out_spread, attn_spread=attn_spread, ffn_radius=ffn_radius, output_tokens=tokens)
 
 
 class _Window:

@@ -18,7 +18,7 @@ DeepSpeed      refused by ``RhoTrainer`` (the engine steps flattened fp32 partit
 =============  ==========================================================================================
 
 In every backend each rank probes its own micro-batch, and
-:func:`~hf_ghosts.controller.all_reduce_report` reduces the spreads with MAX (the FFN radius
+:func:`all_reduce_report` reduces the spreads with MAX (the FFN radius
 with MIN) across processes; the scale is then computed from identical numbers everywhere and
 applied to whatever each rank holds (its replica, or its shard).
 
@@ -46,6 +46,7 @@ __all__ = [
     "BACKENDS",
     "FSDP1_ERROR",
     "ShardedRadiusProbe",
+    "all_reduce_report",
     "any_rank",
     "check_fsdp_plugin",
     "detect_backend",
@@ -140,6 +141,39 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())  # host sync
 
 
+def all_reduce_report(report: RadiusReport, group: Any = None) -> RadiusReport:
+    """Make ``report`` identical on every process: MAX of spreads, MIN of the FFN radius, SUM of counts.
+
+    One ``all_reduce(MAX)`` carries the spreads and the negated FFN radius together; a second
+    (SUM) carries the token count. A no-op when ``torch.distributed`` is not initialized.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return report
+    parts = [t.reshape(-1).float() for t in (report.out_spread, report.attn_spread) if t is not None]
+    if report.ffn_radius is not None:
+        parts.append(-report.ffn_radius.reshape(-1).float())
+    packed = torch.cat(parts)
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+    offset = 0
+
+    def take(tensor: torch.Tensor | None, sign: float = 1.0) -> torch.Tensor | None:
+        nonlocal offset
+        if tensor is None:
+            return None
+        value = packed[offset : offset + tensor.numel()].reshape(tensor.shape) * sign
+        offset += tensor.numel()
+        return value
+
+    out_spread = take(report.out_spread)
+    attn_spread = take(report.attn_spread)
+    ffn_radius = take(report.ffn_radius, -1.0)
+    tokens = report.output_tokens
+    if tokens is not None:
+        tokens = tokens.clone()
+        dist.all_reduce(tokens, op=dist.ReduceOp.SUM, group=group)
+    return RadiusReport(out_spread=out_spread, attn_spread=attn_spread, ffn_radius=ffn_radius, output_tokens=tokens)
+
+
 def _collective_device() -> torch.device:
     backend = dist.get_backend()
     if "nccl" in str(backend) and torch.cuda.is_available():
@@ -186,7 +220,7 @@ class ShardedRadiusProbe(RadiusProbe):
     gathered earlier (``reshard_after_forward=False`` would keep them). :meth:`measure` copies
     the saved shards back afterwards: the model is left bit-identical. All ranks must call
     :meth:`measure` together (collectives inside); its report is this rank's, to be reduced
-    with :func:`~hf_ghosts.controller.all_reduce_report`.
+    with :func:`all_reduce_report`.
 
     Args: as :class:`~hf_ghosts.probe.RadiusProbe`; ``estimator="jvp"`` is replaced by ``"fd"``
     (logged once), and the parameters and FSDP's ``param_dtype`` must be ``dtype`` (fp32).
