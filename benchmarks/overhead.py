@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import math
@@ -53,8 +54,7 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from hf_ghosts import RadiusProbe, RhoController, RhoTrainer, RhoTrainingArguments
-from hf_ghosts.controller import MODES
-from hf_ghosts.probe import ESTIMATORS
+from hf_ghosts.settings import ESTIMATORS, MODES
 
 PARTS = ("overhead", "breakdown", "accuracy")
 
@@ -300,7 +300,7 @@ class StepTimer(TrainerCallback):
         self._sync()
         self.times.append(time.perf_counter() - self.start)
         controller = getattr(self.trainer, "rho_controller", None)
-        self.probed.append(bool(controller.last.get("probed")) if controller is not None else False)
+        self.probed.append(controller is not None and controller.last is not None and controller.last.probed)
         if state.global_step == 1:
             self.peak_bytes = self.base_bytes + self.memory.stop()
         self.turns.hand_over(self.name)
@@ -463,20 +463,20 @@ class ReuseClipController(RhoController):
     above ``trigger_r`` times the last one measured, which the accuracy table shows it does not.
     """
 
-    def _probe_due(self, norm: float) -> bool:
-        if self.every == 1 or self._probe_step is None or not math.isfinite(self.last_rho):
-            return True
-        return self.steps - self._probe_step >= self.every or norm > self.trigger_growth * self._probe_norm
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cap = min(1.0, self.schedule.trigger_r) * self.r_target
+        self.schedule = dataclasses.replace(self.schedule, trigger_r=math.inf)  # no r trigger: reused steps are clipped
 
     @torch.no_grad()
     def after_step(self) -> None:
         super().after_step()
-        record, cap = self.last, min(1.0, self.trigger_r) * self.r_target
-        if self.mode != "clip" or record.get("probed", True) or record["r_applied"] <= cap:
+        record = self.last
+        if self.mode != "clip" or record.probed or record.skipped or record.r_applied <= self.cap:
             return
-        scale = cap * record["rho"] / record["update_norm"]  # old + scale * u, from old + record["scale"] * u
-        torch._foreach_lerp_(self._shards(), self._old, 1.0 - scale / record["scale"])
-        record.update(scale=scale, r_applied=record["r"] * scale, clipped=True)
+        scale = self.cap * record.rho / record.update_norm  # old + scale * u, from old + record.scale * u
+        torch._foreach_lerp_(self._shards(), self._old, 1.0 - scale / record.scale)
+        self.last = dataclasses.replace(record, scale=scale, r_applied=record.r * scale, clipped=True)
 
 
 class Oracle:
@@ -535,8 +535,9 @@ def spike_run(size: Size, setting: Setting | None, steps: int, lr: float, factor
             oracle.batch = batch
             last = controller.step(batch)
             exact_r = oracle.norm / oracle.rho if math.isfinite(oracle.rho) else math.nan
-            record.update(r=last.get("r", math.nan), exact_r=exact_r, probed=bool(last.get("probed")),
-                          scale=last.get("scale", math.nan), exact_r_applied=last.get("scale", math.nan) * exact_r)
+            scale = math.nan if last.skipped else last.scale
+            record.update(r=math.nan if last.skipped else last.r, exact_r=exact_r, probed=last.probed, scale=scale,
+                          exact_r_applied=scale * exact_r)
         optimizer.zero_grad(set_to_none=True)
         records.append(record)
     return {"records": records, "probes": controller.probes if controller else 0}

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from hf_ghosts.controller import DEFAULT_ESTIMATOR, DEFAULT_EVERY, RhoController
+from hf_ghosts.controller import RhoController
+from hf_ghosts.settings import DEFAULT_ESTIMATOR, DEFAULT_EVERY
 
 __all__ = ["RhoCallback", "define_wandb_metrics"]
 

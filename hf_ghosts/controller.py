@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -31,21 +32,80 @@ from hf_ghosts.distributed import (
     local_tensor,
 )
 from hf_ghosts.probe import RadiusProbe, RadiusReport
-from hf_ghosts.radii import clip_scale, normalized_step
+from hf_ghosts.radii import clip_scale, normalized_step, update_norm
+from hf_ghosts.settings import (
+    DEFAULT_ESTIMATOR,
+    DEFAULT_EVERY,
+    DEFAULT_TRIGGER_GROWTH,
+    DEFAULT_TRIGGER_R,
+    parse_radii,
+    validate,
+)
 
-__all__ = ["MODES", "RhoController"]
+__all__ = ["ProbeSchedule", "RhoController", "StepRecord", "probe_due"]
 
 logger = logging.getLogger(__name__)
 
-MODES = ("clip", "set", "monitor")
-# Defaults of RhoController, RhoTrainingArguments and RhoCallback, chosen with benchmarks/overhead.py: central
-# differences (cheaper than the JVP, within 0.5% of it there), a probe at least every DEFAULT_EVERY steps; in
-# between, a step reuses the last rho only while its applied r estimated with it stays at most
-# DEFAULT_TRIGGER_R * r_target and |u| stays within DEFAULT_TRIGGER_GROWTH of |u| at the last probe.
-DEFAULT_ESTIMATOR = "fd"
-DEFAULT_EVERY = 16
-DEFAULT_TRIGGER_R = 0.5
-DEFAULT_TRIGGER_GROWTH = 2.0
+
+
+@dataclass(frozen=True)
+class ProbeSchedule:
+    """When a step is measured afresh instead of reusing the last ``rho`` (see :func:`probe_due`)."""
+
+    every: int = DEFAULT_EVERY
+    trigger_r: float = DEFAULT_TRIGGER_R
+    trigger_growth: float = DEFAULT_TRIGGER_GROWTH
+
+
+def probe_due(
+    schedule: ProbeSchedule, steps_since_probe: int | None, growth: float, estimated_r_applied: float, r_target: float
+) -> bool:
+    """Whether a step must be probed: ``every == 1``, no usable last ``rho`` (``steps_since_probe is None``),
+    ``steps_since_probe >= every``, ``|u| / |u_probe| > trigger_growth``, or the applied ``r`` estimated with
+    the last ``rho`` above ``trigger_r * r_target``.
+
+    Example: ``probe_due(ProbeSchedule(every=16), 3, 1.1, 0.2, 1.0)`` is ``False``; with ``growth=2.5`` it is ``True``.
+    """
+    if schedule.every == 1 or steps_since_probe is None:
+        return True
+    if steps_since_probe >= schedule.every or growth > schedule.trigger_growth:
+        return True
+    return estimated_r_applied > schedule.trigger_r * r_target
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimizer step as the controller saw it (:attr:`RhoController.last`).
+
+    ``r = |u| / rho`` of the proposed update, ``r_applied = scale * r``; ``rho`` is ``None`` until a
+    radius was ever measured (a zero first update); the ``rho_*`` radii, ``bottleneck``,
+    ``output_tokens`` and ``rho_attn_heads`` (``[layers, heads]``) only on probed steps;
+    ``skipped`` names what was non-finite (``"gradient"``, ``"update"``, ``"radius"``) on a skipped step.
+    """
+
+    step: int
+    update_norm: float
+    r: float = 0.0
+    r_applied: float = 0.0
+    scale: float = 1.0
+    rho: float | None = None
+    probed: bool = False
+    clipped: bool = False
+    skipped: str | None = None
+    rho_out: float | None = None
+    rho_attn: float | None = None
+    rho_ffn: float | None = None
+    bottleneck: str | None = None
+    output_tokens: int | None = None
+    rho_attn_heads: torch.Tensor | None = None
+
+    def scalars(self) -> dict[str, Any]:
+        """The fields that are set, without the per-head tensor (JSON-ready)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if getattr(self, f.name) is not None and f.name != "rho_attn_heads"
+        }
 
 
 class _Window:
@@ -141,23 +201,14 @@ class RhoController:
         reduce: Callable[[RadiusReport], RadiusReport] = all_reduce_report,
         **probe_kwargs: Any,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"RhoController: mode must be one of {MODES}; got {mode!r}")
-        if not (isinstance(r_target, (int, float)) and math.isfinite(r_target) and r_target > 0):
-            raise ValueError(f"RhoController: r_target must be a finite number > 0; got {r_target!r}")
-        if not (isinstance(every, int) and every >= 1):
-            raise ValueError(f"RhoController: every must be an integer >= 1; got {every!r}")
-        if not (isinstance(trigger_r, (int, float)) and trigger_r > 0):
-            raise ValueError(f"RhoController: trigger_r must be a number > 0 (inf: off); got {trigger_r!r}")
-        if not (isinstance(trigger_growth, (int, float)) and trigger_growth >= 1):
-            raise ValueError(f"RhoController: trigger_growth must be a number >= 1 (inf: off); got {trigger_growth!r}")
+        radii = parse_radii(radii)
+        settings = dict(mode=mode, r_target=r_target, radii=radii, estimator=estimator, every=every, trigger_r=trigger_r)
+        validate("RhoController", {**settings, "trigger_growth": trigger_growth, "log_per_head": log_per_head})
         self.model = model
         self.optimizer = optimizer
         self.mode = mode
         self.r_target = float(r_target)
-        self.every = every
-        self.trigger_r = float(trigger_r)
-        self.trigger_growth = float(trigger_growth)
+        self.schedule = ProbeSchedule(every=every, trigger_r=float(trigger_r), trigger_growth=float(trigger_growth))
         self.log_per_head = log_per_head
         self.reduce = reduce
         if "output" in radii:
@@ -170,7 +221,7 @@ class RhoController:
         self.last_rho: float | None = None
         self._probe_step: int | None = None  # step and |u| of the last probe; None: the next step probes
         self._probe_norm = 0.0
-        self.last: dict[str, Any] = {}
+        self.last: StepRecord | None = None
         self.window = _Window()
         self._old: list[torch.Tensor] | None = None
         self._handles: list[Any] = []
@@ -220,11 +271,11 @@ class RhoController:
             handle.remove()
         self._handles = []
 
-    def step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    def step(self, batch: Mapping[str, torch.Tensor]) -> StepRecord:
         """Replace ``optimizer.step()`` in a plain loop: step, measure on ``batch``, rescale.
 
         Returns:
-            The step's record (see :attr:`last`).
+            The step's :class:`StepRecord` (also :attr:`last`).
         """
         if self._handles:
             raise RuntimeError("RhoController.step: the controller is attached to the optimizer's hooks; call optimizer.step()")
@@ -263,21 +314,16 @@ class RhoController:
         self.steps += 1
         current = self._shards()
         update = torch._foreach_sub(current, self._old)
-        if self.sharded:  # |u| over all shards: all-reduce SUM of the squares
-            norm = global_norm(update, self.params)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(update)).double()) if update else torch.zeros(())
-        record: dict[str, Any] = {"step": self.steps, "update_norm": float(norm)}  # host sync
-        if self._nonfinite_reason is not None or not math.isfinite(record["update_norm"]):
-            self._skip(record, self._nonfinite_reason or "update")
+        # |u| over all shards under FSDP2 (all-reduce SUM of the squares), else over the full tensors
+        norm = float(global_norm(update, self.params) if self.sharded else update_norm(update))  # host sync
+        if self._nonfinite_reason is not None or not math.isfinite(norm):
+            self._skip(StepRecord(step=self.steps, update_norm=norm), self._nonfinite_reason or "update")
             return
-        if record["update_norm"] == 0.0:
-            record.update(r=0.0, r_applied=0.0, scale=1.0, probed=False, clipped=False)
-            self._finish(record, None)
+        if norm == 0.0:
+            self._finish(StepRecord(step=self.steps, update_norm=0.0), None)
             return
         report = None
-        due = self._probe_due(record["update_norm"])
-        if due:
+        if self._due(norm):
             if self.batch is None:
                 raise RuntimeError("RhoController: no batch observed before the optimizer step; call observe(batch)")
             direction = dict(zip(self.names, update, strict=True))
@@ -285,67 +331,73 @@ class RhoController:
             report = self.reduce(self.probe.measure(self.batch, direction, params=old))
             rho = float(report.rho)  # host sync
             if math.isnan(rho):
-                self._skip(record, "radius")
+                self._skip(StepRecord(step=self.steps, update_norm=norm), "radius")
                 return
             self.last_rho = rho
             self.probes += 1
-            self._probe_step, self._probe_norm = self.steps, record["update_norm"]
+            self._probe_step, self._probe_norm = self.steps, norm
         rho = self.last_rho
-        scale = 1.0 if self.mode == "monitor" else float(clip_scale(record["update_norm"], rho, self.r_target, self.mode))
-        r = float(normalized_step(record["update_norm"], rho))
-        record.update(rho=rho, r=r, r_applied=r * scale, scale=scale, probed=due, clipped=scale < 1.0)
+        scale = self._scale(norm, rho)
+        r = float(normalized_step(norm, rho))
+        record = StepRecord(
+            step=self.steps, update_norm=norm, r=r, r_applied=r * scale, scale=scale, rho=rho,
+            probed=report is not None, clipped=scale < 1.0,
+        )
         if scale != 1.0:
             torch._foreach_lerp_(current, self._old, 1.0 - scale)
         self._finish(record, report)
 
-    def _probe_due(self, norm: float) -> bool:
-        """Whether this step must be measured, or may reuse :attr:`last_rho` (``every`` and the triggers)."""
-        if self.every == 1 or self._probe_step is None or not math.isfinite(self.last_rho):
-            return True
-        if self.steps - self._probe_step >= self.every or norm > self.trigger_growth * self._probe_norm:
-            return True
-        scale = 1.0 if self.mode == "monitor" else float(clip_scale(norm, self.last_rho, self.r_target, self.mode))
-        return scale * float(normalized_step(norm, self.last_rho)) > self.trigger_r * self.r_target
+    def _scale(self, norm: float, rho: float) -> float:
+        """``clip_scale(|u|, rho, r_target, mode)``; 1 in ``"monitor"`` mode."""
+        return 1.0 if self.mode == "monitor" else float(clip_scale(norm, rho, self.r_target, self.mode))
 
-    def _skip(self, record: dict[str, Any], reason: str) -> None:
+    def _due(self, norm: float) -> bool:
+        """:func:`probe_due` for this step, from the controller's counters."""
+        usable = self._probe_step is not None and self.last_rho is not None and math.isfinite(self.last_rho)
+        if not usable:
+            return True
+        estimated = self._scale(norm, self.last_rho) * float(normalized_step(norm, self.last_rho))
+        growth = norm / self._probe_norm if self._probe_norm > 0 else math.inf
+        return probe_due(self.schedule, self.steps - self._probe_step, growth, estimated, self.r_target)
+
+    def _skip(self, record: StepRecord, reason: str) -> None:
         torch._foreach_copy_(self._shards(), self._old)
         if is_main_process():
             logger.warning(
                 "hf_ghosts: skipped optimizer step %d: non-finite %s (update norm %s); the weights keep their old values",
                 self.steps,
                 reason,
-                record["update_norm"],
+                record.update_norm,
             )
-        record.update(skipped=reason, probed=False, clipped=False)
         self._probe_step = None  # something went wrong: measure the next step afresh
         self.window.skipped_nonfinite += 1
-        self.last = record
+        self.last = replace(record, skipped=reason)
 
-    def _finish(self, record: dict[str, Any], report: RadiusReport | None) -> None:
+    def _finish(self, record: StepRecord, report: RadiusReport | None) -> None:
         window = self.window
         window.steps += 1
-        window.put_max("r", record["r"])
-        window.put_max("r_applied", record["r_applied"])
-        window.put_max("update_norm", record["update_norm"])
-        window.put_min("scale", record["scale"])
-        if "rho" in record:
-            window.put_min("rho", record["rho"])
+        window.put_max("r", record.r)
+        window.put_max("r_applied", record.r_applied)
+        window.put_max("update_norm", record.update_norm)
+        window.put_min("scale", record.scale)
+        if record.rho is not None:
+            window.put_min("rho", record.rho)
         if report is not None:
             window.probed += 1
-            window.clipped += int(record["clipped"])
-            for name, value in report.radii().items():
-                key = {"output": "rho_out", "attention": "rho_attn", "ffn": "rho_ffn"}[name]
-                record[key] = float(value)
-                window.put_min(key, record[key])
-            record["bottleneck"] = report.bottleneck
-            if report.output_tokens is not None:
-                record["output_tokens"] = int(report.output_tokens)
-                if record["output_tokens"] == 0:
-                    window.no_output_tokens += 1
-            if report.attn_spread is not None:
-                heads = report.rho_attn.float().cpu()
-                record["rho_attn_heads"] = heads
+            window.clipped += int(record.clipped)
+            measured = {
+                {"output": "rho_out", "attention": "rho_attn", "ffn": "rho_ffn"}[name]: float(value)
+                for name, value in report.radii().items()
+            }
+            for key, value in measured.items():
+                window.put_min(key, value)
+            heads = None if report.attn_spread is None else report.rho_attn.float().cpu()
+            if heads is not None:
                 window.head_minima = heads if window.head_minima is None else torch.minimum(window.head_minima, heads)
+            tokens = None if report.output_tokens is None else int(report.output_tokens)
+            if tokens == 0:
+                window.no_output_tokens += 1
+            record = replace(record, bottleneck=report.bottleneck, output_tokens=tokens, rho_attn_heads=heads, **measured)
         self.last = record
 
     # ------------------------------------------------------------------------- logging and state
@@ -381,13 +433,7 @@ class RhoController:
             "probe_step": self._probe_step,
             "probe_norm": self._probe_norm,
             "window": self.window.state_dict(),
-            "config": {
-                "mode": self.mode,
-                "r_target": self.r_target,
-                "every": self.every,
-                "trigger_r": self.trigger_r,
-                "trigger_growth": self.trigger_growth,
-            },
+            "config": {"mode": self.mode, "r_target": self.r_target, **asdict(self.schedule)},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

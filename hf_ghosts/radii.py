@@ -10,6 +10,7 @@ the modulus of that zero, or turns it into a step size.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import cache
 
 import torch
@@ -25,6 +26,7 @@ __all__ = [
     "rho_bound",
     "spread",
     "top2_radius",
+    "update_norm",
 ]
 
 PI = math.pi
@@ -421,3 +423,13 @@ def clip_scale(
     if mode == "clip":
         ratio = torch.clamp(ratio, max=1.0)
     return ratio
+
+
+def update_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``|u| = sqrt(sum_i |u_i|^2)`` over a list of tensors, accumulated in float64 (0 for an empty list).
+
+    Example: ``update_norm([torch.tensor([3.0]), torch.tensor([4.0])])`` is ``tensor(5., dtype=torch.float64)``.
+    """
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors))).double())

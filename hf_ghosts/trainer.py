@@ -19,16 +19,19 @@ import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from hf_ghosts.callback import define_wandb_metrics
-from hf_ghosts.controller import (
+from hf_ghosts.controller import RhoController
+from hf_ghosts.distributed import check_fsdp_plugin
+from hf_ghosts.settings import (
     DEFAULT_ESTIMATOR,
     DEFAULT_EVERY,
+    DEFAULT_FD_STEP,
     DEFAULT_TRIGGER_GROWTH,
     DEFAULT_TRIGGER_R,
+    ESTIMATORS,
     MODES,
-    RhoController,
+    parse_radii,
+    validate,
 )
-from hf_ghosts.distributed import check_fsdp_plugin
-from hf_ghosts.probe import ESTIMATORS, RADII
 
 __all__ = ["CONTROLLER_STATE_NAME", "RhoTrainer", "RhoTrainingArguments"]
 
@@ -86,33 +89,26 @@ class RhoTrainingArguments(TrainingArguments):
         metadata={"help": "With rho_every > 1: probe at once when |u| exceeds this factor times |u| at the last probe (>= 1; inf: off)."},
     )
     rho_log_per_head: bool = field(default=False, metadata={"help": "Also log ghosts/rho_attn/layer_{l}/head_{h}."})
-    rho_fd_step: float = field(default=1e-2, metadata={"help": "Step h of the 'fd' estimator along the unit direction."})
+    rho_fd_step: float = field(default=DEFAULT_FD_STEP, metadata={"help": "Step h of the 'fd' estimator along the unit direction."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.rho_radii, str):
-            self.rho_radii = [name.strip() for name in self.rho_radii.split(",") if name.strip()]
-        checks = [
-            ("rho_mode", self.rho_mode in MODES, f"one of {list(MODES)}"),
-            ("rho_estimator", self.rho_estimator in ESTIMATORS, f"one of {list(ESTIMATORS)}"),
-            (
-                "rho_radii",
-                bool(self.rho_radii) and all(name in RADII for name in self.rho_radii),
-                f"a non-empty list drawn from {list(RADII)}",
-            ),
-            ("rho_target", isinstance(self.rho_target, (int, float)) and 0 < self.rho_target < float("inf"), "a number > 0"),
-            ("rho_every", isinstance(self.rho_every, int) and self.rho_every >= 1, "an integer >= 1"),
-            ("rho_trigger_r", isinstance(self.rho_trigger_r, (int, float)) and self.rho_trigger_r > 0, "a number > 0 (inf: off)"),
-            (
-                "rho_trigger_growth",
-                isinstance(self.rho_trigger_growth, (int, float)) and self.rho_trigger_growth >= 1,
-                "a number >= 1 (inf: off)",
-            ),
-            ("rho_fd_step", isinstance(self.rho_fd_step, (int, float)) and 0 < self.rho_fd_step < float("inf"), "a finite number > 0"),
-        ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"RhoTrainingArguments.{name}: got {getattr(self, name)!r}; expected {allowed}")
+        self.rho_radii = list(parse_radii(self.rho_radii))
+        validate("RhoTrainingArguments", self.rho_settings(), arguments=True)
+
+    def rho_settings(self) -> dict[str, Any]:
+        """The ``rho_*`` fields under the controller's keywords (``rho_target`` -> ``r_target``, ...)."""
+        return {
+            "mode": self.rho_mode,
+            "r_target": self.rho_target,
+            "radii": tuple(self.rho_radii),
+            "estimator": self.rho_estimator,
+            "every": self.rho_every,
+            "trigger_r": self.rho_trigger_r,
+            "trigger_growth": self.rho_trigger_growth,
+            "log_per_head": self.rho_log_per_head,
+            "fd_step": self.rho_fd_step,
+        }
 
     @classmethod
     def from_training_arguments(cls, args: TrainingArguments, **rho_fields: Any) -> RhoTrainingArguments:
@@ -141,18 +137,7 @@ class RhoTrainer(Trainer):
             )
         if self.is_fsdp_enabled:
             check_fsdp_plugin(self.accelerator.state.fsdp_plugin)  # FSDP2 in fp32 only; FSDP1 is refused
-        self.rho_controller = RhoController(
-            self.model,
-            mode=self.args.rho_mode,
-            r_target=self.args.rho_target,
-            radii=tuple(self.args.rho_radii),
-            estimator=self.args.rho_estimator,
-            every=self.args.rho_every,
-            trigger_r=self.args.rho_trigger_r,
-            trigger_growth=self.args.rho_trigger_growth,
-            log_per_head=self.args.rho_log_per_head,
-            fd_step=self.args.rho_fd_step,
-        )
+        self.rho_controller = RhoController(self.model, **self.args.rho_settings())
         self._wandb_metrics_defined = False
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:

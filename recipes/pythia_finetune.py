@@ -140,16 +140,16 @@ class GhostsDashboard(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         record = self.controller.last
-        if not record or record["step"] == self._seen:
+        if record is None or record.step == self._seen:
             return
-        self._seen = record["step"]
-        heads = record.get("rho_attn_heads")
+        self._seen = record.step
+        heads = record.rho_attn_heads
         if heads is not None:
             heads = np.asarray(heads, dtype=float)
             self._heads = heads if self._heads is None else np.minimum(self._heads, heads)
-        if "bottleneck" in record:
-            self._counts[record["bottleneck"]] += 1
-        self.records.append({**{k: v for k, v in record.items() if k != "rho_attn_heads"}, "step": state.global_step})
+        if record.bottleneck is not None:
+            self._counts[record.bottleneck] += 1
+        self.records.append({**record.scalars(), "step": state.global_step})
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not self._counts:  # nothing probed since the last evaluation

@@ -129,7 +129,7 @@ class StepRecorder(TrainerCallback):
         self.records: list[dict] = []
 
     def on_optimizer_step(self, args, state, control, **kwargs) -> None:
-        self.records.append(dict(self.controller_of().last))
+        self.records.append(self.controller_of().last)
 
 
 # ----------------------------------------------------------------------------- probe references

@@ -15,7 +15,7 @@ from conftest import tiny_causal_lm, token_batch, token_dataset
 from torch import nn
 
 from hf_ghosts import RhoController, RhoTrainer, RhoTrainingArguments, attention
-from hf_ghosts.controller import DEFAULT_TRIGGER_GROWTH, DEFAULT_TRIGGER_R
+from hf_ghosts.settings import DEFAULT_TRIGGER_GROWTH, DEFAULT_TRIGGER_R
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -48,7 +48,7 @@ class FixedStep:
             group["lr"] = norm / self.gradient_norm
         for p, g in zip(self.model.parameters(), gradient or self.gradient, strict=True):
             p.grad = g.clone()
-        return dict(self.controller.step(self.batch))
+        return self.controller.step(self.batch).scalars()
 
 
 def test_every_one_probes_every_step_whatever_the_triggers() -> None:
@@ -155,7 +155,7 @@ def test_trainer_passes_the_triggers_to_its_controller(tmp_path) -> None:
                                 rho_trigger_growth=math.inf)
     trainer = RhoTrainer(model=tiny_causal_lm(), args=args, train_dataset=token_dataset())
     controller = trainer.rho_controller
-    assert (controller.every, controller.trigger_r, controller.trigger_growth) == (5, 0.25, math.inf)
+    assert (controller.schedule.every, controller.schedule.trigger_r, controller.schedule.trigger_growth) == (5, 0.25, math.inf)
     defaults = RhoTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     assert (defaults.rho_trigger_r, defaults.rho_trigger_growth) == (DEFAULT_TRIGGER_R, DEFAULT_TRIGGER_GROWTH)
 
@@ -179,7 +179,7 @@ def spike_run(controlled: bool, steps: int = 20, start: int = 8, factor: float =
         if controller is None:
             optimizer.step()
         else:
-            records.append(dict(controller.step(batch)))
+            records.append(controller.step(batch).scalars())
         optimizer.zero_grad()
     return losses, records
 

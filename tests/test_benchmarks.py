@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_ghosts.controller import MODES
-from hf_ghosts.probe import ESTIMATORS
+from hf_ghosts.settings import ESTIMATORS, MODES
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

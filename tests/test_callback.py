@@ -29,17 +29,17 @@ def assert_window_aggregates(logs: list[dict], records: list[dict], window: int)
     assert len(logs) * window == len(records)
     for number, entry in enumerate(logs):
         steps = records[number * window : (number + 1) * window]
-        probed = [record for record in steps if record["probed"]]
+        probed = [record for record in steps if record.probed]
         assert probed, "every window should hold a probed step"
-        assert entry["ghosts/r"] == max(record["r"] for record in steps)
-        assert entry["ghosts/r_applied"] == max(record["r_applied"] for record in steps)
-        assert entry["ghosts/update_norm"] == max(record["update_norm"] for record in steps)
-        assert entry["ghosts/scale"] == min(record["scale"] for record in steps)
-        assert entry["ghosts/rho"] == min(record["rho"] for record in steps)
+        assert entry["ghosts/r"] == max(record.r for record in steps)
+        assert entry["ghosts/r_applied"] == max(record.r_applied for record in steps)
+        assert entry["ghosts/update_norm"] == max(record.update_norm for record in steps)
+        assert entry["ghosts/scale"] == min(record.scale for record in steps)
+        assert entry["ghosts/rho"] == min(record.rho for record in steps)
         for key in ("rho_out", "rho_attn", "rho_ffn"):
-            assert entry[f"ghosts/{key}"] == min(record[key] for record in probed), key
-        assert entry["ghosts/clipped"] == pytest.approx(sum(record["clipped"] for record in probed) / len(probed))
-        heads = torch.stack([record["rho_attn_heads"] for record in probed]).amin(0)
+            assert entry[f"ghosts/{key}"] == min(getattr(record, key) for record in probed), key
+        assert entry["ghosts/clipped"] == pytest.approx(sum(record.clipped for record in probed) / len(probed))
+        heads = torch.stack([record.rho_attn_heads for record in probed]).amin(0)
         for layer in range(LAYERS):
             for head in range(HEADS):
                 assert entry[f"ghosts/rho_attn/layer_{layer}/head_{head}"] == float(heads[layer, head])
@@ -96,10 +96,10 @@ def test_clip_window_aggregates_probed_and_reused_steps(tmp_path) -> None:
     trainer.add_callback(recorder)
     trainer.train()
     logs, records = training_logs(trainer), recorder.records
-    assert [record["probed"] for record in records] == [True, False, True, False, True, False]
+    assert [record.probed for record in records] == [True, False, True, False, True, False]
     assert_window_aggregates(logs, records, window=3)
     assert [entry["ghosts/probed"] for entry in logs] == pytest.approx([2 / 3, 1 / 3])
-    assert any(record["clipped"] for record in records)
+    assert any(record.clipped for record in records)
 
 
 def test_callback_added_the_usual_way_fills_the_log_history(tmp_path) -> None:

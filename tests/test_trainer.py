@@ -91,10 +91,10 @@ class Lockstep(TrainerCallback):
         self.reference.step()
 
     def on_optimizer_step(self, args, state, control, **kwargs) -> None:
-        record = dict(self.trainer.rho_controller.last)
+        record = self.trainer.rho_controller.last
         u = {name: self.copies[name].detach() - self.old[name] for name in self.old}
         applied = {name: p.detach() - self.old[name] for name, p in self.model.named_parameters()}
-        scaled = {name: record["scale"] * u[name] for name in u}
+        scaled = {name: record.scale * u[name] for name in u}
         deviation = flat_norm({name: applied[name] - scaled[name] for name in u}) / flat_norm(scaled)
         report = self.probe.measure(self.batch.inputs, u, params=self.old)
         self.rows.append(
@@ -282,7 +282,7 @@ def test_attention_implementation_is_unchanged_by_training(tmp_path, implementat
     trainer.add_callback(recorder)
     trainer.train()
     assert model.config._attn_implementation == implementation
-    assert all(math.isfinite(record["rho_attn"]) for record in recorder.records)
+    assert all(math.isfinite(record.rho_attn) for record in recorder.records)
 
 
 def test_model_without_logits_is_refused_at_construction(tmp_path) -> None:

@@ -139,7 +139,7 @@ class Recorder(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         last = self.controller.last
-        self.steps.append({key: value for key, value in last.items() if isinstance(value, (int, float, bool, str))})
+        self.steps.append(last.scalars())
 
 
 class CallbackRecorder(TrainerCallback):
@@ -152,7 +152,7 @@ class CallbackRecorder(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         last = self.callback.controller.last
-        self.steps.append({key: value for key, value in last.items() if isinstance(value, (int, float, bool, str))})
+        self.steps.append(last.scalars())
         if not self.probes:
             self.probes.append({"backend": self.callback.controller.backend})
 
