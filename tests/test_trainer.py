@@ -99,7 +99,7 @@ class Lockstep(TrainerCallback):
         report = self.probe.measure(self.batch.inputs, u, params=self.old)
         self.rows.append(
             {
-                **record,
+                **record.scalars(),
                 "u_norm": flat_norm(u),
                 "applied_norm": flat_norm(applied),
                 "deviation": deviation,
