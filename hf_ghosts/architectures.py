@@ -1,8 +1,10 @@
-"""Architecture knowledge as data: where each model family keeps its FFN pre-activations.
+"""Architecture knowledge as data: one table, :data:`ARCHITECTURES`, per ``model_type``.
 
-``FFN_PREACTIVATIONS[model_type]`` names the module whose output feeds the nonlinearity (the
-gate projection of gated MLPs), matched as a suffix of the module's qualified name, and the
-config attribute holding the activation's name.
+Each entry says where the family keeps its FFN pre-activations (the module whose output feeds the
+nonlinearity, the gate projection of gated MLPs, matched as a suffix of the module's qualified
+name, and the config attribute naming the activation) and which causal-LM class returns its
+linear head's output unchanged as the logits (what the probe's chunked head relies on).
+:data:`FFN_PREACTIVATIONS` and :data:`LINEAR_HEAD_MODELS` are views of the table.
 """
 
 from __future__ import annotations
@@ -11,7 +13,23 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FFN_PREACTIVATIONS", "FfnSpec", "find_ffn_modules", "resolve_ffn_spec"]
+try:  # torch >= 2.6
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment,misc]
+
+__all__ = [
+    "ARCHITECTURES",
+    "FFN_PREACTIVATIONS",
+    "LINEAR_HEAD_MODELS",
+    "LOGIT_RESCALING_ATTRS",
+    "Architecture",
+    "FfnSpec",
+    "chunked_head_blocker",
+    "find_ffn_modules",
+    "resolve_ffn_activation",
+    "resolve_ffn_spec",
+]
 
 
 @dataclass(frozen=True)
@@ -22,27 +40,62 @@ class FfnSpec:
     activation_attr: str
 
 
-FFN_PREACTIVATIONS: dict[str, FfnSpec] = {
-    "gpt_neox": FfnSpec("mlp.dense_h_to_4h", "hidden_act"),
-    "llama": FfnSpec("mlp.gate_proj", "hidden_act"),
-    "mistral": FfnSpec("mlp.gate_proj", "hidden_act"),
-    "qwen2": FfnSpec("mlp.gate_proj", "hidden_act"),
-    "qwen3": FfnSpec("mlp.gate_proj", "hidden_act"),
-    "gemma": FfnSpec("mlp.gate_proj", "hidden_activation"),
-    "olmo": FfnSpec("mlp.gate_proj", "hidden_act"),
-    "olmo2": FfnSpec("mlp.gate_proj", "hidden_act"),
-    "gpt2": FfnSpec("mlp.c_fc", "activation_function"),
-    "gptj": FfnSpec("mlp.fc_in", "activation_function"),
-    "opt": FfnSpec("fc1", "activation_function"),
-    "phi": FfnSpec("mlp.fc1", "hidden_act"),
+@dataclass(frozen=True)
+class Architecture:
+    """What hf_ghosts knows of one ``model_type``.
+
+    Attributes:
+        ffn: where the FFN pre-activations live (``None``: unknown; pass ``ffn_spec`` to the probe).
+        linear_head: the causal-LM class whose forward (transformers 5.23) returns ``logits = self.lm_head(x)``
+            unchanged (``x`` the last hidden state, sliced by ``logits_to_keep``): no softcapping, scaling or
+            bias after it. ``None``: not known to (gemma2/gemma3 softcap, cohere has ``logit_scale``, granite
+            ``logits_scaling``).
+    """
+
+    ffn: FfnSpec | None = None
+    linear_head: str | None = None
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "gemma": Architecture(FfnSpec("mlp.gate_proj", "hidden_act"), "GemmaForCausalLM"),
+    "gpt2": Architecture(FfnSpec("mlp.c_fc", "activation_function"), "GPT2LMHeadModel"),
+    "gpt_neox": Architecture(FfnSpec("mlp.dense_h_to_4h", "hidden_act"), "GPTNeoXForCausalLM"),
+    "gptj": Architecture(FfnSpec("mlp.fc_in", "activation_function"), "GPTJForCausalLM"),
+    "llama": Architecture(FfnSpec("mlp.gate_proj", "hidden_act"), "LlamaForCausalLM"),
+    "mistral": Architecture(FfnSpec("mlp.gate_proj", "hidden_act"), "MistralForCausalLM"),
+    "olmo": Architecture(FfnSpec("mlp.gate_proj", "hidden_act"), "OlmoForCausalLM"),
+    "olmo2": Architecture(FfnSpec("mlp.gate_proj", "hidden_act"), "Olmo2ForCausalLM"),
+    "opt": Architecture(FfnSpec("fc1", "activation_function"), "OPTForCausalLM"),
+    "phi": Architecture(FfnSpec("mlp.fc1", "hidden_act"), "PhiForCausalLM"),
+    "qwen2": Architecture(FfnSpec("mlp.gate_proj", "hidden_act"), "Qwen2ForCausalLM"),
+    "qwen3": Architecture(FfnSpec("mlp.gate_proj", "hidden_act"), "Qwen3ForCausalLM"),
 }
+FFN_PREACTIVATIONS: dict[str, FfnSpec] = {name: a.ffn for name, a in ARCHITECTURES.items() if a.ffn is not None}
+LINEAR_HEAD_MODELS: dict[str, str] = {
+    name: a.linear_head for name, a in ARCHITECTURES.items() if a.linear_head is not None
+}
+# Config attributes with which transformers models rescale or cap the logits after the head.
+LOGIT_RESCALING_ATTRS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "logits_soft_cap",
+    "output_logit_soft_cap",
+    "output_multiplier",
+    "logits_mup_width_multiplier",
+    "lm_head_multiplier",
+)
+
+
+def _model_type(model: torch.nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
 
 
 def resolve_ffn_spec(model: torch.nn.Module, override: FfnSpec | None = None) -> FfnSpec:
     """The FFN spec for ``model``: ``override`` if given, else the table entry of its ``model_type``."""
     if override is not None:
         return override
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = _model_type(model)
     if model_type not in FFN_PREACTIVATIONS:
         raise ValueError(
             f"The FFN radius does not know model_type {model_type!r} (known: {', '.join(sorted(FFN_PREACTIVATIONS))}). "
@@ -50,6 +103,18 @@ def resolve_ffn_spec(model: torch.nn.Module, override: FfnSpec | None = None) ->
             "output feeds the activation, or drop 'ffn' from the radii."
         )
     return FFN_PREACTIVATIONS[model_type]
+
+
+def resolve_ffn_activation(model: torch.nn.Module, spec: FfnSpec) -> str:
+    """The activation's name, ``config.<spec.activation_attr>``; an error if it is not a string."""
+    activation = getattr(model.config, spec.activation_attr, None)
+    if not isinstance(activation, str):
+        model_type = _model_type(model) or type(model).__name__
+        raise ValueError(
+            f"RadiusProbe: config.{spec.activation_attr} of {model_type!r} is {activation!r}, not an activation "
+            "name; use ffn_mode='kink'"
+        )
+    return activation
 
 
 def find_ffn_modules(model: torch.nn.Module, spec: FfnSpec) -> dict[str, torch.nn.Module]:
@@ -61,3 +126,32 @@ def find_ffn_modules(model: torch.nn.Module, spec: FfnSpec) -> dict[str, torch.n
             "pass an `ffn_spec` whose module_suffix matches the FFN input projection"
         )
     return found
+
+
+def chunked_head_blocker(model: torch.nn.Module) -> str | None:
+    """Why the logits of ``model`` are not provably ``lm_head(x)`` of a plain linear head; ``None`` if they are.
+
+    They are for exactly the :data:`LINEAR_HEAD_MODELS` class of the ``model_type`` (not a subclass), with
+    none of :data:`LOGIT_RESCALING_ATTRS` set, an ``nn.Linear`` head without hooks, not sharded.
+    """
+    config = getattr(model, "config", None)
+    model_type = _model_type(model)
+    expected = LINEAR_HEAD_MODELS.get(model_type)
+    cls = type(model)
+    where = f"transformers.models.{model_type}.modeling_{model_type}"
+    if expected is None or (cls.__module__, cls.__name__) != (where, expected):
+        return (
+            f"{cls.__name__} (model_type {model_type!r}) is not one of the causal LMs whose logits are known to be "
+            f"their linear head's output unchanged ({', '.join(sorted(LINEAR_HEAD_MODELS.values()))})"
+        )
+    for attr in LOGIT_RESCALING_ATTRS:
+        if getattr(config, attr, None) is not None:
+            return f"config.{attr}={getattr(config, attr)!r} may rescale or cap the logits after the head"
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return f"its output embedding is a {type(head).__name__}, not a plain torch.nn.Linear"
+    if "forward" in head.__dict__ or head._forward_hooks or head._forward_pre_hooks:
+        return "its output head has forward hooks or a replaced forward, which may change the logits"
+    if DTensor is not None and any(isinstance(p, DTensor) for p in head.parameters()):
+        return "its output head is sharded (DTensor); the chunked head needs the full weight matrix"
+    return None

@@ -14,6 +14,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -23,30 +24,46 @@ from transformers.masking_utils import sdpa_mask
 
 from hf_ghosts.radii import spread
 
-__all__ = ["ATTENTION_NAME", "ScoreCapture", "capture_scores", "ghosts_attention_forward", "register"]
+__all__ = ["ATTENTION_NAME", "Pass", "ScoreCapture", "capture_scores", "ghosts_attention_forward", "register"]
 
 ATTENTION_NAME = "ghosts"
+
+
+class Pass(StrEnum):
+    """Which forward of a measurement runs: the forward-mode one, or central differences' two."""
+
+    JVP = "jvp"  # weights theta + v eps (dual tensors): slopes are the tangents
+    FD_PLUS = "fd_plus"  # weights theta + h v: keep what the slopes will be differenced from
+    FD_MINUS = "fd_minus"  # weights theta - h v: slopes (plus - minus) / 2h
 
 
 @dataclass
 class ScoreCapture:
     """What one probe forward records from every attention call.
 
-    ``mode="jvp"``: slopes are the tangents of the scores. ``mode="fd_plus"`` stores the queries
-    and keys of the ``theta + h v`` pass (the scores, under softcapping); ``mode="fd_minus"`` forms
+    ``mode=Pass.JVP``: slopes are the tangents of the scores. ``Pass.FD_PLUS`` stores the queries
+    and keys of the ``theta + h v`` pass (the scores, under softcapping); ``Pass.FD_MINUS`` forms
     ``(s_plus - s_minus) / (2 h)`` against the ``theta - h v`` pass. Keeping ``q`` and ``k`` instead of
     the scores costs ``2 d / k_len`` of the memory, all layers being held between the two passes.
     ``record=False``: attention only, nothing recorded (a probe that needs the eager path for its JVP
     but does not measure attention).
     """
 
-    mode: str
+    mode: Pass
     query_mask: torch.Tensor | None = None
     fd_step: float = 0.0
     spreads: dict[int, torch.Tensor] = field(default_factory=dict)
     plus_scores: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     calls: int = 0
     record: bool = True
+
+    def __post_init__(self) -> None:
+        self.mode = Pass(self.mode)
+
+    def begin(self, mode: Pass) -> None:
+        """Start the forward ``mode``: layers are counted afresh."""
+        self.mode = mode
+        self.calls = 0
 
     def layer_key(self, module: torch.nn.Module) -> int:
         layer = getattr(module, "layer_idx", None)
@@ -115,13 +132,13 @@ def _eager_capture(
     primal, tangent = fwAD.unpack_dual(scores)
     if not capture.record:
         slopes = None
-    elif capture.mode == "jvp":
+    elif capture.mode == Pass.JVP:
         slopes = torch.zeros_like(primal) if tangent is None else tangent
-    elif capture.mode == "fd_plus":
+    elif capture.mode == Pass.FD_PLUS:
         # Without softcapping keep what the scores are made of: [b, h, q, d] + [b, kv, k, d] instead of [b, h, q, k].
         capture.plus_scores[layer] = primal.detach() if softcap is not None else (query.detach(), own_key.detach())
         slopes = None
-    elif capture.mode == "fd_minus":
+    elif capture.mode == Pass.FD_MINUS:
         plus = capture.plus_scores.pop(layer)
         if isinstance(plus, tuple):
             # (q+ k+^T - q- k-^T) = ((q+ - q-)(k+ + k-)^T + (q+ + q-)(k+ - k-)^T) / 2, exactly

@@ -13,22 +13,10 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from hf_ghosts.controller import RhoController
+from hf_ghosts.metrics import define_wandb_metrics
 from hf_ghosts.settings import DEFAULT_ESTIMATOR, DEFAULT_EVERY
 
-__all__ = ["RhoCallback", "define_wandb_metrics"]
-
-
-def define_wandb_metrics(args: TrainingArguments) -> bool:
-    """Plot ``train/ghosts/*`` against ``train/global_step`` in the active W&B run; True once done."""
-    if "wandb" not in (args.report_to or []) or not args.should_log:
-        return True
-    import wandb
-
-    if wandb.run is None:
-        return False
-    wandb.define_metric("train/global_step")
-    wandb.define_metric("train/ghosts/*", step_metric="train/global_step")
-    return True
+__all__ = ["RhoCallback"]
 
 
 class RhoCallback(TrainerCallback):

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from hf_ghosts.compat import is_bare_backbone
 from hf_ghosts.distributed import (
     FSDP1_ERROR,
     ShardedRadiusProbe,
@@ -31,6 +32,7 @@ from hf_ghosts.distributed import (
     is_main_process,
     local_tensor,
 )
+from hf_ghosts.metrics import MetricWindow
 from hf_ghosts.probe import RadiusProbe, RadiusReport
 from hf_ghosts.radii import clip_scale, normalized_step, update_norm
 from hf_ghosts.settings import (
@@ -45,7 +47,6 @@ from hf_ghosts.settings import (
 __all__ = ["ProbeSchedule", "RhoController", "StepRecord", "probe_due"]
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -107,51 +108,15 @@ class StepRecord:
             if getattr(self, f.name) is not None and f.name != "rho_attn_heads"
         }
 
-
-class _Window:
-    """Aggregates per-step values between two logs: r and update norm by max, radii and scale by min."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.maxima: dict[str, float] = {}
-        self.minima: dict[str, float] = {}
-        self.head_minima: torch.Tensor | None = None
-        self.steps = 0
-        self.probed = 0
-        self.clipped = 0
-        self.skipped_nonfinite = 0
-        self.no_output_tokens = 0
-
-    def put_max(self, key: str, value: float) -> None:
-        self.maxima[key] = max(self.maxima.get(key, -math.inf), value)
-
-    def put_min(self, key: str, value: float) -> None:
-        self.minima[key] = min(self.minima.get(key, math.inf), value)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "maxima": dict(self.maxima),
-            "minima": dict(self.minima),
-            "head_minima": None if self.head_minima is None else self.head_minima.tolist(),
-            "steps": self.steps,
-            "probed": self.probed,
-            "clipped": self.clipped,
-            "skipped_nonfinite": self.skipped_nonfinite,
-            "no_output_tokens": self.no_output_tokens,
+    def with_report(self, report: RadiusReport) -> StepRecord:
+        """This record with what a probe measured: the radii, ``bottleneck``, ``output_tokens``, per-head radii."""
+        measured = {
+            {"output": "rho_out", "attention": "rho_attn", "ffn": "rho_ffn"}[name]: float(value)
+            for name, value in report.radii().items()
         }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.maxima = dict(state["maxima"])
-        self.minima = dict(state["minima"])
-        heads = state["head_minima"]
-        self.head_minima = None if heads is None else torch.tensor(heads, dtype=torch.float32)
-        self.steps = state.get("steps", state["probed"])
-        self.probed = state["probed"]
-        self.clipped = state["clipped"]
-        self.skipped_nonfinite = state["skipped_nonfinite"]
-        self.no_output_tokens = state["no_output_tokens"]
+        heads = None if report.attn_spread is None else report.rho_attn.float().cpu()
+        tokens = None if report.output_tokens is None else int(report.output_tokens)
+        return replace(self, bottleneck=report.bottleneck, output_tokens=tokens, rho_attn_heads=heads, **measured)
 
 
 class RhoController:
@@ -209,7 +174,6 @@ class RhoController:
         self.mode = mode
         self.r_target = float(r_target)
         self.schedule = ProbeSchedule(every=every, trigger_r=float(trigger_r), trigger_growth=float(trigger_growth))
-        self.log_per_head = log_per_head
         self.reduce = reduce
         if "output" in radii:
             _require_logits(model)
@@ -222,7 +186,7 @@ class RhoController:
         self._probe_step: int | None = None  # step and |u| of the last probe; None: the next step probes
         self._probe_norm = 0.0
         self.last: StepRecord | None = None
-        self.window = _Window()
+        self.window = MetricWindow(per_head=log_per_head)
         self._old: list[torch.Tensor] | None = None
         self._handles: list[Any] = []
 
@@ -363,66 +327,20 @@ class RhoController:
     def _skip(self, record: StepRecord, reason: str) -> None:
         torch._foreach_copy_(self._shards(), self._old)
         if is_main_process():
-            logger.warning(
-                "hf_ghosts: skipped optimizer step %d: non-finite %s (update norm %s); the weights keep their old values",
-                self.steps,
-                reason,
-                record.update_norm,
-            )
+            logger.warning("hf_ghosts: skipped optimizer step %d: non-finite %s (update norm %s); the weights keep their "
+                           "old values", self.steps, reason, record.update_norm)
         self._probe_step = None  # something went wrong: measure the next step afresh
-        self.window.skipped_nonfinite += 1
         self.last = replace(record, skipped=reason)
+        self.window.add(self.last)
 
     def _finish(self, record: StepRecord, report: RadiusReport | None) -> None:
-        window = self.window
-        window.steps += 1
-        window.put_max("r", record.r)
-        window.put_max("r_applied", record.r_applied)
-        window.put_max("update_norm", record.update_norm)
-        window.put_min("scale", record.scale)
-        if record.rho is not None:
-            window.put_min("rho", record.rho)
-        if report is not None:
-            window.probed += 1
-            window.clipped += int(record.clipped)
-            measured = {
-                {"output": "rho_out", "attention": "rho_attn", "ffn": "rho_ffn"}[name]: float(value)
-                for name, value in report.radii().items()
-            }
-            for key, value in measured.items():
-                window.put_min(key, value)
-            heads = None if report.attn_spread is None else report.rho_attn.float().cpu()
-            if heads is not None:
-                window.head_minima = heads if window.head_minima is None else torch.minimum(window.head_minima, heads)
-            tokens = None if report.output_tokens is None else int(report.output_tokens)
-            if tokens == 0:
-                window.no_output_tokens += 1
-            record = replace(record, bottleneck=report.bottleneck, output_tokens=tokens, rho_attn_heads=heads, **measured)
-        self.last = record
+        self.last = record if report is None else record.with_report(report)
+        self.window.add(self.last)
 
     # ------------------------------------------------------------------------- logging and state
     def pop_metrics(self) -> dict[str, float]:
-        """The ``ghosts/*`` metrics aggregated since the last call, then reset.
-
-        r, r_applied, update_norm: max; rho and the radii, scale: min; clipped: fraction of probed
-        steps clipped; probed: fraction of steps measured afresh (the rest reused the last rho);
-        skipped_nonfinite and no_output_tokens: counts.
-        """
-        window = self.window
-        metrics = {f"ghosts/{key}": value for key, value in {**window.maxima, **window.minima}.items()}
-        if window.probed:
-            metrics["ghosts/clipped"] = window.clipped / window.probed
-        if window.steps:
-            metrics["ghosts/probed"] = window.probed / window.steps
-        metrics["ghosts/skipped_nonfinite"] = float(window.skipped_nonfinite)
-        if window.no_output_tokens:
-            metrics["ghosts/no_output_tokens"] = float(window.no_output_tokens)
-        if self.log_per_head and window.head_minima is not None:
-            for layer, row in enumerate(window.head_minima.tolist()):
-                for head, value in enumerate(row):
-                    metrics[f"ghosts/rho_attn/layer_{layer}/head_{head}"] = value
-        window.reset()
-        return metrics
+        """The ``ghosts/*`` metrics aggregated since the last call (:class:`~hf_ghosts.metrics.MetricWindow`), then reset."""
+        return self.window.pop()
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, the last radius (reused between probes) and the open logging window."""
@@ -451,17 +369,10 @@ def _require_logits(model: torch.nn.Module) -> None:
 
     Checked at construction so the error comes before training starts, not at the first probe.
     """
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type is None:
-        return
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
-    bare = MODEL_MAPPING_NAMES.get(model_type, ())
-    if type(model).__name__ in ((bare,) if isinstance(bare, str) else bare):
+    if is_bare_backbone(model):
         raise ValueError(
-            f"RhoController: {type(model).__name__} is the bare {model_type!r} backbone: it returns hidden states, not "
-            "logits, and the output radius needs logits. Load a model with a head (for example "
+            f"RhoController: {type(model).__name__} is the bare {model.config.model_type!r} backbone: it returns hidden "
+            "states, not logits, and the output radius needs logits. Load a model with a head (for example "
             "AutoModelForCausalLM instead of AutoModel), or drop 'output' from the radii."
         )
 

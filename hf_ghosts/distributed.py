@@ -33,14 +33,15 @@ back, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from hf_ghosts.probe import RadiusProbe, RadiusReport, _logits_of
+from hf_ghosts.probe import RadiusProbe, RadiusReport, _logits_of, forward_kwargs
 
 __all__ = [
     "BACKENDS",
@@ -217,13 +218,14 @@ class ShardedRadiusProbe(RadiusProbe):
     Each forward writes ``old +- h v`` (``v`` the unit direction, its norm taken over all shards)
     into this rank's shards, runs the model's own forward (FSDP2 all-gathers what was written),
     and reshards every FSDP module before and after, so no forward reuses unsharded parameters
-    gathered earlier (``reshard_after_forward=False`` would keep them). :meth:`measure` copies
-    the saved shards back afterwards: the model is left bit-identical. All ranks must call
-    :meth:`measure` together (collectives inside); its report is this rank's, to be reduced
-    with :func:`all_reduce_report`.
+    gathered earlier (``reshard_after_forward=False`` would keep them). Each measurement saves the
+    shards first, moves from those copies and copies them back afterwards: the model is left
+    bit-identical. All ranks must call :meth:`measure` (or :meth:`logit_slopes`) together
+    (collectives inside); its report is this rank's, to be reduced with :func:`all_reduce_report`.
 
     Args: as :class:`~hf_ghosts.probe.RadiusProbe`; ``estimator="jvp"`` is replaced by ``"fd"``
-    (logged once), and the parameters and FSDP's ``param_dtype`` must be ``dtype`` (fp32).
+    (logged once), and the parameters and FSDP's ``param_dtype`` must be ``dtype`` (fp32). ``direction``
+    and ``params`` of :meth:`measure` hold DTensors or this rank's local shards.
     """
 
     def __init__(
@@ -242,6 +244,7 @@ class ShardedRadiusProbe(RadiusProbe):
                 )
             estimator = "fd"
         super().__init__(model, radii, estimator, **kwargs)
+        self._saved: dict[str, torch.Tensor] = {}
         self._fsdp_modules = [m for m in model.modules() if FSDPModule is not None and isinstance(m, FSDPModule)]
         wrong = sorted({str(p.dtype) for p in self.trainable.values() if p.dtype != self.dtype})
         if wrong:
@@ -268,8 +271,22 @@ class ShardedRadiusProbe(RadiusProbe):
         norm = global_norm(list(pieces.values()), [self.trainable[name] for name in pieces])
         return pieces, self._checked_norm(float(norm))
 
+    @contextlib.contextmanager
+    def _intact(self) -> Iterator[None]:
+        """This rank's shards saved for the measurement (no grad) and copied back afterwards, bit for bit."""
+        shards = self._locals()
+        self._saved = {name: t.clone() for name, t in shards.items()}
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            torch._foreach_copy_(list(shards.values()), list(self._saved.values()))
+            self._saved = {}
+            self._reshard()
+
     def _weights(self, params: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        weights = self._locals()
+        """The saved shards (not the live ones, which each forward overwrites), ``params`` where given."""
+        weights = dict(self._saved)
         if params is not None:
             weights.update({name: local_tensor(t.detach()) for name, t in params.items()})
         return weights
@@ -279,25 +296,9 @@ class ShardedRadiusProbe(RadiusProbe):
         names = [name for name in weights if name in shards]
         self._reshard()
         torch._foreach_copy_([shards[name] for name in names], [weights[name] for name in names])
-        kwargs = self._forward_kwargs(inputs)
+        kwargs = forward_kwargs(self.model, inputs)
         try:
             output = self.model(**kwargs)
         finally:
             self._reshard()
         return _logits_of(output, self.model)
-
-    @torch.no_grad()
-    def measure(
-        self,
-        inputs: Mapping[str, torch.Tensor],
-        direction: Mapping[str, torch.Tensor],
-        params: Mapping[str, torch.Tensor] | None = None,
-    ) -> RadiusReport:
-        """As :meth:`RadiusProbe.measure`; ``direction`` and ``params`` hold DTensors or this rank's local shards."""
-        shards = self._locals()
-        saved = [t.clone() for t in shards.values()]
-        try:
-            return super().measure(inputs, direction, params)
-        finally:
-            torch._foreach_copy_(list(shards.values()), saved)
-            self._reshard()

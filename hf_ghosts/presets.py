@@ -8,7 +8,9 @@ vocabulary is left to the tokenizer: :func:`build_model` sizes the embeddings to
 second on :func:`pydoc_corpus`, the English prose and code that ships with Python
 (``pydoc_data.topics``). :func:`lm_blocks` turns a text dataset into fixed-length causal-LM
 blocks whose ``labels`` equal ``input_ids`` (the model shifts them), ready for
-``transformers.default_data_collator``.
+``transformers.default_data_collator``. :func:`spike_multiplier`, :func:`spike_schedule` and
+:func:`spike_loop` are the learning-rate spike of the paper's Table 1, shared by
+``recipes/spike_test.py``, ``benchmarks/accuracy.py`` and the tests.
 
 Example::
 
@@ -23,7 +25,8 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -47,6 +50,10 @@ __all__ = [
     "preset_config",
     "pydoc_corpus",
     "pydoc_splits",
+    "pydoc_text",
+    "spike_loop",
+    "spike_multiplier",
+    "spike_schedule",
     "train_bpe_tokenizer",
 ]
 
@@ -130,6 +137,11 @@ def pydoc_corpus() -> list[str]:
     return [topics[key] for key in sorted(topics)]
 
 
+def pydoc_text(separator: str = "\n\n") -> str:
+    """The pydoc corpus as one string, documents joined by ``separator`` (byte-level data for tests and benchmarks)."""
+    return separator.join(pydoc_corpus())
+
+
 def pydoc_splits(eval_every: int = 8) -> DatasetDict:
     """The pydoc corpus as ``DatasetDict(train, validation)`` with a ``text`` column.
 
@@ -205,3 +217,68 @@ def count_parameters(model: torch.nn.Module) -> str:
     total = sum(p.numel() for p in model.parameters())
     exponent = min(3, int(math.log10(max(total, 1)) // 3))
     return f"{total / 10 ** (3 * exponent):.2f}{['', 'k', 'M', 'B'][exponent]}"
+
+
+# --------------------------------------------------------------------------------------------- learning-rate spike
+def spike_multiplier(step: int, start: int, factor: float, stop: int | None = None) -> float:
+    """Learning-rate multiplier of optimizer step ``step`` (0-based): ``factor`` on ``[start, stop)``, else 1.
+
+    ``stop=None`` holds the spike to the end. Example: ``spike_multiplier(5, start=4, factor=1000.0)`` is ``1000.0``.
+    """
+    return factor if _in_spike(step, start, stop) else 1.0
+
+
+def _in_spike(step: int, start: int, stop: int | None) -> bool:
+    return start <= step and (stop is None or step < stop)
+
+
+def spike_schedule(
+    optimizer: torch.optim.Optimizer, start: int, factor: float, stop: int | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` with :func:`spike_multiplier`: optimizer step ``k`` (0-based) runs at ``lr * multiplier(k)``.
+
+    For a ``Trainer``: ``optimizers=(optimizer, spike_schedule(optimizer, start, factor))``.
+    """
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(spike_multiplier, start=start, factor=factor, stop=stop))
+
+
+def spike_loop(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    start: int,
+    factor: float,
+    stop: int | None = None,
+    step: Callable[[dict[str, torch.Tensor]], Any] | None = None,
+    max_grad_norm: float | None = None,
+) -> list[dict[str, Any]]:
+    """A plain PyTorch training loop with a learning-rate spike, one optimizer step per batch.
+
+    Step ``k`` runs at the optimizer's initial rates times :func:`spike_multiplier` ``(k, start, factor, stop)``:
+    ``model.train()``, forward, backward, gradient-norm clipping to ``max_grad_norm`` (if given), then
+    ``step(batch)`` (e.g. ``RhoController.step``, which calls ``optimizer.step()`` itself) or plain
+    ``optimizer.step()``, and ``optimizer.zero_grad(set_to_none=True)``.
+
+    Returns:
+        Per step ``{"step": k, "loss": loss before the step, "spike": bool, "record": step(batch)'s return value}``.
+    """
+    base = [group["lr"] for group in optimizer.param_groups]
+    rows = []
+    for index, batch in enumerate(batches):
+        for group, lr in zip(optimizer.param_groups, base, strict=True):
+            group["lr"] = lr * spike_multiplier(index, start, factor, stop)
+        model.train()
+        loss = model(**batch).loss
+        loss.backward()
+        row: dict[str, Any] = {"step": index, "loss": loss.item(), "spike": _in_spike(index, start, stop)}
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        if step is None:
+            optimizer.step()
+            row["record"] = None
+        else:
+            row["record"] = step(batch)
+        optimizer.zero_grad(set_to_none=True)
+        rows.append(row)
+    return rows

@@ -5,72 +5,64 @@ unit direction ``v`` yields the slopes of the logits, of every head's attention 
 FFN pre-activations; :mod:`hf_ghosts.radii` turns them into radii. The model is left exactly as
 found: same weights, same train/eval flags, same attention implementation, no gradients touched.
 
-For a causal LM whose logits are ``lm_head(x)`` of a plain linear head (:data:`LINEAR_HEAD_MODELS`)
-the forward stops at the head's input ``x`` and the logit slopes are computed from ``x`` block by
-block over the vocabulary, so the ``[batch, seq, vocab]`` logits and their tangent never exist
-(see ``chunked_head``).
+For a causal LM whose logits are ``lm_head(x)`` of a plain linear head
+(:data:`~hf_ghosts.architectures.LINEAR_HEAD_MODELS`) the forward stops at the head's input ``x`` and
+:mod:`hf_ghosts.head` computes the logit slopes from ``x`` block by block over the vocabulary, so the
+``[batch, seq, vocab]`` logits and their tangent never exist (see ``chunked_head``).
+
+Pieces: :func:`output_positions` (which logits are softmax samples), :class:`FfnRecorder` (the FFN
+hooks), the attention capture of :mod:`hf_ghosts.attention`, and :class:`RadiusProbe`'s two measuring
+paths (``jvp``, ``fd``) that run them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
 from torch.func import functional_call
 
-from hf_ghosts import attention
-from hf_ghosts.architectures import FfnSpec, find_ffn_modules, resolve_ffn_spec
-from hf_ghosts.radii import activation_radius, rho_bound, spread
-
-try:  # torch >= 2.6
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment,misc]
-
-__all__ = ["ESTIMATORS", "FFN_MODES", "LINEAR_HEAD_MODELS", "LOGIT_RESCALING_ATTRS", "RADII", "RadiusProbe", "RadiusReport"]
-
-RADII = ("output", "attention", "ffn")
-ESTIMATORS = ("jvp", "fd")
-FFN_MODES = ("kink", "activation")
-IGNORE_INDEX = -100
-
-# model_type -> the causal-LM class whose forward (transformers 5.23) returns ``logits = self.lm_head(x)``
-# unchanged (``x`` the last hidden state, sliced by ``logits_to_keep``): no softcapping, scaling or bias after it.
-# Not gemma2/gemma3 (final_logit_softcapping), cohere (logit_scale), granite (logits_scaling).
-LINEAR_HEAD_MODELS = {
-    "gemma": "GemmaForCausalLM",
-    "gpt2": "GPT2LMHeadModel",
-    "gpt_neox": "GPTNeoXForCausalLM",
-    "gptj": "GPTJForCausalLM",
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "olmo": "OlmoForCausalLM",
-    "olmo2": "Olmo2ForCausalLM",
-    "opt": "OPTForCausalLM",
-    "phi": "PhiForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
-# Config attributes with which other transformers models rescale or cap the logits after the head.
-LOGIT_RESCALING_ATTRS = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "logits_scaling",
-    "logits_soft_cap",
-    "output_logit_soft_cap",
-    "output_multiplier",
-    "logits_mup_width_multiplier",
-    "lm_head_multiplier",
+from hf_ghosts import attention, compat, head
+from hf_ghosts.architectures import (
+    LINEAR_HEAD_MODELS,
+    LOGIT_RESCALING_ATTRS,
+    FfnSpec,
+    chunked_head_blocker,
+    find_ffn_modules,
+    resolve_ffn_activation,
+    resolve_ffn_spec,
 )
+from hf_ghosts.attention import Pass
+from hf_ghosts.radii import activation_radius, rho_bound, spread
+from hf_ghosts.settings import ESTIMATORS, FFN_MODES, RADII, parse_radii, validate
+
+__all__ = [
+    "ESTIMATORS",
+    "FFN_MODES",
+    "IGNORE_INDEX",
+    "LINEAR_HEAD_MODELS",
+    "LOGIT_RESCALING_ATTRS",
+    "RADII",
+    "FfnRecorder",
+    "RadiusProbe",
+    "RadiusReport",
+    "forward_kwargs",
+    "output_positions",
+]
+
+IGNORE_INDEX = -100
+Tensors = Mapping[str, torch.Tensor]  # a batch, weights or a direction, by name
 
 
-class _HeadReached(Exception):  # noqa: N818 (a control-flow signal, not an error)
-    """Raised by the head's pre-hook: the forward stops where the full-vocabulary head would run."""
+class _HeadReached(BaseException):  # a control-flow signal, not an error
+    """Raised by the head's pre-hook: the forward stops where the full-vocabulary head would run.
+
+    A ``BaseException``, so that no ``except Exception`` in model code swallows it.
+    """
 
 
 @dataclass(frozen=True)
@@ -144,14 +136,222 @@ class RadiusReport:
         )
 
 
-def _stop_at_head(captured: list[torch.Tensor]) -> Callable[[torch.nn.Module, tuple], None]:
-    """A forward pre-hook for the output head: append its input ``x`` to ``captured`` and stop the forward."""
+def output_positions(
+    inputs: Mapping[str, torch.Tensor],
+    shape: Sequence[int],
+    *,
+    shift_labels: bool,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Boolean mask over ``shape`` (the logits' shape without the class dim) of the positions that are softmax samples.
+
+    With ``labels`` of that shape and ``shift_labels=False``: ``labels != -100``. Causal
+    (``shift_labels=True``), logits at ``t`` predict ``labels[t + 1]``: ``valid[:, t] = labels[:, t + 1] != -100``
+    and the last position never counts; a ``shift_labels`` entry in ``inputs`` (already shifted) is
+    used as it is. Without labels, ``t`` counts where the ``attention_mask`` is 1 at ``t`` and ``t + 1``.
+    A 1-d ``shape`` (one output per sample) takes 1-d labels, else every sample.
+
+    Example: labels ``[[5, -100, 7, 8]]``, shifted: ``[[False, True, True, False]]``.
+    """
+    shape = torch.Size(shape)
+    labels = inputs.get("labels")
+    if labels is not None and labels.shape[: len(shape)] == shape and not shift_labels:
+        return labels != IGNORE_INDEX
+    if len(shape) == 1:
+        if labels is not None and labels.dim() == 1:
+            return labels != IGNORE_INDEX
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    batch, length = shape[:2]
+    if inputs.get("shift_labels") is not None:
+        return inputs["shift_labels"] != IGNORE_INDEX
+    valid = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    if labels is not None:
+        valid[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    else:
+        mask = inputs.get("attention_mask")
+        real = torch.ones(batch, length, dtype=torch.bool, device=device) if mask is None else mask.bool()
+        valid[:, :-1] = real[:, :-1] & real[:, 1:]
+    return valid
+
+
+class FfnRecorder:
+    """One measurement's forward hooks on the FFN pre-activation modules: what the FFN radius is taken over.
+
+    Per module output ``z`` (real tokens only) with slope ``z'``: ``mode="kink"`` keeps every ``|z| / |z'|``
+    (inf where ``z' = 0``) and :meth:`radius` is their ``quantile``; ``mode="activation"`` keeps each
+    module's minimum of :func:`~hf_ghosts.radii.activation_radius` and :meth:`radius` is the smallest.
+    ``Pass.JVP`` reads ``z'`` from the output's tangent; ``Pass.FD_PLUS`` stores ``z+``, and ``Pass.FD_MINUS``
+    forms ``z' = (z+ - z-) / 2h`` and ``z = (z+ + z-) / 2``.
+    """
+
+    def __init__(
+        self,
+        modules: Mapping[str, torch.nn.Module],
+        mode: str,
+        quantile: float,
+        activation: str | None,
+        fd_step: float,
+    ) -> None:
+        self.modules, self.mode, self.quantile, self.activation = modules, mode, quantile, activation
+        self.fd_step = fd_step
+        self.token_mask: torch.Tensor | None = None
+        self.current = Pass.JVP
+        self.values: list[torch.Tensor] = []
+        self._plus: dict[str, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def attached(self, token_mask: torch.Tensor | None, current: Pass) -> Iterator[FfnRecorder]:
+        """The hooks, for the block: ``token_mask`` marks real tokens, ``current`` is the first forward."""
+        self.token_mask, self.current = token_mask, current
+        handles = [module.register_forward_hook(self._hook(name)) for name, module in self.modules.items()]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, name: str) -> Callable[[torch.nn.Module, tuple, torch.Tensor], None]:
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            primal, tangent = fwAD.unpack_dual(output)
+            if self.current == Pass.FD_PLUS:
+                self._plus[name] = primal.detach()
+                return
+            if self.current == Pass.FD_MINUS:
+                plus = self._plus.pop(name)
+                primal, tangent = (plus + primal) / 2, (plus - primal) / (2 * self.fd_step)
+            self._add(primal, torch.zeros_like(primal) if tangent is None else tangent)
+
+        return hook
+
+    def _add(self, primal: torch.Tensor, tangent: torch.Tensor) -> None:
+        primal, tangent = primal.float(), tangent.float()
+        if self.token_mask is not None and self.token_mask.shape == primal.shape[:2]:
+            keep = self.token_mask.bool()
+            primal, tangent = primal[keep], tangent[keep]
+        if self.mode == "activation":
+            self.values.append(activation_radius(primal, tangent, self.activation).amin().reshape(1))
+        else:
+            magnitude = tangent.abs()
+            ratio = torch.where(magnitude > 0, primal.abs() / magnitude, torch.full_like(magnitude, math.inf))
+            self.values.append(ratio.reshape(-1))
+
+    def radius(self) -> torch.Tensor:
+        """``activation``: the least radius; ``kink``: the ``ceil(quantile n)``-th smallest ratio, inf if none."""
+        values = torch.cat(self.values)
+        if self.mode == "activation":
+            return values.amin()
+        if values.numel() == 0:
+            return torch.tensor(math.inf, device=values.device)
+        return values.kthvalue(max(1, math.ceil(self.quantile * values.numel()))).values
+
+
+@dataclass
+class _Session:
+    """What one measurement records: the attention capture, the FFN recorder, the inputs the head was reached with."""
+
+    capture: attention.ScoreCapture
+    ffn: FfnRecorder | None = None
+    head_inputs: list[torch.Tensor] = field(default_factory=list)
+
+    def begin(self, current: Pass) -> None:
+        """Start the forward ``current`` in every recorder."""
+        self.capture.begin(current)
+        if self.ffn is not None:
+            self.ffn.current = current
+
+
+@contextlib.contextmanager
+def _stopping_at(module: torch.nn.Module, captured: list[torch.Tensor]) -> Iterator[None]:
+    """A pre-hook on ``module`` (the head) for the block: append its input ``x`` to ``captured``, stop the forward."""
 
     def hook(module: torch.nn.Module, args: tuple) -> None:
         captured.append(args[0])
         raise _HeadReached
 
-    return hook
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _probe_mode(model: torch.nn.Module, ghosts: bool) -> Iterator[None]:
+    """Eval mode, fp32 forward without Accelerate's autocast wrapper, ghosts attention (if ``ghosts``); all restored."""
+    training = {module: module.training for module in model.modules()}
+    wrapped_forward = model.__dict__.get("forward")
+    original_forward = getattr(model, "_original_forward", None)
+    model.eval()
+    if wrapped_forward is not None and original_forward is not None:
+        model.forward = original_forward
+    try:
+        device_type = next(model.parameters()).device.type
+        name = attention.ATTENTION_NAME
+        switch = compat.attention_implementation(model, name) if ghosts else contextlib.nullcontext()
+        with switch, torch.no_grad(), torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        if wrapped_forward is not None:
+            model.forward = wrapped_forward
+        for module, flag in training.items():
+            module.training = flag
+
+
+def _model_type(model: torch.nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+
+
+def _asks(model: torch.nn.Module, method: str) -> bool:
+    """``model.<method>()`` as a bool (``can_generate``, ``_can_set_attn_implementation``); False without it."""
+    answer = getattr(model, method, None)
+    return bool(answer()) if callable(answer) else False
+
+
+def forward_kwargs(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, object]:
+    """The batch without what would make the model compute a loss, and without a KV cache."""
+    kwargs: dict[str, object] = {
+        key: value for key, value in inputs.items() if key not in ("labels", "shift_labels", "num_items_in_batch")
+    }
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+@dataclass(frozen=True)
+class _LinearHead:
+    """The output head the chunked head reads ``W`` and ``b`` of, and their names in the weights and the direction."""
+
+    module: torch.nn.Linear
+    weight_name: str
+    bias_name: str | None
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, chunked_head: bool | None) -> _LinearHead | None:
+        """The head if the chunked head applies (``chunked_head`` not False; True: an error saying why it cannot)."""
+        blocker = None if chunked_head is False else chunked_head_blocker(model)
+        if chunked_head is False or blocker is not None:
+            if chunked_head:
+                raise ValueError(
+                    f"RadiusProbe: chunked_head=True, but {blocker}. Pass chunked_head=None to fall back to the "
+                    "full logits automatically (or chunked_head=False)"
+                )
+            return None
+        module = model.get_output_embeddings()
+        # named_parameters() names a tied weight once: the name the direction and weights use
+        names = {id(p): name for name, p in model.named_parameters()}
+        return cls(module, names[id(module.weight)], names.get(id(module.bias)))
+
+    def tensors(
+        self, weights: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``W, W', b, b'``: weights as the forward sees them, ``W'``/``b'`` the direction's entries for them
+        (the unit direction's for jvp, the raw one's for fd); ``None`` where it has none."""
+        weight = weights.get(self.weight_name, self.module.weight.detach())  # absent: frozen, the module's own
+        if self.bias_name is None:
+            return weight, direction.get(self.weight_name), None, None
+        bias = weights.get(self.bias_name, self.module.bias.detach())
+        return weight, direction.get(self.weight_name), bias, direction.get(self.bias_name)
 
 
 def _logits_of(output: object, model: torch.nn.Module) -> torch.Tensor:
@@ -166,12 +366,27 @@ def _logits_of(output: object, model: torch.nn.Module) -> torch.Tensor:
     return logits
 
 
+def _tangent(dual: torch.Tensor) -> torch.Tensor:
+    primal, tangent = fwAD.unpack_dual(dual)
+    return torch.zeros_like(primal) if tangent is None else tangent
+
+
+def _dual(weights: Tensors, unit: Tensors) -> dict[str, torch.Tensor]:
+    """``theta + v eps``: dual tensors where ``unit`` has a tangent (inside ``fwAD.dual_level()``)."""
+    return {name: fwAD.make_dual(w, unit[name]) if name in unit else w for name, w in weights.items()}
+
+
+def _shifted(weights: Tensors, direction: Tensors, scale: float) -> dict[str, torch.Tensor]:
+    """``theta + scale * d`` (``theta +- h v`` with ``scale = +- h / |d|``: no copy of ``v``)."""
+    return {name: torch.add(w, direction[name], alpha=scale) if name in direction else w for name, w in weights.items()}
+
+
 class RadiusProbe:
     """Measure output, per-head attention and FFN radii of ``model`` along a direction.
 
     Args:
         model: a ``transformers`` model (or any module returning logits, for the output radius).
-        radii: which radii to measure, a subset of ``("output", "attention", "ffn")``.
+        radii: which radii to measure, a subset of ``("output", "attention", "ffn")`` (or ``"output,ffn"``).
         estimator: ``"jvp"`` (forward-mode AD, exact) or ``"fd"`` (central difference
             ``(z(theta + h v) - z(theta - h v)) / 2h``, no forward AD needed; error ``O(h^2)``).
         fd_step: ``h`` for ``"fd"``, a length in parameter space along the unit direction.
@@ -180,24 +395,25 @@ class RadiusProbe:
             with the model's configured activation).
         ffn_quantile: quantile of the kink proxy (paper: 1%).
         ffn_spec: where the FFN pre-activations live, for a ``model_type`` not in
-            :data:`~hf_ghosts.architectures.FFN_PREACTIVATIONS`.
+            :data:`~hf_ghosts.architectures.ARCHITECTURES`.
         shift_labels: whether logits at position ``t`` predict ``labels[t + 1]`` (causal LM).
             ``None``: True for generative models, False otherwise.
         dtype: dtype of the probe's forward (float32: the radius of a bf16 run is measured in fp32).
         chunked_head: stop the forward at the output head's input ``x`` and compute the logit slopes
             ``a = x' W^T + x W'^T + b'`` (``"fd"``: ``(x+ (W + hW')^T - x- (W - hW')^T) / 2h``, biases
-            likewise) over ``vocab_chunk`` rows of the head at a time, keeping only each position's
-            running max and min: the ``[batch, seq, vocab]`` logits are never built. ``None``: whenever that is provably
-            the same computation (a :data:`LINEAR_HEAD_MODELS` class, no :data:`LOGIT_RESCALING_ATTRS`
-            set, a plain ``nn.Linear`` head without hooks, not sharded); ``True``: require it (ValueError
-            saying why not); ``False``: always run the full head.
+            likewise) over ``vocab_chunk`` rows of the head at a time (:mod:`hf_ghosts.head`): the
+            ``[batch, seq, vocab]`` logits are never built. ``None``: whenever that is provably the same
+            computation (:func:`~hf_ghosts.architectures.chunked_head_blocker` finds nothing against it);
+            ``True``: require it (ValueError saying why not); ``False``: always run the full head.
         vocab_chunk: head rows (vocabulary entries) per block of the chunked head.
+
+    Settings are checked by :func:`hf_ghosts.settings.validate` (``RadiusProbe.<name>: got ...; expected ...``).
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        radii: tuple[str, ...] | list[str] = ("output", "attention"),
+        radii: tuple[str, ...] | list[str] | str = ("output", "attention"),
         estimator: str = "jvp",
         *,
         fd_step: float = 1e-2,
@@ -209,165 +425,40 @@ class RadiusProbe:
         chunked_head: bool | None = None,
         vocab_chunk: int = 8192,
     ) -> None:
-        radii = tuple(radii)
-        unknown = [name for name in radii if name not in RADII]
-        if not radii or unknown:
-            raise ValueError(f"RadiusProbe: radii must be a non-empty subset of {RADII}; got {radii}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"RadiusProbe: estimator must be one of {ESTIMATORS}; got {estimator!r}")
-        if ffn_mode not in FFN_MODES:
-            raise ValueError(f"RadiusProbe: ffn_mode must be one of {FFN_MODES}; got {ffn_mode!r}")
-        if not 0 < ffn_quantile < 1:
-            raise ValueError(f"RadiusProbe: ffn_quantile must lie in (0, 1); got {ffn_quantile}")
-        if not fd_step > 0:
-            raise ValueError(f"RadiusProbe: fd_step must be > 0; got {fd_step}")
-        if isinstance(vocab_chunk, bool) or not isinstance(vocab_chunk, int) or vocab_chunk < 1:
-            raise ValueError(f"RadiusProbe: vocab_chunk must be a positive int; got {vocab_chunk!r}")
-        self.model = model
-        self.radii = radii
-        self.estimator = estimator
-        self.fd_step = fd_step
-        self.ffn_mode = ffn_mode
-        self.ffn_quantile = ffn_quantile
-        self.dtype = dtype
-        self.shift_labels = shift_labels
-        self.vocab_chunk = vocab_chunk
-        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        if "attention" in radii:
-            if not self._can_set_attention():
-                raise ValueError(
-                    f"The attention radius needs attention routed through transformers' AttentionInterface; "
-                    f"model_type {model_type!r} ({type(model).__name__}) does not. Pass radii=('output',) "
-                    "(or ('output', 'ffn'))."
-                )
+        radii = parse_radii(radii)
+        settings = dict(radii=radii, estimator=estimator, fd_step=fd_step, ffn_mode=ffn_mode, ffn_quantile=ffn_quantile)
+        validate("RadiusProbe", {**settings, "vocab_chunk": vocab_chunk})
+        self.model, self.radii, self.estimator, self.fd_step = model, radii, estimator, fd_step
+        self.ffn_mode, self.ffn_quantile, self.dtype = ffn_mode, ffn_quantile, dtype
+        self.shift_labels, self.vocab_chunk = shift_labels, vocab_chunk
+        if "attention" in radii and not _asks(self.model, "_can_set_attn_implementation"):
+            raise ValueError(
+                "The attention radius needs attention routed through transformers' AttentionInterface; model_type "
+                f"{_model_type(model)!r} ({type(model).__name__}) does not. Pass radii=('output',) "
+                "(or ('output', 'ffn'))."
+            )
         self._ffn_modules: dict[str, torch.nn.Module] = {}
-        self._activation = None
+        self._activation: str | None = None
         if "ffn" in radii:
             spec = resolve_ffn_spec(model, ffn_spec)
             self._ffn_modules = find_ffn_modules(model, spec)
-            if ffn_mode == "activation":
-                self._activation = getattr(model.config, spec.activation_attr, None)
-                if not isinstance(self._activation, str):
-                    raise ValueError(
-                        f"RadiusProbe: config.{spec.activation_attr} of {model_type!r} is {self._activation!r}, not an "
-                        "activation name; use ffn_mode='kink'"
-                    )
+            self._activation = resolve_ffn_activation(model, spec) if ffn_mode == "activation" else None
         self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        self._head: torch.nn.Linear | None = None
-        if chunked_head is not False:
-            blocker = self._chunked_head_blocker()
-            if blocker is None:
-                self._head = model.get_output_embeddings()
-                # named_parameters() names a tied weight once: the name the direction and weights use
-                names = {id(p): name for name, p in model.named_parameters()}
-                self._head_names = (names[id(self._head.weight)], names.get(id(self._head.bias)))
-            elif chunked_head:
-                raise ValueError(
-                    f"RadiusProbe: chunked_head=True, but {blocker}. Pass chunked_head=None to fall back to the "
-                    "full logits automatically (or chunked_head=False)"
-                )
+        self._head = _LinearHead.of(model, chunked_head)
 
-    def _chunked_head_blocker(self) -> str | None:
-        """Why the logits are not provably ``lm_head(x)`` of a plain linear head; ``None`` if they are."""
-        model = self.model
-        config = getattr(model, "config", None)
-        model_type = getattr(config, "model_type", None)
-        expected = LINEAR_HEAD_MODELS.get(model_type)
-        cls = type(model)
-        if expected is None or (cls.__module__, cls.__name__) != (
-            f"transformers.models.{model_type}.modeling_{model_type}",
-            expected,
-        ):
-            return (
-                f"{cls.__name__} (model_type {model_type!r}) is not one of the causal LMs whose logits are known to be "
-                f"their linear head's output unchanged ({', '.join(sorted(LINEAR_HEAD_MODELS.values()))})"
-            )
-        for attr in LOGIT_RESCALING_ATTRS:
-            if getattr(config, attr, None) is not None:
-                return f"config.{attr}={getattr(config, attr)!r} may rescale or cap the logits after the head"
-        head = model.get_output_embeddings()
-        if type(head) is not torch.nn.Linear:
-            return f"its output embedding is a {type(head).__name__}, not a plain torch.nn.Linear"
-        if "forward" in head.__dict__ or head._forward_hooks or head._forward_pre_hooks:
-            return "its output head has forward hooks or a replaced forward, which may change the logits"
-        if DTensor is not None and any(isinstance(p, DTensor) for p in head.parameters()):
-            return "its output head is sharded (DTensor); the chunked head needs the full weight matrix"
-        return None
-
-    def _can_set_attention(self) -> bool:
-        can_set = getattr(self.model, "_can_set_attn_implementation", None)
-        return bool(can_set()) if callable(can_set) else False
-
-    # ----------------------------------------------------------------------------------- masks
     def _shifts(self) -> bool:
-        if self.shift_labels is not None:
-            return self.shift_labels
-        can_generate = getattr(self.model, "can_generate", None)
-        return bool(can_generate()) if callable(can_generate) else False
+        return _asks(self.model, "can_generate") if self.shift_labels is None else self.shift_labels
 
-    def _output_positions(
-        self, shape: torch.Size, device: torch.device, inputs: Mapping[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """Boolean mask over ``shape`` (the logits' shape without the class dim) of the positions that are softmax samples."""
-        labels = inputs.get("labels")
-        if labels is not None and labels.shape[: len(shape)] == shape and not self._shifts():
-            return labels != IGNORE_INDEX
-        if len(shape) == 1:
-            if labels is not None and labels.dim() == 1:
-                return labels != IGNORE_INDEX
-            return torch.ones(shape, dtype=torch.bool, device=device)
-        batch, length = shape[:2]
-        if inputs.get("shift_labels") is not None:
-            return inputs["shift_labels"] != IGNORE_INDEX
-        valid = torch.zeros(batch, length, dtype=torch.bool, device=device)
-        if labels is not None:
-            valid[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-        else:
-            mask = inputs.get("attention_mask")
-            real = torch.ones(batch, length, dtype=torch.bool, device=device) if mask is None else mask.bool()
-            valid[:, :-1] = real[:, :-1] & real[:, 1:]
-        return valid
-
-    # ----------------------------------------------------------------------------------- model state
     def _routes_through_ghosts(self) -> bool:
-        """Whether the probe's forward runs the ghosts attention (eager inside a probe).
-
-        Always to measure attention; and for a JVP through a model set to sdpa or flash, which have
-        no forward-mode AD. Ghosts, not plain eager: it outputs 0 for a query with no allowed key
-        (left padding) as sdpa does, so the probe's logits equal the training forward's.
-        """
+        """Whether the forward runs the ghosts attention: to measure attention, and for a JVP through sdpa or flash
+        (no forward-mode AD). Ghosts, not plain eager: it outputs 0 for a query with no allowed key (left padding)
+        as sdpa does, so the probe's logits equal the training forward's."""
         if "attention" in self.radii:
             return True
-        implementation = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
-        return self.estimator == "jvp" and implementation not in (None, "eager") and self._can_set_attention()
+        no_forward_ad = compat.attention_implementation_of(self.model) not in (None, "eager")
+        return self.estimator == "jvp" and no_forward_ad and _asks(self.model, "_can_set_attn_implementation")
 
-    @contextlib.contextmanager
-    def _probe_mode(self, ghosts: bool) -> Iterator[None]:
-        """Eval mode, fp32 forward without Accelerate's autocast wrapper, ghosts attention; all restored."""
-        model = self.model
-        training = {module: module.training for module in model.modules()}
-        wrapped_forward = model.__dict__.get("forward")
-        original_forward = getattr(model, "_original_forward", None)
-        config = getattr(model, "config", None)
-        implementation = getattr(config, "_attn_implementation", None)
-        model.eval()
-        if wrapped_forward is not None and original_forward is not None:
-            model.forward = original_forward
-        if ghosts:
-            config._attn_implementation = attention.ATTENTION_NAME
-        try:
-            device_type = next(model.parameters()).device.type
-            with torch.no_grad(), torch.autocast(device_type, enabled=False):
-                yield
-        finally:
-            if ghosts:
-                config._attn_implementation = implementation
-            if wrapped_forward is not None:
-                model.forward = wrapped_forward
-            for module, flag in training.items():
-                module.training = flag
-
-    # ----------------------------------------------------------------------------------- measure
+    # ----------------------------------------------------------------------------------- direction and weights
     def _check_direction(self, direction: Mapping[str, torch.Tensor]) -> None:
         unknown = sorted(set(direction) - set(self.trainable))
         if unknown:
@@ -397,18 +488,13 @@ class RadiusProbe:
         base = dict(self.trainable) if params is None else {**self.trainable, **params}
         return {name: t.detach().to(self.dtype) if t.is_floating_point() else t.detach() for name, t in base.items()}
 
-    def _forward_kwargs(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, object]:
-        """The batch without what would make the model compute a loss, and without a KV cache."""
-        kwargs: dict[str, object] = {
-            key: value for key, value in inputs.items() if key not in ("labels", "shift_labels", "num_items_in_batch")
-        }
-        config = getattr(self.model, "config", None)
-        if config is not None and hasattr(config, "use_cache"):
-            kwargs["use_cache"] = False
-        return kwargs
+    def _intact(self) -> contextlib.AbstractContextManager:
+        """Around a whole measurement: what keeps the model's weights as found (nothing: forwards are functional)."""
+        return contextlib.nullcontext()
 
+    # ----------------------------------------------------------------------------------- forwards
     def _forward(self, weights: dict[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        kwargs = self._forward_kwargs(inputs)
+        kwargs = forward_kwargs(self.model, inputs)
         output = functional_call(self.model, weights, args=(), kwargs=kwargs, strict=False, tie_weights=True)
         return _logits_of(output, self.model)
 
@@ -419,6 +505,28 @@ class RadiusProbe:
         except _HeadReached:
             return None
 
+    @contextlib.contextmanager
+    def _measuring(self, inputs: Mapping[str, torch.Tensor], *, record: bool) -> Iterator[_Session]:
+        """Probe mode and ghosts attention; with ``record``, the attention capture, FFN hooks and the head's stop."""
+        token_mask = inputs.get("attention_mask")
+        first = Pass.JVP if self.estimator == "jvp" else Pass.FD_PLUS
+        query_mask = None if token_mask is None else token_mask.bool()
+        capture = attention.ScoreCapture(first, query_mask, self.fd_step, record=record and "attention" in self.radii)
+        session = _Session(capture)
+        ghosts = self._routes_through_ghosts()
+        with contextlib.ExitStack() as stack:
+            if record and self._ffn_modules:
+                ffn = (self._ffn_modules, self.ffn_mode, self.ffn_quantile, self._activation, self.fd_step)
+                session.ffn = FfnRecorder(*ffn)
+                stack.enter_context(session.ffn.attached(token_mask, first))
+            if record and self._head is not None:
+                stack.enter_context(_stopping_at(self._head.module, session.head_inputs))
+            stack.enter_context(_probe_mode(self.model, ghosts))
+            if ghosts:
+                stack.enter_context(attention.capture_scores(capture))
+            yield session
+
+    # ----------------------------------------------------------------------------------- measure
     def measure(
         self,
         inputs: Mapping[str, torch.Tensor],
@@ -435,178 +543,89 @@ class RadiusProbe:
         Returns:
             A :class:`RadiusReport` (tensors on the model's device, no host sync).
         """
-        pieces, norm = self._direction_and_norm(direction)
-        weights = self._weights(params)
-        token_mask = inputs.get("attention_mask")
-        capture = attention.ScoreCapture(
-            mode="jvp" if self.estimator == "jvp" else "fd_plus",
-            query_mask=None if token_mask is None else token_mask.bool(),
-            fd_step=self.fd_step,
-            record="attention" in self.radii,
-        )
-        ghosts = self._routes_through_ghosts()
-        ffn_state: dict[str, object] = {"plus": {}, "values": [], "phase": capture.mode}
-        hooks = [
-            module.register_forward_hook(self._ffn_hook(name, ffn_state, token_mask))
-            for name, module in self._ffn_modules.items()
-        ]
-        head_inputs: list[torch.Tensor] = []
-        if self._head is not None:
-            hooks.append(self._head.register_forward_pre_hook(_stop_at_head(head_inputs)))
-        per_position = None
-        try:
-            with self._probe_mode(ghosts), attention.capture_scores(capture) if ghosts else contextlib.nullcontext():
-                if self.estimator == "jvp":
-                    unit = {name: d / norm for name, d in pieces.items()}  # the tangent v = d / |d|
-                    with fwAD.dual_level():
-                        dual = {
-                            name: fwAD.make_dual(weights[name], unit[name]) if name in unit else value
-                            for name, value in weights.items()
-                        }
-                        logits = self._run(dual, inputs)
-                        if "output" in self.radii and self._head is not None:
-                            per_position = self._chunked_jvp_spread(head_inputs[0], weights, unit)
-                        elif "output" in self.radii:
-                            primal, slopes = fwAD.unpack_dual(logits)
-                            if slopes is None:
-                                slopes = torch.zeros_like(primal)
-                            per_position = spread(slopes.float(), dim=-1)
-                else:
-                    step = self.fd_step / norm  # theta +- h v = theta +- (h / |d|) d: no copy of v
+        with self._intact():
+            pieces, norm = self._direction_and_norm(direction)
+            weights = self._weights(params)
+            with self._measuring(inputs, record=True) as session:
+                path = self._jvp_spreads if self.estimator == "jvp" else self._fd_spreads
+                per_position = path(session, weights, pieces, norm, inputs)
+            return self._report(per_position, inputs, session)
 
-                    def shifted(sign: float) -> dict[str, torch.Tensor]:  # one copy of the weights alive at a time
-                        alpha = sign * step
-                        return {n: torch.add(w, pieces[n], alpha=alpha) if n in pieces else w for n, w in weights.items()}
-
-                    logits_plus = self._run(shifted(1.0), inputs)
-                    capture.mode = ffn_state["phase"] = "fd_minus"
-                    capture.calls = 0
-                    logits_minus = self._run(shifted(-1.0), inputs)
-                    if "output" in self.radii and self._head is not None:
-                        per_position = self._chunked_fd_spread(head_inputs[0], head_inputs[1], weights, pieces, step)
-                    elif "output" in self.radii:
-                        # difference in the forward's dtype: rounding to fp32 first costs eps / h
-                        per_position = spread(((logits_plus - logits_minus) / (2 * self.fd_step)).float(), dim=-1)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return self._report(per_position, inputs, capture, ffn_state)
-
-    # ----------------------------------------------------------------------------------- chunked head
-    def _head_tensors(
-        self, weights: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """``W, W', b, b'`` of the head: weights as the forward sees them, ``W'``/``b'`` the direction's
-        entries for them (the unit direction's for jvp, the raw one's for fd); ``None`` where it has none."""
-        weight_name, bias_name = self._head_names
-        weight = weights.get(weight_name, self._head.weight.detach())  # absent: frozen, the module's own
-        bias = None if bias_name is None else weights.get(bias_name, self._head.bias.detach())
-        return weight, direction.get(weight_name), bias, None if bias_name is None else direction.get(bias_name)
-
-    def _blockwise_spread(self, rows: int, block: Callable[[slice], torch.Tensor]) -> torch.Tensor:
-        """Per position ``max_k a_k - min_k a_k`` over ``rows`` classes, ``a`` built ``vocab_chunk`` rows at a time."""
-        high = low = None
-        for start in range(0, rows, self.vocab_chunk):
-            block_low, block_high = torch.aminmax(block(slice(start, start + self.vocab_chunk)), dim=-1)
-            high = block_high if high is None else torch.maximum(high, block_high)
-            low = block_low if low is None else torch.minimum(low, block_low)
-        # the spread of the two extremes is high - low, with spread's check for NaN and inf
-        return spread(torch.stack((high.float(), low.float()), dim=-1), dim=-1)
-
-    def _chunked_jvp_spread(
-        self, hidden: torch.Tensor, weights: Mapping[str, torch.Tensor], unit: Mapping[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """Spread of ``a = x' W^T + x W'^T + b'`` (``hidden`` the head's dual input ``x + x' eps``), per position."""
-        primal, tangent = fwAD.unpack_dual(hidden)
-        if tangent is None:
-            tangent = torch.zeros_like(primal)
-        weight, weight_slope, _, bias_slope = self._head_tensors(weights, unit)
-
-        def block(rows: slice) -> torch.Tensor:
-            slopes = F.linear(tangent, weight[rows], None if bias_slope is None else bias_slope[rows])
-            return slopes if weight_slope is None else slopes + F.linear(primal, weight_slope[rows])
-
-        return self._blockwise_spread(weight.shape[0], block)
-
-    def _chunked_fd_spread(
+    def logit_slopes(
         self,
-        hidden_plus: torch.Tensor,
-        hidden_minus: torch.Tensor,
-        weights: Mapping[str, torch.Tensor],
-        direction: Mapping[str, torch.Tensor],
-        step: float,
-    ) -> torch.Tensor:
-        """Spread of ``a = (z+ - z-) / 2h``, ``z+- = x+- (W +- hW')^T + b +- hb'``, per position (difference in the forward dtype).
-
-        ``W' = d_W / |d|``: the head's rows are moved by ``+- step * d_W`` with ``step = h / |d|``.
-        """
-        weight, weight_slope, bias, bias_slope = self._head_tensors(weights, direction)
-
-        def moved(value: torch.Tensor | None, slope: torch.Tensor | None, rows: slice, sign: float) -> torch.Tensor | None:
-            if value is None or slope is None:
-                return None if value is None else value[rows]
-            return torch.add(value[rows], slope[rows], alpha=sign * step)
-
-        def block(rows: slice) -> torch.Tensor:
-            plus = F.linear(hidden_plus, moved(weight, weight_slope, rows, 1.0), moved(bias, bias_slope, rows, 1.0))
-            minus = F.linear(hidden_minus, moved(weight, weight_slope, rows, -1.0), moved(bias, bias_slope, rows, -1.0))
-            return (plus - minus) / (2 * self.fd_step)
-
-        return self._blockwise_spread(weight.shape[0], block)
-
-    def _ffn_hook(self, name: str, state: dict, token_mask: torch.Tensor | None):
-        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-            primal, tangent = fwAD.unpack_dual(output)
-            if state["phase"] == "fd_plus":
-                state["plus"][name] = primal.detach()
-                return
-            if state["phase"] == "fd_minus":
-                plus = state["plus"].pop(name)
-                tangent = (plus - primal) / (2 * self.fd_step)
-                primal = (plus + primal) / 2
-            elif tangent is None:
-                tangent = torch.zeros_like(primal)
-            primal, tangent = primal.float(), tangent.float()
-            if token_mask is not None and token_mask.shape == primal.shape[:2]:
-                keep = token_mask.bool()
-                primal, tangent = primal[keep], tangent[keep]
-            if self.ffn_mode == "activation":
-                state["values"].append(activation_radius(primal, tangent, self._activation).amin().reshape(1))
-            else:
-                magnitude = tangent.abs()
-                ratio = torch.where(magnitude > 0, primal.abs() / magnitude, torch.full_like(magnitude, math.inf))
-                state["values"].append(ratio.reshape(-1))
-
-        return hook
-
-    def _report(
-        self,
-        per_position: torch.Tensor | None,
         inputs: Mapping[str, torch.Tensor],
-        capture: attention.ScoreCapture,
-        ffn_state: dict,
-    ) -> RadiusReport:
-        """The report from the per-position logit-slope spreads (``None`` without the output radius) and the hooks' records."""
+        direction: Mapping[str, torch.Tensor],
+        params: Mapping[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits ``z`` at ``params`` and their slopes ``a = dz/dt`` along ``v = direction / |direction|``.
+
+        The full head runs (``[..., classes]`` each, the probe's dtype), for work on every slope, e.g. an
+        exact radius (:func:`~hf_ghosts.radii.exact_radius`). ``jvp``: ``a = J v`` by one forward-mode pass;
+        ``fd``: ``a = (z(theta + h v) - z(theta - h v)) / 2h`` and a third forward for ``z``. Nothing is
+        recorded and the model is left as found. Arguments as :meth:`measure`.
+        """
+        with self._intact():
+            pieces, norm = self._direction_and_norm(direction)
+            weights = self._weights(params)
+            with self._measuring(inputs, record=False):
+                if self.estimator == "jvp":
+                    with fwAD.dual_level():
+                        logits = self._forward(_dual(weights, {n: d / norm for n, d in pieces.items()}), inputs)
+                        return fwAD.unpack_dual(logits).primal, _tangent(logits)
+                logits = self._forward(weights, inputs)
+                plus = self._forward(_shifted(weights, pieces, self.fd_step / norm), inputs)
+                minus = self._forward(_shifted(weights, pieces, -self.fd_step / norm), inputs)
+                return logits, (plus - minus) / (2 * self.fd_step)
+
+    def _jvp_spreads(
+        self, session: _Session, weights: Tensors, pieces: Tensors, norm: float, inputs: Tensors
+    ) -> torch.Tensor | None:
+        """Per position, the spread of the logit slopes along ``v = d / |d|``: one forward-mode pass."""
+        unit = {name: d / norm for name, d in pieces.items()}  # the tangent v = d / |d|
+        with fwAD.dual_level():
+            logits = self._run(_dual(weights, unit), inputs)
+            if "output" not in self.radii:
+                return None
+            if self._head is None:
+                return spread(_tangent(logits).float(), dim=-1)
+            hidden, hidden_slope = fwAD.unpack_dual(session.head_inputs[0])
+            weight, weight_slope, _, bias_slope = self._head.tensors(weights, unit)
+            return head.jvp_spread(hidden, hidden_slope, weight, weight_slope, bias_slope, chunk=self.vocab_chunk)
+
+    def _fd_spreads(
+        self, session: _Session, weights: Tensors, pieces: Tensors, norm: float, inputs: Tensors
+    ) -> torch.Tensor | None:
+        """Per position, the spread of ``(z(theta + h v) - z(theta - h v)) / 2h`` (None: no output radius)."""
+        scale = self.fd_step / norm  # theta +- h v = theta +- (h / |d|) d; one copy of the weights alive at a time
+        plus = self._run(_shifted(weights, pieces, scale), inputs)
+        session.begin(Pass.FD_MINUS)
+        minus = self._run(_shifted(weights, pieces, -scale), inputs)
+        if "output" not in self.radii:
+            return None
+        if self._head is None:  # difference in the forward's dtype: rounding to fp32 first costs eps / h
+            return spread(((plus - minus) / (2 * self.fd_step)).float(), dim=-1)
+        weight, weight_step, bias, bias_step = self._head.tensors(weights, pieces)
+        return head.fd_spread(
+            *session.head_inputs, weight, bias, weight_step, bias_step, scale=scale, fd_step=self.fd_step,
+            chunk=self.vocab_chunk,
+        )
+
+    def _report(self, per_position: torch.Tensor | None, inputs: Tensors, session: _Session) -> RadiusReport:
+        """The report from the per-position logit-slope spreads (``None``: no output radius) and the recorders."""
         out_spread = output_tokens = attn = ffn = None
-        if "output" in self.radii:
-            positions = self._output_positions(per_position.shape, per_position.device, inputs)
+        if per_position is not None:
+            shape, device = per_position.shape, per_position.device
+            positions = output_positions(inputs, shape, shift_labels=self._shifts(), device=device)
             output_tokens = positions.sum()
-            out_spread = torch.where(positions, per_position, torch.zeros_like(per_position)).amax() if per_position.numel() else per_position.new_zeros(())
+            masked = torch.where(positions, per_position, torch.zeros_like(per_position))
+            out_spread = masked.amax() if per_position.numel() else per_position.new_zeros(())
         if "attention" in self.radii:
-            if not capture.spreads:
-                model_type = getattr(getattr(self.model, "config", None), "model_type", type(self.model).__name__)
+            if not session.capture.spreads:
                 raise ValueError(
-                    f"No attention call of model_type {model_type!r} went through the ghosts attention; its attention "
-                    "cannot be measured. Pass radii=('output',)"
+                    f"No attention call of model_type {_model_type(self.model)!r} went through the ghosts attention; "
+                    "its attention cannot be measured. Pass radii=('output',)"
                 )
-            attn = torch.stack([capture.spreads[layer] for layer in sorted(capture.spreads)])
+            attn = torch.stack([session.capture.spreads[layer] for layer in sorted(session.capture.spreads)])
         if "ffn" in self.radii:
-            values = torch.cat(ffn_state["values"])
-            if self.ffn_mode == "activation":
-                ffn = values.amin()
-            elif values.numel() == 0:
-                ffn = torch.tensor(math.inf, device=values.device)
-            else:
-                rank = max(1, math.ceil(self.ffn_quantile * values.numel()))
-                ffn = values.kthvalue(rank).values
+            ffn = session.ffn.radius()
         return RadiusReport(out_spread=out_spread, attn_spread=attn, ffn_radius=ffn, output_tokens=output_tokens)

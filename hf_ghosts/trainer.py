@@ -7,20 +7,19 @@ rescales it (:mod:`hf_ghosts.controller`), and the ``ghosts/*`` metrics join the
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import os
-from collections.abc import Iterator, Mapping
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
-from hf_ghosts.callback import define_wandb_metrics
+from hf_ghosts.compat import checkpoint_keys_renamed
 from hf_ghosts.controller import RhoController
 from hf_ghosts.distributed import check_fsdp_plugin
+from hf_ghosts.metrics import define_wandb_metrics
 from hf_ghosts.settings import (
     DEFAULT_ESTIMATOR,
     DEFAULT_EVERY,
@@ -33,9 +32,9 @@ from hf_ghosts.settings import (
     validate,
 )
 
-__all__ = ["CONTROLLER_STATE_NAME", "RhoTrainer", "RhoTrainingArguments"]
+__all__ = ["RhoControllerState", "RhoTrainer", "RhoTrainingArguments"]
 
-CONTROLLER_STATE_NAME = "rho_controller.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -117,6 +116,35 @@ class RhoTrainingArguments(TrainingArguments):
         return cls(**{**values, **rho_fields})
 
 
+class RhoControllerState(TrainerCallback, ExportableState):
+    """Carries ``RhoController.state_dict()`` in each checkpoint's ``trainer_state.json`` and loads it back on resume.
+
+    Trainer saves :meth:`state` under ``stateful_callbacks["RhoControllerState"]``; on resume ``TrainerState`` holds
+    the saved one when ``on_train_begin`` runs (after the weights and the optimizer were loaded). It is loaded
+    whatever ``restore_callback_states_from_checkpoint`` says: like the optimizer's moments it is training state.
+    Build it with :meth:`bound_to`: with ``restore_callback_states_from_checkpoint=True`` Trainer replaces the
+    callback by ``type(callback)(**args)``, which must still know the controller.
+    """
+
+    controller: RhoController
+
+    @classmethod
+    def bound_to(cls, controller: RhoController) -> RhoControllerState:
+        """An instance of a subclass (same name) whose instances all hold ``controller``."""
+        return type(cls.__name__, (cls,), {"controller": controller})()
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {}, "attributes": {"controller_state": self.controller.state_dict()}}
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        if saved is None:  # a checkpoint written without this callback (by plain Trainer, say)
+            logger.warning("hf_ghosts: the checkpoint holds no RhoController state; the controller starts afresh")
+            state.stateful_callbacks[type(self).__name__] = self.state()  # Trainer's next save looks it up
+            return
+        self.controller.load_state_dict(saved["attributes"]["controller_state"])
+
+
 class RhoTrainer(Trainer):
     """A ``Trainer`` whose every optimizer step stays inside the convergence radius.
 
@@ -138,6 +166,7 @@ class RhoTrainer(Trainer):
         if self.is_fsdp_enabled:
             check_fsdp_plugin(self.accelerator.state.fsdp_plugin)  # FSDP2 in fp32 only; FSDP1 is refused
         self.rho_controller = RhoController(self.model, **self.args.rho_settings())
+        self.add_callback(RhoControllerState.bound_to(self.rho_controller))
         self._wandb_metrics_defined = False
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
@@ -159,73 +188,10 @@ class RhoTrainer(Trainer):
                 self._wandb_metrics_defined = define_wandb_metrics(self.args)
         super().log(logs, start_time)
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.should_save:
-            with open(os.path.join(output_dir, CONTROLLER_STATE_NAME), "w") as handle:
-                json.dump(self.rho_controller.state_dict(), handle)
-
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        with _checkpoint_keys_renamed(self.model if model is None else model):
+        with checkpoint_keys_renamed(self.model if model is None else model):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self) -> None:
-        with _checkpoint_keys_renamed(self.model):
+        with checkpoint_keys_renamed(self.model):
             super()._load_best_model()
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        path = os.path.join(checkpoint, CONTROLLER_STATE_NAME)
-        if os.path.isfile(path):
-            with open(path) as handle:
-                self.rho_controller.load_state_dict(json.load(handle))
-
-
-def _checkpoint_to_model_keys(model: PreTrainedModel, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map a checkpoint's key names back to the model's (GPT-NeoX saves ``lm_head.weight`` as ``embed_out.weight``).
-
-    ``save_pretrained`` reverses the model's weight renamings; ``Trainer`` resumes with a bare
-    ``model.load_state_dict(strict=False)``, which does not apply them again, so a renamed tensor
-    would silently keep its initial value. Keys the model knows are kept as they are.
-    """
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
-
-    renamings = [
-        transform
-        for transform in get_model_conversion_mapping(model, add_legacy=False)
-        if isinstance(transform, WeightRenaming) and not isinstance(transform, PrefixChange)
-    ]
-    if not renamings:
-        return dict(state_dict)
-    known = set(model.state_dict())
-    renamed = {}
-    for key, tensor in state_dict.items():
-        if key not in known and (candidate := apply_renamings(key, renamings)) in known:
-            key = candidate
-        renamed[key] = tensor
-    return renamed
-
-
-@contextlib.contextmanager
-def _checkpoint_keys_renamed(model: torch.nn.Module) -> Iterator[None]:
-    """While active, ``model.load_state_dict`` first maps checkpoint keys to the model's (all Trainer load paths use it)."""
-    if not isinstance(model, PreTrainedModel):
-        yield
-        return
-    load = model.load_state_dict
-    shadowed = model.__dict__.get("load_state_dict")
-
-    def load_state_dict(state_dict: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
-        return load(_checkpoint_to_model_keys(model, state_dict), *args, **kwargs)
-
-    model.load_state_dict = load_state_dict
-    try:
-        yield
-    finally:
-        if shadowed is None:
-            del model.load_state_dict
-        else:
-            model.load_state_dict = shadowed

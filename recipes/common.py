@@ -230,7 +230,7 @@ def save_figure(figure: plt.Figure, path: str) -> str:
 def plot_training_radii(records: Sequence[Mapping[str, Any]], path: str, title: str = "") -> str:
     """Two panels over optimizer steps: ``r`` (proposed and applied, r = 1 drawn) and the radii with ``|u|``.
 
-    ``records`` are the controller's per-step records (``RhoController.last``), scalars only.
+    ``records`` are the controller's per-step records as dicts (``RhoController.last.scalars()``, plus ``step``).
     """
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
     steps = np.array([rec["step"] for rec in records])

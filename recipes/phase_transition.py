@@ -49,11 +49,12 @@ from common import (
     write_json,
     write_table,
 )
-from torch.func import functional_call, jvp
+from torch.func import functional_call
 from transformers import HfArgumentParser, PrinterCallback, Trainer, TrainingArguments, default_data_collator, set_seed
 from transformers.utils import logging as hf_logging
 
 from hf_ghosts import RadiusProbe
+from hf_ghosts.probe import output_positions
 from hf_ghosts.radii import exact_radius, spread
 
 
@@ -100,17 +101,6 @@ def brief_training(model: torch.nn.Module, spec: PhaseArguments, train: Any, scr
 
 def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-
-
-def logits_and_slopes(model: torch.nn.Module, batch: dict[str, torch.Tensor], unit: dict[str, torch.Tensor]):
-    """Logits ``z`` and their directional derivatives ``a = J v`` per token (one forward-mode JVP, eager attention)."""
-    params = {name: p.detach() for name, p in model.named_parameters() if name in unit}
-
-    def logits(weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        return functional_call(model, weights, args=(), kwargs=_inputs(batch), strict=False).logits
-
-    with torch.no_grad():
-        return jvp(logits, (params,), ({name: unit[name] for name in params},))
 
 
 @torch.no_grad()
@@ -215,11 +205,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if spec.train_steps > 0:
         with tempfile.TemporaryDirectory() as scratch:
             brief_training(model, spec, train, scratch)
-    model.set_attn_implementation("eager")  # forward-mode AD does not pass through sdpa
     model.eval()
     batch = default_data_collator([evaluation[i] for i in range(min(spec.probe_blocks, len(evaluation)))])
-    valid = torch.zeros_like(batch["labels"], dtype=torch.bool)
-    valid[:, :-1] = batch["labels"][:, 1:] != -100  # position t predicts label t + 1
+    valid = output_positions(batch, batch["labels"].shape, shift_labels=True)  # position t predicts label t + 1
 
     probe = RadiusProbe(model, radii=spec.radii)
     base_loss, base_predictions = step_outcome(model, batch, {}, 0.0)
@@ -229,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report = probe.measure(batch, unit)
         radii = {key: float(value) for key, value in report.radii().items()}
         rho = float(report.rho)
-        logits, slopes = logits_and_slopes(model, batch, unit)
+        logits, slopes = probe.logit_slopes(batch, unit)  # full logits z and a = J v: one forward-mode JVP
         exact = exact_vs_bound(logits, slopes, valid, spec.exact_tokens)
         losses, flipped = [], []
         for r in r_values:

@@ -3,8 +3,10 @@
 With no arguments it runs offline: a Pythia-shaped GPT-NeoX (``--preset``, default ``pythia-tiny``;
 ``pythia-14m`` ... ``pythia-12b`` have the real shapes), a byte-level BPE tokenizer trained on the
 spot, and the English text that ships with Python (``pydoc_data.topics``), split by document into
-train and validation. ``RhoTrainer`` measures the output, attention and FFN radii along every
-AdamW update and clips it to ``r = |u| / rho <= 1``.
+train and validation. ``RhoTrainer`` measures the output, attention and FFN radii along the
+AdamW update and clips it to ``r = |u| / rho <= 1``, with the default probing: central differences
+(``rho_estimator="fd"``), at least every 16 steps, and afresh whenever a step's ``r`` estimated with
+the last radius exceeds half the target or ``|u|`` doubled since the last probe.
 
     python recipes/pythia_finetune.py                                   # ~2 min on 2 idle CPU cores
     python recipes/pythia_finetune.py --preset pythia-14m --max_steps 600
@@ -16,16 +18,19 @@ AdamW update and clips it to ``r = |u| / rho <= 1``.
         --dataset_config_name wikitext-2-raw-v1 --block_size 1024 --per_device_train_batch_size 4
 
 Batch arithmetic of the default: 8 sequences x 128 tokens = 1,024 tokens per step; 300 steps =
-307k tokens, ~2.6 epochs of the 118k-token training split. Cost: each step also runs one probe
-(a forward-mode JVP through the model with eager attention), ~2.7x the cost of a plain step here.
+307k tokens, ~2.6 epochs of the 118k-token training split. Cost: a probed step also runs the
+probe (two fp32 forwards with eager attention), about twice a plain step on CPU (the README's
+"Cost"); on the default most steps come near the radius, so 250 of the 300 are probed.
+``--rho_estimator jvp --rho_every 1`` measures every step exactly, as in the paper.
 Every ``--<field>`` of ``TrainingArguments`` and ``RhoTrainingArguments`` works (``--rho_mode set``,
 ``--rho_radii output attention``, ``--rho_every 4``, ``--report_to none``, ...). Without
 ``WANDB_API_KEY`` W&B logs offline under the output directory and prints how to upload the run
 (``wandb sync <dir>``).
 
-On the default the FFN kink proxy is the smallest radius at every step (Pythia's exact GELU
-has no real kink; the proxy is the paper's 1% quantile of ``|z| / |z'|``) and clips ~70% of
-the steps; the output and attention radii alone would clip none at this learning rate.
+On the default the FFN kink proxy is the smallest radius at every probed step (Pythia's exact
+GELU has no real kink; the proxy is the paper's 1% quantile of ``|z| / |z'|``) and clips 83% of
+the probed steps (proposed ``r`` up to ~6, applied ``r`` never above 1); the output and attention
+radii alone would clip none at this learning rate (``--rho_radii output attention``).
 
 Writes to ``--output_dir`` (default ``outputs/pythia_finetune``): the model and tokenizer
 (``save_pretrained``), ``radii.png`` (r and the radii over training, log scale, r = 1 drawn),

@@ -45,7 +45,7 @@ from transformers import HfArgumentParser, PrinterCallback, Trainer, default_dat
 from transformers.utils import logging as hf_logging
 
 from hf_ghosts import RhoTrainer, RhoTrainingArguments
-from hf_ghosts.presets import MODEL_PRESETS, build_model
+from hf_ghosts.presets import MODEL_PRESETS, build_model, spike_schedule
 
 METHODS = {
     "adamw": "plain AdamW",
@@ -94,10 +94,9 @@ class SpikedSchedule:
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.lr_scheduler is None:
-            # LambdaLR's step k sets the rate of optimizer step k + 1: steps 1..spike_step run at the base rate.
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer or self.optimizer, lambda k: self.spike_factor if k >= self.spike_step else 1.0
-            )
+            # Optimizer step k (0-based) runs at lr * factor from k = spike_step on: steps 1..spike_step (1-based)
+            # run at the base rate.
+            self.lr_scheduler = spike_schedule(optimizer or self.optimizer, self.spike_step, self.spike_factor)
         return self.lr_scheduler
 
 

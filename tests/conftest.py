@@ -210,6 +210,14 @@ def reference_logit_slopes(
     return slopes
 
 
+def reference_output_spreads(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor], step: float = 1e-4
+) -> torch.Tensor:
+    """Per position (or sample), max - min over classes of the logit slopes (central differences, float64)."""
+    slopes = reference_logit_slopes(model, batch, direction, step)
+    return slopes.amax(-1) - slopes.amin(-1)
+
+
 def causal_output_positions(labels: torch.Tensor) -> torch.Tensor:
     """``[batch, length]`` positions whose logits predict a label: position p predicts ``labels[p + 1]``."""
     valid = torch.zeros_like(labels, dtype=torch.bool)
@@ -311,3 +319,34 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class AdamWReplay:
+    """A plain ``torch.optim.AdamW`` on copies of ``model``'s parameters, with ``optimizer``'s groups and options.
+
+    :meth:`propose`, called with the model at its old weights and gradients, copies them and the groups'
+    current learning rates, steps, and returns ``u`` (name -> tensor): the update AdamW proposes. Called once
+    per real step, its moments follow the real optimizer's (``optimizer`` may be Accelerate's wrapper).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.real = getattr(optimizer, "optimizer", optimizer)
+        names = {p: name for name, p in model.named_parameters()}
+        self.copies = {name: p.detach().clone().requires_grad_(True) for name, p in model.named_parameters()}
+        groups = [
+            {**{key: value for key, value in group.items() if key != "params"}, "params": [self.copies[names[p]] for p in group["params"]]}
+            for group in self.real.param_groups
+        ]
+        self.reference = torch.optim.AdamW(groups)
+
+    def propose(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                self.copies[name].copy_(p)
+                self.copies[name].grad = None if p.grad is None else p.grad.clone()
+            for mine, theirs in zip(self.reference.param_groups, self.real.param_groups, strict=True):
+                mine["lr"] = theirs["lr"]
+        old = {name: c.detach().clone() for name, c in self.copies.items()}
+        self.reference.step()
+        return {name: self.copies[name].detach() - old[name] for name in old}

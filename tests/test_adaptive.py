@@ -15,7 +15,8 @@ from conftest import tiny_causal_lm, token_batch, token_dataset
 from torch import nn
 
 from hf_ghosts import RhoController, RhoTrainer, RhoTrainingArguments, attention
-from hf_ghosts.settings import DEFAULT_TRIGGER_GROWTH, DEFAULT_TRIGGER_R
+from hf_ghosts.presets import spike_loop
+from hf_ghosts.settings import DEFAULT_TRIGGER_R
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -156,8 +157,6 @@ def test_trainer_passes_the_triggers_to_its_controller(tmp_path) -> None:
     trainer = RhoTrainer(model=tiny_causal_lm(), args=args, train_dataset=token_dataset())
     controller = trainer.rho_controller
     assert (controller.schedule.every, controller.schedule.trigger_r, controller.schedule.trigger_growth) == (5, 0.25, math.inf)
-    defaults = RhoTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    assert (defaults.rho_trigger_r, defaults.rho_trigger_growth) == (DEFAULT_TRIGGER_R, DEFAULT_TRIGGER_GROWTH)
 
 
 def spike_run(controlled: bool, steps: int = 20, start: int = 8, factor: float = 1000.0) -> tuple[list[float], list[dict]]:
@@ -168,20 +167,10 @@ def spike_run(controlled: bool, steps: int = 20, start: int = 8, factor: float =
     model = tiny_causal_lm(seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     controller = RhoController(model, optimizer) if controlled else None
-    losses, records = [], []
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = 1e-3 * (factor if step >= start else 1.0)
-        batch = token_batch(batch=4, length=16, seed=step % 4)  # 4 batches in turn: there is something to learn
-        loss = model(**batch).loss
-        loss.backward()
-        losses.append(loss.item())
-        if controller is None:
-            optimizer.step()
-        else:
-            records.append(controller.step(batch).scalars())
-        optimizer.zero_grad()
-    return losses, records
+    batches = [token_batch(batch=4, length=16, seed=step % 4) for step in range(steps)]  # 4 batches in turn: something to learn
+    rows = spike_loop(model, optimizer, batches, start=start, factor=factor,
+                      step=(lambda batch: controller.step(batch).scalars()) if controlled else None)
+    return [row["loss"] for row in rows], [row["record"] for row in rows if controlled]
 
 
 def test_default_settings_survive_a_thousandfold_learning_rate_spike() -> None:

@@ -19,8 +19,11 @@ from conftest import (
     VOCAB,
     causal_output_positions,
     float64_copy,
+    forward_logits,
+    module_outputs,
     random_direction,
     reference_logit_slopes,
+    reference_output_spreads,
     tiny_causal_lm,
     tiny_config,
     token_batch,
@@ -33,9 +36,11 @@ from transformers import (
     GPTNeoXForSequenceClassification,
     LlamaForCausalLM,
 )
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from hf_ghosts import RadiusProbe, RadiusReport
-from hf_ghosts.probe import LINEAR_HEAD_MODELS
+from hf_ghosts import RadiusProbe, RadiusReport, head
+from hf_ghosts.architectures import ARCHITECTURES, LINEAR_HEAD_MODELS, find_ffn_modules, resolve_ffn_activation
 
 F64 = torch.float64
 ESTIMATORS = ("jvp", "fd")
@@ -89,12 +94,6 @@ def assert_same_report(chunked: RadiusReport, full: RadiusReport, rtol: float = 
             torch.testing.assert_close(mine, theirs, rtol=rtol, atol=0, msg=lambda text, field=field: f"{field}: {text}")
 
 
-def output_spreads(model: torch.nn.Module, batch: dict, direction: dict) -> torch.Tensor:
-    """Per position, max - min over the vocabulary of the logit slopes (float64 central differences)."""
-    slopes = reference_logit_slopes(model, batch, direction)
-    return slopes.amax(-1) - slopes.amin(-1)
-
-
 @pytest.fixture
 def linear_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter:
     """Calls of ``nn.Linear.forward`` per module, counted by a class-level patch (no hook on any module)."""
@@ -136,6 +135,28 @@ def test_float32_chunked_head_matches_the_full_head(family: str, estimator: str)
     assert_same_report(chunked, full, rtol=1e-5 if estimator == "jvp" else 1e-4)
 
 
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_every_architecture_entry_names_what_its_model_has(model_type: str) -> None:
+    # The table against transformers: the causal-LM class, and per layer a module whose output is what the
+    # configured activation's module receives.
+    model = tiny_linear_head_lm(model_type)
+    entry = ARCHITECTURES[model_type]
+    assert type(model).__name__ == entry.linear_head
+    preactivations = find_ffn_modules(model, entry.ffn)
+    assert len(preactivations) == model.config.num_hidden_layers == 2
+    activation = type(ACT2FN[resolve_ffn_activation(model, entry.ffn)])
+    fed: list[torch.Tensor] = []
+    activations = [m for m in model.modules() if type(m) is activation]
+    hooks = [m.register_forward_pre_hook(lambda _m, args: fed.append(args[0])) for m in activations]
+    batch = token_batch(batch=1, length=6)
+    try:
+        outputs = module_outputs(model, entry.ffn.module_suffix, lambda: forward_logits(model, batch))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(outputs) == 2 and all(any(torch.equal(z, a) for a in fed) for z in outputs)
+
+
 @pytest.mark.parametrize("model_type", sorted(LINEAR_HEAD_MODELS))
 def test_every_listed_family_gets_the_same_report(model_type: str) -> None:
     # Each allowlisted class really is lm_head(x) unchanged: a family that post-processed its logits would differ here.
@@ -163,7 +184,7 @@ def test_chunked_head_matches_float64_central_differences(family: str, estimator
     batch = token_batch(batch=3, pad_left=4)
     direction = random_direction(model)
     report = f64_probe(model, ("output",), estimator, chunked_head=True, vocab_chunk=CHUNK, fd_step=1e-4).measure(batch, direction)
-    spreads = output_spreads(model, batch, direction)
+    spreads = reference_output_spreads(model, batch, direction)
     valid = causal_output_positions(batch["labels"])
     torch.testing.assert_close(report.out_spread.double(), spreads[valid].max(), rtol=1e-6, atol=0)
     assert report.output_tokens.item() == valid.sum().item()
@@ -174,7 +195,7 @@ def test_each_position_by_isolating_its_label() -> None:
     model = float64_copy(tiny_causal_lm("gpt2"))
     batch = token_batch(batch=2, length=8, pad_left=3)
     direction = random_direction(model)
-    spreads = output_spreads(model, batch, direction)
+    spreads = reference_output_spreads(model, batch, direction)
     probe = f64_probe(model, chunked_head=True, vocab_chunk=CHUNK)
     valid = causal_output_positions(batch["labels"])
     measured = torch.zeros_like(spreads)
@@ -187,6 +208,92 @@ def test_each_position_by_isolating_its_label() -> None:
     torch.testing.assert_close(measured[valid], spreads[valid], rtol=1e-6, atol=0)
 
 
+def test_model_code_catching_exception_does_not_swallow_the_stop_at_the_head(monkeypatch, linear_calls) -> None:
+    # A forward that wraps its head in `try/except Exception` (a fallback, say) must not see the probe's stop signal.
+    fallbacks: list[type] = []
+
+    def guarded(self, input_ids=None, attention_mask=None, **kwargs) -> CausalLMOutputWithPast:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        try:
+            logits = self.lm_head(hidden)
+        except Exception as error:
+            fallbacks.append(type(error))
+            logits = hidden.new_zeros(*hidden.shape[:-1], self.config.vocab_size)
+        return CausalLMOutputWithPast(logits=logits)
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", guarded)
+    model = float64_copy(tiny_causal_lm("llama"))
+    batch = token_batch(batch=2, pad_right=2)
+    direction = random_direction(model)
+    for estimator in ESTIMATORS:
+        chunked, full = chunked_and_full(model, batch, direction, ("output", "attention"), estimator)
+        assert fallbacks == []
+        assert_same_report(chunked, full)
+    assert linear_calls[model.lm_head] == 1 + 2  # the full head's forwards only (jvp: one, fd: two)
+
+
+# ------------------------------------------------------------------------------------- hf_ghosts.head, tensors only
+def head_tensors(bias: bool = True, seed: int = 0) -> dict[str, torch.Tensor | None]:
+    """``x, x'`` ``[2, 3, 5]``, ``W, W'`` ``[11, 5]``, ``b, b'`` ``[11]`` (or None), float64."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=F64)
+
+    tensors = {"x": draw(2, 3, 5), "dx": draw(2, 3, 5), "W": draw(11, 5), "dW": draw(11, 5)}
+    return {**tensors, "b": draw(11) if bias else None, "db": draw(11) if bias else None}
+
+
+def full_logits(t: float, x, dx, W, dW, b, db) -> torch.Tensor:  # noqa: N803 (the formula's names)
+    """``z(t) = (x + t x') (W + t W')^T + b + t b'``, all classes at once (None: zero)."""
+    z = (x + t * dx) @ (W + t * dW).T
+    return z if b is None else z + b + t * db
+
+
+def exact_spread(tensors: dict) -> torch.Tensor:
+    """Spread of ``dz/dt`` at 0: ``z(t)`` is quadratic in ``t``, so the central difference at ``t = +-1`` is exact."""
+    slopes = (full_logits(1.0, **tensors) - full_logits(-1.0, **tensors)) / 2
+    return (slopes.amax(-1) - slopes.amin(-1)).float()
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 11, 64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_head_jvp_spread_is_the_derivative_of_the_full_logits(chunk: int, bias: bool) -> None:
+    t = head_tensors(bias)
+    spread = head.jvp_spread(t["x"], t["dx"], t["W"], t["dW"], t["db"], chunk=chunk)
+    assert spread.shape == (2, 3) and spread.dtype == torch.float32
+    torch.testing.assert_close(spread, exact_spread(t), rtol=F32_ULP, atol=0)
+    # nothing before the head moves (x' = 0), or the head does not (W' = b' = 0)
+    still = {**t, "dx": torch.zeros_like(t["dx"])}
+    spread = head.jvp_spread(t["x"], None, t["W"], t["dW"], t["db"], chunk=chunk)
+    torch.testing.assert_close(spread, exact_spread(still), rtol=F32_ULP, atol=0)
+    fixed = {**t, "dW": torch.zeros_like(t["dW"]), "db": None if t["db"] is None else torch.zeros_like(t["db"])}
+    spread = head.jvp_spread(t["x"], t["dx"], t["W"], chunk=chunk)
+    torch.testing.assert_close(spread, exact_spread(fixed), rtol=F32_ULP, atol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 11, 64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_head_fd_spread_is_exact_on_the_quadratic_logits(chunk: int, bias: bool) -> None:
+    # The raw direction is 4 v: one step h along v moves the head by scale * D with scale = h / 4.
+    t = head_tensors(bias)
+    h = 0.3
+    bias_step = None if t["db"] is None else 4 * t["db"]
+    hidden_plus, hidden_minus = t["x"] + h * t["dx"], t["x"] - h * t["dx"]
+    spread = head.fd_spread(
+        hidden_plus, hidden_minus, t["W"], t["b"], 4 * t["dW"], bias_step, scale=h / 4, fd_step=h, chunk=chunk
+    )
+    torch.testing.assert_close(spread, exact_spread(t), rtol=1e-6, atol=0)
+
+
+def test_blockwise_spread_example_and_non_finite_slopes() -> None:
+    slopes = torch.tensor([[1.0, 4.0, -2.0], [0.5, 0.5, 0.5]])
+    for chunk in (1, 2, 3, 5):
+        assert head.blockwise_spread(3, lambda rows: slopes[:, rows], chunk).tolist() == [6.0, 0.0]
+    with pytest.raises(ValueError, match="NaN or inf"):
+        head.blockwise_spread(3, lambda rows: torch.tensor([[1.0, math.nan, 0.0]])[:, rows], 2)
+
+
 # ------------------------------------------------------------------------------------------ masks
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("padding", [{}, {"pad_left": 4}, {"pad_right": 5}, {"pad_left": 2, "pad_right": 3}])
@@ -194,7 +301,7 @@ def test_ignored_and_padded_positions_are_masked_alike(padding: dict, estimator:
     model = float64_copy(tiny_causal_lm("gpt_neox"))
     batch = token_batch(batch=3, **padding)
     direction = random_direction(model)
-    spreads = output_spreads(model, batch, direction)
+    spreads = reference_output_spreads(model, batch, direction)
     valid = causal_output_positions(batch["labels"])
     row, position = divmod(int(spreads.masked_fill(~valid, -1).argmax()), spreads.shape[1])
     labels = batch["labels"].clone()
@@ -237,7 +344,7 @@ def test_frozen_head(estimator: str) -> None:
     assert "lm_head.weight" not in direction
     chunked, full = chunked_and_full(model, batch, direction, ("output", "attention", "ffn"), estimator, fd_step=1e-4)
     assert_same_report(chunked, full)
-    spreads = output_spreads(model, batch, direction)
+    spreads = reference_output_spreads(model, batch, direction)
     torch.testing.assert_close(chunked.out_spread.double(), spreads[causal_output_positions(batch["labels"])].max(), rtol=1e-6, atol=0)
 
 
@@ -260,7 +367,7 @@ def test_direction_on_the_head_only(estimator: str) -> None:
     chunked, full = chunked_and_full(model, batch, direction, ("output", "attention"), estimator, fd_step=1e-4)
     assert_same_report(chunked, full)
     assert torch.equal(chunked.attn_spread, torch.zeros_like(chunked.attn_spread))
-    spreads = output_spreads(model, batch, direction)
+    spreads = reference_output_spreads(model, batch, direction)
     torch.testing.assert_close(chunked.out_spread.double(), spreads[causal_output_positions(batch["labels"])].max(), rtol=1e-6, atol=0)
 
 
@@ -273,7 +380,7 @@ def test_tied_embedding_moves_input_and_head_together(estimator: str) -> None:
     direction = {"transformer.wte.weight": random_direction(model)["transformer.wte.weight"]}
     chunked, full = chunked_and_full(model, batch, direction, ("output",), estimator, fd_step=1e-4)
     assert_same_report(chunked, full)
-    spreads = output_spreads(model, batch, direction)
+    spreads = reference_output_spreads(model, batch, direction)
     valid = causal_output_positions(batch["labels"])
     torch.testing.assert_close(chunked.out_spread.double(), spreads[valid].max(), rtol=1e-6, atol=0)
     # both parts matter: the head's part alone (embedding fixed) is another spread
@@ -417,7 +524,7 @@ def test_softcapped_logits_fall_back_to_the_full_head(estimator: str, linear_cal
 
 @pytest.mark.parametrize("chunk", [0, -3, 2.5, True, None])
 def test_invalid_vocab_chunk_is_rejected(chunk: object) -> None:
-    with pytest.raises(ValueError, match="vocab_chunk must be a positive int"):
+    with pytest.raises(ValueError, match=rf"^RadiusProbe\.vocab_chunk: got {chunk!r}; expected a positive integer$"):
         RadiusProbe(tiny_causal_lm("gpt_neox"), vocab_chunk=chunk)
 
 

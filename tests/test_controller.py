@@ -1,7 +1,7 @@
 """RhoController in a plain PyTorch loop: ``controller.step(batch)`` replaces ``optimizer.step()``.
 
 The model is a small ``nn.Module`` classifier (not transformers). Every check is made against an
-independent reference: a plain ``torch.optim.AdamW`` copy stepped in lockstep gives the update
+independent reference: a plain ``torch.optim.AdamW`` copy stepped in lockstep (``AdamWReplay``) gives the update
 ``u`` AdamW proposes, and ``rho = pi / max spread`` comes from ``torch.func.jvp`` of the logits
 in float64, without ``RadiusProbe``.
 """
@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import AdamWReplay
 from torch import nn
 from torch.func import functional_call, jvp
 
@@ -70,32 +71,12 @@ def reference_rho(model: nn.Module, at: dict[str, torch.Tensor], direction: dict
     return math.pi / float((slopes.amax(-1) - slopes.amin(-1)).amax())
 
 
-class Lockstep:
-    """A plain AdamW on copies of the parameters: from the same weights and gradients it proposes ``u``."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model = model
-        self.copies = {name: p.detach().clone().requires_grad_(True) for name, p in model.named_parameters()}
-        (group,) = optimizer.param_groups
-        options = {key: value for key, value in group.items() if key != "params"}
-        self.reference = torch.optim.AdamW([{**options, "params": list(self.copies.values())}])
-
-    def propose(self) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                self.copies[name].copy_(p)
-                self.copies[name].grad = None if p.grad is None else p.grad.clone()
-        old = {name: c.detach().clone() for name, c in self.copies.items()}
-        self.reference.step()
-        return {name: self.copies[name].detach() - old[name] for name in old}
-
-
 @pytest.mark.parametrize("mode", ["clip", "set"])
 def test_plain_loop_applies_scale_times_the_adamw_update(mode: str) -> None:
     model = classifier()
     lr = 0.3 if mode == "clip" else 1e-3  # clip: steps far outside the radius; set: steps far inside it
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    lockstep = Lockstep(model, optimizer)
+    replay = AdamWReplay(model, optimizer)
     r_target = 0.5
     controller = RhoController(model, optimizer, radii=("output",), mode=mode, r_target=r_target)
     scales = []
@@ -103,7 +84,7 @@ def test_plain_loop_applies_scale_times_the_adamw_update(mode: str) -> None:
         batch = batch_of(step)
         backward(model, batch)
         old = weights(model)
-        u = lockstep.propose()
+        u = replay.propose()
         record = controller.step(batch)
         applied = {name: p.detach() - old[name] for name, p in model.named_parameters()}
         rho = reference_rho(model, old, u, batch["x"])
@@ -236,7 +217,7 @@ def test_batch_without_labelled_positions_has_no_output_radius() -> None:
     backward(model, batch)
     unlabelled = {"x": batch["x"], "labels": torch.full_like(batch["labels"], -100)}
     old = weights(model)
-    u = Lockstep(model, optimizer).propose()
+    u = AdamWReplay(model, optimizer).propose()
     record = controller.step(unlabelled)  # measured on a batch with nothing to predict
     assert record.output_tokens == 0
     assert record.rho_out == math.inf and record.rho == math.inf

@@ -107,6 +107,7 @@ def assert_reduction_is_max(ranks: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------------------- DDP
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_ddp_runs_two_real_processes(ddp):
     assert set(ddp) == {"ddp_jvp", "ddp_noreduce", "ddp_fd"}
     for ranks in ddp.values():
@@ -116,6 +117,7 @@ def test_ddp_runs_two_real_processes(ddp):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["ddp_jvp", "ddp_fd"])
 def test_ddp_same_rho_scale_and_weights_on_every_rank(ddp, run):
     ranks = ddp[run]
@@ -125,6 +127,7 @@ def test_ddp_same_rho_scale_and_weights_on_every_rank(ddp, run):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize(("run", "estimator", "rtol"), [("ddp_jvp", "jvp", 1e-5), ("ddp_fd", "fd", 1e-4)])
 def test_ddp_rho_equals_the_union_batch_probe(ddp, run, estimator, rtol):
     first, second = (ranks["probes"][0] for ranks in ddp[run])
@@ -134,6 +137,7 @@ def test_ddp_rho_equals_the_union_batch_probe(ddp, run, estimator, rtol):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_ddp_without_the_reduction_ranks_diverge(ddp):
     first, second = ddp["ddp_noreduce"]
     assert first["steps"][0]["rho"] != second["steps"][0]["rho"]
@@ -145,6 +149,7 @@ def test_ddp_without_the_reduction_ranks_diverge(ddp):
 
 # ----------------------------------------------------------------------------------------- FSDP2
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_fsdp2_really_shards_and_uses_the_sharded_fd_probe(fsdp):
     assert {"fsdp2", "fsdp2_keep_unsharded", "fsdp2_noreduce", "fsdp2_monitor", "fsdp2_plain", "fsdp2_callback"} <= set(fsdp)
     ranks = fsdp["fsdp2"]
@@ -156,6 +161,7 @@ def test_fsdp2_really_shards_and_uses_the_sharded_fd_probe(fsdp):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["fsdp2", "fsdp2_keep_unsharded"])
 def test_fsdp2_rank_consistent_and_equal_to_ddp(fsdp, ddp, run):
     ranks = fsdp[run]
@@ -175,6 +181,7 @@ def test_fsdp2_rank_consistent_and_equal_to_ddp(fsdp, ddp, run):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_fsdp2_without_the_reduction_ranks_disagree(fsdp):
     first, second = fsdp["fsdp2_noreduce"]
     assert first["steps"][0]["rho"] != second["steps"][0]["rho"]
@@ -182,6 +189,7 @@ def test_fsdp2_without_the_reduction_ranks_disagree(fsdp):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_fsdp2_probe_restores_the_shards_exactly(fsdp):
     monitored, plain = fsdp["fsdp2_monitor"][0], fsdp["fsdp2_plain"][0]
     assert all(step["scale"] == 1.0 and math.isfinite(step["rho"]) for step in monitored["steps"])
@@ -190,6 +198,7 @@ def test_fsdp2_probe_restores_the_shards_exactly(fsdp):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_fsdp2_rho_callback_only_watches(fsdp):
     watched, plain, monitor = fsdp["fsdp2_callback"][0], fsdp["fsdp2_plain"][0], fsdp["fsdp2_monitor"][0]
     assert watched["probes"][0]["backend"] == "fsdp2"
@@ -200,6 +209,7 @@ def test_fsdp2_rho_callback_only_watches(fsdp):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_fsdp1_is_refused(fsdp):
     error = fsdp["fsdp1"][0]["error"]
     assert error is not None and "FSDP2 only" in error

@@ -23,15 +23,26 @@ from conftest import (
     random_direction,
     reference_attention_spreads,
     reference_logit_slopes,
+    reference_output_spreads,
     tiny_causal_lm,
     tiny_config,
     token_batch,
     unit_direction,
 )
-from transformers import BloomConfig, BloomForCausalLM, GPTNeoXForSequenceClassification, GPTNeoXModel
+from transformers import (
+    AttentionInterface,
+    AttentionMaskInterface,
+    BloomConfig,
+    BloomForCausalLM,
+    GPTNeoXForSequenceClassification,
+    GPTNeoXModel,
+)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
-from hf_ghosts import FfnSpec, RadiusProbe, radii
+from hf_ghosts import FfnSpec, RadiusProbe, RadiusReport, compat, radii
 from hf_ghosts.architectures import FFN_PREACTIVATIONS
+from hf_ghosts.probe import output_positions
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -42,12 +53,6 @@ def padded_batch(padding: str, batch: int = 3, length: int = 12) -> dict[str, to
     if padding == "no_mask":
         return {k: v for k, v in token_batch(batch=batch, length=length).items() if k != "attention_mask"}
     return token_batch(batch=batch, length=length, **PADDINGS[padding])
-
-
-def reference_output_spreads(model: torch.nn.Module, batch: dict[str, torch.Tensor], direction: dict) -> torch.Tensor:
-    """Per position (or sample), max - min over classes of the logit slopes (central differences, float64)."""
-    slopes = reference_logit_slopes(model, batch, direction)
-    return slopes.amax(-1) - slopes.amin(-1)
 
 
 def f64_probe(model: torch.nn.Module, radii_: tuple[str, ...], estimator: str = "jvp", **kwargs: object) -> RadiusProbe:
@@ -134,6 +139,52 @@ def test_without_labels_positions_come_from_the_attention_mask() -> None:
     valid[:, :-1] = real[:, :-1] & real[:, 1:]
     torch.testing.assert_close(report.out_spread.double(), spreads[valid].max(), rtol=1e-6, atol=0)
     assert report.output_tokens.item() == valid.sum().item()
+
+
+def test_output_positions_closed_forms() -> None:
+    labels = torch.tensor([[5, -100, 7, 8], [-100, 3, 4, -100]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 0]])
+    shape = labels.shape
+    # causal: position t counts where labels[t + 1] is kept; the last position never does
+    causal = output_positions({"labels": labels}, shape, shift_labels=True)
+    assert causal.tolist() == [[False, True, True, False], [True, True, False, False]]
+    # not causal: the labels as they are
+    plain = output_positions({"labels": labels}, shape, shift_labels=False)
+    assert plain.tolist() == [[True, False, True, True], [False, True, True, False]]
+    # labels shifted already (TRL): used as they are
+    shifted = torch.tensor([[1, -100, 2, -100], [-100, -100, -100, 9]])
+    assert output_positions({"labels": labels, "shift_labels": shifted}, shape, shift_labels=True).tolist() == [
+        [True, False, True, False], [False, False, False, True]
+    ]
+    # no labels: t and t + 1 both real tokens; no mask either: every position but the last
+    unlabelled = output_positions({"attention_mask": mask}, shape, shift_labels=True)
+    assert unlabelled.tolist() == [[True, True, True, False], [False, True, False, False]]
+    assert output_positions({}, (1, 3), shift_labels=True).tolist() == [[True, True, False]]
+    # one output per sample
+    per_sample = output_positions({"labels": torch.tensor([2, -100, 0])}, (3,), shift_labels=True)
+    assert per_sample.tolist() == [True, False, True]
+    assert output_positions({"attention_mask": mask}, (2,), shift_labels=True).tolist() == [True, True]
+
+
+# ------------------------------------------------------------------------------------------ logit slopes
+@pytest.mark.parametrize("estimator", ["jvp", "fd"])
+@pytest.mark.parametrize("chunked_head", [None, False])
+def test_logit_slopes_are_the_logits_and_their_derivative(estimator: str, chunked_head: bool | None) -> None:
+    model = float64_copy(tiny_causal_lm("llama"))
+    batch = padded_batch("left")
+    direction = random_direction(model)
+    probe = f64_probe(model, ("output", "attention", "ffn"), estimator, fd_step=1e-4, chunked_head=chunked_head)
+    logits, slopes = probe.logit_slopes(batch, direction)
+    assert logits.shape == slopes.shape == (*batch["input_ids"].shape, VOCAB)
+    assert logits.dtype == slopes.dtype == F64
+    torch.testing.assert_close(logits, forward_logits(model, batch), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(slopes, reference_logit_slopes(model, batch, direction), rtol=1e-6, atol=1e-9)
+    assert model.config._attn_implementation == "sdpa"
+    # at other weights: the slopes there
+    other = float64_copy(tiny_causal_lm("llama", seed=1))
+    params = {name: p.detach() for name, p in other.named_parameters()}
+    _, moved = probe.logit_slopes(batch, direction, params=params)
+    torch.testing.assert_close(moved, reference_logit_slopes(other, batch, direction), rtol=1e-6, atol=1e-9)
 
 
 # ------------------------------------------------------------------------------------------ attention radius
@@ -284,6 +335,29 @@ def test_measure_leaves_the_model_exactly_as_found(estimator: str) -> None:
             assert torch.equal(p.grad, grads[name]), name
 
 
+def test_compat_attention_implementation_still_selects_the_attention() -> None:
+    # compat.attention_implementation writes config._attn_implementation, which the attention layers read per call.
+    calls: list[int] = []
+
+    def counting(module: torch.nn.Module, *args: object, **kwargs: object) -> tuple[torch.Tensor, None]:
+        calls.append(module.layer_idx)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("hf_ghosts_test_counting", counting)
+    AttentionMaskInterface.register("hf_ghosts_test_counting", sdpa_mask)
+    model = tiny_causal_lm("llama")
+    batch = padded_batch("left")
+    expected = forward_logits(model, batch)
+    with compat.attention_implementation(model, "hf_ghosts_test_counting"):
+        assert compat.attention_implementation_of(model) == "hf_ghosts_test_counting"
+        logits = forward_logits(model, batch)
+    assert calls == [0, 1], "upstream changed: config._attn_implementation no longer selects attention; update compat"
+    assert torch.equal(logits, expected)
+    assert compat.attention_implementation_of(model) == model.config._attn_implementation == "sdpa"
+    forward_logits(model, batch)
+    assert calls == [0, 1]
+
+
 def test_frozen_parameters_may_not_carry_the_direction() -> None:
     model = tiny_causal_lm("gpt_neox")
     model.lm_head.weight.requires_grad_(False)
@@ -401,18 +475,29 @@ def test_ffn_spec_override_for_an_unknown_model_type() -> None:
 
 
 # ------------------------------------------------------------------------------------------ report
-def test_report_rho_and_bottleneck_are_the_minimum() -> None:
-    model = tiny_causal_lm("gpt_neox")
-    report = RadiusProbe(model, ("output", "attention", "ffn")).measure(padded_batch("left"), random_direction(model))
-    found = {
-        "output": math.pi / report.out_spread.item(),
-        "attention": math.pi / report.attn_spread.max().item(),
-        "ffn": report.ffn_radius.item(),
-    }
-    name = min(found, key=found.get)
-    assert report.bottleneck == name
-    assert report.rho.item() == pytest.approx(found[name], rel=1e-6)
-    assert {k: v.item() for k, v in report.radii().items()} == pytest.approx(found, rel=1e-6)
+@pytest.mark.parametrize(
+    ("ffn", "bottleneck", "rho"), [(2.5, "output", 2.0), (1.5, "ffn", 1.5), (math.inf, "output", 2.0)]
+)
+def test_report_rho_and_bottleneck_are_the_minimum(ffn: float, bottleneck: str, rho: float) -> None:
+    # spreads pi/2 (output), [[pi/3, pi/5], [0, pi/4]] (heads): radii 2 and [[3, 5], [inf, 4]], closed form
+    report = RadiusReport(
+        out_spread=torch.tensor(math.pi / 2),
+        attn_spread=torch.tensor([[math.pi / 3, math.pi / 5], [0.0, math.pi / 4]]),
+        ffn_radius=torch.tensor(ffn),
+    )
+    torch.testing.assert_close(report.rho_attn, torch.tensor([[3.0, 5.0], [math.inf, 4.0]]))
+    radii_ = {k: v.item() for k, v in report.radii().items()}
+    assert radii_ == pytest.approx({"output": 2.0, "attention": 3.0, "ffn": ffn})
+    assert report.bottleneck == bottleneck
+    assert report.rho.item() == pytest.approx(rho)
+
+
+def test_report_without_a_finite_radius_has_no_bottleneck() -> None:
+    report = RadiusReport(torch.tensor(0.0), torch.zeros(2, 3), torch.tensor(math.inf))  # zero spreads, no FFN kink
+    assert report.bottleneck == "none"
+    assert report.rho.item() == math.inf
+    with pytest.raises(ValueError, match="no radius was measured"):
+        _ = RadiusReport().rho
 
 
 # ------------------------------------------------------------------------------------------ other models
@@ -485,18 +570,21 @@ def test_model_without_logits_is_rejected() -> None:
 
 def test_invalid_settings_are_rejected() -> None:
     model = tiny_causal_lm("gpt_neox")
-    with pytest.raises(ValueError, match=r"radii must be a non-empty subset of \('output', 'attention', 'ffn'\)"):
+    names = r"expected a non-empty list of distinct names from \['output', 'attention', 'ffn'\]$"
+    with pytest.raises(ValueError, match=r"^RadiusProbe\.radii: got \('output', 'logits'\); " + names):
         RadiusProbe(model, ("output", "logits"))
-    with pytest.raises(ValueError, match="radii must be a non-empty subset"):
+    with pytest.raises(ValueError, match=r"^RadiusProbe\.radii: got \(\); " + names):
         RadiusProbe(model, ())
-    with pytest.raises(ValueError, match=r"estimator must be one of \('jvp', 'fd'\); got 'hvp'"):
+    with pytest.raises(ValueError, match=r"^RadiusProbe\.estimator: got 'hvp'; expected one of \['jvp', 'fd'\]$"):
         RadiusProbe(model, estimator="hvp")
-    with pytest.raises(ValueError, match="ffn_mode"):
+    modes = r"expected one of \['kink', 'activation'\]$"
+    with pytest.raises(ValueError, match=r"^RadiusProbe\.ffn_mode: got 'quantile'; " + modes):
         RadiusProbe(model, ("ffn",), ffn_mode="quantile")
-    with pytest.raises(ValueError, match="ffn_quantile"):
+    with pytest.raises(ValueError, match=r"^RadiusProbe\.ffn_quantile: got 1\.0; expected a number in \(0, 1\)$"):
         RadiusProbe(model, ("ffn",), ffn_quantile=1.0)
-    with pytest.raises(ValueError, match="fd_step"):
+    with pytest.raises(ValueError, match=r"^RadiusProbe\.fd_step: got 0\.0; expected a finite number > 0$"):
         RadiusProbe(model, estimator="fd", fd_step=0.0)
+    assert RadiusProbe(model, "output,attention").radii == ("output", "attention")  # the command line's form
 
 
 def test_bad_directions_are_rejected() -> None:

@@ -272,41 +272,59 @@ def test_activation_radius_zero_slope_is_inf() -> None:
         assert radii.activation_radius(torch.tensor([0.7]), torch.tensor([0.0]), name).item() == math.inf
 
 
-def test_activation_radius_tanh_singularities_are_poles_of_tanh() -> None:
-    # cosh(z) = 0 at z = i pi (n + 1/2): tanh's nearest singularity to a real z is at distance sqrt(z^2 + pi^2/4).
-    for n in (-1, 0):
-        assert abs(np.cosh(complex(0.0, PI * (n + 0.5)))) < 1e-15
-    assert radii.activation_radius(torch.tensor(0.0), torch.tensor(1.0), "tanh").item() == pytest.approx(PI / 2, rel=1e-7)
+def activation(name: str, w: np.ndarray) -> np.ndarray:
+    """The activation itself at complex points (numpy); softplus on the branch analytic off ``i pi (2n + 1)``."""
+    with np.errstate(over="ignore"):  # exp of the unused side of np.where
+        if name == "tanh":
+            return np.tanh(w)
+        if name == "sigmoid":
+            return 1 / (1 + np.exp(-w))
+        if name in ("silu", "swish"):
+            return w / (1 + np.exp(-w))
+        if name == "softplus":
+            return np.where(w.real > 0, w + np.log(1 + np.exp(-w)), np.log(1 + np.exp(w)))
+        if name in ("gelu_tanh", "gelu_new"):
+            return 0.5 * w * (1 + np.tanh(math.sqrt(2 / PI) * (w + 0.044715 * w**3)))
+    raise ValueError(name)
 
 
-@pytest.mark.parametrize("name", ["gelu_tanh", "gelu_new", "gelu_pytorch_tanh", "gelu_fast"])
-def test_activation_radius_gelu_tanh_brute_force(name: str) -> None:
-    scale, cubic = math.sqrt(2 / PI), 0.044715
+def cauchy_deviation(f, radius: float, reference: float, terms: int = 6, points: int = 1 << 16) -> float:
+    """How far Cauchy's integral over ``|t| = radius`` is from the Taylor coefficients of ``f`` at 0.
 
-    def argument(p: complex) -> complex:  # tanh's argument in gelu_tanh
-        return scale * (p + cubic * p**3)
+    ``c_k(R)``, the integral of ``f(t) t^{-k-1} / (2 pi i)`` over ``|t| = R`` (trapezoid rule: an FFT), equals the
+    Taylor coefficient ``c_k`` for every ``R`` below the radius of convergence, and picks up the residues of the
+    singularities once one lies inside. Returns ``max_k |c_k(R) - c_k(reference)| R^k / max_{|t| = R} |f|``.
+    """
 
-    for z in (0.0, -1.3, 0.7, 4.0):
-        distance = radii.activation_radius(torch.tensor(z, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64), name).item()
-        # Every singularity solves argument(p) = i pi (n + 1/2). On |p - z| <= distance + 1 the argument is
-        # bounded, so only |n| <= bound can occur there: enumerate them all and take the nearest.
-        reach = abs(z) + distance + 1
-        bound = math.ceil(scale * (reach + cubic * reach**3) / PI) + 1
-        candidates = [
-            (complex(p), n)
-            for n in range(-bound, bound + 1)
-            for p in np.roots([scale * cubic, 0.0, scale, -1j * PI * (n + 0.5)])
-        ]
-        nearest, level = min(candidates, key=lambda c: abs(c[0] - z))
-        assert abs(argument(nearest) - 1j * PI * (level + 0.5)) < 1e-12
-        assert abs(np.cosh(argument(nearest))) < 1e-10  # a pole of tanh(argument(p))
-        assert distance == pytest.approx(abs(nearest - z), rel=1e-12)
-        if z == 0.0:
-            # At the origin the nearest pole is where the argument equals +- i pi / 2 (n = 0 or -1).
-            assert level in (0, -1)
-            assert argument(nearest) == pytest.approx(1j * PI / 2 * (1 if level == 0 else -1), abs=1e-12)
-            assert distance > PI / 2  # farther than tanh's own pi / 2
-            assert abs(nearest.real) == pytest.approx(0.634, abs=1e-3) and abs(nearest.imag) == pytest.approx(2.755, abs=1e-3)
+    def coefficients(r: float) -> tuple[np.ndarray, float]:
+        values = f(r * np.exp(2j * np.pi * np.arange(points) / points))
+        return np.fft.fft(values)[:terms] / points / r ** np.arange(terms), float(np.abs(values).max())
+
+    taylor, _ = coefficients(reference)
+    found, scale = coefficients(radius)
+    return float((np.abs(found - taylor) * radius ** np.arange(terms)).max() / scale)
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "silu", "swish", "softplus", "gelu_tanh", "gelu_new"])
+def test_activation_radius_is_where_the_taylor_series_stops_converging(name: str) -> None:
+    # t -> f(z + z' t) is analytic on |t| < rho (Cauchy's integral just inside reproduces the Taylor coefficients
+    # from a small circle) and not beyond (just outside it does not): rho is its radius of convergence.
+    for z, slope in ((0.0, 1.0), (-1.3, 2.5), (0.7, -0.4), (4.0, 1.0)):
+        rho = radii.activation_radius(torch.tensor(z, dtype=torch.float64), torch.tensor(slope, dtype=torch.float64), name)
+        rho = rho.item()
+
+        def along(t: np.ndarray, z: float = z, slope: float = slope) -> np.ndarray:
+            return activation(name, z + slope * t)
+
+        assert cauchy_deviation(along, 0.999 * rho, reference=rho / 4) < 1e-10, (z, slope, rho)
+        assert cauchy_deviation(along, 1.001 * rho, reference=rho / 4) > 1e-5, (z, slope, rho)
+
+
+def test_activation_radius_gelu_tanh_nearest_pole_at_the_origin() -> None:
+    # The docstring's nearest poles +-0.634 +- 2.755i: farther than tanh's own pi / 2.
+    distance = radii.activation_radius(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64), "gelu_new")
+    assert distance.item() == pytest.approx(abs(complex(0.634, 2.755)), abs=2e-3)
+    assert distance.item() > PI / 2
 
 
 def test_activation_radius_unknown_name_lists_supported() -> None:

@@ -7,6 +7,7 @@ import importlib
 import json
 import math
 import sys
+import types
 from pathlib import Path
 from types import ModuleType
 
@@ -14,7 +15,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_ghosts.presets import MODEL_PRESETS, build_model, lm_blocks, preset_config, pydoc_splits, train_bpe_tokenizer
+from hf_ghosts.presets import (
+    MODEL_PRESETS,
+    build_model,
+    lm_blocks,
+    preset_config,
+    pydoc_splits,
+    spike_loop,
+    spike_schedule,
+    train_bpe_tokenizer,
+)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -89,6 +99,41 @@ def test_tokenizer_corpus_and_blocks() -> None:
     again = build_model("pythia-tiny", vocab_size=len(tokenizer), seed=3)
     assert model.get_output_embeddings().weight.shape == (512, 64)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True))
+
+
+def test_spike_schedule_and_loop_run_the_same_rates() -> None:
+    """Optimizer step k (0-based) runs at lr x factor for start <= k < stop: by hand, in a Trainer's scheduler and the loop."""
+    expected = [0.1, 0.1, 1.0, 1.0, 0.1]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    schedule = spike_schedule(optimizer, start=2, factor=10.0, stop=4)
+    seen = []
+    for _ in expected:
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert seen == pytest.approx(expected, rel=1e-12)
+
+    class Linear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x: torch.Tensor):
+            return types.SimpleNamespace(loss=(self.weight * x).sum())
+
+    model = Linear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def sgd_step(batch: dict) -> float:
+        optimizer.step()
+        return optimizer.param_groups[0]["lr"]
+
+    rows = spike_loop(model, optimizer, [{"x": torch.ones(1)}] * 5, start=2, factor=10.0, stop=4, step=sgd_step)
+    assert [row["record"] for row in rows] == pytest.approx(expected, rel=1e-12)
+    assert [row["spike"] for row in rows] == [False, False, True, True, False]
+    # d loss / d weight = 1 every step: the weight moved by minus the sum of the rates
+    assert model.weight.item() == pytest.approx(-sum(expected), rel=1e-6)
+    assert [row["loss"] for row in rows] == pytest.approx([0.0, -0.1, -0.2, -1.2, -2.2], rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ pythia_finetune
@@ -174,6 +219,7 @@ def test_pythia_finetune_from_a_checkpoint_and_a_text_file(tmp_path: Path) -> No
 
 
 # ------------------------------------------------------------------------------------------ spike_test
+@pytest.mark.slow
 def test_spike_test(tmp_path: Path) -> None:
     rows = recipe("spike_test").main([
         "--output_dir", str(tmp_path), "--presets", "pythia-tiny", "llama-tiny", "--factors", "1", "10000",

@@ -8,7 +8,6 @@ end. Both runs see the same data in the same order from the same initial weights
 from __future__ import annotations
 
 import math
-from pydoc_data.topics import topics
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback
 
 from hf_ghosts import RhoTrainer
+from hf_ghosts.presets import pydoc_text, spike_schedule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -38,7 +38,7 @@ class EvaluateAfterWarmup(TrainerCallback):
 def run(trainer_class: type[Trainer], tmp_path, train: Dataset, held_out: Dataset) -> dict[str, float]:
     model = tiny_causal_lm("gpt_neox")
     optimizer = torch.optim.AdamW(model.parameters(), lr=BASE_LR, weight_decay=0.0)
-    spike = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: FACTOR if step >= WARMUP else 1.0)
+    spike = spike_schedule(optimizer, start=WARMUP, factor=FACTOR)
     args = rho_args(
         tmp_path / trainer_class.__name__, per_device_train_batch_size=8, per_device_eval_batch_size=32,
         max_steps=WARMUP + SPIKE, logging_steps=5, rho_mode="clip", rho_target=1.0,
@@ -63,7 +63,7 @@ def run(trainer_class: type[Trainer], tmp_path, train: Dataset, held_out: Datase
 
 
 def test_lr_spike_collapses_adamw_but_not_the_rho_controller(tmp_path) -> None:
-    text = "".join(topics[key] for key in sorted(topics)).encode("utf-8")
+    text = pydoc_text(separator="").encode("utf-8")
     train, held_out = byte_rows(text, 0, 128), byte_rows(text, 200_000, 32)
     plain = run(Trainer, tmp_path, train, held_out)
     rho = run(RhoTrainer, tmp_path, train, held_out)

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 
 import pytest
 import torch
-from conftest import StepRecorder, rho_args, tiny_causal_lm, tiny_config, token_dataset
+from conftest import AdamWReplay, StepRecorder, rho_args, tiny_causal_lm, tiny_config, token_dataset
 from safetensors import safe_open
 from transformers import (
     BertConfig,
     BertForMaskedLM,
     GPTNeoXModel,
     HfArgumentParser,
+    Trainer,
     TrainerCallback,
     TrainingArguments,
 )
@@ -45,10 +47,10 @@ class LastTrainingBatch:
 
 
 class Lockstep(TrainerCallback):
-    """Replays every optimizer step with a plain ``torch.optim.AdamW`` on copies of the weights.
+    """Replays every optimizer step with a plain ``torch.optim.AdamW`` (:class:`AdamWReplay`).
 
-    Before each step the copies get the model's (old) weights, its clipped gradients and the groups'
-    current learning rates; the reference step gives ``u``, the update AdamW proposes. After the real
+    Before each step the replay gets the model's (old) weights, its clipped gradients and the groups'
+    current learning rates; it gives ``u``, the update AdamW proposes. After the real
     (controlled) step, each row holds the controller's record, ``|u|``, the relative distance between
     the applied update and ``scale * u``, and ``rho`` from a fresh ``RadiusProbe`` at the old weights
     along ``u`` on the last training batch.
@@ -66,33 +68,19 @@ class Lockstep(TrainerCallback):
         self.learning_rates: list[list[float]] = []
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs) -> None:
-        inner = getattr(optimizer, "optimizer", optimizer)
-        assert type(inner) is torch.optim.AdamW, type(inner)
-        self.real = inner
-        names = {p: name for name, p in self.model.named_parameters()}
-        self.copies = {name: p.detach().clone().requires_grad_(True) for name, p in self.model.named_parameters()}
-        groups = [
-            {**{key: value for key, value in group.items() if key != "params"}, "params": [self.copies[names[p]] for p in group["params"]]}
-            for group in inner.param_groups
-        ]
-        self.reference = torch.optim.AdamW(groups)
+        self.replay = AdamWReplay(self.model, optimizer)
+        assert type(self.replay.real) is torch.optim.AdamW, type(self.replay.real)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs) -> None:
         self.old = snapshot(self.model)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         self.grad_norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
-        self.learning_rates.append([group["lr"] for group in self.real.param_groups])
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                self.copies[name].copy_(p)
-                self.copies[name].grad = None if p.grad is None else p.grad.clone()
-            for mine, theirs in zip(self.reference.param_groups, self.real.param_groups, strict=True):
-                mine["lr"] = theirs["lr"]
-        self.reference.step()
+        self.learning_rates.append([group["lr"] for group in self.replay.real.param_groups])
+        self.u = self.replay.propose()
 
     def on_optimizer_step(self, args, state, control, **kwargs) -> None:
         record = self.trainer.rho_controller.last
-        u = {name: self.copies[name].detach() - self.old[name] for name in self.old}
+        u = self.u
         applied = {name: p.detach() - self.old[name] for name, p in self.model.named_parameters()}
         scaled = {name: record.scale * u[name] for name in u}
         deviation = flat_norm({name: applied[name] - scaled[name] for name in u}) / flat_norm(scaled)
@@ -213,11 +201,13 @@ def test_gradient_accumulation_probes_once_per_step_on_the_last_micro_batch(tmp_
 # ----------------------------------------------------------------------------- resume
 
 
-def test_resume_is_exact_including_the_gpt_neox_head(tmp_path) -> None:
+@pytest.mark.parametrize("restore_callbacks", [False, True])
+def test_resume_is_exact_including_the_gpt_neox_head(tmp_path, restore_callbacks: bool) -> None:
     # Triggers off: probes at steps 1, 3, 5, so step 4 (the first after resuming) reuses the rho saved at step 3.
     common = dict(
         max_steps=6, save_strategy="steps", save_steps=3, logging_steps=2, learning_rate=0.05,
         rho_every=2, rho_trigger_r=math.inf, rho_trigger_growth=math.inf,
+        restore_callback_states_from_checkpoint=restore_callbacks,
     )
     straight = RhoTrainer(model=tiny_causal_lm("gpt_neox"), args=rho_args(tmp_path, **common), train_dataset=token_dataset())
     straight.train()
@@ -225,6 +215,8 @@ def test_resume_is_exact_including_the_gpt_neox_head(tmp_path) -> None:
     with safe_open(str(checkpoint / "model.safetensors"), "pt") as handle:
         saved = set(handle.keys())
     assert "embed_out.weight" in saved and "lm_head.weight" not in saved, "the checkpoint no longer renames the head"
+    stored = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["RhoControllerState"]
+    assert (stored["attributes"]["controller_state"]["steps"], stored["attributes"]["controller_state"]["probes"]) == (3, 2)
 
     # Start from other weights, so that anything the resume fails to load shows.
     resumed = RhoTrainer(
@@ -253,6 +245,22 @@ def test_resume_is_exact_including_the_gpt_neox_head(tmp_path) -> None:
     # The window open at the checkpoint (step 3) is logged at step 4 by both runs.
     assert ghosts_after(resumed, 3) == ghosts_after(straight, 3)
     assert any(entry["ghosts/clipped"] > 0 for entry in ghosts_after(straight, 0))
+
+
+def test_resume_from_a_plain_trainer_checkpoint_starts_the_controller_afresh(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    common = dict(save_strategy="steps", save_steps=2, learning_rate=0.05)
+    plain = Trainer(model=tiny_causal_lm("gpt_neox"), args=rho_args(tmp_path, max_steps=2, **common), train_dataset=token_dataset())
+    plain.train()
+    resumed = RhoTrainer(
+        model=tiny_causal_lm("gpt_neox"),
+        args=rho_args(tmp_path, output_dir=str(tmp_path / "resumed"), max_steps=4, **common),
+        train_dataset=token_dataset(),
+    )
+    with caplog.at_level(logging.WARNING, logger="hf_ghosts"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert "holds no RhoController state" in caplog.text
+    stored = json.loads((tmp_path / "resumed" / "checkpoint-4" / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert stored["RhoControllerState"]["attributes"]["controller_state"]["steps"] == 2  # steps 3 and 4
 
 
 def test_best_model_loads_the_renamed_head(tmp_path) -> None:
@@ -434,9 +442,11 @@ def test_plain_training_arguments_are_upgraded(tmp_path) -> None:
     )
     trainer = RhoTrainer(model=tiny_causal_lm("gpt_neox"), args=plain, train_dataset=token_dataset())
     assert isinstance(trainer.args, RhoTrainingArguments)
-    defaults = RhoTrainingArguments(output_dir=str(tmp_path), report_to=[])
-    for name in ("rho_mode", "rho_target", "rho_radii", "rho_estimator", "rho_every", "rho_log_per_head", "rho_fd_step"):
-        assert getattr(trainer.args, name) == getattr(defaults, name)
+    documented = {  # the README's RhoTrainer table
+        "rho_mode": "clip", "rho_target": 1.0, "rho_radii": ["output", "attention"], "rho_estimator": "fd", "rho_every": 16,
+        "rho_trigger_r": 0.5, "rho_trigger_growth": 2.0, "rho_log_per_head": False, "rho_fd_step": 0.01,
+    }
+    assert {name: getattr(trainer.args, name) for name in documented} == documented
     mismatched = {
         name: (getattr(plain, name), getattr(trainer.args, name))
         for name in plain.__dataclass_fields__

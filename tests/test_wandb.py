@@ -71,6 +71,7 @@ def read_wandb_records(path: Path) -> list[wandb_internal_pb2.Record]:
     return records
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_logged_ghost_metrics(tmp_path: Path) -> None:
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(tests=str(TESTS)))

@@ -1,0 +1,110 @@
+"""Workarounds for ``transformers`` internals, all in one place.
+
+Each one names the version it was written for and has a test in ``tests/test_compat.py`` that fails
+with "upstream fixed ...: delete compat.<name>" (or "... moved: update compat.<name>") when the
+installed ``transformers`` no longer needs it (or no longer has what it uses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+__all__ = ["checkpoint_keys_renamed", "checkpoint_to_model_keys", "is_bare_backbone"]
+
+
+# ----------------------------------------------------------------------------- bare backbones (transformers 5.24)
+def is_bare_backbone(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is the bare backbone of its ``model_type`` (what ``AutoModel`` loads: hidden states, no logits).
+
+    Uses ``transformers.models.auto.modeling_auto.MODEL_MAPPING_NAMES`` (``model_type -> class name(s)``), which
+    is not public API; a model without ``config.model_type`` is never a bare backbone.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    bare = MODEL_MAPPING_NAMES.get(model_type, ())
+    return type(model).__name__ in ((bare,) if isinstance(bare, str) else bare)
+
+
+# ----------------------------------------------------------------------------- renamed checkpoint keys (transformers 5.2x)
+def checkpoint_to_model_keys(model: PreTrainedModel, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a checkpoint's key names back to the model's (GPT-NeoX saves ``lm_head.weight`` as ``embed_out.weight``).
+
+    ``save_pretrained`` reverses the model's weight renamings; ``Trainer`` resumes with a bare
+    ``model.load_state_dict(strict=False)``, which does not apply them again, so a renamed tensor
+    would silently keep its initial value. Keys the model knows are kept as they are.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
+
+    renamings = [
+        transform
+        for transform in get_model_conversion_mapping(model, add_legacy=False)
+        if isinstance(transform, WeightRenaming) and not isinstance(transform, PrefixChange)
+    ]
+    if not renamings:
+        return dict(state_dict)
+    known = set(model.state_dict())
+    renamed = {}
+    for key, tensor in state_dict.items():
+        if key not in known and (candidate := apply_renamings(key, renamings)) in known:
+            key = candidate
+        renamed[key] = tensor
+    return renamed
+
+
+@contextlib.contextmanager
+def checkpoint_keys_renamed(model: torch.nn.Module) -> Iterator[None]:
+    """While active, ``model.load_state_dict`` first maps checkpoint keys to the model's (all Trainer load paths use it)."""
+    if not isinstance(model, PreTrainedModel):
+        yield
+        return
+    load = model.load_state_dict
+    shadowed = model.__dict__.get("load_state_dict")
+
+    def load_state_dict(state_dict: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        return load(checkpoint_to_model_keys(model, state_dict), *args, **kwargs)
+
+    model.load_state_dict = load_state_dict
+    try:
+        yield
+    finally:
+        if shadowed is None:
+            del model.load_state_dict
+        else:
+            model.load_state_dict = shadowed
+
+
+# ----------------------------------------------------------------------------- switching attention (transformers 5.24)
+__all__ += ["attention_implementation", "attention_implementation_of"]
+
+
+def attention_implementation_of(model: torch.nn.Module) -> str | None:
+    """The attention implementation ``model`` dispatches to (``config._attn_implementation``); ``None`` without."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+@contextlib.contextmanager
+def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """While active, ``model``'s attention layers dispatch to ``name``; the implementation found is restored on exit.
+
+    Writes ``config._attn_implementation``, which every attention layer reads at each call (and which sets
+    the sub-configs too), instead of the public ``model.set_attn_implementation(name)``: that one re-checks
+    the implementation on every switch (for flash/kernel implementations it may re-resolve the name to a
+    kernel fallback or import a hub kernel, so switching back is not a plain restore) and walks every
+    module (~1 ms per switch on an 800-module model).
+    """
+    config = model.config
+    found = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = found

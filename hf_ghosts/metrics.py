@@ -1,0 +1,164 @@
+"""The logged ``ghosts/*`` keys: one table, their aggregation between two logs, the W&B step metric.
+
+:data:`LOGGED_KEYS` is the table (the README's "Logged keys" is tested against it). A
+:class:`MetricWindow` takes the controller's per-step records (:class:`~hf_ghosts.controller.StepRecord`)
+and reduces them as the table says; :meth:`MetricWindow.pop` is what ``Trainer.log`` receives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
+    from hf_ghosts.controller import StepRecord
+
+__all__ = ["LOGGED_KEYS", "LoggedKey", "MetricWindow", "define_wandb_metrics"]
+
+
+@dataclass(frozen=True)
+class LoggedKey:
+    """One logged key: its name, meaning and aggregation as the README shows them.
+
+    ``field``: the :class:`~hf_ghosts.controller.StepRecord` field that ``"max"`` / ``"min"`` reduce over
+    the steps where it is set; ``None`` for the keys counted by :class:`MetricWindow` itself.
+    """
+
+    key: str
+    meaning: str
+    aggregation: str
+    field: str | None = None
+
+
+LOGGED_KEYS: tuple[LoggedKey, ...] = (
+    LoggedKey("ghosts/r", "normalized step of the optimizer's proposed update, `|u| / rho`, before control", "max", "r"),
+    LoggedKey("ghosts/r_applied", "normalized step actually applied, `scale * r`", "max", "r_applied"),
+    LoggedKey("ghosts/rho", "binding radius, min of the radii measured", "min", "rho"),
+    LoggedKey("ghosts/rho_out", "output softmax radius `pi / max Delta_out`", "min", "rho_out"),
+    LoggedKey("ghosts/rho_attn", "attention radius, min over layers and heads", "min", "rho_attn"),
+    LoggedKey(
+        "ghosts/rho_ffn", "FFN radius (kink proxy, 1% quantile of `|z| / |z'|`), when `\"ffn\"` is measured", "min", "rho_ffn"
+    ),
+    LoggedKey("ghosts/scale", "factor applied to the update (1.0 when not clipped)", "min", "scale"),
+    LoggedKey("ghosts/update_norm", "`|u|` of the proposed update", "max", "update_norm"),
+    LoggedKey("ghosts/clipped", "fraction of probed steps that were clipped", "fraction"),
+    LoggedKey("ghosts/probed", "fraction of steps measured afresh (the others reused the last `rho`)", "fraction"),
+    LoggedKey("ghosts/skipped_nonfinite", "steps skipped because the gradient, update or radius was NaN/inf", "count"),
+    LoggedKey(
+        "ghosts/no_output_tokens", "probed steps whose batch had no label other than `-100` (output radius inf)", "count, when > 0"
+    ),
+    LoggedKey("ghosts/rho_attn/layer_{l}/head_{h}", "per-head radius, with `rho_log_per_head`", "min"),
+)
+
+_EXTREMA = tuple(key for key in LOGGED_KEYS if key.field is not None)
+
+
+class MetricWindow:
+    """The steps since the last log, reduced as :data:`LOGGED_KEYS` says.
+
+    Skipped steps count only in ``skipped_nonfinite``; ``clipped`` = clipped / probed steps, ``probed`` =
+    probed / other steps; per-head radii (``per_head``) are the elementwise min over the probed steps.
+    """
+
+    def __init__(self, per_head: bool = False) -> None:
+        self.per_head = per_head
+        self.reset()
+
+    def reset(self) -> None:
+        self.maxima: dict[str, float] = {}
+        self.minima: dict[str, float] = {}
+        self.head_minima: torch.Tensor | None = None
+        self.steps = 0
+        self.probed = 0
+        self.clipped = 0
+        self.skipped_nonfinite = 0
+        self.no_output_tokens = 0
+
+    def add(self, record: StepRecord) -> None:
+        """Take one optimizer step's record into the window."""
+        if record.skipped is not None:
+            self.skipped_nonfinite += 1
+            return
+        self.steps += 1
+        for spec in _EXTREMA:
+            value = getattr(record, spec.field)
+            if value is None:
+                continue
+            if spec.aggregation == "max":
+                self.maxima[spec.field] = max(self.maxima.get(spec.field, -math.inf), value)
+            else:
+                self.minima[spec.field] = min(self.minima.get(spec.field, math.inf), value)
+        if not record.probed:
+            return
+        self.probed += 1
+        self.clipped += int(record.clipped)
+        if record.output_tokens == 0:
+            self.no_output_tokens += 1
+        heads = record.rho_attn_heads
+        if heads is not None:
+            self.head_minima = heads if self.head_minima is None else torch.minimum(self.head_minima, heads)
+
+    def pop(self) -> dict[str, float]:
+        """The ``ghosts/*`` metrics of the window, then an empty window."""
+        metrics = {}
+        for spec in _EXTREMA:
+            value = (self.maxima if spec.aggregation == "max" else self.minima).get(spec.field)
+            if value is not None:
+                metrics[spec.key] = value
+        if self.probed:
+            metrics["ghosts/clipped"] = self.clipped / self.probed
+        if self.steps:
+            metrics["ghosts/probed"] = self.probed / self.steps
+        metrics["ghosts/skipped_nonfinite"] = float(self.skipped_nonfinite)
+        if self.no_output_tokens:
+            metrics["ghosts/no_output_tokens"] = float(self.no_output_tokens)
+        if self.per_head and self.head_minima is not None:
+            for layer, row in enumerate(self.head_minima.tolist()):
+                for head, value in enumerate(row):
+                    metrics[f"ghosts/rho_attn/layer_{layer}/head_{head}"] = value
+        self.reset()
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """The open window, JSON-ready (saved with the controller, so a resumed run logs what it would have)."""
+        return {
+            "maxima": dict(self.maxima),
+            "minima": dict(self.minima),
+            "head_minima": None if self.head_minima is None else self.head_minima.tolist(),
+            "steps": self.steps,
+            "probed": self.probed,
+            "clipped": self.clipped,
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "no_output_tokens": self.no_output_tokens,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.maxima = dict(state["maxima"])
+        self.minima = dict(state["minima"])
+        heads = state["head_minima"]
+        self.head_minima = None if heads is None else torch.tensor(heads, dtype=torch.float32)
+        self.steps = state.get("steps", state["probed"])  # absent in older states, which probed every step
+        self.probed = state["probed"]
+        self.clipped = state["clipped"]
+        self.skipped_nonfinite = state["skipped_nonfinite"]
+        self.no_output_tokens = state["no_output_tokens"]
+
+
+def define_wandb_metrics(args: TrainingArguments) -> bool:
+    """Plot ``train/ghosts/*`` against ``train/global_step`` in the active W&B run; True once done."""
+    if "wandb" not in (args.report_to or []) or not args.should_log:
+        return True
+    import wandb
+
+    if wandb.run is None:
+        return False
+    wandb.define_metric("train/global_step")
+    wandb.define_metric("train/ghosts/*", step_metric="train/global_step")
+    return True

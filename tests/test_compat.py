@@ -1,0 +1,93 @@
+"""Each workaround in ``hf_ghosts.compat`` against the installed ``transformers``: still needed, still working.
+
+A test here that fails says which workaround to delete (upstream fixed it) or to update (upstream moved
+what it uses).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, rho_args, tiny_causal_lm, tiny_config, token_dataset
+from safetensors.torch import load_file
+from transformers import AutoModel, Trainer
+
+from hf_ghosts import compat
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+# ----------------------------------------------------------------------------- renamed checkpoint keys
+def resume_without_training(tmp_path, rename: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Plain ``Trainer``: train 2 steps (checkpoint-2), then resume a model with other weights at step 2 (no step left).
+
+    Returns the checkpoint's tensors and the resumed model's state dict.
+    """
+    common = dict(max_steps=2, save_strategy="steps", save_steps=2, learning_rate=0.05)
+    Trainer(model=tiny_causal_lm("gpt_neox"), args=rho_args(tmp_path, **common), train_dataset=token_dataset()).train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    model = tiny_causal_lm("gpt_neox", seed=7)
+    resumed = Trainer(model=model, args=rho_args(tmp_path, output_dir=str(tmp_path / "resumed"), **common), train_dataset=token_dataset())
+    if rename:
+        with compat.checkpoint_keys_renamed(model):
+            resumed.train(resume_from_checkpoint=str(checkpoint))
+    else:
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    return load_file(str(checkpoint / "model.safetensors")), model.state_dict()
+
+
+def test_plain_trainer_resume_still_drops_the_gpt_neox_head(tmp_path) -> None:
+    saved, loaded = resume_without_training(tmp_path, rename=False)
+    if "embed_out.weight" not in saved:
+        pytest.fail(
+            "upstream fixed GPT-NeoX checkpoints: the head is saved as lm_head.weight, not embed_out.weight. "
+            "Delete compat.checkpoint_keys_renamed / compat.checkpoint_to_model_keys and RhoTrainer's "
+            "_load_from_checkpoint / _load_best_model overrides."
+        )
+    body = [name for name in loaded if name != "lm_head.weight"]
+    assert all(torch.equal(loaded[name], saved[name]) for name in body), "the resume loaded nothing: the test proves nothing"
+    if torch.equal(loaded["lm_head.weight"], saved["embed_out.weight"]):
+        pytest.fail(
+            "upstream fixed Trainer resume of GPT-NeoX: lm_head is restored from embed_out.weight by itself. "
+            "Delete compat.checkpoint_keys_renamed / compat.checkpoint_to_model_keys and RhoTrainer's "
+            "_load_from_checkpoint / _load_best_model overrides."
+        )
+
+
+def test_checkpoint_keys_renamed_restores_the_gpt_neox_head(tmp_path) -> None:
+    saved, loaded = resume_without_training(tmp_path, rename=True)
+    assert torch.equal(loaded["lm_head.weight"], saved["embed_out.weight"])
+    assert all(torch.equal(loaded[name], saved[name]) for name in loaded if name != "lm_head.weight")
+
+
+def test_checkpoint_to_model_keys_maps_only_unknown_renamed_keys() -> None:
+    head, other = torch.zeros(1), torch.ones(1)
+    neox = tiny_causal_lm("gpt_neox")
+    mapped = compat.checkpoint_to_model_keys(neox, {"embed_out.weight": head, "gpt_neox.final_layer_norm.weight": other})
+    assert mapped == {"lm_head.weight": head, "gpt_neox.final_layer_norm.weight": other}
+    assert compat.checkpoint_to_model_keys(neox, {"lm_head.weight": head}) == {"lm_head.weight": head}
+    llama = tiny_causal_lm("llama")
+    assert compat.checkpoint_to_model_keys(llama, {"embed_out.weight": head}) == {"embed_out.weight": head}
+
+
+def test_checkpoint_keys_renamed_leaves_the_model_as_it_was() -> None:
+    model = tiny_causal_lm("gpt_neox")
+    with compat.checkpoint_keys_renamed(model):
+        assert "load_state_dict" in model.__dict__
+    assert "load_state_dict" not in model.__dict__
+
+
+# ----------------------------------------------------------------------------- bare backbones
+def test_model_mapping_names_still_names_the_bare_backbones() -> None:
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+    except ImportError as error:
+        pytest.fail(f"transformers moved MODEL_MAPPING_NAMES ({error}): update compat.is_bare_backbone")
+    assert MODEL_MAPPING_NAMES["gpt_neox"] == "GPTNeoXModel", "MODEL_MAPPING_NAMES changed shape: update compat.is_bare_backbone"
+    for family in FAMILIES:
+        bare = AutoModel.from_config(tiny_config(family))
+        with_head = tiny_causal_lm(family)
+        assert bare.base_model is bare and with_head.base_model is not with_head, family  # public-API reference
+        assert compat.is_bare_backbone(bare), family
+        assert not compat.is_bare_backbone(with_head), family
+    assert not compat.is_bare_backbone(torch.nn.Linear(2, 2))

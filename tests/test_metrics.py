@@ -1,0 +1,126 @@
+"""The logged keys: README table == ``metrics.LOGGED_KEYS`` == what a training run logs; the window's aggregation."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import rho_args, tiny_causal_lm, token_dataset
+
+from hf_ghosts import RhoTrainer
+from hf_ghosts.controller import StepRecord
+from hf_ghosts.metrics import LOGGED_KEYS, MetricWindow
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_key_table() -> list[tuple[str, str, str]]:
+    """(key, meaning, aggregation) rows of the README's "## Logged keys" table, ``\\|`` unescaped, backticks off the key."""
+    section = README.read_text().split("\n## Logged keys\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    assert rows[0].replace(" ", "") == "|key|meaning|aggregation|", rows[0]
+    table = []
+    for line in rows[2:]:
+        cells = [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+        assert len(cells) == 3, line
+        table.append((cells[0].strip("`"), cells[1], cells[2]))
+    return table
+
+
+def key_pattern(key: str) -> re.Pattern:
+    """``ghosts/rho_attn/layer_{l}/head_{h}`` -> a regex with an integer for each ``{...}``."""
+    return re.compile("".join(r"\d+" if part.startswith("{") else re.escape(part) for part in re.split(r"(\{\w+\})", key)))
+
+
+def test_readme_table_is_the_metrics_table() -> None:
+    documented = readme_key_table()
+    table = [(key.key, key.meaning, key.aggregation) for key in LOGGED_KEYS]
+    assert [row[0] for row in documented] == [row[0] for row in table], "README's logged keys differ from metrics.LOGGED_KEYS"
+    assert documented == table
+
+
+def test_a_training_run_logs_exactly_the_documented_keys(tmp_path) -> None:
+    """All three radii, per-head radii, and a probed batch without labels (rows 2-3: step 2), all in one log."""
+    data = token_dataset(rows=8)
+    labels = data["labels"]
+    data = data.remove_columns("labels").add_column("labels", [[-100] * len(row) if i in (2, 3) else row for i, row in enumerate(labels)])
+    args = rho_args(
+        tmp_path, per_device_train_batch_size=2, train_sampling_strategy="sequential", max_steps=3, logging_steps=3,
+        learning_rate=0.05, rho_radii=["output", "attention", "ffn"], rho_log_per_head=True, rho_every=1,
+    )
+    trainer = RhoTrainer(model=tiny_causal_lm("gpt_neox"), args=args, train_dataset=data)
+    trainer.train()
+    (entry,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+    logged = {key for key in entry if key.startswith("ghosts/")}
+    patterns = {key: key_pattern(key) for key, _, _ in readme_key_table()}
+    undocumented = [key for key in logged if not any(pattern.fullmatch(key) for pattern in patterns.values())]
+    never_logged = [key for key, pattern in patterns.items() if not any(pattern.fullmatch(key) for key in logged)]
+    assert undocumented == [] and never_logged == []
+    assert len([key for key in logged if "/layer_" in key]) == 2 * 4  # layers x heads of the tiny GPT-NeoX
+    assert entry["ghosts/no_output_tokens"] == 1.0 and entry["ghosts/probed"] == 1.0
+
+
+def test_table_fields_are_step_record_fields() -> None:
+    fields = set(StepRecord.__dataclass_fields__)
+    assert [key.field for key in LOGGED_KEYS if key.field is not None and key.field not in fields] == []
+    assert all(key.aggregation in ("max", "min") for key in LOGGED_KEYS if key.field is not None)
+
+
+# ----------------------------------------------------------------------------- the window, by hand
+
+
+def records() -> list[StepRecord]:
+    """Four steps: probed and clipped, reused, skipped, probed on a batch without labels."""
+    return [
+        StepRecord(step=1, update_norm=2.0, r=4.0, r_applied=1.0, scale=0.25, rho=0.5, probed=True, clipped=True,
+                   rho_out=0.5, rho_attn=0.75, output_tokens=10, rho_attn_heads=torch.tensor([[0.75, 1.0], [2.0, 3.0]])),
+        StepRecord(step=2, update_norm=0.25, r=0.5, r_applied=0.5, scale=1.0, rho=0.5),
+        StepRecord(step=3, update_norm=math.nan, skipped="gradient"),
+        StepRecord(step=4, update_norm=1.0, r=0.0, r_applied=0.0, scale=1.0, rho=math.inf, probed=True,
+                   rho_out=math.inf, rho_attn=1.5, output_tokens=0, rho_attn_heads=torch.tensor([[1.5, 0.5], [4.0, 2.5]])),
+    ]
+
+
+def test_window_reduces_by_hand_computed_values() -> None:
+    window = MetricWindow(per_head=True)
+    for record in records():
+        window.add(record)
+    assert window.pop() == {
+        "ghosts/r": 4.0, "ghosts/r_applied": 1.0, "ghosts/update_norm": 2.0, "ghosts/scale": 0.25, "ghosts/rho": 0.5,
+        "ghosts/rho_out": 0.5, "ghosts/rho_attn": 0.75,
+        "ghosts/clipped": 0.5,  # 1 of 2 probed steps
+        "ghosts/probed": 2 / 3,  # of the 3 steps not skipped
+        "ghosts/skipped_nonfinite": 1.0, "ghosts/no_output_tokens": 1.0,
+        "ghosts/rho_attn/layer_0/head_0": 0.75, "ghosts/rho_attn/layer_0/head_1": 0.5,
+        "ghosts/rho_attn/layer_1/head_0": 2.0, "ghosts/rho_attn/layer_1/head_1": 2.5,
+    }
+    assert window.pop() == {"ghosts/skipped_nonfinite": 0.0}, "pop empties the window"
+
+
+def test_window_without_per_head_or_probes() -> None:
+    window = MetricWindow(per_head=False)
+    window.add(records()[1])
+    assert window.pop() == {
+        "ghosts/r": 0.5, "ghosts/r_applied": 0.5, "ghosts/update_norm": 0.25, "ghosts/scale": 1.0, "ghosts/rho": 0.5,
+        "ghosts/probed": 0.0, "ghosts/skipped_nonfinite": 0.0,
+    }
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_window_state_round_trip_resumes_the_window_exactly(split: int) -> None:
+    straight = MetricWindow(per_head=True)
+    first = MetricWindow(per_head=True)
+    for record in records():
+        straight.add(record)
+    for record in records()[:split]:
+        first.add(record)
+    resumed = MetricWindow(per_head=True)
+    resumed.load_state_dict(first.state_dict())
+    for record in records()[split:]:
+        resumed.add(record)
+    assert resumed.pop() == straight.pop()
