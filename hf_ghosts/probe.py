@@ -438,7 +438,7 @@ class RadiusProbe:
                 raise ValueError(f"RadiusProbe.dtype: got {dtype!r}; expected a torch dtype or one of "
                                  f"{[name for name, value in PROBE_DTYPES.items() if value is not None]}")
             dtype = PROBE_DTYPES[dtype]
-        check_probe_dtype("RadiusProbe", estimator, dtype)
+        check_probe_dtype("RadiusProbe", estimator, dtype, name="dtype")
         self.model, self.radii, self.estimator, self.fd_step = model, radii, estimator, fd_step
         self.ffn_mode, self.ffn_quantile, self.dtype = ffn_mode, ffn_quantile, dtype
         self.shift_labels, self.vocab_chunk = shift_labels, vocab_chunk

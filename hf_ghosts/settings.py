@@ -155,11 +155,11 @@ def resolve_estimator(setting: str, probe_dtype: str, training_dtype: torch.dtyp
     return "jvp" if sixteen else "fd"
 
 
-def check_probe_dtype(caller: str, estimator: str, dtype: torch.dtype, *, arguments: bool = False) -> None:
+def check_probe_dtype(caller: str, estimator: str, dtype: torch.dtype, *, arguments: bool = False, name: str = "") -> None:
     """Refuse ``fd`` with a 16-bit probe dtype: the central difference ``(z+ - z-) / 2h`` has a rounding error
     ``~ eps |z| / h`` (bf16: ``eps = 2^-8``, so ~40% of ``|z|`` at ``h = 1e-2``), 8-12% off on the radius."""
     if estimator == "fd" and dtype in SIXTEEN_BIT:
-        name = spelled("probe_dtype", arguments)
+        name = name or spelled("probe_dtype", arguments)
         raise ValueError(
             f"{caller}.{name}: {dtype} with the 'fd' estimator: central differences in 16 bits are swamped by "
             "rounding (error ~ eps * |z| / h with eps = 2^-8 for bf16; measured 8-12% off the radius). Use "

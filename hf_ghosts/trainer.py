@@ -30,6 +30,7 @@ from hf_ghosts.settings import (
     ESTIMATOR_CHOICES,
     MODES,
     PROBE_DTYPES,
+    check_probe_dtype,
     parse_radii,
     validate,
 )
@@ -108,6 +109,8 @@ class RhoTrainingArguments(TrainingArguments):
         super().__post_init__()
         self.rho_radii = list(parse_radii(self.rho_radii))
         validate("RhoTrainingArguments", self.rho_settings(), arguments=True)
+        if self.rho_estimator == "fd" and PROBE_DTYPES[self.rho_probe_dtype] is not None:
+            check_probe_dtype("RhoTrainingArguments", "fd", PROBE_DTYPES[self.rho_probe_dtype], arguments=True)
 
     def rho_settings(self) -> dict[str, Any]:
         """The ``rho_*`` fields under the controller's keywords (``rho_target`` -> ``r_target``, ...)."""
