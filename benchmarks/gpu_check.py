@@ -117,6 +117,15 @@ def summary(parts: Path, out: Path) -> dict[str, Any]:
                 entry["result"] = json.loads(data.read_text())
             except json.JSONDecodeError as error:
                 entry["result_error"] = str(error)
+        junit = parts / f"{name}.xml"
+        if junit.exists():  # pytest's counts
+            import xml.etree.ElementTree as ET
+
+            suite = ET.parse(junit).getroot()
+            suite = suite if suite.tag == "testsuite" else suite[0]
+            counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+            entry["result"] = counts
+            entry["note"] += "; " + ", ".join(f"{value} {key}" for key, value in counts.items())
         log = parts / f"{name}.log"
         if log.exists() and entry["status"] == "failed":
             entry["log_tail"] = log.read_text(errors="replace")[-4000:]

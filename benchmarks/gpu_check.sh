@@ -5,7 +5,8 @@
 #
 # On a CUDA GPU (H200: about 5 minutes, under 8) it runs, each part in a process of its own (one part failing
 # keeps the others' numbers; every failure is recorded):
-#   1. tests: the tests marked `gpu` (bf16 probe accuracy on CUDA, sdpa training with the ghosts probe, the
+#   1. tests: the tests marked `gpu`, all in tests/test_gpu.py and tests/test_probe_dtype.py (only those two files
+#      are collected: others import wandb, absent there) (bf16 probe accuracy on CUDA, sdpa training with the ghosts probe, the
 #      chunked head at a 50k vocabulary: equality with the full head and peak memory);
 #   2+3. overhead: Pythia-160m's shape, bf16, 8 x 1024 tokens: plain Trainer, RhoTrainer default, jvp-bf16 every
 #      step, fd-fp32 every step; time per step and peak memory (torch.cuda.max_memory_allocated) as ratios to plain;
@@ -67,7 +68,7 @@ part env 120 "versions; does importing hf_ghosts import wandb" -- "$PY" benchmar
 
 if [ "$CUDA" = 1 ]; then
     part tests 240 "pytest -m gpu (flash-attn is not installed on the H200 machine: that one test is skipped)" -- \
-        "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs --junitxml "$PARTS/tests.xml" tests
+        "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs --junitxml "$PARTS/tests.xml" tests/test_gpu.py tests/test_probe_dtype.py
     part overhead 300 "pythia-160m shape, bf16, 8 x 1024 tokens, 12 timed + 3 warm-up steps" -- \
         "$PY" benchmarks/gpu_check.py overhead --out "$PARTS/overhead.json"
     part recipe 240 "pythia_finetune: pythia-70m preset, bf16, 100 steps, report_to none" -- \
