@@ -12,18 +12,31 @@ import math
 
 import pytest
 import torch
-from conftest import random_direction, rho_args, tiny_causal_lm, token_batch, token_dataset
+from conftest import random_direction, rho_args, tiny_causal_lm, token_batch
 
 from hf_ghosts import RadiusProbe, RhoController, RhoTrainer
 
 pytestmark = pytest.mark.gpu
 
 
+class Rows(torch.utils.data.Dataset):
+    """16 rows of ``token_batch`` as a plain torch dataset (no ``datasets`` needed on the GPU machine)."""
+
+    def __init__(self) -> None:
+        self.batch = token_batch(batch=16, length=12, seed=3)
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {key: value[index] for key, value in self.batch.items()}
+
+
 def train_on_cuda(tmp_path, attention: str) -> RhoTrainer:
     """4 bf16 steps of RhoTrainer on CUDA, defaults but a probe every step, the model loaded with ``attention``."""
     model = tiny_causal_lm("gpt_neox", attn_implementation=attention)
     args = rho_args(tmp_path, use_cpu=False, bf16=True, rho_every=1, learning_rate=3e-2)
-    trainer = RhoTrainer(model=model, args=args, train_dataset=token_dataset())
+    trainer = RhoTrainer(model=model, args=args, train_dataset=Rows())
     probe = trainer.rho_controller.probe  # "auto" on CUDA in bf16: a JVP in bf16
     assert (probe.estimator, probe.dtype) == ("jvp", torch.bfloat16)
     trainer.train()
