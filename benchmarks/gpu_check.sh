@@ -10,7 +10,8 @@
 #      chunked head at a 50k vocabulary: equality with the full head and peak memory);
 #   2+3. overhead: Pythia-160m's shape, bf16, 8 x 1024 tokens: plain Trainer, RhoTrainer default, jvp-bf16 every
 #      step, fd-fp32 every step; time per step and peak memory (torch.cuda.max_memory_allocated) as ratios to plain;
-#   4. recipe: the main job (recipes/pythia_finetune.py, pythia-70m preset, bf16, 100 steps, report_to none).
+#   4. recipe: the main job (recipes/pythia_finetune.py, pythia-70m preset, bf16, 60 steps, report_to none).
+# Each part has a time limit (90 + 150 + 240 + 150 s at most; about 4-5 minutes expected in all).
 # Then it writes benchmarks/results/gpu_check.json (copied into $OUT when set) and prints a summary table.
 # GPU_CHECK_RESULTS (default benchmarks/results) and GPU_CHECK_WORK (default outputs/gpu_check) move what it writes.
 # Without CUDA it runs to the end as a smoke test (tiny sizes, 2 steps), skipping only what needs CUDA, and says so.
@@ -64,15 +65,15 @@ skipped() {  # skipped NAME WHY
     echo "== gpu_check part '$1': SKIPPED: $2"
 }
 
-part env 120 "versions; does importing hf_ghosts import wandb" -- "$PY" benchmarks/gpu_check.py env --out "$PARTS/env.json"
+part env 90 "versions; does importing hf_ghosts import wandb" -- "$PY" benchmarks/gpu_check.py env --out "$PARTS/env.json"
 
 if [ "$CUDA" = 1 ]; then
-    part tests 240 "pytest -m gpu (flash-attn is not installed on the H200 machine: that one test is skipped)" -- \
+    part tests 150 "pytest -m gpu (flash-attn is not installed on the H200 machine: that one test is skipped)" -- \
         "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs --junitxml "$PARTS/tests.xml" tests/test_gpu.py tests/test_probe_dtype.py
-    part overhead 300 "pythia-160m shape, bf16, 8 x 1024 tokens, 12 timed + 3 warm-up steps" -- \
+    part overhead 240 "pythia-160m shape, bf16, 8 x 1024 tokens, 12 timed + 3 warm-up steps" -- \
         "$PY" benchmarks/gpu_check.py overhead --out "$PARTS/overhead.json"
-    part recipe 240 "pythia_finetune: pythia-70m preset, bf16, 100 steps, report_to none" -- \
-        "$PY" recipes/pythia_finetune.py --preset pythia-70m --bf16 --max_steps 100 --eval_steps 50 \
+    part recipe 150 "pythia_finetune: pythia-70m preset, bf16, 60 steps, report_to none" -- \
+        "$PY" recipes/pythia_finetune.py --preset pythia-70m --bf16 --max_steps 60 --eval_steps 30 \
         --report_to none --output_dir "$WORK/pythia_finetune"
 else
     skipped tests "no CUDA: the gpu-marked tests need a CUDA GPU"
