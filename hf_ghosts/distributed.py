@@ -7,8 +7,8 @@ reached depends on the backend (see the README's "Multiple GPUs"):
 backend        weights the controller      update norm ``|u|``              probe estimator
                sees on each rank
 =============  ==========================  ===============================  =========================
-single, DDP    the full weights (replicas  local (replicas agree: DDP       ``jvp`` (default) or
-               under DDP)                  averaged the gradients)          ``fd``, through
+single, DDP    the full weights (replicas  local (replicas agree: DDP       ``"auto"``: ``fd`` in fp32,
+               under DDP)                  averaged the gradients)          ``jvp`` in 16 bits on CUDA; through
                                                                             ``functional_call`` on
                                                                             the unwrapped model
 FSDP2          this rank's shard           ``sqrt`` of the all-reduced SUM  ``fd``, perturbing the
