@@ -38,9 +38,12 @@ from hf_ghosts.radii import clip_scale, normalized_step, update_norm
 from hf_ghosts.settings import (
     DEFAULT_ESTIMATOR,
     DEFAULT_EVERY,
+    DEFAULT_PROBE_DTYPE,
     DEFAULT_TRIGGER_GROWTH,
     DEFAULT_TRIGGER_R,
     parse_radii,
+    resolve_estimator,
+    resolve_probe_dtype,
     validate,
 )
 
@@ -137,7 +140,13 @@ class RhoController:
             or ``"monitor"`` (measure and log; the update is never changed).
         r_target: the target normalized step ``r*``.
         radii: radii the probe measures (see :class:`~hf_ghosts.probe.RadiusProbe`).
-        estimator: ``"fd"`` (central differences, default) or ``"jvp"`` (exact).
+        estimator: ``"auto"`` (default: ``"jvp"`` where the probe runs in 16 bits on CUDA, else ``"fd"``; see
+            :func:`~hf_ghosts.settings.resolve_estimator`), ``"fd"`` (central differences) or ``"jvp"`` (exact).
+        probe_dtype: ``"auto"`` (default: ``training_dtype`` when it is 16-bit on CUDA and the estimator is
+            ``"jvp"``, else float32; :func:`~hf_ghosts.settings.resolve_probe_dtype`), ``"float32"``,
+            ``"bfloat16"`` or ``"float16"`` (16 bits need ``"jvp"``). Under FSDP2 the probe is fp32 ``fd``.
+        training_dtype: the dtype training computes in, for ``"auto"`` (``RhoTrainer`` passes bf16/fp16 from its
+            arguments); default: the trainable parameters' dtype.
         every: probe at least every k-th optimizer step; in between, a step reuses the last measured
             ``rho`` unless a trigger fires (``every=1``: probe every step).
         trigger_r: probe at once when the step's applied ``r`` estimated with the last ``rho``
@@ -159,6 +168,8 @@ class RhoController:
         r_target: float = 1.0,
         radii: tuple[str, ...] | list[str] = ("output", "attention"),
         estimator: str = DEFAULT_ESTIMATOR,
+        probe_dtype: str = DEFAULT_PROBE_DTYPE,
+        training_dtype: torch.dtype | None = None,
         every: int = DEFAULT_EVERY,
         trigger_r: float = DEFAULT_TRIGGER_R,
         trigger_growth: float = DEFAULT_TRIGGER_GROWTH,
@@ -168,7 +179,8 @@ class RhoController:
     ) -> None:
         radii = parse_radii(radii)
         settings = dict(mode=mode, r_target=r_target, radii=radii, estimator=estimator, every=every, trigger_r=trigger_r)
-        validate("RhoController", {**settings, "trigger_growth": trigger_growth, "log_per_head": log_per_head})
+        more = {"trigger_growth": trigger_growth, "log_per_head": log_per_head, "probe_dtype": probe_dtype}
+        validate("RhoController", {**settings, **more})
         self.model = model
         self.optimizer = optimizer
         self.mode = mode
@@ -177,7 +189,8 @@ class RhoController:
         self.reduce = reduce
         if "output" in radii:
             _require_logits(model)
-        self._probe_settings = dict(radii=radii, estimator=estimator, **probe_kwargs)
+        self._probe_settings = dict(radii=radii, **probe_kwargs)
+        self.estimator_setting, self.probe_dtype_setting, self.training_dtype = estimator, probe_dtype, training_dtype
         self.rebind(model)
         self.batch: Mapping[str, torch.Tensor] | None = None
         self.steps = 0
@@ -220,10 +233,31 @@ class RhoController:
             raise ValueError(f"RhoController: {FSDP1_ERROR}")
         self.sharded = self.backend == "fsdp2"
         self.model = model
-        self.probe = (ShardedRadiusProbe if self.sharded else RadiusProbe)(model, **self._probe_settings)
+        estimator, dtype = self._resolve(model)
+        probe_cls = ShardedRadiusProbe if self.sharded else RadiusProbe
+        self.probe = probe_cls(model, estimator=estimator, dtype=dtype, **self._probe_settings)
         self.names = list(self.probe.trainable)
         self.params = [self.probe.trainable[name] for name in self.names]
         self._old = None
+
+    def _resolve(self, model: torch.nn.Module) -> tuple[str, torch.dtype]:
+        """The probe's estimator and dtype from the settings, the training dtype and the device (see ``settings``).
+
+        Under FSDP2 the probe is the in-place fp32 ``fd`` one: ``"auto"`` resolves to it, and a 16-bit
+        ``probe_dtype`` is refused (``fd`` in 16 bits is rounding noise).
+        """
+        first = next((p for p in model.parameters() if p.requires_grad), None)
+        param_dtype = torch.float32 if first is None else first.dtype
+        device_type = "cpu" if first is None else first.device.type
+        training = self.training_dtype or param_dtype
+        try:
+            if self.sharded:
+                estimator = "fd" if self.estimator_setting == "auto" else self.estimator_setting
+                return estimator, resolve_probe_dtype(self.probe_dtype_setting, "fd", torch.float32, device_type)
+            estimator = resolve_estimator(self.estimator_setting, self.probe_dtype_setting, training, device_type)
+            return estimator, resolve_probe_dtype(self.probe_dtype_setting, estimator, training, device_type)
+        except ValueError as error:
+            raise ValueError(str(error).replace("resolve_probe_dtype.", "RhoController.")) from None
 
     def _shards(self) -> list[torch.Tensor]:
         """The parameters as this rank holds them: the full tensors, or under FSDP2 views of the local shards."""

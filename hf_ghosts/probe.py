@@ -38,7 +38,7 @@ from hf_ghosts.architectures import (
 )
 from hf_ghosts.attention import Pass
 from hf_ghosts.radii import activation_radius, rho_bound, spread
-from hf_ghosts.settings import ESTIMATORS, FFN_MODES, RADII, parse_radii, validate
+from hf_ghosts.settings import ESTIMATORS, FFN_MODES, PROBE_DTYPES, RADII, check_probe_dtype, parse_radii, validate
 
 __all__ = [
     "ESTIMATORS",
@@ -398,7 +398,9 @@ class RadiusProbe:
             :data:`~hf_ghosts.architectures.ARCHITECTURES`.
         shift_labels: whether logits at position ``t`` predict ``labels[t + 1]`` (causal LM).
             ``None``: True for generative models, False otherwise.
-        dtype: dtype of the probe's forward (float32: the radius of a bf16 run is measured in fp32).
+        dtype: dtype of the probe's forward (default float32; or ``"float32"``, ``"bfloat16"``, ``"float16"``). A
+            16-bit dtype needs ``estimator="jvp"`` (bf16 JVP: within 0.4% of fp32; bf16 central differences are
+            8-12% off, so ``"fd"`` with a 16-bit dtype raises ``ValueError``).
         chunked_head: stop the forward at the output head's input ``x`` and compute the logit slopes
             ``a = x' W^T + x W'^T + b'`` (``"fd"``: ``(x+ (W + hW')^T - x- (W - hW')^T) / 2h``, biases
             likewise) over ``vocab_chunk`` rows of the head at a time (:mod:`hf_ghosts.head`): the
@@ -421,13 +423,22 @@ class RadiusProbe:
         ffn_quantile: float = 0.01,
         ffn_spec: FfnSpec | None = None,
         shift_labels: bool | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         chunked_head: bool | None = None,
         vocab_chunk: int = 8192,
     ) -> None:
         radii = parse_radii(radii)
         settings = dict(radii=radii, estimator=estimator, fd_step=fd_step, ffn_mode=ffn_mode, ffn_quantile=ffn_quantile)
+        if estimator not in ESTIMATORS:  # "auto" is the controller's: it resolves it against the run
+            hint = " (resolve 'auto' with hf_ghosts.settings.resolve_estimator)" if estimator == "auto" else ""
+            raise ValueError(f"RadiusProbe.estimator: got {estimator!r}; expected one of {list(ESTIMATORS)}{hint}")
         validate("RadiusProbe", {**settings, "vocab_chunk": vocab_chunk})
+        if isinstance(dtype, str):
+            if PROBE_DTYPES.get(dtype) is None:
+                raise ValueError(f"RadiusProbe.dtype: got {dtype!r}; expected a torch dtype or one of "
+                                 f"{[name for name, value in PROBE_DTYPES.items() if value is not None]}")
+            dtype = PROBE_DTYPES[dtype]
+        check_probe_dtype("RadiusProbe", estimator, dtype, name="dtype")
         self.model, self.radii, self.estimator, self.fd_step = model, radii, estimator, fd_step
         self.ffn_mode, self.ffn_quantile, self.dtype = ffn_mode, ffn_quantile, dtype
         self.shift_labels, self.vocab_chunk = shift_labels, vocab_chunk

@@ -24,10 +24,13 @@ from hf_ghosts.settings import (
     DEFAULT_ESTIMATOR,
     DEFAULT_EVERY,
     DEFAULT_FD_STEP,
+    DEFAULT_PROBE_DTYPE,
     DEFAULT_TRIGGER_GROWTH,
     DEFAULT_TRIGGER_R,
-    ESTIMATORS,
+    ESTIMATOR_CHOICES,
     MODES,
+    PROBE_DTYPES,
+    check_probe_dtype,
     parse_radii,
     validate,
 )
@@ -42,10 +45,12 @@ class RhoTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus the radius controller's settings (all prefixed ``rho_``).
 
     Fields (defaults): ``rho_mode="clip"``, ``rho_target=1.0``, ``rho_radii=["output", "attention"]``,
-    ``rho_estimator="fd"``, ``rho_every=16``, ``rho_trigger_r=0.5``, ``rho_trigger_growth=2.0``,
+    ``rho_estimator="auto"``, ``rho_probe_dtype="auto"``, ``rho_every=16``, ``rho_trigger_r=0.5``, ``rho_trigger_growth=2.0``,
     ``rho_log_per_head=False``, ``rho_fd_step=1e-2``.
     Everything else is ``TrainingArguments`` unchanged. The probing defaults keep the cost near 1.1 plain steps
     (``benchmarks/overhead.py``); ``rho_estimator="jvp", rho_every=1`` measures every step exactly, as in the paper.
+    ``"auto"`` resolves from ``bf16``/``fp16`` and the device: a JVP in the 16-bit training dtype on CUDA, central
+    differences in fp32 otherwise (see :func:`hf_ghosts.settings.resolve_estimator` / ``resolve_probe_dtype``).
     """
 
     rho_mode: str = field(
@@ -64,9 +69,19 @@ class RhoTrainingArguments(TrainingArguments):
     rho_estimator: str = field(
         default=DEFAULT_ESTIMATOR,
         metadata={
-            "help": "'fd' (central finite difference: two forwards, relative error ~1e-3 or less) or 'jvp' "
-            "(forward-mode AD, exact; ~1.4x the cost of 'fd' on CPU).",
-            "choices": list(ESTIMATORS),
+            "help": "'auto' ('jvp' where the probe runs in 16 bits on CUDA, i.e. bf16/fp16 training with "
+            "rho_probe_dtype 'auto'; else 'fd'), 'fd' (central finite difference: two forwards, relative error ~1e-3 "
+            "or less) or 'jvp' (forward-mode AD, exact; ~1.4x the cost of 'fd' on CPU).",
+            "choices": list(ESTIMATOR_CHOICES),
+        },
+    )
+    rho_probe_dtype: str = field(
+        default=DEFAULT_PROBE_DTYPE,
+        metadata={
+            "help": "dtype of the probe's forwards: 'auto' (the bf16/fp16 training dtype on CUDA with the 'jvp' "
+            "estimator, else float32), 'float32', 'bfloat16' or 'float16' (16 bits need 'jvp': 'fd' in 16 bits is "
+            "rounding noise).",
+            "choices": list(PROBE_DTYPES),
         },
     )
     rho_every: int = field(
@@ -94,6 +109,8 @@ class RhoTrainingArguments(TrainingArguments):
         super().__post_init__()
         self.rho_radii = list(parse_radii(self.rho_radii))
         validate("RhoTrainingArguments", self.rho_settings(), arguments=True)
+        if self.rho_estimator == "fd" and PROBE_DTYPES[self.rho_probe_dtype] is not None:
+            check_probe_dtype("RhoTrainingArguments", "fd", PROBE_DTYPES[self.rho_probe_dtype], arguments=True)
 
     def rho_settings(self) -> dict[str, Any]:
         """The ``rho_*`` fields under the controller's keywords (``rho_target`` -> ``r_target``, ...)."""
@@ -102,6 +119,7 @@ class RhoTrainingArguments(TrainingArguments):
             "r_target": self.rho_target,
             "radii": tuple(self.rho_radii),
             "estimator": self.rho_estimator,
+            "probe_dtype": self.rho_probe_dtype,
             "every": self.rho_every,
             "trigger_r": self.rho_trigger_r,
             "trigger_growth": self.rho_trigger_growth,
@@ -114,6 +132,15 @@ class RhoTrainingArguments(TrainingArguments):
         """Upgrade plain ``TrainingArguments`` (their values kept) with default or given ``rho_*`` fields."""
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init and hasattr(args, f.name)}
         return cls(**{**values, **rho_fields})
+
+
+def training_dtype(args: TrainingArguments) -> torch.dtype | None:
+    """The dtype a Trainer computes in: bf16/fp16 under ``args.bf16``/``args.fp16``, else ``None`` (the parameters')."""
+    if getattr(args, "bf16", False):
+        return torch.bfloat16
+    if getattr(args, "fp16", False):
+        return torch.float16
+    return None
 
 
 class RhoControllerState(TrainerCallback, ExportableState):
@@ -165,7 +192,7 @@ class RhoTrainer(Trainer):
             )
         if self.is_fsdp_enabled:
             check_fsdp_plugin(self.accelerator.state.fsdp_plugin)  # FSDP2 in fp32 only; FSDP1 is refused
-        self.rho_controller = RhoController(self.model, **self.args.rho_settings())
+        self.rho_controller = RhoController(self.model, **self.args.rho_settings(), training_dtype=training_dtype(self.args))
         self.add_callback(RhoControllerState.bound_to(self.rho_controller))
         self._wandb_metrics_defined = False
 

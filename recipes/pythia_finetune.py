@@ -5,7 +5,7 @@ With no arguments it runs offline: a Pythia-shaped GPT-NeoX (``--preset``, defau
 spot, and the English text that ships with Python (``pydoc_data.topics``), split by document into
 train and validation. ``RhoTrainer`` measures the output, attention and FFN radii along the
 AdamW update and clips it to ``r = |u| / rho <= 1``, with the default probing: central differences
-(``rho_estimator="fd"``), at least every 16 steps, and afresh whenever a step's ``r`` estimated with
+in fp32 (``rho_estimator="auto"``; with ``--bf16`` on a GPU a bf16 JVP instead), at least every 16 steps, and afresh whenever a step's ``r`` estimated with
 the last radius exceeds half the target or ``|u|`` doubled since the last probe.
 
     python recipes/pythia_finetune.py                                   # ~2 min on 2 idle CPU cores

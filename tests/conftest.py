@@ -34,6 +34,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 VOCAB = 256
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect (not skip) the ``gpu``-marked tests on a machine without CUDA: they cannot run there."""
+    if torch.cuda.is_available():
+        return
+    kept = [item for item in items if item.get_closest_marker("gpu") is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("gpu") is not None])
+        items[:] = kept
+
+
 def tiny_config(family: str, **overrides: object):
     """A 2-layer, 4-head, hidden-32 config of ``family`` ("gpt_neox", "llama", "qwen2", "gpt2")."""
     if family == "gpt_neox":
