@@ -374,6 +374,7 @@ def _arc_check(
     start: torch.Tensor,
     stop: torch.Tensor,
     depth: int,
+    chunk_elements: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per arc ``radius * e^{i [start, stop]}`` (row ``n`` of the inputs is arc ``n``): certified?, and ``G``'s turn.
 
@@ -402,9 +403,20 @@ def _arc_check(
     hopeless = (value.abs() <= error * grow).any(1, keepdim=True)
     retry = ~good & ~hopeless
     if depth > 0 and retry.any():
+        # At most `budget` sub-arcs are sampled finer (memory and time stay bounded); any others stay failed,
+        # which only makes the answer more conservative.
+        budget = max(16, chunk_elements // (17 * log_weights.shape[1]))
         arc, piece = retry.nonzero(as_tuple=True)
+        arc, piece = arc[:budget], piece[:budget]
         good[arc, piece], steps[arc, piece] = _arc_check(
-            log_weights[arc], centres[arc], halfwidths[arc], radius[arc], theta[arc, piece], theta[arc, piece + 1], depth - 1
+            log_weights[arc],
+            centres[arc],
+            halfwidths[arc],
+            radius[arc],
+            theta[arc, piece],
+            theta[arc, piece + 1],
+            depth - 1,
+            chunk_elements,
         )
     return good.all(1), steps.sum(1)
 
@@ -429,7 +441,7 @@ def _zero_free(
         part = slice(first, first + batch)
         row, arc = owner[part], torch.arange(rows * arcs, device=radius.device)[part] % arcs
         good[part], turn[part] = _arc_check(
-            log_weights[row], centres[row], halfwidths[row], radius[row], edges[arc], edges[arc + 1], depth=3
+            log_weights[row], centres[row], halfwidths[row], radius[row], edges[arc], edges[arc + 1], 3, chunk_elements
         )
     winding = torch.round(turn.view(rows, arcs).sum(1) / (2 * PI))
     return good.view(rows, arcs).all(1) & (winding == 0)
