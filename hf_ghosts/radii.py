@@ -521,37 +521,26 @@ def _certified_scaled_radius(
     def free(todo: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
         return _zero_free(log_weights[todo], centres[todo], halfwidths[todo], radius, chunk_elements)
 
-    # Theorem 4.6: |s| < pi is zero-free for F itself. Grow from the top-2 estimate until a circle fails.
-    guess = top2_radius(log_weights, centres)
-    low = torch.full((rows,), PI, dtype=torch.float64, device=log_weights.device)
-    high = torch.clamp(torch.nan_to_num(guess, posinf=PI) * 1.05, min=PI * 1.05, max=min(max_radius, 16 * PI))
-    ok = free(torch.ones(rows, dtype=torch.bool, device=low.device), high)
-    while ok.any():
-        low[ok] = high[ok]
-        capped = ok & (high >= max_radius)
-        ok &= ~capped
-        high[capped] = math.inf  # nothing to find below max_radius: low is the answer
-        if not ok.any():
-            break
-        high[ok] = torch.clamp(high[ok] * 1.5, max=max_radius)
-        ok[ok.clone()] = free(ok, high[ok])
-    active = torch.isfinite(high) & (high > low * (1 + rtol))
-    while active.any():
-        middle = torch.sqrt(low[active] * high[active])
-        inside = free(active, middle)
-        low[active] = torch.where(inside, middle, low[active])
-        high[active] = torch.where(inside, high[active], middle)
-        active = torch.isfinite(high) & (high > low * (1 + rtol))
+    exact = bool((halfwidths == 0).all())
+    margins = (1e-4, 1e-3, 1e-2) if exact else (3e-3, 1e-2, 3e-2)
 
-    # Polish: Newton on G from the circle points of smallest |G| just outside, then certify just inside its zero.
-    rest = torch.isfinite(high).nonzero().squeeze(1)
-    if rest.numel():
-        lw, rate = log_weights[rest].to(torch.complex128), centres[rest].to(torch.complex128)
-        count = _circle_points(high[rest])
-        angles = torch.linspace(0, 2 * PI, count + 1, dtype=torch.float64, device=low.device)[:-1]
-        circle = high[rest, None] * torch.exp(1j * angles)[None, :]
-        value, _, _ = _exp_sum(lw, rate, circle, chunk_elements)
-        points = circle.gather(1, value.abs().topk(min(8, count), dim=1, largest=False).indices)
+    def polish(rows_in: torch.Tensor, circle_radius: torch.Tensor) -> torch.Tensor:
+        """Newton on ``G`` from the points of smallest ``|G|`` on a circle; certify just inside the zero found.
+
+        Raises ``low`` of the rows (indices) where a trial circle passes; returns which did.
+        """
+        lw, rate = log_weights[rows_in].to(torch.complex128), centres[rows_in].to(torch.complex128)
+        # starts: the 8 points of smallest |G| on each of a few circles up to circle_radius (Newton is cheap
+        # next to a certificate; the more starts, the likelier the nearest zero is among the zeros found)
+        starts = []
+        for fraction in (0.4, 0.55, 0.7, 0.85, 1.0):
+            ring = torch.maximum(circle_radius * fraction, torch.full_like(circle_radius, PI * 1.05))
+            count = _circle_points(ring)
+            angles = torch.linspace(0, 2 * PI, count + 1, dtype=torch.float64, device=low.device)[:-1]
+            circle = ring[:, None] * torch.exp(1j * angles)[None, :]
+            value, _, _ = _exp_sum(lw, rate, circle, chunk_elements)
+            starts.append(circle.gather(1, value.abs().topk(min(8, count), dim=1, largest=False).indices))
+        points = torch.cat(starts, 1)
         for _ in range(30):
             value, derivative, _ = _exp_sum(lw, rate, points, chunk_elements)
             step = value / derivative
@@ -561,16 +550,52 @@ def _certified_scaled_radius(
                 break
         value, _, scale = _exp_sum(lw, rate, points, chunk_elements, with_magnitude=True)
         # any zero of G past low will do: a trial circle that holds another zero fails its certificate
-        near = (value.abs() <= 1e-8 * scale) & (points.abs() >= low[rest, None])
+        near = (value.abs() <= 1e-8 * scale) & (points.abs() >= low[rows_in, None])
         zero = torch.where(near, points.abs(), torch.full_like(points.real, math.inf)).amin(1)
-        for margin in (1e-4, 1e-3, 1e-2, 3e-2):
+        done = torch.zeros_like(zero, dtype=torch.bool)
+        for margin in margins:
             trial = zero * (1 - margin)
-            better = torch.isfinite(trial) & (trial > low[rest])
-            if not better.any():
+            todo = ~done & torch.isfinite(trial) & (trial > low[rows_in])
+            if not todo.any():
                 break
-            which = rest[better]
-            passed = free(which, trial[better])
-            low[which[passed]] = trial[better][passed]
+            passed = free(rows_in[todo], trial[todo])
+            low[rows_in[todo][passed]] = trial[todo][passed]
+            done[todo.nonzero().squeeze(1)[passed]] = True
+        return done
+
+    # Theorem 4.6: |s| < pi is zero-free for F itself. First: Newton from a circle near the top-2 estimate,
+    # and a certificate just inside the zero it finds (most rows stop here, after one or two circles).
+    guess = top2_radius(log_weights, centres)
+    low = torch.full((rows,), PI, dtype=torch.float64, device=log_weights.device)
+    high = torch.clamp(torch.nan_to_num(guess, posinf=PI) * 1.05, min=PI * 1.05, max=min(max_radius, 8 * PI))
+    everyone = torch.arange(rows, device=low.device)
+    left = everyone[~polish(everyone, high)]
+    if left.numel() == 0:
+        return low
+    # The others: grow circles until one fails, bisect to rtol, and polish again.
+    todo = torch.zeros(rows, dtype=torch.bool, device=low.device)
+    todo[left] = True
+    ok = todo.clone()
+    ok[todo] = free(todo, high[todo])
+    while ok.any():
+        low[ok] = torch.maximum(low[ok], high[ok])
+        capped = ok & (high >= max_radius)
+        ok &= ~capped
+        high[capped] = math.inf  # nothing to find below max_radius: low is the answer
+        if not ok.any():
+            break
+        high[ok] = torch.clamp(high[ok] * 1.5, max=max_radius)
+        ok[ok.clone()] = free(ok, high[ok])
+    active = todo & torch.isfinite(high) & (high > low * (1 + rtol))
+    while active.any():
+        middle = torch.sqrt(low[active] * high[active])
+        inside = free(active, middle)
+        low[active] = torch.where(inside, middle, low[active])
+        high[active] = torch.where(inside, high[active], middle)
+        active = todo & torch.isfinite(high) & (high > low * (1 + rtol))
+    rest = (todo & torch.isfinite(high)).nonzero().squeeze(1)
+    if rest.numel():
+        polish(rest, high[rest])
     return low
 
 
