@@ -8,7 +8,9 @@ Inputs are synthetic, shaped like an LM head's: for ``--tokens`` positions, logi
 slopes ``a = N(0, 1)`` (the radius scales as ``1 / |a|``, so their scale does not matter). Timed
 (median of ``--repeats``, one thread): the whole call, and its exact part alone
 (:func:`~hf_ghosts.radii.certified_radius` on the ``k`` widest rows: what a probe adds once the
-chunked head has the spreads). Tightness: the top-k radius over ``pi / max Delta`` (Theorem 4.6);
+chunked head has the spreads). Tightness: the top-k radius over ``pi / max Delta`` (Theorem 4.6),
+which cannot exceed ``Delta_(1) / Delta_(k+1)`` (the (k+1)-th token's ``pi / Delta`` caps it), and per
+token, the certified radius over its own ``pi / Delta``;
 with ``--exact-rows`` > 0, the certified radius of that many rows over :func:`~hf_ghosts.radii.exact_radius`
 at the smallest vocabulary (exact_radius costs ~0.3 s per row per 1000 classes). Writes one JSON
 (``--out``, default ``benchmarks/results/topk_radius.json``).
@@ -23,6 +25,7 @@ import platform
 import statistics
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,15 +71,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         widest = spread(slopes).argsort(descending=True)
         for k in args.ks:
             radius = topk_exact_radius(logits, slopes, k).item()
-            whole = median_seconds(lambda k=k: topk_exact_radius(logits, slopes, k), args.repeats)
+            whole = median_seconds(partial(topk_exact_radius, logits, slopes, k), args.repeats)
             chosen = widest[:k]
-            exact_part = median_seconds(lambda c=chosen: certified_radius(logits[c], slopes[c]), args.repeats)
+            certified: list[torch.Tensor] = []
+            exact_part = median_seconds(
+                lambda c=chosen, out=certified: out.append(certified_radius(logits[c], slopes[c])),  # noqa: B023
+                args.repeats,
+            )
+            widths = spread(slopes[widest[: k + 1]])
+            # per token, the certified radius over its own pi / Delta; and the most top-k can gain, Delta_(1) / Delta_(k+1)
+            per_token = (certified[-1] / rho_bound(widths[:k])).tolist()
             rows.append({
                 "vocab": vocab, "k": k, "tokens": args.tokens, "seconds_total": whole, "seconds_exact_part": exact_part,
-                "ms_per_row": 1e3 * exact_part / k, "radius": radius, "bound": bound, "radius_over_bound": radius / bound,
+                "ms_per_row": 1e3 * exact_part / max(k, 1), "radius": radius, "bound": bound, "radius_over_bound": radius / bound,
+                "ceiling_spread_ratio": (widths[0] / widths[k]).item(),
+                "per_token_certified_over_bound": [min(per_token), statistics.median(per_token), max(per_token)]
+                if per_token else [1.0, 1.0, 1.0],
             })
             print(f"vocab {vocab:6d} k {k:3d}: {whole:7.3f} s per probe ({exact_part:7.3f} s exact part, "
-                  f"{1e3 * exact_part / k:6.1f} ms/row); radius / (pi / max Delta) = {radius / bound:.3f}")
+                  f"{1e3 * exact_part / max(k, 1):6.1f} ms/row); radius / (pi / max Delta) = {radius / bound:.3f} "
+                  f"(ceiling {rows[-1]['ceiling_spread_ratio']:.3f}; per token min/median/max "
+                  f"{', '.join(f'{x:.2f}' for x in rows[-1]['per_token_certified_over_bound'])})")
 
     check = []
     if args.exact_rows > 0:

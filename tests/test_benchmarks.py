@@ -98,3 +98,16 @@ def test_oracle_measures_the_radius_along_the_update_the_optimizer_made() -> Non
     rho = math.pi / float(spread[causal_output_positions(batch["labels"])].max())
     assert oracle.norm == pytest.approx(norm, rel=1e-5)
     assert oracle.rho == pytest.approx(rho, rel=1e-4)
+
+
+def test_topk_radius_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "topk.json"
+    result = benchmark("topk_radius").main(
+        ["--vocabs", "600", "--ks", "0", "2", "--tokens", "6", "--repeats", "1", "--exact-rows", "1", "--out", str(out)]
+    )
+    assert json.loads(out.read_text()) == result
+    zero, two = result["rows"]
+    assert zero["radius_over_bound"] == pytest.approx(1.0, rel=1e-6)  # k = 0 is pi / max Delta (float32 inputs)
+    assert 1.0 <= two["radius_over_bound"] <= two["ceiling_spread_ratio"] * (1 + 1e-6)
+    (check,) = result["certified_vs_exact"]
+    assert 0.5 < check["certified_over_exact"] <= 1.0
