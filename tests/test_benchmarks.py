@@ -131,3 +131,16 @@ def test_gpu_check_script_runs_to_the_end_on_cpu(tmp_path: Path) -> None:
     assert rows["default"]["default"] and all(row["time_ratio"] > 0 for row in rows.values())
     assert parts["recipe"]["result"]["steps"] == 2
     assert not mark.exists(), "something imported wandb with report_to none"
+
+
+def test_topk_radius_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "topk.json"
+    result = benchmark("topk_radius").main(
+        ["--vocabs", "600", "--ks", "0", "2", "--tokens", "6", "--repeats", "1", "--exact-rows", "1", "--out", str(out)]
+    )
+    assert json.loads(out.read_text()) == result
+    zero, two = result["rows"]
+    assert zero["radius_over_bound"] == pytest.approx(1.0, rel=1e-6)  # k = 0 is pi / max Delta (float32 inputs)
+    assert 1.0 <= two["radius_over_bound"] <= two["ceiling_spread_ratio"] * (1 + 1e-6)
+    (check,) = result["certified_vs_exact"]
+    assert 0.5 < check["certified_over_exact"] <= 1.0
