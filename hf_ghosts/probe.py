@@ -18,6 +18,8 @@ paths (``jvp``, ``fd``) that run them.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -31,14 +33,17 @@ from hf_ghosts.architectures import (
     LINEAR_HEAD_MODELS,
     LOGIT_RESCALING_ATTRS,
     FfnSpec,
+    attention_blocker,
+    base_model_of,
     chunked_head_blocker,
     find_ffn_modules,
+    original_module,
     resolve_ffn_activation,
     resolve_ffn_spec,
 )
 from hf_ghosts.attention import Pass
 from hf_ghosts.radii import activation_radius, rho_bound, spread
-from hf_ghosts.settings import ESTIMATORS, FFN_MODES, RADII, parse_radii, validate
+from hf_ghosts.settings import ESTIMATORS, FFN_MODES, RADII, parse_radii, spelled, validate
 
 __all__ = [
     "ESTIMATORS",
@@ -51,6 +56,7 @@ __all__ = [
     "RadiusProbe",
     "RadiusReport",
     "forward_kwargs",
+    "model_inputs",
     "output_positions",
 ]
 
@@ -276,23 +282,31 @@ def _stopping_at(module: torch.nn.Module, captured: list[torch.Tensor]) -> Itera
 
 
 @contextlib.contextmanager
-def _probe_mode(model: torch.nn.Module, ghosts: bool) -> Iterator[None]:
-    """Eval mode, fp32 forward without Accelerate's autocast wrapper, ghosts attention (if ``ghosts``); all restored."""
+def _probe_mode(model: torch.nn.Module, ghosts: bool, eager_experts: bool = False) -> Iterator[None]:
+    """Eval mode, fp32 forward without Accelerate's autocast wrapper, not through ``model.compile()``'s compiled
+    call, ghosts attention (if ``ghosts``), eager MoE experts (if ``eager_experts``); all restored."""
     training = {module: module.training for module in model.modules()}
     wrapped_forward = model.__dict__.get("forward")
     original_forward = getattr(model, "_original_forward", None)
+    compiled_call = model.__dict__.get("_compiled_call_impl")
     model.eval()
     if wrapped_forward is not None and original_forward is not None:
         model.forward = original_forward
+    if compiled_call is not None:  # model.compile() in place: forward AD fails in inductor's out= kernels
+        model._compiled_call_impl = None
     try:
         device_type = next(model.parameters()).device.type
+        base = base_model_of(model)
         name = attention.ATTENTION_NAME
-        switch = compat.attention_implementation(model, name) if ghosts else contextlib.nullcontext()
-        with switch, torch.no_grad(), torch.autocast(device_type, enabled=False):
+        switch = compat.attention_implementation(base, name) if ghosts else contextlib.nullcontext()
+        experts = compat.experts_implementation(base, "eager") if eager_experts else contextlib.nullcontext()
+        with switch, experts, torch.no_grad(), torch.autocast(device_type, enabled=False):
             yield
     finally:
         if wrapped_forward is not None:
             model.forward = wrapped_forward
+        if compiled_call is not None:
+            model._compiled_call_impl = compiled_call
         for module, flag in training.items():
             module.training = flag
 
@@ -307,12 +321,42 @@ def _asks(model: torch.nn.Module, method: str) -> bool:
     return bool(answer()) if callable(answer) else False
 
 
+# Never passed to the probe's forward: loss targets, caches, output switches, a trainer's private flags.
+NOT_MODEL_INPUTS = frozenset({
+    "labels", "shift_labels", "num_items_in_batch", "use_cache", "past_key_values", "cache_position", "return_dict",
+    "output_attentions", "output_hidden_states", "output_router_logits", "logits_to_keep", "return_loss",
+})
+# Model inputs that travel in ``**kwargs`` (TransformersKwargs): the packed sequences of padding-free batches.
+KWARGS_MODEL_INPUTS = frozenset({"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
+
+
+@functools.cache
+def _forward_inputs(forward: Callable) -> frozenset[str] | None:
+    """The named inputs of a ``forward`` (``None``: it takes only ``**kwargs``, or has no readable signature)."""
+    try:
+        parameters = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = frozenset(name for name, p in parameters.items() if p.kind in kinds and name != "self")
+    return names or None
+
+
+def model_inputs(model: torch.nn.Module, inputs: Mapping[str, object]) -> dict[str, object]:
+    """The entries of ``inputs`` that are inputs of the model's forward (``input_ids``, ``attention_mask``,
+    ``position_ids``, ``pixel_values``, ...), read from the signature of the base model's class ``forward``
+    (inside ``torch.compile`` and PEFT wrappers; TRL's patched forward keeps that signature too), without
+    :data:`NOT_MODEL_INPUTS`. A trainer's private flags (TRL's ``fused_lm_head``, ``return_token_accuracy``) go.
+    """
+    named = _forward_inputs(type(base_model_of(model)).forward)
+    keep = None if named is None else named | KWARGS_MODEL_INPUTS
+    return {key: value for key, value in inputs.items() if key not in NOT_MODEL_INPUTS and (keep is None or key in keep)}
+
+
 def forward_kwargs(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, object]:
-    """The batch without what would make the model compute a loss, and without a KV cache."""
-    kwargs: dict[str, object] = {
-        key: value for key, value in inputs.items() if key not in ("labels", "shift_labels", "num_items_in_batch")
-    }
-    config = getattr(model, "config", None)
+    """The batch's model inputs (:func:`model_inputs`: no labels, no trainer flags), with ``use_cache=False``."""
+    kwargs = model_inputs(model, inputs)
+    config = getattr(base_model_of(model), "config", None)
     if config is not None and hasattr(config, "use_cache"):
         kwargs["use_cache"] = False
     return kwargs
@@ -337,7 +381,7 @@ class _LinearHead:
                     "full logits automatically (or chunked_head=False)"
                 )
             return None
-        module = model.get_output_embeddings()
+        module = base_model_of(model).get_output_embeddings()
         # named_parameters() names a tied weight once: the name the direction and weights use
         names = {id(p): name for name, p in model.named_parameters()}
         return cls(module, names[id(module.weight)], names.get(id(module.bias)))
@@ -424,30 +468,38 @@ class RadiusProbe:
         dtype: torch.dtype = torch.float32,
         chunked_head: bool | None = None,
         vocab_chunk: int = 8192,
+        arguments: bool = False,
     ) -> None:
         radii = parse_radii(radii)
         settings = dict(radii=radii, estimator=estimator, fd_step=fd_step, ffn_mode=ffn_mode, ffn_quantile=ffn_quantile)
-        validate("RadiusProbe", {**settings, "vocab_chunk": vocab_chunk})
+        caller = "RhoTrainingArguments" if arguments else "RadiusProbe"
+        validate(caller, {**settings, "vocab_chunk": vocab_chunk}, arguments=arguments)
+        model = original_module(model)  # torch.compile(model): measure the eager module (same parameters)
         self.model, self.radii, self.estimator, self.fd_step = model, radii, estimator, fd_step
         self.ffn_mode, self.ffn_quantile, self.dtype = ffn_mode, ffn_quantile, dtype
         self.shift_labels, self.vocab_chunk = shift_labels, vocab_chunk
-        if "attention" in radii and not _asks(self.model, "_can_set_attn_implementation"):
+        radii_name = spelled("radii", arguments)
+        if "attention" in radii and (blocker := attention_blocker(model)) is not None:
+            rest = tuple(r for r in radii if r != "attention") or ("output",)
+            shown = list(rest) if arguments else rest
             raise ValueError(
-                "The attention radius needs attention routed through transformers' AttentionInterface; model_type "
-                f"{_model_type(model)!r} ({type(model).__name__}) does not. Pass radii=('output',) "
-                "(or ('output', 'ffn'))."
+                f"{caller}: the attention radius cannot be measured: {blocker}. Set {radii_name}={shown!r}."
             )
         self._ffn_modules: dict[str, torch.nn.Module] = {}
         self._activation: str | None = None
         if "ffn" in radii:
-            spec = resolve_ffn_spec(model, ffn_spec)
+            spec = resolve_ffn_spec(model, ffn_spec, radii_name)
             self._ffn_modules = find_ffn_modules(model, spec)
             self._activation = resolve_ffn_activation(model, spec) if ffn_mode == "activation" else None
         self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self._head = _LinearHead.of(model, chunked_head)
+        # MoE experts dispatched to _grouped_mm (no forward-mode AD): the JVP runs them eagerly (same math)
+        self._eager_experts = estimator == "jvp" and compat.experts_implementation_of(base_model_of(model)) not in (
+            None, "eager"
+        )
 
     def _shifts(self) -> bool:
-        return _asks(self.model, "can_generate") if self.shift_labels is None else self.shift_labels
+        return _asks(base_model_of(self.model), "can_generate") if self.shift_labels is None else self.shift_labels
 
     def _routes_through_ghosts(self) -> bool:
         """Whether the forward runs the ghosts attention: to measure attention, and for a JVP through sdpa or flash
@@ -455,8 +507,8 @@ class RadiusProbe:
         as sdpa does, so the probe's logits equal the training forward's."""
         if "attention" in self.radii:
             return True
-        no_forward_ad = compat.attention_implementation_of(self.model) not in (None, "eager")
-        return self.estimator == "jvp" and no_forward_ad and _asks(self.model, "_can_set_attn_implementation")
+        no_forward_ad = compat.attention_implementation_of(base_model_of(self.model)) not in (None, "eager")
+        return self.estimator == "jvp" and no_forward_ad and attention_blocker(self.model) is None
 
     # ----------------------------------------------------------------------------------- direction and weights
     def _check_direction(self, direction: Mapping[str, torch.Tensor]) -> None:
@@ -521,7 +573,7 @@ class RadiusProbe:
                 stack.enter_context(session.ffn.attached(token_mask, first))
             if record and self._head is not None:
                 stack.enter_context(_stopping_at(self._head.module, session.head_inputs))
-            stack.enter_context(_probe_mode(self.model, ghosts))
+            stack.enter_context(_probe_mode(self.model, ghosts, self._eager_experts))
             if ghosts:
                 stack.enter_context(attention.capture_scores(capture))
             yield session
