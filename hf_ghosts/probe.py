@@ -483,7 +483,8 @@ class RadiusProbe:
             rest = tuple(r for r in radii if r != "attention") or ("output",)
             shown = list(rest) if arguments else rest
             raise ValueError(
-                f"{caller}: the attention radius cannot be measured: {blocker}. Set {radii_name}={shown!r}."
+                f"{caller}: the attention radius needs attention routed through transformers' AttentionInterface; "
+                f"{blocker}. Set {radii_name}={shown!r}."
             )
         self._ffn_modules: dict[str, torch.nn.Module] = {}
         self._activation: str | None = None
