@@ -24,7 +24,7 @@ SHORT_CPU_RUN = 'use_cpu=True, max_steps=2, per_device_train_batch_size=4, repor
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def tested_blocks() -> list[str]:
+def readme_blocks() -> list[str]:
     text = README.read_text()
     blocks = re.findall(re.escape(MARKER) + r"\n```python\n(.*?)```", text, flags=re.DOTALL)
     assert len(blocks) == 2, "the README's TRL and PEFT examples"
@@ -41,7 +41,7 @@ def short_run(block: str) -> str:
 def test_readme_example_runs(index: int, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     namespace = {"model": tiny_causal_lm("llama"), "tokenizer": tiny_tokenizer(), "dataset": text_dataset()}
-    exec(compile(short_run(tested_blocks()[index]), f"README block {index}", "exec"), namespace)
+    exec(compile(short_run(readme_blocks()[index]), f"README block {index}", "exec"), namespace)
     trainer = namespace["trainer"]
     assert type(trainer).__name__ == "RhoSFTTrainer" and type(trainer.args).__name__ == "RhoSFTConfig"
     logged = [h for h in trainer.state.log_history if "ghosts/rho" in h]
