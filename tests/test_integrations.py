@@ -273,20 +273,24 @@ def windowed_reference(model, batch, direction, window: int) -> torch.Tensor:
     return torch.stack(spreads)
 
 
+@pytest.mark.parametrize("window", [4, 16], ids=["window_inside_the_batch", "mask_left_to_is_causal"])
 @pytest.mark.parametrize("model_type", ["mistral", "gemma2"])
-def test_sliding_window_mask_is_built_when_none_is_materialized(model_type: str) -> None:
-    extra = dict(num_key_value_heads=2, sliding_window=4, head_dim=8)
+def test_sliding_window_layers_are_measured(model_type: str, window: int) -> None:
+    """Window 16 > length 10: sdpa's mask function returns None (is_causal) and the probe builds the windowed mask
+    (it used to raise); window 4: the mask is materialized and must be read as it is."""
+    extra = dict(num_key_value_heads=2, sliding_window=window, head_dim=8)
     if model_type == "gemma2":
         extra.update(layer_types=["sliding_attention"] * 2, attn_logit_softcapping=None)  # the reference records raw scores
     model = float64_copy(tiny(model_type, **extra))
-    batch = token_batch(length=10)  # an all-ones attention_mask: sdpa's mask function returns None
+    batch = token_batch(length=10)  # an all-ones attention_mask
     direction = random_direction(model)
     report = RadiusProbe(model, ("attention",), "jvp", dtype=F64).measure(batch, direction)
-    expected = windowed_reference(model, batch, direction, 4)
+    expected = windowed_reference(model, batch, direction, window)
     # Gemma2's RMSNorm computes in float32 whatever the weights: the reference's differences carry ~1e-3 of rounding
     rtol = 1e-5 if model_type == "mistral" else 1e-2
     torch.testing.assert_close(report.attn_spread.double(), expected, rtol=rtol, atol=1e-9)
-    assert not torch.allclose(windowed_reference(model, batch, direction, 10), expected, rtol=0.1)  # the window matters
+    if window < 10:
+        assert not torch.allclose(windowed_reference(model, batch, direction, 10), expected, rtol=0.1)
 
 
 # ------------------------------------------------------------------------------------------ refusals at construction
