@@ -61,6 +61,11 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
+# fd's rounding guard (RadiusProbe._rounding_guard): rounding of the logits in units of eps |z|, the share of the
+# largest spread it may take, and the widest step as a share of the radius measured.
+FD_ROUNDING = 4.0
+FD_ROUNDING_TOLERANCE = 1e-3
+FD_MAX_STEP_RADII = 0.1
 Tensors = Mapping[str, torch.Tensor]  # a batch, weights or a direction, by name
 
 
@@ -599,10 +604,21 @@ class RadiusProbe:
         with self._intact():
             pieces, norm = self._direction_and_norm(direction)
             weights = self._weights(params)
-            with self._measuring(inputs, record=True) as session:
-                path = self._jvp_spreads if self.estimator == "jvp" else self._fd_spreads
-                per_position = path(session, weights, pieces, norm, inputs)
-            return self._report(per_position, inputs, session)
+            self._wider_step = None
+            report = self._measure_once(inputs, weights, pieces, norm)
+            if self._wider_step is not None:  # fd: the differences were mostly rounding; once more at a wider step
+                step, self.fd_step = self.fd_step, self._wider_step
+                try:
+                    report = self._measure_once(inputs, weights, pieces, norm)
+                finally:
+                    self.fd_step = step
+            return report
+
+    def _measure_once(self, inputs: Tensors, weights: Tensors, pieces: Tensors, norm: float) -> RadiusReport:
+        with self._measuring(inputs, record=True) as session:
+            path = self._jvp_spreads if self.estimator == "jvp" else self._fd_spreads
+            per_position = path(session, weights, pieces, norm, inputs)
+        return self._report(per_position, inputs, session)
 
     def logit_slopes(
         self,
@@ -656,12 +672,35 @@ class RadiusProbe:
         if "output" not in self.radii:
             return None
         if self._head is None:  # difference in the forward's dtype: rounding to fp32 first costs eps / h
-            return spread(((plus - minus) / (2 * self.fd_step)).float(), dim=-1)
+            per_position = spread(((plus - minus) / (2 * self.fd_step)).float(), dim=-1)
+            self._wider_step = self._rounding_guard(plus, minus, per_position)
+            return per_position
         weight, weight_step, bias, bias_step = self._head.tensors(weights, pieces)
         return head.fd_spread(
             *session.head_inputs, weight, bias, weight_step, bias_step, scale=scale, fd_step=self.fd_step,
             chunk=self.vocab_chunk,
         )
+
+    def _rounding_guard(self, plus: torch.Tensor, minus: torch.Tensor, per_position: torch.Tensor) -> float | None:
+        """A wider fd step when rounding dominates the differences of the full head's logits; ``None``: keep ``h``.
+
+        The logits carry rounding of ~``FD_ROUNDING eps |z|`` (``eps`` of the forward's dtype; the float32 norms of
+        most families round at float32 even in a float64 probe), so a slope ``(z+ - z-) / 2h`` carries
+        ``FD_ROUNDING eps max|z| / h``. Where that exceeds ``FD_ROUNDING_TOLERANCE`` of the largest spread (saturated
+        softcapped logits: slopes tiny next to ``|z|``), ``h`` grows to bring it there, at most to
+        ``FD_MAX_STEP_RADII`` of the radius just measured (the truncation error grows as ``(h / rho)^2``). One host
+        sync; two more forwards only when it fires.
+        """
+        eps = torch.finfo(torch.float32 if plus.dtype == torch.float64 else plus.dtype).eps
+        largest = float(per_position.amax()) if per_position.numel() else 0.0  # host sync
+        if not largest > 0:
+            return None
+        magnitude = float(torch.maximum(plus.abs().amax(), minus.abs().amax()))
+        noise = FD_ROUNDING * eps * magnitude / self.fd_step
+        if noise <= FD_ROUNDING_TOLERANCE * largest:
+            return None
+        wider = min(self.fd_step * noise / (FD_ROUNDING_TOLERANCE * largest), FD_MAX_STEP_RADII * math.pi / largest)
+        return wider if wider > 2 * self.fd_step else None
 
     def _report(self, per_position: torch.Tensor | None, inputs: Tensors, session: _Session) -> RadiusReport:
         """The report from the per-position logit-slope spreads (``None``: no output radius) and the recorders."""
