@@ -684,14 +684,13 @@ class RadiusProbe:
     def _rounding_guard(self, plus: torch.Tensor, minus: torch.Tensor, per_position: torch.Tensor) -> float | None:
         """A wider fd step when rounding dominates the differences of the full head's logits; ``None``: keep ``h``.
 
-        The logits carry rounding of ~``FD_ROUNDING eps |z|`` (``eps`` of the forward's dtype; the float32 norms of
-        most families round at float32 even in a float64 probe), so a slope ``(z+ - z-) / 2h`` carries
+        The logits carry rounding of ~``FD_ROUNDING eps |z|`` (``eps`` of the forward's dtype), so a slope ``(z+ - z-) / 2h`` carries
         ``FD_ROUNDING eps max|z| / h``. Where that exceeds ``FD_ROUNDING_TOLERANCE`` of the largest spread (saturated
         softcapped logits: slopes tiny next to ``|z|``), ``h`` grows to bring it there, at most to
         ``FD_MAX_STEP_RADII`` of the radius just measured (the truncation error grows as ``(h / rho)^2``). One host
         sync; two more forwards only when it fires.
         """
-        eps = torch.finfo(torch.float32 if plus.dtype == torch.float64 else plus.dtype).eps
+        eps = torch.finfo(plus.dtype).eps
         largest = float(per_position.amax()) if per_position.numel() else 0.0  # host sync
         if not largest > 0:
             return None

@@ -76,7 +76,7 @@ class RhoArgumentsMixin:
     rho_estimator: str = field(
         default=DEFAULT_ESTIMATOR,
         metadata={
-            "help": "'fd' (central finite difference: two forwards, within 1% of jvp on every family swept) or 'jvp' "
+            "help": "'fd' (central finite difference: two forwards, within 1 percent of jvp on every family swept) or 'jvp' "
             "(forward-mode AD, exact; ~1.4x the cost of 'fd' on CPU).",
             "choices": list(ESTIMATORS),
         },
