@@ -455,6 +455,12 @@ class RadiusProbe:
             computation (:func:`~hf_ghosts.architectures.chunked_head_blocker` finds nothing against it);
             ``True``: require it (ValueError saying why not); ``False``: always run the full head.
         vocab_chunk: head rows (vocabulary entries) per block of the chunked head.
+        arguments: name settings in errors as the Trainer's arguments spell them (``rho_radii``, not ``radii``).
+
+    The model may be wrapped by ``torch.compile`` (its ``_orig_mod`` is measured) or PEFT; it is called with its
+    forward's inputs only (:func:`model_inputs`). A model whose attention is not routed through
+    ``AttentionInterface`` (Mamba, Falcon) with ``"attention"`` in ``radii``, or an unknown FFN with ``"ffn"``, is
+    refused here. MoE experts on ``_grouped_mm`` run eagerly inside a jvp probe (forward AD), then are restored.
 
     Settings are checked by :func:`hf_ghosts.settings.validate` (``RadiusProbe.<name>: got ...; expected ...``).
     """
