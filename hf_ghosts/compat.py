@@ -171,3 +171,28 @@ def fsdp_full_precision(modules: list[torch.nn.Module]) -> Iterator[None]:
             fsdp_param.param_dtype = dtype
         for owner, name, policy in policies:
             setattr(owner, name, policy)
+
+
+# ----------------------------------------------------------------------------- switching MoE experts (transformers 5.24)
+__all__ += ["experts_implementation", "experts_implementation_of"]
+
+
+def experts_implementation_of(model: torch.nn.Module) -> str | None:
+    """The MoE experts implementation ``model`` dispatches to (``config._experts_implementation``); ``None`` without
+    (no ``@use_experts_implementation`` experts in its modeling file)."""
+    can_set = getattr(model, "_can_set_experts_implementation", None)
+    if not (callable(can_set) and can_set()):
+        return None
+    return getattr(getattr(model, "config", None), "_experts_implementation", None)
+
+
+@contextlib.contextmanager
+def experts_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """While active, ``model``'s MoE experts dispatch to ``name`` (``"eager"``: forward-mode AD works; ``_grouped_mm``
+    has none); the implementations found (``get_experts_implementation()``, sub-configs included) are restored."""
+    found = model.get_experts_implementation()
+    model.set_experts_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(found)

@@ -44,6 +44,7 @@ from hf_ghosts.settings import (
     parse_radii,
     resolve_estimator,
     resolve_probe_dtype,
+    spelled,
     validate,
 )
 
@@ -155,6 +156,7 @@ class RhoController:
         trigger_growth: probe at once when ``|u|`` exceeds ``trigger_growth`` times ``|u|`` at the last
             probe (``inf``: off).
         log_per_head: also report ``ghosts/rho_attn/layer_{l}/head_{h}``.
+        arguments: name settings in errors as the Trainer's arguments spell them (``rho_radii``, not ``radii``).
         reduce: how reports agree across processes (default :func:`all_reduce_report`).
         probe_kwargs: passed to :class:`~hf_ghosts.probe.RadiusProbe` (``fd_step``, ``ffn_mode``, ...).
     """
@@ -175,12 +177,14 @@ class RhoController:
         trigger_growth: float = DEFAULT_TRIGGER_GROWTH,
         log_per_head: bool = False,
         reduce: Callable[[RadiusReport], RadiusReport] = all_reduce_report,
+        arguments: bool = False,
         **probe_kwargs: Any,
     ) -> None:
         radii = parse_radii(radii)
         settings = dict(mode=mode, r_target=r_target, radii=radii, estimator=estimator, every=every, trigger_r=trigger_r)
         more = {"trigger_growth": trigger_growth, "log_per_head": log_per_head, "probe_dtype": probe_dtype}
-        validate("RhoController", {**settings, **more})
+        caller = "RhoTrainingArguments" if arguments else "RhoController"
+        validate(caller, {**settings, **more}, arguments=arguments)
         self.model = model
         self.optimizer = optimizer
         self.mode = mode
@@ -188,10 +192,16 @@ class RhoController:
         self.schedule = ProbeSchedule(every=every, trigger_r=float(trigger_r), trigger_growth=float(trigger_growth))
         self.reduce = reduce
         if "output" in radii:
-            _require_logits(model)
-        self._probe_settings = dict(radii=radii, **probe_kwargs)
+            _require_logits(model, arguments)
+        self._probe_settings = dict(radii=radii, arguments=arguments, **probe_kwargs)
         self.estimator_setting, self.probe_dtype_setting, self.training_dtype = estimator, probe_dtype, training_dtype
         self.rebind(model)
+        self._log_per_head = log_per_head
+        self.reset()
+        self._handles: list[Any] = []
+
+    def reset(self) -> None:
+        """Clean counters, no last radius, an empty logging window: the state of a fresh run (settings kept)."""
         self.batch: Mapping[str, torch.Tensor] | None = None
         self.steps = 0
         self.probes = 0
@@ -199,9 +209,8 @@ class RhoController:
         self._probe_step: int | None = None  # step and |u| of the last probe; None: the next step probes
         self._probe_norm = 0.0
         self.last: StepRecord | None = None
-        self.window = MetricWindow(per_head=log_per_head)
+        self.window = MetricWindow(per_head=self._log_per_head)
         self._old: list[torch.Tensor] | None = None
-        self._handles: list[Any] = []
 
     # ------------------------------------------------------------------------- wiring
     def observe(self, batch: Mapping[str, torch.Tensor]) -> None:
@@ -398,7 +407,7 @@ class RhoController:
         self.window.load_state_dict(state["window"])
 
 
-def _require_logits(model: torch.nn.Module) -> None:
+def _require_logits(model: torch.nn.Module, arguments: bool = False) -> None:
     """Refuse a bare ``transformers`` backbone (what ``AutoModel`` loads): it returns hidden states, not logits.
 
     Checked at construction so the error comes before training starts, not at the first probe.
@@ -407,7 +416,7 @@ def _require_logits(model: torch.nn.Module) -> None:
         raise ValueError(
             f"RhoController: {type(model).__name__} is the bare {model.config.model_type!r} backbone: it returns hidden "
             "states, not logits, and the output radius needs logits. Load a model with a head (for example "
-            "AutoModelForCausalLM instead of AutoModel), or drop 'output' from the radii."
+            f"AutoModelForCausalLM instead of AutoModel), or drop 'output' from {spelled('radii', arguments)}."
         )
 
 

@@ -360,3 +360,24 @@ class AdamWReplay:
         old = {name: c.detach().clone() for name, c in self.copies.items()}
         self.reference.step()
         return {name: self.copies[name].detach() - old[name] for name in old}
+
+
+# ----------------------------------------------------------------------------- TRL helpers
+def tiny_tokenizer():
+    """A word-level tokenizer over ``w0 .. w253`` plus ``<pad>`` and ``<eos>`` (``VOCAB`` ids; no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 2)} | {"<pad>": VOCAB - 2, "<eos>": VOCAB - 1}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<pad>")
+
+
+def text_dataset(rows: int = 8, words: int = 10, seed: int = 5):
+    """``{"text": "w17 w3 ..."}`` rows for ``tiny_tokenizer`` (a ``datasets.Dataset``)."""
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB - 2, (rows, words), generator=generator)
+    return Dataset.from_dict({"text": [" ".join(f"w{i}" for i in row.tolist()) for row in ids]})

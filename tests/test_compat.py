@@ -132,3 +132,33 @@ def test_fsdp_full_precision_switches_the_all_gather_dtype_and_back(tmp_path) ->
         assert {p.param_dtype for g in groups for p in g.fsdp_params} == {torch.bfloat16}
     finally:
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- switching MoE experts
+def test_grouped_mm_still_has_no_forward_ad() -> None:
+    """compat.experts_implementation runs MoE experts eagerly inside a jvp probe because _grouped_mm has no forward AD."""
+    import torch.autograd.forward_ad as fwAD
+
+    mat_a, mat_b = torch.randn(4, 8), torch.randn(2, 8, 8)
+    offsets = torch.tensor([2, 4], dtype=torch.int32)
+    try:
+        with fwAD.dual_level():
+            torch._grouped_mm(fwAD.make_dual(mat_a, torch.ones_like(mat_a)), mat_b, offs=offsets)
+    except (NotImplementedError, RuntimeError) as error:
+        assert "forward" in str(error).lower() or "not implemented" in str(error).lower(), error
+    else:
+        pytest.fail("upstream fixed: _grouped_mm has forward AD; delete compat.experts_implementation")
+
+
+def test_experts_implementation_switches_and_restores() -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=1, intermediate_size=16, num_local_experts=2,
+                                        num_experts_per_tok=1)
+    model = transformers.MixtralForCausalLM(config)
+    found = model.get_experts_implementation()
+    with compat.experts_implementation(model, "eager"):
+        assert compat.experts_implementation_of(model) == "eager"
+    assert model.get_experts_implementation() == found and compat.experts_implementation_of(model) == found[""]
