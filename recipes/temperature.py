@@ -1,15 +1,18 @@
-"""Temperature (the paper's Fig. 9 on language models): the collapse onset is fixed in units of rho, not of step length.
+"""Temperature (the paper's Fig. 9 on language models): does the collapse onset move with T in step units, in r units?
 
-    python recipes/temperature.py                                   # pythia-tiny, ~1 min on 2 idle CPU cores
+    python recipes/temperature.py                                   # pythia-tiny, ~2.5 min on 2 busy CPU cores
     python recipes/temperature.py --preset pythia-14m --train_steps 100
     python recipes/temperature.py --temperatures 0.1 0.3 1 3 10 --threshold 1.5 --random_directions 2
+    python recipes/temperature.py --train_at_temperature --train_steps 100   # one model trained at each T (5x the training)
 
 A model is trained briefly at temperature 1 (``--train_steps`` AdamW steps, as
-``phase_transition.py`` does; ``--model_name_or_path`` loads one instead). Then, on one
-evaluation batch and for each temperature ``T`` in ``--temperatures``, the logits become
-``z / T``: a forward hook on the LM head divides its output, so the loss, its gradient and the
-JVP all see the scaled logits (the weights ``theta`` are the same for every ``T``). Along the
-unit direction ``v = g / |g|``, ``g`` the gradient of the batch loss at that temperature (and
+``phase_transition.py`` does; ``--model_name_or_path`` loads one instead; with
+``--train_at_temperature``, one model per ``T``, from the same initialization and data order, is
+trained at that ``T``). Then, on one evaluation batch and for each temperature ``T`` in
+``--temperatures``, the logits become ``z / T``: a forward hook on the LM head divides its
+output, so the loss, its gradient and the JVP all see the scaled logits (without
+``--train_at_temperature`` the weights ``theta`` are the same for every ``T``). Along the unit
+direction ``v = g / |g|``, ``g`` the gradient of the batch loss at that temperature (and
 ``--random_directions`` Gaussian ones), the recipe
 
 * measures ``Delta = max_k a_k - min_k a_k`` of the slopes ``a = J v`` of the scaled logits per
@@ -38,6 +41,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -80,6 +84,10 @@ class TemperatureArguments:
     t_min: float = field(default=1e-3, metadata={"help": "Smallest raw step length of the grid."})
     t_max: float = field(default=1e4, metadata={"help": "Largest raw step length of the grid."})
     t_points: int = field(default=57, metadata={"help": "Grid steps, log-spaced from t_min to t_max (8 a decade by default)."})
+    train_at_temperature: bool = field(
+        default=False,
+        metadata={"help": "Train a fresh model (same init and data) at each T, instead of one at T = 1 for all."},
+    )
     bisect_steps: int = field(default=20, metadata={"help": "Log-space bisections of the first grid cell that crosses."})
     seed: int = field(default=0, metadata={"help": "Seed of the model, the data order and the random directions."})
 
@@ -130,6 +138,12 @@ def unit_directions(model: torch.nn.Module, batch: dict[str, torch.Tensor], coun
         for name in direction:
             direction[name] /= norm
     return found
+
+
+def loss_ratio(model: torch.nn.Module, batch: dict[str, torch.Tensor], unit: dict[str, torch.Tensor], base_loss: float,
+               t: float) -> float:
+    """``L(theta - t v) / L(theta)``: a step of length ``t`` against ``v`` (down the gradient when ``v = g / |g|``)."""
+    return step_outcome(model, batch, unit, -t)[0] / base_loss
 
 
 def collapse_onset(ratio_at, t_grid: np.ndarray, threshold: float, bisect_steps: int) -> tuple[float, list[float]]:
@@ -201,18 +215,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     splits = load_text_splits(data_args)
     tokenizer = load_tokenizer(model_args, data_args, splits["train"][data_args.text_column])
     train, evaluation = load_blocks(data_args, tokenizer, splits)
-    model = load_model(model_args, len(tokenizer), spec.seed)
-    if spec.train_steps > 0:
-        with tempfile.TemporaryDirectory() as scratch:
-            brief_training(model, spec, train, scratch)
-    model.eval()
+
+    def trained(temp: float) -> torch.nn.Module:
+        """The model (same initialization, same data order), ``spec.train_steps`` AdamW steps at temperature ``temp``."""
+        model = load_model(model_args, len(tokenizer), spec.seed)
+        if spec.train_steps > 0:
+            with tempfile.TemporaryDirectory() as scratch, temperature(model, temp):
+                brief_training(model, spec, train, scratch)
+        return model.eval()
+
+    shared = None if spec.train_at_temperature else trained(1.0)
     batch = default_data_collator([evaluation[i] for i in range(min(spec.probe_blocks, len(evaluation)))])
     valid = output_positions(batch, batch["labels"].shape, shift_labels=True)  # position t predicts label t + 1
-    probe = RadiusProbe(model, radii=("output",))
     t_grid = np.geomspace(spec.t_min, spec.t_max, spec.t_points)
 
     rows, curves = [], []
     for temp in spec.temperatures:
+        model = shared if shared is not None else trained(temp)
+        probe = RadiusProbe(model, radii=("output",))
         with temperature(model, temp):
             base_loss, _ = step_outcome(model, batch, {}, 0.0)
             for name, unit in unit_directions(model, batch, spec.random_directions, spec.seed).items():
@@ -220,9 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 max_delta = float(spread(slopes.float())[valid].max())
                 rho = float(rho_bound(torch.tensor(max_delta)))
 
-                def ratio_at(t: float, unit: dict[str, torch.Tensor] = unit, base: float = base_loss) -> float:
-                    return step_outcome(model, batch, unit, -t)[0] / base  # theta - t v
-
+                ratio_at = partial(loss_ratio, model, batch, unit, base_loss)
                 onset_t, ratios = collapse_onset(ratio_at, t_grid, spec.threshold, spec.bisect_steps)
                 curves += [{"T": temp, "direction": name, "t": float(t), "r": float(t) / rho, "loss_ratio": ratio}
                            for t, ratio in zip(t_grid, ratios, strict=True)]
@@ -251,11 +269,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_table(curves, os.path.join(spec.output_dir, "temperature_curves"))
     model_name = model_args.model_name_or_path or model_args.preset
     gradient = spreads[0]
-    title = (f"{model_name} after {spec.train_steps} steps, {len(batch['input_ids'])} x {batch['input_ids'].shape[1]} "
-             f"tokens; std of ln(onset) across T: {gradient['spread_raw']:.3f} raw -> {gradient['spread_r']:.3f} in r")
+    trained_at = "at each T" if spec.train_at_temperature else "at T = 1"
+    shape = f"{len(batch['input_ids'])} x {batch['input_ids'].shape[1]}"
+    title = (f"{model_name} after {spec.train_steps} steps {trained_at}, {shape} tokens; std of ln(onset) across T: {gradient['spread_raw']:.3f} raw -> {gradient['spread_r']:.3f} in r")
     figure = plot_onsets(curves, rows, spec.threshold, os.path.join(spec.output_dir, "temperature.png"), title)
     seconds = time.perf_counter() - started
-    summary = {"model": model_name, "train_steps": spec.train_steps, "threshold": spec.threshold,
+    summary = {"model": model_name, "train_steps": spec.train_steps, "train_at_temperature": spec.train_at_temperature,
+               "threshold": spec.threshold,
                "temperatures": spec.temperatures, "rows": rows, "spreads": spreads, "figure": figure,
                "wall_seconds": seconds, "torch_threads": torch.get_num_threads()}
     write_json(os.path.join(spec.output_dir, "summary.json"), summary)

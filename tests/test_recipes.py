@@ -343,3 +343,18 @@ def test_temperature(tmp_path: Path) -> None:
             assert ratio == pytest.approx(2.0, rel=2e-2) and ratio > 2.0 - 1e-3
     with pytest.raises(ValueError, match="threshold must be > 1"):
         recipe("temperature").main(["--output_dir", str(tmp_path), "--threshold", "0.5"])
+
+
+def test_temperature_hook_scales_logits_and_loss_and_leaves_the_model_as_found() -> None:
+    scaled = recipe("temperature").temperature
+    model = build_model("pythia-tiny", vocab_size=64, seed=0).eval()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(input_ids=ids, labels=ids)
+        with scaled(model, 0.25):
+            hot = model(input_ids=ids, labels=ids)
+        after = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(hot.logits, plain.logits / 0.25)
+    z, labels = plain.logits[:, :-1] / 0.25, ids[:, 1:]
+    torch.testing.assert_close(hot.loss, torch.nn.functional.cross_entropy(z.reshape(-1, 64), labels.reshape(-1)))
+    assert torch.equal(after.logits, plain.logits) and not model.get_output_embeddings()._forward_hooks
