@@ -1,7 +1,7 @@
 """Temperature (the paper's Fig. 9 on language models): does the collapse onset move with T in step units, in r units?
 
-    python recipes/temperature.py                                   # pythia-tiny, ~2.5 min on 2 busy CPU cores
-    python recipes/temperature.py --preset pythia-14m --train_steps 100
+    python recipes/temperature.py                                   # pythia-tiny, ~2.5 min on 2 CPU cores
+    python recipes/temperature.py --preset pythia-14m --output_dir outputs/temperature_14m   # 11 CPU-min
     python recipes/temperature.py --temperatures 0.1 0.3 1 3 10 --threshold 1.5 --random_directions 2
     python recipes/temperature.py --train_at_temperature --train_steps 100   # one model trained at each T (5x the training)
 
