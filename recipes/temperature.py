@@ -271,12 +271,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gradient = spreads[0]
     trained_at = "at each T" if spec.train_at_temperature else "at T = 1"
     shape = f"{len(batch['input_ids'])} x {batch['input_ids'].shape[1]}"
-    title = (f"{model_name} after {spec.train_steps} steps {trained_at}, {shape} tokens; std of ln(onset) across T: {gradient['spread_raw']:.3f} raw -> {gradient['spread_r']:.3f} in r")
+    title = (f"{model_name} after {spec.train_steps} steps {trained_at}, {shape} tokens; std of ln(onset) across T: "
+             f"{gradient['spread_raw']:.3f} raw -> {gradient['spread_r']:.3f} in r")
     figure = plot_onsets(curves, rows, spec.threshold, os.path.join(spec.output_dir, "temperature.png"), title)
     seconds = time.perf_counter() - started
     summary = {"model": model_name, "train_steps": spec.train_steps, "train_at_temperature": spec.train_at_temperature,
-               "threshold": spec.threshold,
-               "temperatures": spec.temperatures, "rows": rows, "spreads": spreads, "figure": figure,
+               "threshold": spec.threshold, "temperatures": spec.temperatures, "rows": rows, "spreads": spreads, "figure": figure,
                "wall_seconds": seconds, "torch_threads": torch.get_num_threads()}
     write_json(os.path.join(spec.output_dir, "summary.json"), summary)
     print("\n" + table + "\n" + spread_table)
