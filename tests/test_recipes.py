@@ -278,3 +278,83 @@ def test_phase_transition(tmp_path: Path) -> None:
     assert math.isnan(ends) or float(gradient[0]["r"]) < ends  # ... and the descent, if it ends, ends later
     assert json.loads((tmp_path / "summary.json").read_text())["directions"][0]["direction"] == "-grad"
     assert_png(tmp_path / "phase_transition.png")
+
+
+# ------------------------------------------------------------------------------------------ temperature
+def test_temperature(tmp_path: Path) -> None:
+    temperatures = [0.5, 2.0]
+    summary = recipe("temperature").main([
+        "--output_dir", str(tmp_path), "--train_steps", "0", "--temperatures", *map(str, temperatures), "--probe_blocks",
+        "2", "--t_points", "25", "--bisect_steps", "12", *SMALL_DATA,
+    ])
+    rows = summary["rows"]
+    assert [(row["T"], row["direction"]) for row in rows] == [(temp, "grad") for temp in temperatures]
+    with open(tmp_path / "temperature_onsets.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [float(row["T"]) for row in table] == temperatures  # one row per temperature
+    assert (tmp_path / "temperature_onsets.md").read_text().count("\n") == 2 + len(temperatures)
+    with open(tmp_path / "temperature_curves.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 25 * len(temperatures)
+    with open(tmp_path / "temperature_spread.csv") as handle:
+        (spread_row,) = list(csv.DictReader(handle))
+    onsets_t = [row["onset_t"] for row in rows]
+    onsets_r = [row["onset_r"] for row in rows]
+    assert all(math.isfinite(t) and t > 0 for t in onsets_t)
+    # The spread is the population std of ln(onset): for two values, half the distance of their logs.
+    assert float(spread_row["spread_raw"]) == pytest.approx(abs(math.log(onsets_t[0] / onsets_t[1])) / 2, rel=1e-6)
+    assert float(spread_row["spread_r"]) == pytest.approx(abs(math.log(onsets_r[0] / onsets_r[1])) / 2, rel=1e-6)
+    assert_png(tmp_path / "temperature.png")
+    assert json.loads((tmp_path / "summary.json").read_text())["spreads"][0]["direction"] == "grad"
+
+    # An independent float64 computation: the same model and batch, logits / T by hand, v = g / |g| by autograd,
+    # Delta by central differences (no probe, no hook, no JVP).
+    splits = pydoc_splits()
+    tokenizer = train_bpe_tokenizer(splits["train"]["text"], vocab_size=512)
+    blocks = lm_blocks(splits["validation"], tokenizer, block_size=128, max_blocks=8)
+    input_ids = torch.tensor(blocks["input_ids"][:2])
+    model = build_model("pythia-tiny", vocab_size=len(tokenizer), seed=0).double().eval()
+    theta = {name: p.detach() for name, p in model.named_parameters()}
+
+    def logits(weights: dict[str, torch.Tensor], temp: float) -> torch.Tensor:
+        out = torch.func.functional_call(model, weights, args=(), kwargs={"input_ids": input_ids})
+        return out.logits[:, :-1] / temp  # position t predicts token t + 1; every label of these blocks is real
+
+    def loss(weights: dict[str, torch.Tensor], temp: float) -> torch.Tensor:
+        z = logits(weights, temp)
+        return torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+    def moved(direction: dict[str, torch.Tensor], length: float) -> dict[str, torch.Tensor]:
+        return {name: theta[name] + length * direction[name] for name in theta}
+
+    h = 1e-4
+    for temp, row in zip(temperatures, rows, strict=True):
+        leaves = {name: p.clone().requires_grad_(True) for name, p in theta.items()}
+        grads = torch.autograd.grad(loss(leaves, temp), list(leaves.values()))
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        v = {name: g / norm for name, g in zip(leaves, grads, strict=True)}
+        with torch.no_grad():
+            slopes = (logits(moved(v, h), temp) - logits(moved(v, -h), temp)) / (2 * h)
+            max_delta = float((slopes.max(-1).values - slopes.min(-1).values).max())
+            assert row["max_delta"] == pytest.approx(max_delta, rel=1e-3)
+            assert row["rho"] == pytest.approx(math.pi / max_delta, rel=1e-3)
+            assert row["onset_r"] == pytest.approx(row["onset_t"] * max_delta / math.pi, rel=1e-3)
+            # The onset is where the loss ratio crosses the threshold (from below, to the bisection's resolution).
+            ratio = float(loss(moved(v, -row["onset_t"]), temp) / loss(theta, temp))
+            assert ratio == pytest.approx(2.0, rel=2e-2) and ratio > 2.0 - 1e-3
+    with pytest.raises(ValueError, match="threshold must be > 1"):
+        recipe("temperature").main(["--output_dir", str(tmp_path), "--threshold", "0.5"])
+
+
+def test_temperature_hook_scales_logits_and_loss_and_leaves_the_model_as_found() -> None:
+    scaled = recipe("temperature").temperature
+    model = build_model("pythia-tiny", vocab_size=64, seed=0).eval()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(input_ids=ids, labels=ids)
+        with scaled(model, 0.25):
+            hot = model(input_ids=ids, labels=ids)
+        after = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(hot.logits, plain.logits / 0.25)
+    z, labels = plain.logits[:, :-1] / 0.25, ids[:, 1:]
+    torch.testing.assert_close(hot.loss, torch.nn.functional.cross_entropy(z.reshape(-1, 64), labels.reshape(-1)))
+    assert torch.equal(after.logits, plain.logits) and not model.get_output_embeddings()._forward_hooks
