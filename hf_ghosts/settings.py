@@ -23,6 +23,7 @@ __all__ = [
     "FFN_MODES",
     "MODES",
     "RADII",
+    "RADIUS_FIELDS",
     "SETTINGS",
     "Setting",
     "parse_radii",
@@ -31,7 +32,12 @@ __all__ = [
 ]
 
 MODES = ("clip", "set", "monitor")
-RADII = ("output", "attention", "ffn")
+# The radii, by the name rho_radii / rho_watch_radii take, and the StepRecord field (and ghosts/<field> key) of each.
+# "ffn" is the FFN radius in the form rho_ffn_mode picks (default "kink": the paper's 1% quantile of |z| / |z'|);
+# "ffn_activation" is always Appendix B's activation radius (eq. 21; inf for exact GELU), so that one probe can watch
+# both forms. With ffn_mode="activation" the two names measure the same thing.
+RADIUS_FIELDS = {"output": "rho_out", "attention": "rho_attn", "ffn": "rho_ffn", "ffn_activation": "rho_ffn_activation"}
+RADII = tuple(RADIUS_FIELDS)
 ESTIMATORS = ("jvp", "fd")
 FFN_MODES = ("kink", "activation")
 
@@ -65,8 +71,13 @@ class Setting:
     finite: bool = False  # a non-finite number is named as such
 
 
-def _radii_ok(value: Any) -> bool:
-    return isinstance(value, tuple) and bool(value) and len(set(value)) == len(value) and all(v in RADII for v in value)
+def _radii_ok(value: Any, empty: bool = False) -> bool:
+    return (
+        isinstance(value, tuple)
+        and (empty or bool(value))
+        and len(set(value)) == len(value)
+        and all(v in RADII for v in value)
+    )
 
 
 SETTINGS: dict[str, Setting] = {
@@ -75,6 +86,10 @@ SETTINGS: dict[str, Setting] = {
         Setting("mode", "rho_mode", f"one of {list(MODES)}", lambda v: v in MODES),
         Setting("r_target", "rho_target", "a finite number > 0", lambda v: _is_number(v) and 0 < v < math.inf, finite=True),
         Setting("radii", "rho_radii", f"a non-empty list of distinct names from {list(RADII)}", _radii_ok),
+        Setting(
+            "watch_radii", "rho_watch_radii", f"a list (may be empty) of distinct names from {list(RADII)}",
+            lambda v: _radii_ok(v, empty=True),
+        ),
         Setting("estimator", "rho_estimator", f"one of {list(ESTIMATORS)}", lambda v: v in ESTIMATORS),
         Setting("every", "rho_every", "an integer >= 1", lambda v: _is_int(v) and v >= 1),
         Setting("trigger_r", "rho_trigger_r", "a number > 0 (inf: off)", lambda v: _is_number(v) and v > 0),
@@ -84,6 +99,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("ffn_mode", "rho_ffn_mode", f"one of {list(FFN_MODES)}", lambda v: v in FFN_MODES),
         Setting("ffn_quantile", "rho_ffn_quantile", "a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1),
         Setting("vocab_chunk", "rho_vocab_chunk", "a positive integer", lambda v: _is_int(v) and v >= 1),
+        Setting("set_schedule", "rho_set_schedule", "True or False", lambda v: isinstance(v, bool)),
     )
 }
 
@@ -115,3 +131,9 @@ def validate(caller: str, values: Mapping[str, Any], *, arguments: bool = False)
         if isinstance(value, float) and math.isnan(value):
             shown = "nan (not a number)"
         raise ValueError(f"{caller}.{spelled(keyword, arguments)}: got {shown}; expected {setting.allowed}")
+    both = [name for name in values.get("radii", ()) if name in values.get("watch_radii", ())]
+    if both:
+        raise ValueError(
+            f"{caller}: {both} in both {spelled('radii', arguments)} and {spelled('watch_radii', arguments)}; a radius "
+            f"either limits the step ({spelled('radii', arguments)}) or is only watched ({spelled('watch_radii', arguments)})"
+        )

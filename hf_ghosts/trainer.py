@@ -27,7 +27,9 @@ from hf_ghosts.settings import (
     DEFAULT_TRIGGER_GROWTH,
     DEFAULT_TRIGGER_R,
     ESTIMATORS,
+    FFN_MODES,
     MODES,
+    RADII,
     parse_radii,
     validate,
 )
@@ -42,8 +44,9 @@ class RhoTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus the radius controller's settings (all prefixed ``rho_``).
 
     Fields (defaults): ``rho_mode="clip"``, ``rho_target=1.0``, ``rho_radii=["output", "attention"]``,
-    ``rho_estimator="fd"``, ``rho_every=16``, ``rho_trigger_r=0.5``, ``rho_trigger_growth=2.0``,
-    ``rho_log_per_head=False``, ``rho_fd_step=1e-2``.
+    ``rho_watch_radii=[]``, ``rho_ffn_mode="kink"``, ``rho_set_schedule=True``, ``rho_estimator="fd"``,
+    ``rho_every=16``, ``rho_trigger_r=0.5``, ``rho_trigger_growth=2.0``, ``rho_log_per_head=False``,
+    ``rho_fd_step=1e-2``.
     Everything else is ``TrainingArguments`` unchanged. The probing defaults keep the cost near 1.1 plain steps
     (``benchmarks/overhead.py``); ``rho_estimator="jvp", rho_every=1`` measures every step exactly, as in the paper.
     """
@@ -59,7 +62,24 @@ class RhoTrainingArguments(TrainingArguments):
     rho_target: float = field(default=1.0, metadata={"help": "Target normalized step r* = |u| / rho (> 0)."})
     rho_radii: list[str] = field(
         default_factory=lambda: ["output", "attention"],
-        metadata={"help": "Radii to measure: any of 'output', 'attention', 'ffn' (FFN kink proxy)."},
+        metadata={"help": f"Radii that limit the step: any of {list(RADII)} ('ffn': the FFN radius in the "
+                  "rho_ffn_mode form; 'ffn_activation': Appendix B's activation radius)."},
+    )
+    rho_watch_radii: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Radii that are only measured and logged (ghosts/would_bind/<radius>), never limit the step; "
+                  "none of them in rho_radii."},
+    )
+    rho_ffn_mode: str = field(
+        default="kink",
+        metadata={"help": "Form of the 'ffn' radius: 'kink' (the paper's proxy, 1% quantile of |z|/|z'|) or 'activation' "
+                  "(Appendix B: distance to the activation's singularities; inf for exact GELU).",
+                  "choices": list(FFN_MODES)},
+    )
+    rho_set_schedule: bool = field(
+        default=True,
+        metadata={"help": "rho_mode='set': the target follows the LR schedule, r*(t) = rho_target * lr(t) / learning_rate "
+                  "(warm-up and decay); False: r* = rho_target throughout."},
     )
     rho_estimator: str = field(
         default=DEFAULT_ESTIMATOR,
@@ -93,6 +113,7 @@ class RhoTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.rho_radii = list(parse_radii(self.rho_radii))
+        self.rho_watch_radii = list(parse_radii(self.rho_watch_radii or []))
         validate("RhoTrainingArguments", self.rho_settings(), arguments=True)
 
     def rho_settings(self) -> dict[str, Any]:
@@ -101,6 +122,9 @@ class RhoTrainingArguments(TrainingArguments):
             "mode": self.rho_mode,
             "r_target": self.rho_target,
             "radii": tuple(self.rho_radii),
+            "watch_radii": tuple(self.rho_watch_radii),
+            "ffn_mode": self.rho_ffn_mode,
+            "set_schedule": self.rho_set_schedule,
             "estimator": self.rho_estimator,
             "every": self.rho_every,
             "trigger_r": self.rho_trigger_r,
@@ -166,6 +190,7 @@ class RhoTrainer(Trainer):
         if self.is_fsdp_enabled:
             check_fsdp_plugin(self.accelerator.state.fsdp_plugin)  # FSDP2 in fp32 only; FSDP1 is refused
         self.rho_controller = RhoController(self.model, **self.args.rho_settings())
+        self.rho_controller.peak_lr = self.args.learning_rate  # set mode: r*(t) = rho_target * lr(t) / learning_rate
         self.add_callback(RhoControllerState.bound_to(self.rho_controller))
         self._wandb_metrics_defined = False
 

@@ -570,7 +570,7 @@ def test_model_without_logits_is_rejected() -> None:
 
 def test_invalid_settings_are_rejected() -> None:
     model = tiny_causal_lm("gpt_neox")
-    names = r"expected a non-empty list of distinct names from \['output', 'attention', 'ffn'\]$"
+    names = r"expected a non-empty list of distinct names from \['output', 'attention', 'ffn', 'ffn_activation'\]$"
     with pytest.raises(ValueError, match=r"^RadiusProbe\.radii: got \('output', 'logits'\); " + names):
         RadiusProbe(model, ("output", "logits"))
     with pytest.raises(ValueError, match=r"^RadiusProbe\.radii: got \(\); " + names):
