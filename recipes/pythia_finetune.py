@@ -3,10 +3,12 @@
 With no arguments it runs offline: a Pythia-shaped GPT-NeoX (``--preset``, default ``pythia-tiny``;
 ``pythia-14m`` ... ``pythia-12b`` have the real shapes), a byte-level BPE tokenizer trained on the
 spot, and the English text that ships with Python (``pydoc_data.topics``), split by document into
-train and validation. ``RhoTrainer`` measures the output, attention and FFN radii along the
-AdamW update and clips it to ``r = |u| / rho <= 1``, with the default probing: central differences
-(``rho_estimator="fd"``), at least every 16 steps, and afresh whenever a step's ``r`` estimated with
-the last radius exceeds half the target or ``|u|`` doubled since the last probe.
+train and validation. ``RhoTrainer`` limits the AdamW update on the output and attention radii,
+clipping it to ``r = |u| / rho <= 1``, and WATCHES the FFN radius in both forms (``--rho_watch_radii ffn
+ffn_activation``: the paper's kink proxy and Appendix B's activation radius, infinite for Pythia's exact
+GELU): they are measured, logged and counted as "would bind", never applied. Default probing: central
+differences (``rho_estimator="fd"``), at least every 16 steps, and afresh whenever a step's ``r`` estimated
+with the last radius exceeds half the target or ``|u|`` doubled since the last probe.
 
     python recipes/pythia_finetune.py                                   # ~2 min on 2 idle CPU cores
     python recipes/pythia_finetune.py --preset pythia-14m --max_steps 600
@@ -17,20 +19,22 @@ the last radius exceeds half the target or ``|u|`` doubled since the last probe.
         recipes/pythia_finetune.py --model_name_or_path EleutherAI/pythia-410m --bf16 --dataset_name wikitext \\
         --dataset_config_name wikitext-2-raw-v1 --block_size 1024 --per_device_train_batch_size 4
 
+    python recipes/pythia_finetune.py --rho_mode monitor                # plain AdamW, measured (bit-identical)
+    python recipes/pythia_finetune.py --rho_mode set                    # set mode, r*(t) follows the cosine
+    python recipes/pythia_finetune.py --rho_mode set --lr_scheduler_type constant
+    python recipes/pythia_finetune.py --rho_mode set --rho_radii output attention ffn   # the paper's Table 2
+
 Batch arithmetic of the default: 8 sequences x 128 tokens = 1,024 tokens per step; 300 steps =
 307k tokens, ~2.6 epochs of the 118k-token training split. Cost: a probed step also runs the
 probe (two fp32 forwards with eager attention), about twice a plain step on CPU (the README's
-"Cost"); on the default most steps come near the radius, so 250 of the 300 are probed.
-``--rho_estimator jvp --rho_every 1`` measures every step exactly, as in the paper.
+"Cost"). ``--rho_estimator jvp --rho_every 1`` measures every step exactly, as in the paper.
 Every ``--<field>`` of ``TrainingArguments`` and ``RhoTrainingArguments`` works (``--rho_mode set``,
-``--rho_radii output attention``, ``--rho_every 4``, ``--report_to none``, ...). Without
-``WANDB_API_KEY`` W&B logs offline under the output directory and prints how to upload the run
-(``wandb sync <dir>``).
+``--rho_radii output attention``, ``--rho_every 4``, ``--report_to none``, ...). A radius named in
+``--rho_radii`` leaves the default watch list (so ``--rho_radii output attention ffn`` limits on the FFN
+proxy and still watches ``ffn_activation``). Without ``WANDB_API_KEY`` W&B logs offline under the
+output directory and prints how to upload the run (``wandb sync <dir>``).
 
-On the default the FFN kink proxy is the smallest radius at every probed step (Pythia's exact
-GELU has no real kink; the proxy is the paper's 1% quantile of ``|z| / |z'|``) and clips 83% of
-the probed steps (proposed ``r`` up to ~6, applied ``r`` never above 1); the output and attention
-radii alone would clip none at this learning rate (``--rho_radii output attention``).
+The figures of these runs are in the README ("Main job on the default").
 
 Writes to ``--output_dir`` (default ``outputs/pythia_finetune``): the model and tokenizer
 (``save_pretrained``), ``radii.png`` (r and the radii over training, log scale, r = 1 drawn),
@@ -38,9 +42,11 @@ Writes to ``--output_dir`` (default ``outputs/pythia_finetune``): the model and 
 ``ghosts_steps.jsonl`` (the controller's record of every step), ``trainer_state.json`` (the log
 history), ``bottleneck_by_thirds.md`` / ``.csv`` and ``summary.json`` (also printed: final eval
 loss, perplexity and token accuracy, fraction of clipped steps, r, and which radius bound the
-step in each third of the run, the paper's Table 2). W&B gets the ``train/ghosts/*`` scalars
-and, at each evaluation, ``eval/ghosts/rho_attn_heads`` (the heatmap) and
-``eval/ghosts/bottleneck/<radius>`` (steps each radius bound since the previous evaluation).
+step in each third of the run, the paper's Table 2, with "would bind" columns for the watched radii).
+W&B gets the ``train/ghosts/*`` scalars (watched radii and bottleneck counts included) and, at each
+evaluation, ``eval/ghosts/rho_attn_heads`` (the heatmap), ``eval/ghosts/rho_attn_heads_table`` (a
+``wandb.Table`` of per-head minima at every evaluation so far: heads over time),
+``eval/ghosts/bottleneck/<radius>`` and ``eval/ghosts/would_bind/<radius>`` (since the previous evaluation).
 """
 
 from __future__ import annotations
