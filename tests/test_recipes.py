@@ -303,3 +303,34 @@ def test_phase_transition(tmp_path: Path) -> None:
     assert math.isnan(ends) or float(gradient[0]["r"]) < ends  # ... and the descent, if it ends, ends later
     assert json.loads((tmp_path / "summary.json").read_text())["directions"][0]["direction"] == "-grad"
     assert_png(tmp_path / "phase_transition.png")
+
+
+def test_pythia_finetune_radii_defaults_and_a_limiting_radius_leaving_the_watch_list() -> None:
+    module = recipe("pythia_finetune")
+    common = sys.modules["common"]
+    parser = module.HfArgumentParser((common.ModelArguments, common.DataArguments, module.FinetuneArguments))
+
+    def parsed(*argv: str):
+        return parser.parse_args_into_dataclasses(args=[*argv, "--report_to", "none"])[2]
+
+    default = parsed()
+    assert (default.rho_radii, default.rho_watch_radii) == (["output", "attention"], ["ffn", "ffn_activation"])
+    table2 = parsed("--rho_mode", "set", "--rho_radii", "output", "attention", "ffn")
+    assert (table2.rho_radii, table2.rho_watch_radii) == (["output", "attention", "ffn"], ["ffn_activation"])
+    with pytest.raises(ValueError, match="in both rho_radii and rho_watch_radii"):  # an explicit watch list is kept
+        parsed("--rho_radii", "output", "ffn", "--rho_watch_radii", "ffn")
+
+
+def test_bottleneck_by_thirds_counts_binding_and_would_bind_by_hand() -> None:
+    module = recipe("pythia_finetune")
+    records = [  # 6 probed steps: thirds are steps 1-2, 3-4, 5-6
+        {"step": 1, "bottleneck": "output", "would_bind": "ffn"}, {"step": 2, "bottleneck": "output", "would_bind": "ffn"},
+        {"step": 3, "bottleneck": "attention", "would_bind": "ffn"}, {"step": 4, "bottleneck": "output"},
+        {"step": 5, "bottleneck": "output"}, {"step": 6, "bottleneck": "output"},
+    ]
+    rows = module.bottleneck_by_thirds(records, 6, watched=("ffn", "ffn_activation"))
+    assert rows[0] == {"third": "steps 1-2", "output": 2, "attention": 0, "would bind: ffn": 2,
+                       "would bind: ffn_activation": 0, "probed": 2, "binding": "output", "would bind": "ffn"}
+    assert (rows[1]["output"], rows[1]["attention"], rows[2]["output"], rows[2]["binding"]) == (1, 1, 2, "output")
+    assert [row["would bind: ffn"] for row in rows] == [2, 1, 0]
+    assert [row["would bind"] for row in rows] == ["ffn", "ffn", "-"]
