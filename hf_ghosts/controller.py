@@ -172,7 +172,8 @@ class RhoController:
             ``rho`` unless a trigger fires (``every=1``: probe every step).
         trigger_r: probe at once when the step's applied ``r`` estimated with the last ``rho``
             (``scale * |u| / rho_last``) exceeds ``trigger_r * r_target``. With ``trigger_r <= 1`` every
-            clipped step (and in ``"set"`` mode every step) is measured fresh; ``inf`` turns it off.
+            clipped step (and in ``"set"`` mode every step) is measured fresh; ``inf`` turns it off. ``"monitor"``
+            has no ``r`` trigger (it changes no step): it probes every ``every`` steps and on growth.
         trigger_growth: probe at once when ``|u|`` exceeds ``trigger_growth`` times ``|u|`` at the last
             probe (``inf``: off).
         log_per_head: also report ``ghosts/rho_attn/layer_{l}/head_{h}``.
