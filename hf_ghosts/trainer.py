@@ -72,7 +72,7 @@ class RhoTrainingArguments(TrainingArguments):
     )
     rho_ffn_mode: str = field(
         default="kink",
-        metadata={"help": "Form of the 'ffn' radius: 'kink' (the paper's proxy, 1% quantile of |z|/|z'|) or 'activation' "
+        metadata={"help": "Form of the 'ffn' radius: 'kink' (the paper's proxy, the 0.01 quantile of |z|/|z'|) or 'activation' "
                   "(Appendix B: distance to the activation's singularities; inf for exact GELU).",
                   "choices": list(FFN_MODES)},
     )
