@@ -95,10 +95,11 @@ class Setting:
     trigger_r: float | None = None
     trigger_growth: float | None = None
     clip_reused: bool = False  # the rejected alternative to the r-trigger: see accuracy.ReuseClipController
+    probe_dtype: str | None = None
 
     def controller_kwargs(self) -> dict[str, Any]:
         values = dict(mode=self.mode, estimator=self.estimator, every=self.every, trigger_r=self.trigger_r,
-                      trigger_growth=self.trigger_growth)
+                      trigger_growth=self.trigger_growth, probe_dtype=self.probe_dtype)
         return {key: value for key, value in values.items() if value is not None}
 
     def is_default(self) -> bool:

@@ -140,6 +140,8 @@ def run_overhead(name: str, size: Size, settings: Sequence[Setting], steps: int,
         row = {"setting": entry, **(setting.controller_kwargs() if setting else {}), **cost,
                "peak_bytes": timer.peak_bytes}
         row["default"] = setting is not None and setting.is_default()
+        probe = getattr(getattr(trainers[entry], "rho_controller", None), "probe", None)  # "auto" as resolved
+        row["probe"] = None if probe is None else f"{probe.estimator}/{str(probe.dtype).removeprefix('torch.')}"
         row["time_ratio"] = cost["cost_s"] / plain["cost_s"]
         row["probed_step_ratio"] = cost["probed_step_s"] / plain["cost_s"]
         row["reused_step_ratio"] = cost["reused_step_s"] / plain["cost_s"]
@@ -282,7 +284,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", default=None, choices=list(MODES), help="controller modes to time (default: the size's)")
     parser.add_argument("--every", type=int, default=None, help="k of the every-k rows (default: rho_every's default)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--bf16", action="store_true", help="train in bf16 (the probe stays fp32)")
+    parser.add_argument("--bf16", action="store_true", help="train in bf16 (rho_probe_dtype \"auto\": on CUDA the default probe is then a bf16 jvp)")
     parser.add_argument("--breakdown-repeats", type=int, default=5)
     parser.add_argument("--probe-repeats", type=int, default=10, help="timed repetitions of the probe part")
     accuracy.add_arguments(parser)

@@ -1,7 +1,7 @@
 """hf_ghosts: keep every training step inside the convergence radius of the softmax.
 
 Implements "Ghosts of Softmax" (arXiv 2603.13552) for Hugging Face ``transformers``:
-``RhoTrainer`` clips each AdamW update to ``r = |u| / rho <= r_target``; ``RhoCallback`` watches
+``RhoTrainer`` (or ``rho_trainer(SFTTrainer)``, any Trainer subclass) clips each AdamW update to ``r = |u| / rho <= r_target``; ``RhoCallback`` watches
 ``r`` from any Trainer; ``RhoController`` does both in a plain loop; ``RadiusProbe`` and
 :mod:`hf_ghosts.radii` are the measurement and the math.
 """
@@ -12,7 +12,7 @@ from hf_ghosts.callback import RhoCallback
 from hf_ghosts.controller import RhoController
 from hf_ghosts.distributed import all_reduce_report
 from hf_ghosts.probe import RadiusProbe, RadiusReport
-from hf_ghosts.trainer import RhoTrainer, RhoTrainingArguments
+from hf_ghosts.trainer import RhoTrainer, RhoTrainingArguments, rho_arguments, rho_trainer
 
 __all__ = [
     "FFN_PREACTIVATIONS",
@@ -25,5 +25,7 @@ __all__ = [
     "RhoTrainingArguments",
     "all_reduce_report",
     "radii",
+    "rho_arguments",
+    "rho_trainer",
 ]
 __version__ = "0.1.0"

@@ -9,6 +9,9 @@ linear head's output unchanged as the logits (what the probe's chunked head reli
 
 from __future__ import annotations
 
+import functools
+import inspect
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +28,11 @@ __all__ = [
     "LOGIT_RESCALING_ATTRS",
     "Architecture",
     "FfnSpec",
+    "attention_blocker",
+    "base_model_of",
     "chunked_head_blocker",
     "find_ffn_modules",
+    "original_module",
     "resolve_ffn_activation",
     "resolve_ffn_spec",
 ]
@@ -91,22 +97,26 @@ def _model_type(model: torch.nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def resolve_ffn_spec(model: torch.nn.Module, override: FfnSpec | None = None) -> FfnSpec:
-    """The FFN spec for ``model``: ``override`` if given, else the table entry of its ``model_type``."""
+def resolve_ffn_spec(model: torch.nn.Module, override: FfnSpec | None = None, radii_name: str = "radii") -> FfnSpec:
+    """The FFN spec for ``model``: ``override`` if given, else the table entry of its ``model_type``.
+
+    ``radii_name``: the radii setting as the caller knows it (``rho_radii`` from the Trainer), for the error.
+    """
     if override is not None:
         return override
-    model_type = _model_type(model)
+    model_type = _model_type(base_model_of(model))
     if model_type not in FFN_PREACTIVATIONS:
         raise ValueError(
             f"The FFN radius does not know model_type {model_type!r} (known: {', '.join(sorted(FFN_PREACTIVATIONS))}). "
             "Pass `ffn_spec=FfnSpec(module_suffix=..., activation_attr=...)` to RadiusProbe naming the module whose "
-            "output feeds the activation, or drop 'ffn' from the radii."
+            f"output feeds the activation, or drop 'ffn' from {radii_name}."
         )
     return FFN_PREACTIVATIONS[model_type]
 
 
 def resolve_ffn_activation(model: torch.nn.Module, spec: FfnSpec) -> str:
     """The activation's name, ``config.<spec.activation_attr>``; an error if it is not a string."""
+    model = base_model_of(model)
     activation = getattr(model.config, spec.activation_attr, None)
     if not isinstance(activation, str):
         model_type = _model_type(model) or type(model).__name__
@@ -128,12 +138,80 @@ def find_ffn_modules(model: torch.nn.Module, spec: FfnSpec) -> dict[str, torch.n
     return found
 
 
+def original_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module ``torch.compile(model)`` wraps (``_orig_mod``), else ``model``: forward AD does not pass through
+    inductor's ``out=`` kernels, and the probe's functional forwards need the eager module."""
+    while isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        model = model._orig_mod
+    return model
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a PEFT wrapper (``PeftModel``: ``get_base_model()`` and ``peft_config``)."""
+    return callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config")
+
+
+def base_model_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``transformers`` model inside the wrappers the probe may be handed: ``torch.compile`` and PEFT."""
+    model = original_module(model)
+    return original_module(model.get_base_model()) if is_peft_model(model) else model
+
+
+@functools.cache
+def _module_routes_attention(module_name: str) -> bool:
+    source = sys.modules.get(module_name)
+    try:
+        return source is not None and "ALL_ATTENTION_FUNCTIONS.get_interface(" in inspect.getsource(source)
+    except (OSError, TypeError):
+        return False
+
+
+def attention_blocker(model: torch.nn.Module) -> str | None:
+    """Why the attention of ``model`` cannot be measured (not routed through ``AttentionInterface``); ``None`` if it can.
+
+    Routed means: transformers says it can switch the implementation (``_can_set_attn_implementation``) and some
+    module's source dispatches through ``ALL_ATTENTION_FUNCTIONS`` (transformers answers yes for a model without
+    any attention, such as Mamba or RWKV; this second check answers no).
+    """
+    base = base_model_of(model)
+    model_type = _model_type(base) or type(base).__name__
+    can_set = getattr(base, "_can_set_attn_implementation", None)
+    if not (callable(can_set) and can_set()):
+        return f"model_type {model_type!r} ({type(base).__name__}) does not route its attention through AttentionInterface"
+    if not any(_module_routes_attention(type(m).__module__) for m in base.modules()):
+        return f"model_type {model_type!r} ({type(base).__name__}) has no attention layer routed through AttentionInterface"
+    return None
+
+
+def _peft_head_blocker(model: torch.nn.Module) -> str | None:
+    """What a PEFT wrapper changes about the head: prompt learning, or a trained head (LoRA, ``modules_to_save``)."""
+    configs = getattr(model, "peft_config", {}) or {}
+    config = configs.get(getattr(model, "active_adapter", None)) if isinstance(configs, dict) else None
+    if config is not None and getattr(config, "is_prompt_learning", False):
+        return f"its PEFT adapter ({type(config).__name__}) prepends virtual tokens, which the logits include"
+    head = model.get_base_model().get_output_embeddings()
+    if head is not None and type(head).__module__.startswith("peft."):
+        return (
+            f"its output head is trained through PEFT ({type(head).__name__}: LoRA on the head or modules_to_save), "
+            "not a plain torch.nn.Linear whose weight the chunked head can read; the full head runs instead"
+        )
+    return None
+
+
 def chunked_head_blocker(model: torch.nn.Module) -> str | None:
     """Why the logits of ``model`` are not provably ``lm_head(x)`` of a plain linear head; ``None`` if they are.
 
     They are for exactly the :data:`LINEAR_HEAD_MODELS` class of the ``model_type`` (not a subclass), with
-    none of :data:`LOGIT_RESCALING_ATTRS` set, an ``nn.Linear`` head without hooks, not sharded.
+    none of :data:`LOGIT_RESCALING_ATTRS` set, an ``nn.Linear`` head without hooks, not sharded. A PEFT wrapper
+    (LoRA and other non-prompt adapters) passes its base model's logits through unchanged: the base model is
+    checked, and the head must not be trained through PEFT.
     """
+    model = original_module(model)
+    if is_peft_model(model):
+        blocker = _peft_head_blocker(model)
+        if blocker is not None:
+            return blocker
+        model = base_model_of(model)
     config = getattr(model, "config", None)
     model_type = _model_type(model)
     expected = LINEAR_HEAD_MODELS.get(model_type)

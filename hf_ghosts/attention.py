@@ -91,16 +91,29 @@ def capture_scores(capture: ScoreCapture) -> Iterator[ScoreCapture]:
         _STATE.capture = None
 
 
-def _allowed_keys(module: torch.nn.Module, attention_mask: torch.Tensor | None, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+def _allowed_keys(
+    module: torch.nn.Module,
+    attention_mask: torch.Tensor | None,
+    q_len: int,
+    k_len: int,
+    device: torch.device,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
     """Boolean ``[b|1, 1, q, k]`` mask of the keys each query may attend to.
 
     Accepts what the sdpa and eager mask functions produce: ``None`` (causal for a causal
-    module, else everything), a boolean mask (True = attend) or an additive float mask.
+    module, within ``sliding_window`` keys of the query if given, else everything), a boolean
+    mask (True = attend) or an additive float mask. sdpa's mask function returns ``None`` for a
+    batch without padding when causal attention (``is_causal``) is the same; with a window it is
+    materialized here: query ``q`` (at ``q + k_len - q_len``) sees keys ``q - window < k <= q``.
     """
     if attention_mask is None:
-        if getattr(module, "is_causal", True) and q_len > 1:
+        if getattr(module, "is_causal", True) and (q_len > 1 or sliding_window is not None):
             offset = k_len - q_len
-            return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(offset)[None, None]
+            allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(offset)
+            if sliding_window is not None:
+                allowed = allowed.triu(offset - int(sliding_window) + 1)
+            return allowed[None, None]
         return torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=device)
     if attention_mask.dtype == torch.bool:
         return attention_mask[..., :k_len]
@@ -116,6 +129,7 @@ def _eager_capture(
     attention_mask: torch.Tensor | None,
     scaling: float | None,
     softcap: float | None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     groups = query.shape[1] // key.shape[1]
     own_key = key
@@ -124,7 +138,7 @@ def _eager_capture(
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    allowed = _allowed_keys(module, attention_mask, query.shape[2], key.shape[2], query.device)
+    allowed = _allowed_keys(module, attention_mask, query.shape[2], key.shape[2], query.device, sliding_window)
     rows = allowed
     if capture.query_mask is not None and capture.query_mask.shape[-1] == query.shape[2]:
         rows = allowed & capture.query_mask[:, None, :, None].to(torch.bool)
@@ -183,12 +197,9 @@ def ghosts_attention_forward(
                 f"ghosts attention: `{unsupported}` in {type(module).__name__} is not supported by the radius probe; "
                 "measure radii=('output',) for this model"
             )
-    if kwargs.get("sliding_window") is not None and attention_mask is None:
-        raise NotImplementedError(
-            f"ghosts attention: {type(module).__name__} uses a sliding window without a materialized mask; "
-            "pass an attention_mask in the batch"
-        )
-    output = _eager_capture(capture, module, query, key, value, attention_mask, scaling, kwargs.get("softcap"))
+    output = _eager_capture(
+        capture, module, query, key, value, attention_mask, scaling, kwargs.get("softcap"), kwargs.get("sliding_window")
+    )
     return output, None
 
 

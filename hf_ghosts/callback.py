@@ -15,6 +15,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from hf_ghosts.controller import RhoController
 from hf_ghosts.metrics import define_wandb_metrics
 from hf_ghosts.settings import DEFAULT_ESTIMATOR, DEFAULT_EVERY, parse_radii, validate
+from hf_ghosts.trainer import training_dtype
 
 __all__ = ["RhoCallback"]
 
@@ -76,7 +77,7 @@ class RhoCallback(TrainerCallback):
             raise ValueError("RhoCallback: the Trainer passed no model or optimizer to on_train_begin")
         if getattr(args, "deepspeed", None):
             raise ValueError("RhoCallback does not support DeepSpeed: the engine updates the weights outside the optimizer hooks")
-        self.controller = RhoController(model, optimizer, mode="monitor", **self.settings)
+        self.controller = RhoController(model, optimizer, mode="monitor", training_dtype=training_dtype(args), **self.settings)
         self.controller.attach()
         self._hook = model.register_forward_pre_hook(self._observe, with_kwargs=True)
 

@@ -108,3 +108,91 @@ def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None
         yield
     finally:
         config._attn_implementation = found
+
+
+# ----------------------------------------------------------------------------- FSDP2 all-gather dtype (torch 2.11-2.13)
+__all__ += ["fsdp_full_precision", "fsdp_param_groups"]
+
+
+def fsdp_param_groups(module: torch.nn.Module) -> list[Any]:
+    """The ``FSDPParamGroup``s of one ``fully_shard``-ed module (``_fsdp_param_groups`` in torch 2.13, the single
+    ``_fsdp_param_group`` before); empty for a module without parameters of its own."""
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        group = state._fsdp_param_group
+        groups = [] if group is None else [group]
+    return list(groups)
+
+
+def _drop_unsharded(fsdp_param: Any) -> None:
+    """Forget the all-gather buffers and the unsharded parameter, so the next all-gather allocates them anew in
+    the then current ``param_dtype`` (FSDP2 allocates them once, at the first all-gather, and reuses them)."""
+    fsdp_param.free_unsharded_param()
+    fsdp_param.all_gather_outputs = []
+    if hasattr(fsdp_param, "_unsharded_param"):
+        del fsdp_param._unsharded_param
+
+
+@contextlib.contextmanager
+def fsdp_full_precision(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """While active, the ``fully_shard``-ed ``modules`` all-gather and compute in their parameters' own dtype
+    (fp32 shards: fp32), whatever their ``MixedPrecisionPolicy`` says; on exit the policy is back.
+
+    FSDP2 reads the cast from each ``FSDPParam.param_dtype`` (set from the policy by ``init_dtype_attrs`` at
+    lazy init; ``None`` means no cast), and casts float forward inputs and outputs by the state's ``_mp_policy``
+    (``param_dtype``, ``output_dtype``). This sets all of them to "no cast" and drops the buffers FSDP2 allocated for 16-bit all-gathers (and again on exit, so
+    training all-gathers in 16 bits into fresh buffers). Call it with every module resharded (no unsharded
+    parameter alive). Private torch internals: ``tests/test_compat.py`` fails if they change.
+    """
+    from dataclasses import replace
+
+    switched: list[tuple[Any, torch.dtype]] = []
+    policies: list[tuple[Any, str, Any]] = []
+    for module in modules:
+        state = module._get_fsdp_state()
+        owners = [(state, "_mp_policy"), *((group, "mp_policy") for group in fsdp_param_groups(module))]
+        for owner, name in owners:
+            policy = getattr(owner, name)
+            if policy.param_dtype is not None or policy.output_dtype is not None:
+                policies.append((owner, name, policy))
+        for group in fsdp_param_groups(module):
+            switched += [(p, p.param_dtype) for p in group.fsdp_params if p.param_dtype is not None]
+    for owner, name, policy in policies:
+        setattr(owner, name, replace(policy, param_dtype=None, output_dtype=None))
+    for fsdp_param, _ in switched:
+        _drop_unsharded(fsdp_param)
+        fsdp_param.param_dtype = None
+    try:
+        yield
+    finally:
+        for fsdp_param, dtype in switched:
+            _drop_unsharded(fsdp_param)
+            fsdp_param.param_dtype = dtype
+        for owner, name, policy in policies:
+            setattr(owner, name, policy)
+
+
+# ----------------------------------------------------------------------------- switching MoE experts (transformers 5.24)
+__all__ += ["experts_implementation", "experts_implementation_of"]
+
+
+def experts_implementation_of(model: torch.nn.Module) -> str | None:
+    """The MoE experts implementation ``model`` dispatches to (``config._experts_implementation``); ``None`` without
+    (no ``@use_experts_implementation`` experts in its modeling file)."""
+    can_set = getattr(model, "_can_set_experts_implementation", None)
+    if not (callable(can_set) and can_set()):
+        return None
+    return getattr(getattr(model, "config", None), "_experts_implementation", None)
+
+
+@contextlib.contextmanager
+def experts_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """While active, ``model``'s MoE experts dispatch to ``name`` (``"eager"``: forward-mode AD works; ``_grouped_mm``
+    has none); the implementations found (``get_experts_implementation()``, sub-configs included) are restored."""
+    found = model.get_experts_implementation()
+    model.set_experts_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(found)

@@ -38,10 +38,14 @@ from hf_ghosts.radii import clip_scale, normalized_step, update_norm
 from hf_ghosts.settings import (
     DEFAULT_ESTIMATOR,
     DEFAULT_EVERY,
+    DEFAULT_PROBE_DTYPE,
     DEFAULT_TRIGGER_GROWTH,
     DEFAULT_TRIGGER_R,
     RADIUS_FIELDS,
     parse_radii,
+    resolve_estimator,
+    resolve_probe_dtype,
+    spelled,
     validate,
 )
 
@@ -167,7 +171,13 @@ class RhoController:
         radii: radii that limit the step (names of :data:`~hf_ghosts.settings.RADII`).
         watch_radii: radii that are only measured and logged, never scale the update (none in ``radii``).
         set_schedule: ``"set"`` mode follows the schedule as above; ``False``: ``r*`` is ``r_target`` throughout.
-        estimator: ``"fd"`` (central differences, default) or ``"jvp"`` (exact).
+        estimator: ``"auto"`` (default: ``"jvp"`` where the probe runs in 16 bits on CUDA, else ``"fd"``; see
+            :func:`~hf_ghosts.settings.resolve_estimator`), ``"fd"`` (central differences) or ``"jvp"`` (exact).
+        probe_dtype: ``"auto"`` (default: ``training_dtype`` when it is 16-bit on CUDA and the estimator is
+            ``"jvp"``, else float32; :func:`~hf_ghosts.settings.resolve_probe_dtype`), ``"float32"``,
+            ``"bfloat16"`` or ``"float16"`` (16 bits need ``"jvp"``). Under FSDP2 the probe is fp32 ``fd``.
+        training_dtype: the dtype training computes in, for ``"auto"`` (``RhoTrainer`` passes bf16/fp16 from its
+            arguments); default: the trainable parameters' dtype.
         every: probe at least every k-th optimizer step; in between, a step reuses the last measured
             ``rho`` unless a trigger fires (``every=1``: probe every step).
         trigger_r: probe at once when the step's applied ``r`` estimated with the last ``rho``
@@ -177,6 +187,7 @@ class RhoController:
         trigger_growth: probe at once when ``|u|`` exceeds ``trigger_growth`` times ``|u|`` at the last
             probe (``inf``: off).
         log_per_head: also report ``ghosts/rho_attn/layer_{l}/head_{h}``.
+        arguments: name settings in errors as the Trainer's arguments spell them (``rho_radii``, not ``radii``).
         reduce: how reports agree across processes (default :func:`all_reduce_report`).
         probe_kwargs: passed to :class:`~hf_ghosts.probe.RadiusProbe` (``fd_step``, ``ffn_mode``, ...).
     """
@@ -191,18 +202,24 @@ class RhoController:
         radii: tuple[str, ...] | list[str] = ("output", "attention"),
         watch_radii: tuple[str, ...] | list[str] = (),
         estimator: str = DEFAULT_ESTIMATOR,
+        probe_dtype: str = DEFAULT_PROBE_DTYPE,
+        training_dtype: torch.dtype | None = None,
         every: int = DEFAULT_EVERY,
         trigger_r: float = DEFAULT_TRIGGER_R,
         trigger_growth: float = DEFAULT_TRIGGER_GROWTH,
         log_per_head: bool = False,
         set_schedule: bool = True,
         reduce: Callable[[RadiusReport], RadiusReport] = all_reduce_report,
+        arguments: bool = False,
         **probe_kwargs: Any,
     ) -> None:
         radii, watch_radii = parse_radii(radii), parse_radii(watch_radii)
-        settings = dict(mode=mode, r_target=r_target, radii=radii, watch_radii=watch_radii, estimator=estimator)
-        more = dict(every=every, trigger_r=trigger_r, trigger_growth=trigger_growth, log_per_head=log_per_head)
-        validate("RhoController", {**settings, **more, "set_schedule": set_schedule})
+        settings = dict(mode=mode, r_target=r_target, radii=radii, watch_radii=watch_radii, estimator=estimator, every=every,
+                        trigger_r=trigger_r)
+        more = {"trigger_growth": trigger_growth, "log_per_head": log_per_head, "probe_dtype": probe_dtype,
+                "set_schedule": set_schedule}
+        caller = "RhoTrainingArguments" if arguments else "RhoController"
+        validate(caller, {**settings, **more}, arguments=arguments)
         self.model = model
         self.optimizer = optimizer
         self.mode = mode
@@ -214,9 +231,16 @@ class RhoController:
         self.schedule = ProbeSchedule(every=every, trigger_r=float(trigger_r), trigger_growth=float(trigger_growth))
         self.reduce = reduce
         if "output" in radii + watch_radii:
-            _require_logits(model)
-        self._probe_settings = dict(radii=radii + watch_radii, estimator=estimator, **probe_kwargs)
+            _require_logits(model, arguments)
+        self._probe_settings = dict(radii=radii + watch_radii, arguments=arguments, **probe_kwargs)
+        self.estimator_setting, self.probe_dtype_setting, self.training_dtype = estimator, probe_dtype, training_dtype
         self.rebind(model)
+        self._log_per_head = log_per_head
+        self.reset()
+        self._handles: list[Any] = []
+
+    def reset(self) -> None:
+        """Clean counters, no last radius, an empty logging window: the state of a fresh run (settings kept)."""
         self.batch: Mapping[str, torch.Tensor] | None = None
         self.steps = 0
         self.probes = 0
@@ -224,9 +248,8 @@ class RhoController:
         self._probe_step: int | None = None  # step and |u| of the last probe; None: the next step probes
         self._probe_norm = 0.0
         self.last: StepRecord | None = None
-        self.window = MetricWindow(per_head=log_per_head, radii=radii, watch_radii=watch_radii)
+        self.window = MetricWindow(per_head=self._log_per_head, radii=self.radii, watch_radii=self.watch_radii)
         self._old: list[torch.Tensor] | None = None
-        self._handles: list[Any] = []
 
     # ------------------------------------------------------------------------- wiring
     def observe(self, batch: Mapping[str, torch.Tensor]) -> None:
@@ -260,10 +283,31 @@ class RhoController:
             raise ValueError(f"RhoController: {FSDP1_ERROR}")
         self.sharded = self.backend == "fsdp2"
         self.model = model
-        self.probe = (ShardedRadiusProbe if self.sharded else RadiusProbe)(model, **self._probe_settings)
+        estimator, dtype = self._resolve(model)
+        probe_cls = ShardedRadiusProbe if self.sharded else RadiusProbe
+        self.probe = probe_cls(model, estimator=estimator, dtype=dtype, **self._probe_settings)
         self.names = list(self.probe.trainable)
         self.params = [self.probe.trainable[name] for name in self.names]
         self._old = None
+
+    def _resolve(self, model: torch.nn.Module) -> tuple[str, torch.dtype]:
+        """The probe's estimator and dtype from the settings, the training dtype and the device (see ``settings``).
+
+        Under FSDP2 the probe is the in-place fp32 ``fd`` one: ``"auto"`` resolves to it, and a 16-bit
+        ``probe_dtype`` is refused (``fd`` in 16 bits is rounding noise).
+        """
+        first = next((p for p in model.parameters() if p.requires_grad), None)
+        param_dtype = torch.float32 if first is None else first.dtype
+        device_type = "cpu" if first is None else first.device.type
+        training = self.training_dtype or param_dtype
+        try:
+            if self.sharded:
+                estimator = "fd" if self.estimator_setting == "auto" else self.estimator_setting
+                return estimator, resolve_probe_dtype(self.probe_dtype_setting, "fd", torch.float32, device_type)
+            estimator = resolve_estimator(self.estimator_setting, self.probe_dtype_setting, training, device_type)
+            return estimator, resolve_probe_dtype(self.probe_dtype_setting, estimator, training, device_type)
+        except ValueError as error:
+            raise ValueError(str(error).replace("resolve_probe_dtype.", "RhoController.")) from None
 
     def _shards(self) -> list[torch.Tensor]:
         """The parameters as this rank holds them: the full tensors, or under FSDP2 views of the local shards."""
@@ -430,7 +474,7 @@ class RhoController:
         self.window.load_state_dict(state["window"])
 
 
-def _require_logits(model: torch.nn.Module) -> None:
+def _require_logits(model: torch.nn.Module, arguments: bool = False) -> None:
     """Refuse a bare ``transformers`` backbone (what ``AutoModel`` loads): it returns hidden states, not logits.
 
     Checked at construction so the error comes before training starts, not at the first probe.
@@ -439,7 +483,7 @@ def _require_logits(model: torch.nn.Module) -> None:
         raise ValueError(
             f"RhoController: {type(model).__name__} is the bare {model.config.model_type!r} backbone: it returns hidden "
             "states, not logits, and the output radius needs logits. Load a model with a head (for example "
-            "AutoModelForCausalLM instead of AutoModel), or drop 'output' from the radii."
+            f"AutoModelForCausalLM instead of AutoModel), or drop 'output' from {spelled('radii', arguments)}."
         )
 
 

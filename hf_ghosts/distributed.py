@@ -7,12 +7,13 @@ reached depends on the backend (see the README's "Multiple GPUs"):
 backend        weights the controller      update norm ``|u|``              probe estimator
                sees on each rank
 =============  ==========================  ===============================  =========================
-single, DDP    the full weights (replicas  local (replicas agree: DDP       ``jvp`` (default) or
-               under DDP)                  averaged the gradients)          ``fd``, through
+single, DDP    the full weights (replicas  local (replicas agree: DDP       ``"auto"``: ``fd`` in fp32,
+               under DDP)                  averaged the gradients)          ``jvp`` in 16 bits on CUDA; through
                                                                             ``functional_call`` on
                                                                             the unwrapped model
 FSDP2          this rank's shard           ``sqrt`` of the all-reduced SUM  ``fd``, perturbing the
-               (``DTensor.to_local()``)    of squares over the shards       local shards in place
+               (``DTensor.to_local()``)    of squares over the shards       local shards in place,
+               any ``param_dtype``                                          all-gathered in fp32
 FSDP1          refused (:data:`FSDP1_ERROR`)
 DeepSpeed      refused by ``RhoTrainer`` (the engine steps flattened fp32 partitions)
 =============  ==========================================================================================
@@ -41,6 +42,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hf_ghosts import compat
 from hf_ghosts.probe import RadiusProbe, RadiusReport, _logits_of, forward_kwargs
 
 __all__ = [
@@ -111,7 +113,10 @@ def detect_backend(model: torch.nn.Module) -> str:
 
 
 def check_fsdp_plugin(plugin: Any) -> None:
-    """Raise ``ValueError`` for an Accelerate FSDP plugin the controller cannot serve: FSDP1, or low-precision params.
+    """Raise ``ValueError`` for an Accelerate FSDP plugin the controller cannot serve: FSDP1.
+
+    A 16-bit ``mixed_precision_policy.param_dtype`` is served: the probe all-gathers in fp32
+    (:func:`hf_ghosts.compat.fsdp_full_precision`).
 
     Args:
         plugin: ``accelerator.state.fsdp_plugin`` (an ``accelerate.utils.FullyShardedDataParallelPlugin``).
@@ -119,18 +124,6 @@ def check_fsdp_plugin(plugin: Any) -> None:
     version = getattr(plugin, "fsdp_version", 1)
     if version != 2:
         raise ValueError(f"{FSDP1_ERROR} Got fsdp_version={version!r}.")
-    param_dtype = getattr(getattr(plugin, "mixed_precision_policy", None), "param_dtype", None)
-    _check_param_dtype(param_dtype, "the FSDP plugin's mixed_precision_policy")
-
-
-def _check_param_dtype(param_dtype: torch.dtype | None, where: str) -> None:
-    if param_dtype not in (None, torch.float32):
-        raise ValueError(
-            f"hf_ghosts under FSDP2 needs fp32 parameters in the forward; {where} sets param_dtype={param_dtype}. "
-            "The finite-difference probe writes old +- h*v into the shards, and a cast to a 16-bit dtype erases most "
-            "of that perturbation (the radius would come out too large). Train FSDP2 with mixed_precision 'no', or "
-            "use DDP with bf16 (its probe runs the unwrapped model in fp32)."
-        )
 
 
 def any_rank(flag: bool) -> bool:
@@ -229,7 +222,9 @@ class ShardedRadiusProbe(RadiusProbe):
     (collectives inside); its report is this rank's, to be reduced with :func:`all_reduce_report`.
 
     Args: as :class:`~hf_ghosts.probe.RadiusProbe`; ``estimator="jvp"`` is replaced by ``"fd"``
-    (logged once), and the parameters and FSDP's ``param_dtype`` must be ``dtype`` (fp32). ``direction``
+    (logged once), and the (sharded) parameters must be ``dtype`` (fp32). A bf16/fp16 ``MixedPrecisionPolicy``
+    is fine: the probe's forwards all-gather in fp32 (:func:`hf_ghosts.compat.fsdp_full_precision`), training's
+    in the policy's dtype. ``direction``
     and ``params`` of :meth:`measure` hold DTensors or this rank's local shards.
     """
 
@@ -257,10 +252,6 @@ class ShardedRadiusProbe(RadiusProbe):
                 f"ShardedRadiusProbe: the trainable parameters are {wrong}, the probe's dtype is {self.dtype}; the "
                 "in-place finite-difference probe needs them equal (load the model in fp32 for FSDP2 training)"
             )
-        for module in self._fsdp_modules:
-            for group in getattr(module._get_fsdp_state(), "_fsdp_param_groups", []):
-                policy = getattr(group, "mp_policy", None)
-                _check_param_dtype(getattr(policy, "param_dtype", None), f"fully_shard({type(module).__name__})")
 
     def _locals(self) -> dict[str, torch.Tensor]:
         return {name: local_tensor(p.detach()) for name, p in self.trainable.items()}
@@ -278,16 +269,21 @@ class ShardedRadiusProbe(RadiusProbe):
 
     @contextlib.contextmanager
     def _intact(self) -> Iterator[None]:
-        """This rank's shards saved for the measurement (no grad) and copied back afterwards, bit for bit."""
+        """This rank's shards saved for the measurement (no grad) and copied back afterwards, bit for bit.
+
+        In between, every FSDP module all-gathers in the shards' own dtype (fp32) whatever its mixed-precision
+        ``param_dtype`` (bf16/fp16 would round ``old +- h v`` back towards ``old``); the policy is restored on exit.
+        """
         shards = self._locals()
         self._saved = {name: t.clone() for name, t in shards.items()}
-        try:
-            with torch.no_grad():
+        self._reshard()  # no unsharded (16-bit) parameter alive while the all-gather dtype switches
+        with torch.no_grad(), compat.fsdp_full_precision(self._fsdp_modules):
+            try:
                 yield
-        finally:
-            torch._foreach_copy_(list(shards.values()), list(self._saved.values()))
-            self._saved = {}
-            self._reshard()
+            finally:
+                torch._foreach_copy_(list(shards.values()), list(self._saved.values()))
+                self._saved = {}
+                self._reshard()
 
     def _weights(self, params: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """The saved shards (not the live ones, which each forward overwrites), ``params`` where given."""

@@ -18,6 +18,8 @@ paths (``jvp``, ``fd``) that run them.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -31,14 +33,26 @@ from hf_ghosts.architectures import (
     LINEAR_HEAD_MODELS,
     LOGIT_RESCALING_ATTRS,
     FfnSpec,
+    attention_blocker,
+    base_model_of,
     chunked_head_blocker,
     find_ffn_modules,
+    original_module,
     resolve_ffn_activation,
     resolve_ffn_spec,
 )
 from hf_ghosts.attention import Pass
 from hf_ghosts.radii import activation_radius, rho_bound, spread
-from hf_ghosts.settings import ESTIMATORS, FFN_MODES, RADII, parse_radii, validate
+from hf_ghosts.settings import (
+    ESTIMATORS,
+    FFN_MODES,
+    PROBE_DTYPES,
+    RADII,
+    check_probe_dtype,
+    parse_radii,
+    spelled,
+    validate,
+)
 
 __all__ = [
     "ESTIMATORS",
@@ -51,10 +65,16 @@ __all__ = [
     "RadiusProbe",
     "RadiusReport",
     "forward_kwargs",
+    "model_inputs",
     "output_positions",
 ]
 
 IGNORE_INDEX = -100
+# fd's rounding guard (RadiusProbe._rounding_guard): rounding of the logits in units of eps |z|, the share of the
+# largest spread it may take, and the widest step as a share of the radius measured.
+FD_ROUNDING = 4.0
+FD_ROUNDING_TOLERANCE = 1e-3
+FD_MAX_STEP_RADII = 0.1
 Tensors = Mapping[str, torch.Tensor]  # a batch, weights or a direction, by name
 
 
@@ -298,23 +318,31 @@ def _stopping_at(module: torch.nn.Module, captured: list[torch.Tensor]) -> Itera
 
 
 @contextlib.contextmanager
-def _probe_mode(model: torch.nn.Module, ghosts: bool) -> Iterator[None]:
-    """Eval mode, fp32 forward without Accelerate's autocast wrapper, ghosts attention (if ``ghosts``); all restored."""
+def _probe_mode(model: torch.nn.Module, ghosts: bool, eager_experts: bool = False) -> Iterator[None]:
+    """Eval mode, fp32 forward without Accelerate's autocast wrapper, not through ``model.compile()``'s compiled
+    call, ghosts attention (if ``ghosts``), eager MoE experts (if ``eager_experts``); all restored."""
     training = {module: module.training for module in model.modules()}
     wrapped_forward = model.__dict__.get("forward")
     original_forward = getattr(model, "_original_forward", None)
+    compiled_call = model.__dict__.get("_compiled_call_impl")
     model.eval()
     if wrapped_forward is not None and original_forward is not None:
         model.forward = original_forward
+    if compiled_call is not None:  # model.compile() in place: forward AD fails in inductor's out= kernels
+        model._compiled_call_impl = None
     try:
         device_type = next(model.parameters()).device.type
+        base = base_model_of(model)
         name = attention.ATTENTION_NAME
-        switch = compat.attention_implementation(model, name) if ghosts else contextlib.nullcontext()
-        with switch, torch.no_grad(), torch.autocast(device_type, enabled=False):
+        switch = compat.attention_implementation(base, name) if ghosts else contextlib.nullcontext()
+        experts = compat.experts_implementation(base, "eager") if eager_experts else contextlib.nullcontext()
+        with switch, experts, torch.no_grad(), torch.autocast(device_type, enabled=False):
             yield
     finally:
         if wrapped_forward is not None:
             model.forward = wrapped_forward
+        if compiled_call is not None:
+            model._compiled_call_impl = compiled_call
         for module, flag in training.items():
             module.training = flag
 
@@ -329,12 +357,42 @@ def _asks(model: torch.nn.Module, method: str) -> bool:
     return bool(answer()) if callable(answer) else False
 
 
+# Never passed to the probe's forward: loss targets, caches, output switches, a trainer's private flags.
+NOT_MODEL_INPUTS = frozenset({
+    "labels", "shift_labels", "num_items_in_batch", "use_cache", "past_key_values", "cache_position", "return_dict",
+    "output_attentions", "output_hidden_states", "output_router_logits", "logits_to_keep", "return_loss",
+})
+# Model inputs that travel in ``**kwargs`` (TransformersKwargs): the packed sequences of padding-free batches.
+KWARGS_MODEL_INPUTS = frozenset({"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
+
+
+@functools.cache
+def _forward_inputs(forward: Callable) -> frozenset[str] | None:
+    """The named inputs of a ``forward`` (``None``: it takes only ``**kwargs``, or has no readable signature)."""
+    try:
+        parameters = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = frozenset(name for name, p in parameters.items() if p.kind in kinds and name != "self")
+    return names or None
+
+
+def model_inputs(model: torch.nn.Module, inputs: Mapping[str, object]) -> dict[str, object]:
+    """The entries of ``inputs`` that are inputs of the model's forward (``input_ids``, ``attention_mask``,
+    ``position_ids``, ``pixel_values``, ...), read from the signature of the base model's class ``forward``
+    (inside ``torch.compile`` and PEFT wrappers; TRL's patched forward keeps that signature too), without
+    :data:`NOT_MODEL_INPUTS`. A trainer's private flags (TRL's ``fused_lm_head``, ``return_token_accuracy``) go.
+    """
+    named = _forward_inputs(type(base_model_of(model)).forward)
+    keep = None if named is None else named | KWARGS_MODEL_INPUTS
+    return {key: value for key, value in inputs.items() if key not in NOT_MODEL_INPUTS and (keep is None or key in keep)}
+
+
 def forward_kwargs(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> dict[str, object]:
-    """The batch without what would make the model compute a loss, and without a KV cache."""
-    kwargs: dict[str, object] = {
-        key: value for key, value in inputs.items() if key not in ("labels", "shift_labels", "num_items_in_batch")
-    }
-    config = getattr(model, "config", None)
+    """The batch's model inputs (:func:`model_inputs`: no labels, no trainer flags), with ``use_cache=False``."""
+    kwargs = model_inputs(model, inputs)
+    config = getattr(base_model_of(model), "config", None)
     if config is not None and hasattr(config, "use_cache"):
         kwargs["use_cache"] = False
     return kwargs
@@ -359,7 +417,7 @@ class _LinearHead:
                     "full logits automatically (or chunked_head=False)"
                 )
             return None
-        module = model.get_output_embeddings()
+        module = base_model_of(model).get_output_embeddings()
         # named_parameters() names a tied weight once: the name the direction and weights use
         names = {id(p): name for name, p in model.named_parameters()}
         return cls(module, names[id(module.weight)], names.get(id(module.bias)))
@@ -422,7 +480,9 @@ class RadiusProbe:
             :data:`~hf_ghosts.architectures.ARCHITECTURES`.
         shift_labels: whether logits at position ``t`` predict ``labels[t + 1]`` (causal LM).
             ``None``: True for generative models, False otherwise.
-        dtype: dtype of the probe's forward (float32: the radius of a bf16 run is measured in fp32).
+        dtype: dtype of the probe's forward (default float32; or ``"float32"``, ``"bfloat16"``, ``"float16"``). A
+            16-bit dtype needs ``estimator="jvp"`` (bf16 JVP: within 0.4% of fp32; bf16 central differences are
+            8-12% off, so ``"fd"`` with a 16-bit dtype raises ``ValueError``).
         chunked_head: stop the forward at the output head's input ``x`` and compute the logit slopes
             ``a = x' W^T + x W'^T + b'`` (``"fd"``: ``(x+ (W + hW')^T - x- (W - hW')^T) / 2h``, biases
             likewise) over ``vocab_chunk`` rows of the head at a time (:mod:`hf_ghosts.head`): the
@@ -430,6 +490,12 @@ class RadiusProbe:
             computation (:func:`~hf_ghosts.architectures.chunked_head_blocker` finds nothing against it);
             ``True``: require it (ValueError saying why not); ``False``: always run the full head.
         vocab_chunk: head rows (vocabulary entries) per block of the chunked head.
+        arguments: name settings in errors as the Trainer's arguments spell them (``rho_radii``, not ``radii``).
+
+    The model may be wrapped by ``torch.compile`` (its ``_orig_mod`` is measured) or PEFT; it is called with its
+    forward's inputs only (:func:`model_inputs`). A model whose attention is not routed through
+    ``AttentionInterface`` (Mamba, Falcon) with ``"attention"`` in ``radii``, or an unknown FFN with ``"ffn"``, is
+    refused here. MoE experts on ``_grouped_mm`` run eagerly inside a jvp probe (forward AD), then are restored.
 
     Settings are checked by :func:`hf_ghosts.settings.validate` (``RadiusProbe.<name>: got ...; expected ...``).
     """
@@ -445,36 +511,54 @@ class RadiusProbe:
         ffn_quantile: float = 0.01,
         ffn_spec: FfnSpec | None = None,
         shift_labels: bool | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         chunked_head: bool | None = None,
         vocab_chunk: int = 8192,
+        arguments: bool = False,
     ) -> None:
         radii = parse_radii(radii)
         settings = dict(radii=radii, estimator=estimator, fd_step=fd_step, ffn_mode=ffn_mode, ffn_quantile=ffn_quantile)
-        validate("RadiusProbe", {**settings, "vocab_chunk": vocab_chunk})
+        caller = "RhoTrainingArguments" if arguments else "RadiusProbe"
+        if estimator not in ESTIMATORS:  # "auto" is the controller's: it resolves it against the run
+            hint = " (resolve 'auto' with hf_ghosts.settings.resolve_estimator)" if estimator == "auto" else ""
+            raise ValueError(f"RadiusProbe.estimator: got {estimator!r}; expected one of {list(ESTIMATORS)}{hint}")
+        validate(caller, {**settings, "vocab_chunk": vocab_chunk}, arguments=arguments)
+        if isinstance(dtype, str):
+            if PROBE_DTYPES.get(dtype) is None:
+                raise ValueError(f"RadiusProbe.dtype: got {dtype!r}; expected a torch dtype or one of "
+                                 f"{[name for name, value in PROBE_DTYPES.items() if value is not None]}")
+            dtype = PROBE_DTYPES[dtype]
+        check_probe_dtype("RadiusProbe", estimator, dtype, name="dtype")
+        model = original_module(model)  # torch.compile(model): measure the eager module (same parameters)
         self.model, self.radii, self.estimator, self.fd_step = model, radii, estimator, fd_step
         self.ffn_mode, self.ffn_quantile, self.dtype = ffn_mode, ffn_quantile, dtype
         self.shift_labels, self.vocab_chunk = shift_labels, vocab_chunk
-        if "attention" in radii and not _asks(self.model, "_can_set_attn_implementation"):
+        radii_name = spelled("radii", arguments)
+        if "attention" in radii and (blocker := attention_blocker(model)) is not None:
+            rest = tuple(r for r in radii if r != "attention") or ("output",)
+            shown = list(rest) if arguments else rest
             raise ValueError(
-                "The attention radius needs attention routed through transformers' AttentionInterface; model_type "
-                f"{_model_type(model)!r} ({type(model).__name__}) does not. Pass radii=('output',) "
-                "(or ('output', 'ffn'))."
+                f"{caller}: the attention radius needs attention routed through transformers' AttentionInterface; "
+                f"{blocker}. Set {radii_name}={shown!r}."
             )
         self._ffn_modules: dict[str, torch.nn.Module] = {}
         self._activation: str | None = None
         # the FFN forms to record: "ffn" in the form ffn_mode picks, "ffn_activation" always activation-aware
         self._ffn_forms = {name: form for name, form in (("ffn", ffn_mode), ("ffn_activation", "activation")) if name in radii}
         if self._ffn_forms:
-            spec = resolve_ffn_spec(model, ffn_spec)
+            spec = resolve_ffn_spec(model, ffn_spec, radii_name)
             self._ffn_modules = find_ffn_modules(model, spec)
             if "activation" in self._ffn_forms.values():
                 self._activation = resolve_ffn_activation(model, spec)
         self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self._head = _LinearHead.of(model, chunked_head)
+        # MoE experts dispatched to _grouped_mm (no forward-mode AD): the JVP runs them eagerly (same math)
+        self._eager_experts = estimator == "jvp" and compat.experts_implementation_of(base_model_of(model)) not in (
+            None, "eager"
+        )
 
     def _shifts(self) -> bool:
-        return _asks(self.model, "can_generate") if self.shift_labels is None else self.shift_labels
+        return _asks(base_model_of(self.model), "can_generate") if self.shift_labels is None else self.shift_labels
 
     def _routes_through_ghosts(self) -> bool:
         """Whether the forward runs the ghosts attention: to measure attention, and for a JVP through sdpa or flash
@@ -482,8 +566,8 @@ class RadiusProbe:
         as sdpa does, so the probe's logits equal the training forward's."""
         if "attention" in self.radii:
             return True
-        no_forward_ad = compat.attention_implementation_of(self.model) not in (None, "eager")
-        return self.estimator == "jvp" and no_forward_ad and _asks(self.model, "_can_set_attn_implementation")
+        no_forward_ad = compat.attention_implementation_of(base_model_of(self.model)) not in (None, "eager")
+        return self.estimator == "jvp" and no_forward_ad and attention_blocker(self.model) is None
 
     # ----------------------------------------------------------------------------------- direction and weights
     def _check_direction(self, direction: Mapping[str, torch.Tensor]) -> None:
@@ -549,7 +633,7 @@ class RadiusProbe:
                 stack.enter_context(session.ffn.attached(token_mask, first))
             if record and self._head is not None:
                 stack.enter_context(_stopping_at(self._head.module, session.head_inputs))
-            stack.enter_context(_probe_mode(self.model, ghosts))
+            stack.enter_context(_probe_mode(self.model, ghosts, self._eager_experts))
             if ghosts:
                 stack.enter_context(attention.capture_scores(capture))
             yield session
@@ -574,10 +658,21 @@ class RadiusProbe:
         with self._intact():
             pieces, norm = self._direction_and_norm(direction)
             weights = self._weights(params)
-            with self._measuring(inputs, record=True) as session:
-                path = self._jvp_spreads if self.estimator == "jvp" else self._fd_spreads
-                per_position = path(session, weights, pieces, norm, inputs)
-            return self._report(per_position, inputs, session)
+            self._wider_step = None
+            report = self._measure_once(inputs, weights, pieces, norm)
+            if self._wider_step is not None:  # fd: the differences were mostly rounding; once more at a wider step
+                step, self.fd_step = self.fd_step, self._wider_step
+                try:
+                    report = self._measure_once(inputs, weights, pieces, norm)
+                finally:
+                    self.fd_step = step
+            return report
+
+    def _measure_once(self, inputs: Tensors, weights: Tensors, pieces: Tensors, norm: float) -> RadiusReport:
+        with self._measuring(inputs, record=True) as session:
+            path = self._jvp_spreads if self.estimator == "jvp" else self._fd_spreads
+            per_position = path(session, weights, pieces, norm, inputs)
+        return self._report(per_position, inputs, session)
 
     def logit_slopes(
         self,
@@ -631,12 +726,34 @@ class RadiusProbe:
         if "output" not in self.radii:
             return None
         if self._head is None:  # difference in the forward's dtype: rounding to fp32 first costs eps / h
-            return spread(((plus - minus) / (2 * self.fd_step)).float(), dim=-1)
+            per_position = spread(((plus - minus) / (2 * self.fd_step)).float(), dim=-1)
+            self._wider_step = self._rounding_guard(plus, minus, per_position)
+            return per_position
         weight, weight_step, bias, bias_step = self._head.tensors(weights, pieces)
         return head.fd_spread(
             *session.head_inputs, weight, bias, weight_step, bias_step, scale=scale, fd_step=self.fd_step,
             chunk=self.vocab_chunk,
         )
+
+    def _rounding_guard(self, plus: torch.Tensor, minus: torch.Tensor, per_position: torch.Tensor) -> float | None:
+        """A wider fd step when rounding dominates the differences of the full head's logits; ``None``: keep ``h``.
+
+        The logits carry rounding of ~``FD_ROUNDING eps |z|`` (``eps`` of the forward's dtype), so a slope ``(z+ - z-) / 2h`` carries
+        ``FD_ROUNDING eps max|z| / h``. Where that exceeds ``FD_ROUNDING_TOLERANCE`` of the largest spread (saturated
+        softcapped logits: slopes tiny next to ``|z|``), ``h`` grows to bring it there, at most to
+        ``FD_MAX_STEP_RADII`` of the radius just measured (the truncation error grows as ``(h / rho)^2``). One host
+        sync; two more forwards only when it fires.
+        """
+        eps = torch.finfo(plus.dtype).eps
+        largest = float(per_position.amax()) if per_position.numel() else 0.0  # host sync
+        if not largest > 0:
+            return None
+        magnitude = float(torch.maximum(plus.abs().amax(), minus.abs().amax()))
+        noise = FD_ROUNDING * eps * magnitude / self.fd_step
+        if noise <= FD_ROUNDING_TOLERANCE * largest:
+            return None
+        wider = min(self.fd_step * noise / (FD_ROUNDING_TOLERANCE * largest), FD_MAX_STEP_RADII * math.pi / largest)
+        return wider if wider > 2 * self.fd_step else None
 
     def _report(self, per_position: torch.Tensor | None, inputs: Tensors, session: _Session) -> RadiusReport:
         """The report from the per-position logit-slope spreads (``None``: no output radius) and the recorders."""

@@ -7,7 +7,8 @@ train and validation. ``RhoTrainer`` limits the AdamW update on the output and a
 clipping it to ``r = |u| / rho <= 1``, and WATCHES the FFN radius in both forms (``--rho_watch_radii ffn
 ffn_activation``: the paper's kink proxy and Appendix B's activation radius, infinite for Pythia's exact
 GELU): they are measured, logged and counted as "would bind", never applied. Default probing: central
-differences (``rho_estimator="fd"``), at least every 16 steps, and afresh whenever a step's ``r`` estimated
+differences in fp32 (``rho_estimator="auto"``; with ``--bf16`` on a GPU a bf16 JVP instead), at least every
+16 steps, and afresh whenever a step's ``r`` estimated
 with the last radius exceeds half the target or ``|u|`` doubled since the last probe.
 
     python recipes/pythia_finetune.py                                   # ~2 min on 2 idle CPU cores

@@ -34,6 +34,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 VOCAB = 256
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect (not skip) the ``gpu``-marked tests on a machine without CUDA: they cannot run there."""
+    if torch.cuda.is_available():
+        return
+    kept = [item for item in items if item.get_closest_marker("gpu") is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("gpu") is not None])
+        items[:] = kept
+
+
 def tiny_config(family: str, **overrides: object):
     """A 2-layer, 4-head, hidden-32 config of ``family`` ("gpt_neox", "llama", "qwen2", "gpt2")."""
     if family == "gpt_neox":
@@ -350,3 +360,24 @@ class AdamWReplay:
         old = {name: c.detach().clone() for name, c in self.copies.items()}
         self.reference.step()
         return {name: self.copies[name].detach() - old[name] for name in old}
+
+
+# ----------------------------------------------------------------------------- TRL helpers
+def tiny_tokenizer():
+    """A word-level tokenizer over ``w0 .. w253`` plus ``<pad>`` and ``<eos>`` (``VOCAB`` ids; no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 2)} | {"<pad>": VOCAB - 2, "<eos>": VOCAB - 1}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<pad>")
+
+
+def text_dataset(rows: int = 8, words: int = 10, seed: int = 5):
+    """``{"text": "w17 w3 ..."}`` rows for ``tiny_tokenizer`` (a ``datasets.Dataset``)."""
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB - 2, (rows, words), generator=generator)
+    return Dataset.from_dict({"text": [" ".join(f"w{i}" for i in row.tolist()) for row in ids]})

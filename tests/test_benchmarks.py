@@ -98,3 +98,49 @@ def test_oracle_measures_the_radius_along_the_update_the_optimizer_made() -> Non
     rho = math.pi / float(spread[causal_output_positions(batch["labels"])].max())
     assert oracle.norm == pytest.approx(norm, rel=1e-5)
     assert oracle.rho == pytest.approx(rho, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_to_the_end_on_cpu(tmp_path: Path) -> None:
+    """``benchmarks/gpu_check.sh`` in its CPU form (what CI can run): every part but the CUDA-only tests runs and
+    succeeds, the JSON lands in the results folder and in $OUT, and nothing imports wandb (a stand-in module that
+    leaves a mark when imported shadows it)."""
+    import os
+    import subprocess
+
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    mark = tmp_path / "wandb_was_imported"
+    (fake / "wandb.py").write_text(f"open({str(mark)!r}, 'w').close()\nraise ImportError('wandb must not be imported')\n")
+    env = {**os.environ, "GPU_CHECK_RESULTS": str(tmp_path / "results"), "GPU_CHECK_WORK": str(tmp_path / "work"),
+           "OUT": str(tmp_path / "out"), "PYTHONPATH": os.pathsep.join([str(fake), str(BENCHMARKS.parent)]),
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "NO CUDA on this machine" in done.stdout and "== gpu_check summary" in done.stdout
+    result = json.loads((tmp_path / "results" / "gpu_check.json").read_text())
+    assert json.loads((tmp_path / "out" / "gpu_check.json").read_text()) == result
+    parts = result["parts"]
+    assert {name: entry["status"] for name, entry in parts.items()} == {
+        "env": "ok", "overhead": "ok", "recipe": "ok", "tests": "skipped"}
+    assert parts["env"]["result"]["wandb_imported_by_hf_ghosts"] is False
+    rows = {row["setting"]: row for row in parts["overhead"]["result"]["rows"]}
+    assert list(rows) == ["plain", "default", "jvp-bf16/every1", "fd-fp32/every1"]
+    assert (rows["default"]["probe"], rows["jvp-bf16/every1"]["probe"]) == ("fd/float32", "jvp/bfloat16")
+    assert rows["default"]["default"] and all(row["time_ratio"] > 0 for row in rows.values())
+    assert parts["recipe"]["result"]["steps"] == 2
+    assert not mark.exists(), "something imported wandb with report_to none"
+
+
+def test_topk_radius_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "topk.json"
+    result = benchmark("topk_radius").main(
+        ["--vocabs", "600", "--ks", "0", "2", "--tokens", "6", "--repeats", "1", "--exact-rows", "1", "--out", str(out)]
+    )
+    assert json.loads(out.read_text()) == result
+    zero, two = result["rows"]
+    assert zero["radius_over_bound"] == pytest.approx(1.0, rel=1e-6)  # k = 0 is pi / max Delta (float32 inputs)
+    assert 1.0 <= two["radius_over_bound"] <= two["ceiling_spread_ratio"] * (1 + 1e-6)
+    (check,) = result["certified_vs_exact"]
+    assert 0.5 < check["certified_over_exact"] <= 1.0

@@ -6,6 +6,8 @@ what it uses).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import FAMILIES, rho_args, tiny_causal_lm, tiny_config, token_dataset
@@ -91,3 +93,72 @@ def test_model_mapping_names_still_names_the_bare_backbones() -> None:
         assert compat.is_bare_backbone(bare), family
         assert not compat.is_bare_backbone(with_head), family
     assert not compat.is_bare_backbone(torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------- FSDP2 all-gather dtype
+def test_fsdp_full_precision_switches_the_all_gather_dtype_and_back(tmp_path) -> None:
+    """One gloo process, ``fully_shard`` with a bf16 policy: inside the switch the forward sees fp32 weights and
+    equals the fp32 module exactly; outside, bf16 again. Fails (naming compat) if FSDP2's internals moved."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+        reference = copy.deepcopy(model)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, output_dtype=torch.bfloat16)
+        fully_shard(model[0], mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        seen: list[torch.dtype] = []
+        model[0].register_forward_pre_hook(lambda module, args: seen.append(module.weight.dtype))
+        x = torch.randn(3, 8)
+        trained = model(x)
+        trained.float().sum().backward()  # lazy init, a bf16 all-gather, its buffers allocated
+        assert seen == [torch.bfloat16] and trained.dtype == torch.bfloat16
+        for module in (model, model[0]):
+            module.reshard()
+        groups = compat.fsdp_param_groups(model[0])
+        for name in ("param_dtype", "all_gather_outputs", "free_unsharded_param", "_unsharded_param"):
+            assert hasattr(groups[0].fsdp_params[0], name), f"torch's FSDPParam has no {name} any more: update compat.fsdp_full_precision"
+        with compat.fsdp_full_precision([model, model[0]]), torch.no_grad():
+            probed = model(x)
+            for module in (model, model[0]):
+                module.reshard()
+        assert seen[-1] == torch.float32, "fsdp_full_precision no longer changes FSDP2's all-gather dtype: update compat"
+        assert probed.dtype == torch.float32
+        torch.testing.assert_close(probed, reference(x).detach(), rtol=0, atol=0)
+        assert model(x).dtype == torch.bfloat16 and seen[-1] == torch.bfloat16
+        assert {p.param_dtype for g in groups for p in g.fsdp_params} == {torch.bfloat16}
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- switching MoE experts
+def test_grouped_mm_still_has_no_forward_ad() -> None:
+    """compat.experts_implementation runs MoE experts eagerly inside a jvp probe because _grouped_mm has no forward AD."""
+    import torch.autograd.forward_ad as fwAD
+
+    mat_a, mat_b = torch.randn(4, 8), torch.randn(2, 8, 8)
+    offsets = torch.tensor([2, 4], dtype=torch.int32)
+    try:
+        with fwAD.dual_level():
+            torch._grouped_mm(fwAD.make_dual(mat_a, torch.ones_like(mat_a)), mat_b, offs=offsets)
+    except (NotImplementedError, RuntimeError) as error:
+        assert "forward" in str(error).lower() or "not implemented" in str(error).lower(), error
+    else:
+        pytest.fail("upstream fixed: _grouped_mm has forward AD; delete compat.experts_implementation")
+
+
+def test_experts_implementation_switches_and_restores() -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=1, intermediate_size=16, num_local_experts=2,
+                                        num_experts_per_tok=1)
+    model = transformers.MixtralForCausalLM(config)
+    found = model.get_experts_implementation()
+    with compat.experts_implementation(model, "eager"):
+        assert compat.experts_implementation_of(model) == "eager"
+    assert model.get_experts_implementation() == found and compat.experts_implementation_of(model) == found[""]

@@ -66,15 +66,28 @@ def ddp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
 
 
 @pytest.fixture(scope="module")
+def fsdp_mixed(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """``fsdp_mixed_loop.py`` on 2 processes (torchrun, gloo): RhoController, fully_shard with bf16 param_dtype."""
+    out = tmp_path_factory.mktemp("fsdp_mixed")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(REPO / "tests" / "distributed_scripts" / "fsdp_mixed_loop.py"), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"launch failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+
+
+@pytest.fixture(scope="module")
 def fsdp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     return launch("fsdp.yaml", "fsdp", tmp_path_factory.mktemp("fsdp"))
 
 
-def union_probe(probe_record: dict, other: dict, estimator: str) -> RadiusReport:
-    """One process, one batch = both ranks' batches, same old weights and direction."""
+def union_probe(probe_record: dict, other: dict, estimator: str, radii=("output", "attention")) -> RadiusReport:
+    """One process, fp32, unsharded: one batch = both ranks' batches, same old weights and direction."""
     model = tiny_causal_lm("gpt_neox")
     batch = {key: torch.cat([probe_record["batch"][key], other["batch"][key]]) for key in probe_record["batch"]}
-    probe = RadiusProbe(model, radii=("output", "attention"), estimator=estimator)
+    probe = RadiusProbe(model, radii=radii, estimator=estimator)
     return probe.measure(batch, probe_record["direction"], params=probe_record["old"])
 
 
@@ -151,7 +164,7 @@ def test_ddp_without_the_reduction_ranks_diverge(ddp):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_fsdp2_really_shards_and_uses_the_sharded_fd_probe(fsdp):
-    assert {"fsdp2", "fsdp2_keep_unsharded", "fsdp2_noreduce", "fsdp2_monitor", "fsdp2_plain", "fsdp2_callback"} <= set(fsdp)
+    assert {"fsdp2", "fsdp2_keep_unsharded", "fsdp2_bf16", "fsdp2_noreduce", "fsdp2_monitor", "fsdp2_plain", "fsdp2_callback"} <= set(fsdp)
     ranks = fsdp["fsdp2"]
     assert all(r["world_size"] == 2 and r["fsdp"] for r in ranks)
     probe = ranks[0]["probes"][0]
@@ -210,22 +223,64 @@ def test_fsdp2_rho_callback_only_watches(fsdp):
 
 @pytest.mark.distributed
 @pytest.mark.slow
+def test_fsdp2_bf16_loop_probes_in_fp32_and_matches_the_unsharded_probe(fsdp_mixed):
+    """Plain loop, fully_shard(MixedPrecisionPolicy(param_dtype=bf16)): training all-gathers bf16, the probe fp32;
+    rho equals the fp32 unsharded probe's on the union batch (fd tolerance), the ranks agree, the clip holds."""
+    first, second = fsdp_mixed
+    assert first["train_dtypes"] == [torch.bfloat16]  # the policy really acts in training
+    probe = first["probes"][0]
+    assert (probe["backend"], probe["estimator"], probe["dtype"]) == ("fsdp2", "fd", torch.float32)
+    assert probe["probe_dtypes"] == [torch.float32, torch.float32]  # both fd forwards gathered fp32 weights
+    union = union_probe(probe, second["probes"][0], "fd", radii=("output", "attention"))
+    torch.testing.assert_close(union.out_spread, probe["reduced"]["out_spread"], rtol=1e-4, atol=0)
+    torch.testing.assert_close(union.attn_spread, probe["reduced"]["attn_spread"], rtol=1e-4, atol=1e-7)
+    for a, b in zip(first["steps"], second["steps"], strict=True):
+        assert a == b and a["r_applied"] == pytest.approx(0.5) and a["scale"] < 1  # "set" at r* = 0.5 acted
+    for name, value in first["final"].items():
+        assert torch.equal(value, second["final"][name]), name
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_bf16_probe_restores_shards_and_the_policy(fsdp_mixed):
+    for rank in fsdp_mixed:
+        assert rank["restored"]  # the local shards bit for bit after a measurement
+        assert rank["param_dtypes_after"] == ["torch.bfloat16"]
+        assert rank["train_dtypes_after"] == [torch.bfloat16]  # the next training forward all-gathers bf16 again
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_bf16_through_rho_trainer(fsdp):
+    """Accelerate's FSDP2 with mixed precision bf16 (param, reduce and output dtype): RhoTrainer serves it."""
+    ranks = fsdp["fsdp2_bf16"]
+    probe = ranks[0]["probes"][0]
+    assert (probe["backend"], probe["estimator"], probe["param_dtypes"]) == ("fsdp2", "fd", ["torch.bfloat16"])
+    assert_ranks_agree(ranks)
+    assert_reduction_is_max(ranks)
+    union = union_probe(probe, ranks[1]["probes"][0], "fd")
+    torch.testing.assert_close(union.out_spread, probe["reduced"]["out_spread"], rtol=1e-4, atol=0)
+    torch.testing.assert_close(union.attn_spread, probe["reduced"]["attn_spread"], rtol=1e-4, atol=1e-7)
+    assert all(step["r_applied"] == pytest.approx(0.5) for step in ranks[0]["steps"])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_fsdp1_is_refused(fsdp):
     error = fsdp["fsdp1"][0]["error"]
     assert error is not None and "FSDP2 only" in error
 
 
 # ----------------------------------------------------------------------------------------- one process
-def test_check_fsdp_plugin_refuses_fsdp1_and_16_bit_params():
+def test_check_fsdp_plugin_refuses_fsdp1_and_serves_16_bit_params():
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     with pytest.raises(ValueError, match="FSDP2 only"):
         check_fsdp_plugin(SimpleNamespace(fsdp_version=1, mixed_precision_policy=None))
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
     check_fsdp_plugin(plugin)
-    plugin.set_mixed_precision("bf16")
-    with pytest.raises(ValueError, match=r"param_dtype=torch\.bfloat16"):
-        check_fsdp_plugin(plugin)
+    plugin.set_mixed_precision("bf16")  # the probe all-gathers in fp32 (compat.fsdp_full_precision)
+    check_fsdp_plugin(plugin)
 
 
 def test_single_process_helpers():

@@ -60,9 +60,9 @@ class Lockstep(TrainerCallback):
         self.trainer = trainer
         self.model = trainer.model
         self.batch = LastTrainingBatch(self.model)
-        args = trainer.args  # the controller's own estimator: a fresh probe then repeats its measurement exactly
-        self.probe = RadiusProbe(probe_model or self.model, radii=tuple(args.rho_radii), estimator=args.rho_estimator,
-                                 fd_step=args.rho_fd_step)
+        args = trainer.args  # the controller's own (resolved) estimator: a fresh probe repeats its measurement exactly
+        self.probe = RadiusProbe(probe_model or self.model, radii=tuple(args.rho_radii),
+                                 estimator=trainer.rho_controller.probe.estimator, fd_step=args.rho_fd_step)
         self.rows: list[dict] = []
         self.grad_norms: list[float] = []
         self.learning_rates: list[list[float]] = []
@@ -411,6 +411,8 @@ def test_nonfinite_step_is_skipped_with_a_warning(tmp_path, caplog: pytest.LogCa
     [
         ("rho_mode", "clipped"),
         ("rho_estimator", "exact"),
+        ("rho_probe_dtype", "bf16"),
+        ("rho_probe_dtype", "auto16"),
         ("rho_radii", ["output", "logits"]),
         ("rho_radii", []),
         ("rho_target", 0.0),
@@ -443,8 +445,9 @@ def test_plain_training_arguments_are_upgraded(tmp_path) -> None:
     trainer = RhoTrainer(model=tiny_causal_lm("gpt_neox"), args=plain, train_dataset=token_dataset())
     assert isinstance(trainer.args, RhoTrainingArguments)
     documented = {  # the README's RhoTrainer table
-        "rho_mode": "clip", "rho_target": 1.0, "rho_radii": ["output", "attention"], "rho_estimator": "fd", "rho_every": 16,
+        "rho_mode": "clip", "rho_target": 1.0, "rho_radii": ["output", "attention"], "rho_estimator": "auto", "rho_every": 16,
         "rho_trigger_r": 0.5, "rho_trigger_growth": 2.0, "rho_log_per_head": False, "rho_fd_step": 0.01,
+        "rho_probe_dtype": "auto",
     }
     assert {name: getattr(trainer.args, name) for name in documented} == documented
     mismatched = {
@@ -454,6 +457,8 @@ def test_plain_training_arguments_are_upgraded(tmp_path) -> None:
     }
     assert mismatched == {}
     assert trainer.rho_controller.mode == "clip" and trainer.rho_controller.r_target == 1.0
+    probe = trainer.rho_controller.probe  # "auto" on CPU in fp32: today's fp32 central differences
+    assert (probe.estimator, probe.dtype) == ("fd", torch.float32)
 
 
 def test_argument_parser_shows_and_parses_the_rho_fields(tmp_path) -> None:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for conft
 
 from conftest import tiny_causal_lm, token_batch
 
-from hf_ghosts import RhoCallback, RhoController, RhoTrainer, RhoTrainingArguments, all_reduce_report
+from hf_ghosts import RhoCallback, RhoController, RhoTrainer, RhoTrainingArguments, all_reduce_report, compat
 
 STEPS = 4
 ROWS = 32
@@ -134,6 +134,10 @@ class Recorder(TrainerCallback):
             entry["backend"] = controller.backend
             entry["probe"] = type(controller.probe).__name__
             entry["estimator"] = controller.probe.estimator
+            entry["param_dtypes"] = sorted({  # FSDP2's all-gather dtype after the probe: the policy's, restored
+                str(p.param_dtype) for m in controller.model.modules() if hasattr(m, "_get_fsdp_state")
+                for g in compat.fsdp_param_groups(m) for p in g.fsdp_params
+            })
         self.probes.append(entry)
         return reduced
 
@@ -229,6 +233,8 @@ def main() -> None:
         run("fsdp2", out, trainer_cls=CpuFsdpRhoTrainer)  # asks for jvp: the sharded probe uses fd
         CpuFsdp.fsdp_overrides = {"reshard_after_forward": False}
         run("fsdp2_keep_unsharded", out, trainer_cls=CpuFsdpRhoTrainer)
+        CpuFsdp.fsdp_overrides = {"mixed_precision_policy": "bf16"}  # what `mixed_precision: bf16` sets for FSDP2
+        run("fsdp2_bf16", out, trainer_cls=CpuFsdpRhoTrainer, rho_estimator="fd")
         CpuFsdp.fsdp_overrides = {}
         run("fsdp2_noreduce", out, trainer_cls=CpuFsdpRhoTrainer, reduce=False)
         run("fsdp2_monitor", out, trainer_cls=CpuFsdpRhoTrainer, rho_mode="monitor")

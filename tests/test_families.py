@@ -1,0 +1,139 @@
+"""The family sweep: jvp, fd and a float64 reference for the output and attention radii on tiny models of each
+family, and the README's family table generated from it and :data:`~hf_ghosts.architectures.ARCHITECTURES`.
+
+Regenerate the README table with ``python tests/test_families.py`` (prints it).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import (
+    causal_output_positions,
+    float64_copy,
+    random_direction,
+    reference_attention_spreads,
+    reference_output_spreads,
+    token_batch,
+)
+
+from hf_ghosts import RadiusProbe
+from hf_ghosts.architectures import FFN_PREACTIVATIONS, attention_blocker, chunked_head_blocker
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+V = 256
+_BASE = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=64)
+_GQA = dict(_BASE, num_key_value_heads=2)
+# model_type -> tiny config (2 layers, hidden 32); the table's rows, in this order
+FAMILIES: dict[str, dict] = {
+    "gpt_neox": _BASE,
+    "llama": _GQA,
+    "mistral": _GQA,
+    "qwen2": _GQA,
+    "qwen3": dict(_GQA, head_dim=8),
+    "gemma": dict(_GQA, head_dim=8),
+    "gemma2": dict(_GQA, head_dim=8, attn_logit_softcapping=None),  # final_logit_softcapping=30 kept
+    "phi3": dict(_GQA, pad_token_id=0),
+    "gpt2": dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
+    "opt": dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                word_embed_proj_dim=32, max_position_embeddings=64),
+    "gpt_bigcode": dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    "falcon": dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+    "mixtral": dict(_GQA, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(_GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=32),
+    "mamba": dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, state_size=4),
+}
+
+
+def tiny_family(model_type: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(model_type, **FAMILIES[model_type])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+@dataclass(frozen=True)
+class Row:
+    """What one family supports, and how far jvp and fd (float32, default settings) are from the float64 reference."""
+
+    model_type: str
+    attention: bool
+    ffn: bool
+    chunked_head: bool
+    jvp_error: float  # max over the measured radii of |rho_jvp / rho_ref - 1|
+    fd_error: float
+    fd_vs_jvp: float
+
+
+def sweep_one(model_type: str) -> Row:
+    model = tiny_family(model_type)
+    attention = attention_blocker(model) is None
+    radii = ("output", "attention") if attention else ("output",)
+    batch, direction = token_batch(batch=2, length=10, pad_right=2), random_direction(model)
+    jvp = RadiusProbe(model, radii, "jvp").measure(batch, direction)
+    fd = RadiusProbe(model, radii, "fd").measure(batch, direction)
+    reference_model = float64_copy(model)
+    if reference_model._can_set_experts_implementation():
+        reference_model.set_experts_implementation("eager")  # _grouped_mm has no float64 kernel
+    spreads = reference_output_spreads(reference_model, batch, direction)
+    reference = {"output": math.pi / float(spreads[causal_output_positions(batch["labels"])].max())}
+    if attention:
+        reference["attention"] = math.pi / float(reference_attention_spreads(reference_model, batch, direction).max())
+
+    def error(report, against) -> float:
+        return max(abs(float(report.radii()[name]) / float(against[name]) - 1) for name in radii)
+
+    return Row(model_type, attention, model_type in FFN_PREACTIVATIONS, chunked_head_blocker(model) is None,
+               error(jvp, reference), error(fd, reference), error(fd, jvp.radii()))
+
+
+def table(rows: list[Row]) -> str:
+    """The README's family table (support columns only: the errors are asserted, not printed, so it is stable)."""
+    yes = {True: "yes", False: "no"}
+    lines = ["| family (`model_type`) | output | attention | ffn | chunked head | jvp | fd |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        jvp = "yes (experts run eagerly)" if row.model_type in ("mixtral", "qwen2_moe") else "yes"
+        lines.append(f"| `{row.model_type}` | yes | {yes[row.attention]} | {yes[row.ffn]} | {yes[row.chunked_head]} "
+                     f"| {jvp} | yes |")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[Row]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [sweep_one(model_type) for model_type in FAMILIES]
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_jvp_and_fd_match_the_float64_reference_on_every_family(rows: list[Row]) -> None:
+    for row in rows:
+        # Gemma's RMSNorm (and Mamba's mixer) compute in float32 in the float64 reference too: rounding in its differences
+        assert row.jvp_error < (3e-3 if row.model_type.startswith("gemma") else 5e-4), row
+        assert row.fd_error < 1e-2 and row.fd_vs_jvp < 1e-2, row  # fd at its defaults: within 1% of jvp
+    expected = {"falcon": False, "mamba": False}
+    assert {row.model_type: row.attention for row in rows} == {m: expected.get(m, True) for m in FAMILIES}
+
+
+@pytest.mark.slow
+def test_readme_family_table_is_generated_from_the_sweep(rows: list[Row]) -> None:
+    assert table(rows) in README.read_text(), f"regenerate with `python tests/test_families.py`:\n{table(rows)}"
+
+
+if __name__ == "__main__":
+    swept = [sweep_one(model_type) for model_type in FAMILIES]
+    print(table(swept))
+    for row in swept:
+        print(f"{row.model_type:12s} jvp {row.jvp_error:.1e}  fd {row.fd_error:.1e}  fd vs jvp {row.fd_vs_jvp:.1e}")
