@@ -79,6 +79,7 @@ PROBE_SETTINGS = {  # label -> (radii, estimator)
     "jvp output+attention": (("output", "attention"), "jvp"),
     "jvp output+attention+ffn": (("output", "attention", "ffn"), "jvp"),
     "fd output+attention": (("output", "attention"), "fd"),
+    "fd output+attention, watching ffn+ffn_activation": (("output", "attention", "ffn", "ffn_activation"), "fd"),  # main job
 }
 
 

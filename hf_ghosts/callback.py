@@ -14,7 +14,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from hf_ghosts.controller import RhoController
 from hf_ghosts.metrics import define_wandb_metrics
-from hf_ghosts.settings import DEFAULT_ESTIMATOR, DEFAULT_EVERY
+from hf_ghosts.settings import DEFAULT_ESTIMATOR, DEFAULT_EVERY, parse_radii, validate
 from hf_ghosts.trainer import training_dtype
 
 __all__ = ["RhoCallback"]
@@ -32,10 +32,12 @@ class RhoCallback(TrainerCallback):
     reporting callbacks that run before it do not see the keys.
 
     Args:
-        radii, estimator, every, log_per_head, probe_kwargs: as for
-            :class:`~hf_ghosts.controller.RhoController` (its mode is always ``"monitor"``), with the same
-            defaults; ``trigger_r`` and ``trigger_growth`` pass through ``probe_kwargs``. ``every=1,
-            estimator="jvp"`` measures every step exactly.
+        radii, watch_radii, estimator, every, log_per_head, probe_kwargs: as for
+            :class:`~hf_ghosts.controller.RhoController` (its mode is always ``"monitor"``: it probes every
+            ``every`` steps and when ``|u|`` grows, and never changes the step, NaN and inf gradients included),
+            with the same defaults; ``trigger_growth`` and the probe's settings (``ffn_mode``, ...) pass through
+            ``probe_kwargs``. ``every=1, estimator="jvp"`` measures every step exactly. ``radii`` are those that
+            would limit under ``RhoTrainer`` (``ghosts/rho``, ``ghosts/bottleneck/*``), ``watch_radii`` the others.
     """
 
     def __init__(
@@ -44,9 +46,14 @@ class RhoCallback(TrainerCallback):
         estimator: str = DEFAULT_ESTIMATOR,
         every: int = DEFAULT_EVERY,
         log_per_head: bool = False,
+        watch_radii: tuple[str, ...] | list[str] = (),
         **probe_kwargs: Any,
     ) -> None:
-        self.settings = dict(radii=tuple(radii), estimator=estimator, every=every, log_per_head=log_per_head, **probe_kwargs)
+        self.settings = dict(
+            radii=tuple(radii), watch_radii=tuple(watch_radii), estimator=estimator, every=every, log_per_head=log_per_head,
+            **probe_kwargs,
+        )
+        validate("RhoCallback", {"radii": parse_radii(radii), "watch_radii": parse_radii(watch_radii)})
         self.controller: RhoController | None = None
         self._hook: Any = None
         self._wandb_metrics_defined = False

@@ -41,6 +41,7 @@ from hf_ghosts.settings import (
     DEFAULT_PROBE_DTYPE,
     DEFAULT_TRIGGER_GROWTH,
     DEFAULT_TRIGGER_R,
+    RADIUS_FIELDS,
     parse_radii,
     resolve_estimator,
     resolve_probe_dtype,
@@ -63,29 +64,40 @@ class ProbeSchedule:
 
 
 def probe_due(
-    schedule: ProbeSchedule, steps_since_probe: int | None, growth: float, estimated_r_applied: float, r_target: float
+    schedule: ProbeSchedule,
+    steps_since_probe: int | None,
+    growth: float,
+    estimated_r_applied: float,
+    r_target: float,
+    mode: str = "clip",
 ) -> bool:
     """Whether a step must be probed: ``every == 1``, no usable last ``rho`` (``steps_since_probe is None``),
-    ``steps_since_probe >= every``, ``|u| / |u_probe| > trigger_growth``, or the applied ``r`` estimated with
-    the last ``rho`` above ``trigger_r * r_target``.
+    ``steps_since_probe >= every``, ``|u| / |u_probe| > trigger_growth``, or (``"clip"`` and ``"set"`` only) the
+    applied ``r`` estimated with the last ``rho`` above ``trigger_r * r_target``. The ``r`` trigger guards the
+    rescale; ``"monitor"`` rescales nothing, so it probes every ``every`` steps and on growth only.
 
-    Example: ``probe_due(ProbeSchedule(every=16), 3, 1.1, 0.2, 1.0)`` is ``False``; with ``growth=2.5`` it is ``True``.
+    Example: ``probe_due(ProbeSchedule(every=16), 3, 1.1, 0.2, 1.0)`` is ``False``; with ``growth=2.5`` it is ``True``;
+    ``probe_due(ProbeSchedule(every=16), 3, 1.1, 0.9, 1.0)`` is ``True``, and ``False`` with ``mode="monitor"``.
     """
     if schedule.every == 1 or steps_since_probe is None:
         return True
     if steps_since_probe >= schedule.every or growth > schedule.trigger_growth:
         return True
-    return estimated_r_applied > schedule.trigger_r * r_target
+    return mode != "monitor" and estimated_r_applied > schedule.trigger_r * r_target
 
 
 @dataclass(frozen=True)
 class StepRecord:
     """One optimizer step as the controller saw it (:attr:`RhoController.last`).
 
-    ``r = |u| / rho`` of the proposed update, ``r_applied = scale * r``; ``rho`` is ``None`` until a
-    radius was ever measured (a zero first update); the ``rho_*`` radii, ``bottleneck``,
-    ``output_tokens`` and ``rho_attn_heads`` (``[layers, heads]``) only on probed steps;
-    ``skipped`` names what was non-finite (``"gradient"``, ``"update"``, ``"radius"``) on a skipped step.
+    ``r = |u| / rho`` of the proposed update, ``r_applied = scale * r``; ``rho`` (the least LIMITING radius) is
+    ``None`` until a radius was ever measured (a zero first update); ``target`` is the ``r*`` the step was held to
+    (in ``"set"`` mode ``r_target * lr(t) / peak lr``). The ``rho_*`` radii (limiting and watched),
+    ``bottleneck`` (the limiting radius that bound), ``would_bind`` (the watched radius below every limiting
+    one, if any), ``would_clip`` (``r > r_target``), ``output_tokens`` and ``rho_attn_heads``
+    (``[layers, heads]``) only on probed steps. ``skipped`` names what was non-finite (``"gradient"``,
+    ``"update"``, ``"radius"``) on a step the controller skipped; ``would_skip`` the same in ``"monitor"``
+    mode, which skips nothing.
     """
 
     step: int
@@ -100,7 +112,12 @@ class StepRecord:
     rho_out: float | None = None
     rho_attn: float | None = None
     rho_ffn: float | None = None
+    rho_ffn_activation: float | None = None
     bottleneck: str | None = None
+    would_bind: str | None = None
+    would_clip: bool | None = None
+    would_skip: str | None = None
+    target: float | None = None
     output_tokens: int | None = None
     rho_attn_heads: torch.Tensor | None = None
 
@@ -112,22 +129,29 @@ class StepRecord:
             if getattr(self, f.name) is not None and f.name != "rho_attn_heads"
         }
 
-    def with_report(self, report: RadiusReport) -> StepRecord:
-        """This record with what a probe measured: the radii, ``bottleneck``, ``output_tokens``, per-head radii."""
-        measured = {
-            {"output": "rho_out", "attention": "rho_attn", "ffn": "rho_ffn"}[name]: float(value)
-            for name, value in report.radii().items()
-        }
+    def with_report(self, report: RadiusReport, limiting: tuple[str, ...] | None = None) -> StepRecord:
+        """This record with what a probe measured: the radii, ``bottleneck`` among the ``limiting`` radii (default:
+        all measured), ``would_bind`` (a watched radius below them), ``output_tokens``, per-head radii."""
+        radii = report.radii()
+        measured = {RADIUS_FIELDS[name]: float(value) for name, value in radii.items()}
+        limiting = tuple(radii) if limiting is None else limiting
+        least = report.bottleneck_of()
+        would_bind = least if least not in limiting and least != "none" else None
         heads = None if report.attn_spread is None else report.rho_attn.float().cpu()
         tokens = None if report.output_tokens is None else int(report.output_tokens)
-        return replace(self, bottleneck=report.bottleneck, output_tokens=tokens, rho_attn_heads=heads, **measured)
+        return replace(
+            self, bottleneck=report.bottleneck_of(limiting), would_bind=would_bind, output_tokens=tokens,
+            rho_attn_heads=heads, **measured,
+        )
 
 
 class RhoController:
     """Keep each optimizer step inside the convergence radius: ``u <- u * clip_scale(|u|, rho)``.
 
     What holds: a probed step has ``r_applied <= r_target`` (``"clip"``, ``"set"``) for the radius measured
-    along it. With ``every > 1`` a step may instead reuse the last measured ``rho``; it does so only while
+    along it. Only the ``radii`` limit; ``watch_radii`` are measured, logged and counted as ``would_bind``.
+    ``"monitor"`` is passive: weights, gradients and optimizer state end exactly as without the controller,
+    NaN and inf gradients included (logged as ``would_skip``). With ``every > 1`` a step may instead reuse the last measured ``rho``; it does so only while
     its applied ``r`` estimated with that ``rho`` is at most ``trigger_r * r_target`` (so in ``"clip"`` mode it
     passes unchanged), ``|u|`` is within ``trigger_growth`` of ``|u|`` at the last probe, and fewer than
     ``every`` steps have passed. Its true ``r_applied`` stays ``<= r_target`` as long as the radius along
@@ -139,8 +163,14 @@ class RhoController:
             ``.optimizer``). Needed by :meth:`attach` and :meth:`step`.
         mode: ``"clip"`` (scale ``min(1, r_target rho / |u|)``), ``"set"`` (scale ``r_target rho / |u|``)
             or ``"monitor"`` (measure and log; the update is never changed).
-        r_target: the target normalized step ``r*``.
-        radii: radii the probe measures (see :class:`~hf_ghosts.probe.RadiusProbe`).
+        r_target: the target normalized step ``r*``. In ``"set"`` mode with ``set_schedule`` it follows the
+            learning-rate schedule: ``r*(t) = r_target * lr(t) / peak_lr``, ``lr(t)`` the largest ``lr`` of the
+            optimizer's param groups when the step runs, ``peak_lr`` the largest ``initial_lr`` that torch's
+            schedulers store in the groups, else the largest ``lr`` when the controller got the optimizer
+            (construction or :meth:`attach`). ``RhoTrainer`` sets :attr:`peak_lr` to ``args.learning_rate``.
+        radii: radii that limit the step (names of :data:`~hf_ghosts.settings.RADII`).
+        watch_radii: radii that are only measured and logged, never scale the update (none in ``radii``).
+        set_schedule: ``"set"`` mode follows the schedule as above; ``False``: ``r*`` is ``r_target`` throughout.
         estimator: ``"auto"`` (default: ``"jvp"`` where the probe runs in 16 bits on CUDA, else ``"fd"``; see
             :func:`~hf_ghosts.settings.resolve_estimator`), ``"fd"`` (central differences) or ``"jvp"`` (exact).
         probe_dtype: ``"auto"`` (default: ``training_dtype`` when it is 16-bit on CUDA and the estimator is
@@ -152,7 +182,8 @@ class RhoController:
             ``rho`` unless a trigger fires (``every=1``: probe every step).
         trigger_r: probe at once when the step's applied ``r`` estimated with the last ``rho``
             (``scale * |u| / rho_last``) exceeds ``trigger_r * r_target``. With ``trigger_r <= 1`` every
-            clipped step (and in ``"set"`` mode every step) is measured fresh; ``inf`` turns it off.
+            clipped step (and in ``"set"`` mode every step) is measured fresh; ``inf`` turns it off. ``"monitor"``
+            has no ``r`` trigger (it changes no step): it probes every ``every`` steps and on growth.
         trigger_growth: probe at once when ``|u|`` exceeds ``trigger_growth`` times ``|u|`` at the last
             probe (``inf``: off).
         log_per_head: also report ``ghosts/rho_attn/layer_{l}/head_{h}``.
@@ -169,6 +200,7 @@ class RhoController:
         mode: str = "clip",
         r_target: float = 1.0,
         radii: tuple[str, ...] | list[str] = ("output", "attention"),
+        watch_radii: tuple[str, ...] | list[str] = (),
         estimator: str = DEFAULT_ESTIMATOR,
         probe_dtype: str = DEFAULT_PROBE_DTYPE,
         training_dtype: torch.dtype | None = None,
@@ -176,24 +208,31 @@ class RhoController:
         trigger_r: float = DEFAULT_TRIGGER_R,
         trigger_growth: float = DEFAULT_TRIGGER_GROWTH,
         log_per_head: bool = False,
+        set_schedule: bool = True,
         reduce: Callable[[RadiusReport], RadiusReport] = all_reduce_report,
         arguments: bool = False,
         **probe_kwargs: Any,
     ) -> None:
-        radii = parse_radii(radii)
-        settings = dict(mode=mode, r_target=r_target, radii=radii, estimator=estimator, every=every, trigger_r=trigger_r)
-        more = {"trigger_growth": trigger_growth, "log_per_head": log_per_head, "probe_dtype": probe_dtype}
+        radii, watch_radii = parse_radii(radii), parse_radii(watch_radii)
+        settings = dict(mode=mode, r_target=r_target, radii=radii, watch_radii=watch_radii, estimator=estimator, every=every,
+                        trigger_r=trigger_r)
+        more = {"trigger_growth": trigger_growth, "log_per_head": log_per_head, "probe_dtype": probe_dtype,
+                "set_schedule": set_schedule}
         caller = "RhoTrainingArguments" if arguments else "RhoController"
         validate(caller, {**settings, **more}, arguments=arguments)
         self.model = model
         self.optimizer = optimizer
         self.mode = mode
         self.r_target = float(r_target)
+        self.radii, self.watch_radii = radii, watch_radii
+        self.set_schedule = set_schedule
+        self.peak_lr: float | None = None if optimizer is None else _peak_lr(optimizer)
+        self._lr: float | None = None  # the learning rate of the step in flight
         self.schedule = ProbeSchedule(every=every, trigger_r=float(trigger_r), trigger_growth=float(trigger_growth))
         self.reduce = reduce
-        if "output" in radii:
+        if "output" in radii + watch_radii:
             _require_logits(model, arguments)
-        self._probe_settings = dict(radii=radii, arguments=arguments, **probe_kwargs)
+        self._probe_settings = dict(radii=radii + watch_radii, arguments=arguments, **probe_kwargs)
         self.estimator_setting, self.probe_dtype_setting, self.training_dtype = estimator, probe_dtype, training_dtype
         self.rebind(model)
         self._log_per_head = log_per_head
@@ -209,7 +248,7 @@ class RhoController:
         self._probe_step: int | None = None  # step and |u| of the last probe; None: the next step probes
         self._probe_norm = 0.0
         self.last: StepRecord | None = None
-        self.window = MetricWindow(per_head=self._log_per_head)
+        self.window = MetricWindow(per_head=self._log_per_head, radii=self.radii, watch_radii=self.watch_radii)
         self._old: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------- wiring
@@ -224,6 +263,8 @@ class RhoController:
             raise ValueError("RhoController.attach: no optimizer to attach to")
         self.detach()
         self.optimizer = optimizer
+        if self.peak_lr is None:
+            self.peak_lr = _peak_lr(optimizer)
         inner = _innermost(optimizer)
         self._handles = [
             inner.register_step_pre_hook(lambda *_: self.before_step()),
@@ -297,14 +338,17 @@ class RhoController:
     # ------------------------------------------------------------------------- the step
     @torch.no_grad()
     def before_step(self) -> None:
-        """Snapshot the weights; drop non-finite gradients so the optimizer leaves weights and moments alone."""
+        """Snapshot the weights and the step's learning rate; drop non-finite gradients so the optimizer leaves
+        weights and moments alone (``"monitor"``: kept, and the step runs as it would without the controller)."""
+        self._lr = None if self.optimizer is None else _current_lr(self.optimizer)
         grads = [local_tensor(p.grad) for p in self.params if p.grad is not None]
         nonfinite = bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())  # host sync
         if self.sharded:
             nonfinite = any_rank(nonfinite)  # each rank sees only its shard's gradients: all skip together
         if nonfinite:
-            for p in self.params:
-                p.grad = None
+            if self.mode != "monitor":
+                for p in self.params:
+                    p.grad = None
             self._nonfinite_reason = "gradient"
         else:
             self._nonfinite_reason = None
@@ -336,7 +380,7 @@ class RhoController:
             direction = dict(zip(self.names, update, strict=True))
             old = dict(zip(self.names, self._old, strict=True))
             report = self.reduce(self.probe.measure(self.batch, direction, params=old))
-            rho = float(report.rho)  # host sync
+            rho = float(report.rho_of(self.radii))  # host sync; the limiting radii only
             if math.isnan(rho):
                 self._skip(StepRecord(step=self.steps, update_norm=norm), "radius")
                 return
@@ -348,15 +392,28 @@ class RhoController:
         r = float(normalized_step(norm, rho))
         record = StepRecord(
             step=self.steps, update_norm=norm, r=r, r_applied=r * scale, scale=scale, rho=rho,
-            probed=report is not None, clipped=scale < 1.0,
+            probed=report is not None, clipped=scale < 1.0, target=self.target(),
+            would_clip=None if report is None else r > self.r_target,
         )
         if scale != 1.0:
             torch._foreach_lerp_(current, self._old, 1.0 - scale)
         self._finish(record, report)
 
+    def target(self) -> float:
+        """The ``r*`` of the step in flight: ``r_target``, times ``lr(t) / peak_lr`` in ``"set"`` mode with
+        ``set_schedule`` (warm-up and decay shape the step length; an unknown or zero peak: ``r_target``)."""
+        if self.mode != "set" or not self.set_schedule or self._lr is None or not self.peak_lr:
+            return self.r_target
+        return self.r_target * self._lr / self.peak_lr
+
     def _scale(self, norm: float, rho: float) -> float:
-        """``clip_scale(|u|, rho, r_target, mode)``; 1 in ``"monitor"`` mode."""
-        return 1.0 if self.mode == "monitor" else float(clip_scale(norm, rho, self.r_target, self.mode))
+        """``clip_scale(|u|, rho, target, mode)``; 1 in ``"monitor"`` mode."""
+        if self.mode == "monitor":
+            return 1.0
+        target = self.target()
+        if target <= 0 or not math.isfinite(target):  # lr 0 in warm-up (set mode): no step
+            return 0.0 if self.mode == "set" else 1.0
+        return float(clip_scale(norm, rho, target, self.mode))
 
     def _due(self, norm: float) -> bool:
         """:func:`probe_due` for this step, from the controller's counters."""
@@ -365,19 +422,27 @@ class RhoController:
             return True
         estimated = self._scale(norm, self.last_rho) * float(normalized_step(norm, self.last_rho))
         growth = norm / self._probe_norm if self._probe_norm > 0 else math.inf
-        return probe_due(self.schedule, self.steps - self._probe_step, growth, estimated, self.r_target)
+        target = self.target()
+        return probe_due(self.schedule, self.steps - self._probe_step, growth, estimated, target, self.mode)
 
     def _skip(self, record: StepRecord, reason: str) -> None:
+        self._probe_step = None  # something went wrong: measure the next step afresh
+        if self.mode == "monitor":  # passive: the step stands as the optimizer made it
+            if is_main_process():
+                logger.warning("hf_ghosts: optimizer step %d has a non-finite %s (update norm %s); monitoring, so it "
+                               "stands (clip or set would have skipped it)", self.steps, reason, record.update_norm)
+            self.last = replace(record, would_skip=reason)
+            self.window.add(self.last)
+            return
         torch._foreach_copy_(self._shards(), self._old)
         if is_main_process():
             logger.warning("hf_ghosts: skipped optimizer step %d: non-finite %s (update norm %s); the weights keep their "
                            "old values", self.steps, reason, record.update_norm)
-        self._probe_step = None  # something went wrong: measure the next step afresh
         self.last = replace(record, skipped=reason)
         self.window.add(self.last)
 
     def _finish(self, record: StepRecord, report: RadiusReport | None) -> None:
-        self.last = record if report is None else record.with_report(report)
+        self.last = record if report is None else record.with_report(report, self.radii)
         self.window.add(self.last)
 
     # ------------------------------------------------------------------------- logging and state
@@ -393,6 +458,7 @@ class RhoController:
             "last_rho": self.last_rho,
             "probe_step": self._probe_step,
             "probe_norm": self._probe_norm,
+            "peak_lr": self.peak_lr,
             "window": self.window.state_dict(),
             "config": {"mode": self.mode, "r_target": self.r_target, **asdict(self.schedule)},
         }
@@ -404,6 +470,7 @@ class RhoController:
         self.last_rho = state["last_rho"]
         self._probe_step = state.get("probe_step")  # absent in older checkpoints: probe the next step
         self._probe_norm = float(state.get("probe_norm", 0.0))
+        self.peak_lr = state.get("peak_lr", self.peak_lr)
         self.window.load_state_dict(state["window"])
 
 
@@ -427,3 +494,17 @@ def _innermost(optimizer: Any) -> torch.optim.Optimizer:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"RhoController: expected a torch.optim.Optimizer (or a wrapper of one); got {type(optimizer).__name__}")
     return optimizer
+
+
+def _groups(optimizer: Any) -> list[dict[str, Any]]:
+    return _innermost(optimizer).param_groups
+
+
+def _current_lr(optimizer: Any) -> float:
+    """The largest ``lr`` of the param groups now (what the scheduler set for the step about to run)."""
+    return max(float(group["lr"]) for group in _groups(optimizer))
+
+
+def _peak_lr(optimizer: Any) -> float:
+    """The largest ``initial_lr`` (stored by torch's schedulers), else the largest ``lr``, over the param groups."""
+    return max(float(group.get("initial_lr", group["lr"])) for group in _groups(optimizer))

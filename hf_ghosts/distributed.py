@@ -144,8 +144,9 @@ def all_reduce_report(report: RadiusReport, group: Any = None) -> RadiusReport:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return report
     parts = [t.reshape(-1).float() for t in (report.out_spread, report.attn_spread) if t is not None]
-    if report.ffn_radius is not None:
-        parts.append(-report.ffn_radius.reshape(-1).float())
+    for radius in (report.ffn_radius, report.ffn_activation_radius):
+        if radius is not None:
+            parts.append(-radius.reshape(-1).float())
     packed = torch.cat(parts)
     dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
     offset = 0
@@ -161,11 +162,15 @@ def all_reduce_report(report: RadiusReport, group: Any = None) -> RadiusReport:
     out_spread = take(report.out_spread)
     attn_spread = take(report.attn_spread)
     ffn_radius = take(report.ffn_radius, -1.0)
+    ffn_activation_radius = take(report.ffn_activation_radius, -1.0)
     tokens = report.output_tokens
     if tokens is not None:
         tokens = tokens.clone()
         dist.all_reduce(tokens, op=dist.ReduceOp.SUM, group=group)
-    return RadiusReport(out_spread=out_spread, attn_spread=attn_spread, ffn_radius=ffn_radius, output_tokens=tokens)
+    return RadiusReport(
+        out_spread=out_spread, attn_spread=attn_spread, ffn_radius=ffn_radius, output_tokens=tokens,
+        ffn_activation_radius=ffn_activation_radius,
+    )
 
 
 def _collective_device() -> torch.device:

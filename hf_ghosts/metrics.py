@@ -39,17 +39,32 @@ class LoggedKey:
 LOGGED_KEYS: tuple[LoggedKey, ...] = (
     LoggedKey("ghosts/r", "normalized step of the optimizer's proposed update, `|u| / rho`, before control", "max", "r"),
     LoggedKey("ghosts/r_applied", "normalized step actually applied, `scale * r`", "max", "r_applied"),
-    LoggedKey("ghosts/rho", "binding radius, min of the radii measured", "min", "rho"),
+    LoggedKey("ghosts/rho", "binding radius, min of the limiting radii (`rho_radii`)", "min", "rho"),
     LoggedKey("ghosts/rho_out", "output softmax radius `pi / max Delta_out`", "min", "rho_out"),
     LoggedKey("ghosts/rho_attn", "attention radius, min over layers and heads", "min", "rho_attn"),
     LoggedKey(
-        "ghosts/rho_ffn", "FFN radius (kink proxy, 1% quantile of `|z| / |z'|`), when `\"ffn\"` is measured", "min", "rho_ffn"
+        "ghosts/rho_ffn", "FFN radius (kink proxy, 1% quantile of `|z| / |z'|`, or per `rho_ffn_mode`), when `\"ffn\"` is measured",
+        "min", "rho_ffn",
+    ),
+    LoggedKey(
+        "ghosts/rho_ffn_activation", "FFN activation radius (Appendix B, eq. 21; inf for exact GELU), when `\"ffn_activation\"` "
+        "is measured", "min", "rho_ffn_activation",
     ),
     LoggedKey("ghosts/scale", "factor applied to the update (1.0 when not clipped)", "min", "scale"),
     LoggedKey("ghosts/update_norm", "`|u|` of the proposed update", "max", "update_norm"),
     LoggedKey("ghosts/clipped", "fraction of probed steps that were clipped", "fraction"),
     LoggedKey("ghosts/probed", "fraction of steps measured afresh (the others reused the last `rho`)", "fraction"),
     LoggedKey("ghosts/skipped_nonfinite", "steps skipped because the gradient, update or radius was NaN/inf", "count"),
+    LoggedKey(
+        "ghosts/would_skip", "steps with a NaN/inf gradient, update or radius that monitoring let stand (clip or set would "
+        "have skipped them)", "count",
+    ),
+    LoggedKey("ghosts/would_clip", "fraction of probed steps whose proposed `r` exceeds `rho_target`", "fraction"),
+    LoggedKey("ghosts/bottleneck/{radius}", "probed steps on which this limiting radius bound (each of `rho_radii`)", "count"),
+    LoggedKey(
+        "ghosts/would_bind/{radius}", "probed steps on which this watched radius was below every limiting one (each of "
+        "`rho_watch_radii`)", "count",
+    ),
     LoggedKey(
         "ghosts/no_output_tokens", "probed steps whose batch had no label other than `-100` (output radius inf)", "count, when > 0"
     ),
@@ -62,12 +77,15 @@ _EXTREMA = tuple(key for key in LOGGED_KEYS if key.field is not None)
 class MetricWindow:
     """The steps since the last log, reduced as :data:`LOGGED_KEYS` says.
 
-    Skipped steps count only in ``skipped_nonfinite``; ``clipped`` = clipped / probed steps, ``probed`` =
-    probed / other steps; per-head radii (``per_head``) are the elementwise min over the probed steps.
+    Skipped steps count only in ``skipped_nonfinite`` (``would_skip`` in monitor mode); ``clipped`` = clipped /
+    probed steps, ``would_clip`` likewise, ``probed`` = probed / other steps; ``bottleneck/<radius>`` for each of
+    ``radii`` and ``would_bind/<radius>`` for each of ``watch_radii`` count probed steps; per-head radii
+    (``per_head``) are the elementwise min over the probed steps.
     """
 
-    def __init__(self, per_head: bool = False) -> None:
+    def __init__(self, per_head: bool = False, radii: tuple[str, ...] = (), watch_radii: tuple[str, ...] = ()) -> None:
         self.per_head = per_head
+        self.radii, self.watch_radii = tuple(radii), tuple(watch_radii)
         self.reset()
 
     def reset(self) -> None:
@@ -79,11 +97,18 @@ class MetricWindow:
         self.clipped = 0
         self.skipped_nonfinite = 0
         self.no_output_tokens = 0
+        self.would_skip = 0
+        self.would_clip = 0
+        self.bottleneck: dict[str, int] = {}
+        self.would_bind: dict[str, int] = {}
 
     def add(self, record: StepRecord) -> None:
         """Take one optimizer step's record into the window."""
         if record.skipped is not None:
             self.skipped_nonfinite += 1
+            return
+        if record.would_skip is not None:
+            self.would_skip += 1
             return
         self.steps += 1
         for spec in _EXTREMA:
@@ -98,6 +123,11 @@ class MetricWindow:
             return
         self.probed += 1
         self.clipped += int(record.clipped)
+        self.would_clip += int(bool(record.would_clip))
+        if record.bottleneck is not None:
+            self.bottleneck[record.bottleneck] = self.bottleneck.get(record.bottleneck, 0) + 1
+        if record.would_bind is not None:
+            self.would_bind[record.would_bind] = self.would_bind.get(record.would_bind, 0) + 1
         if record.output_tokens == 0:
             self.no_output_tokens += 1
         heads = record.rho_attn_heads
@@ -113,9 +143,15 @@ class MetricWindow:
                 metrics[spec.key] = value
         if self.probed:
             metrics["ghosts/clipped"] = self.clipped / self.probed
+            metrics["ghosts/would_clip"] = self.would_clip / self.probed
+            for name in self.radii:
+                metrics[f"ghosts/bottleneck/{name}"] = float(self.bottleneck.get(name, 0))
+            for name in self.watch_radii:
+                metrics[f"ghosts/would_bind/{name}"] = float(self.would_bind.get(name, 0))
         if self.steps:
             metrics["ghosts/probed"] = self.probed / self.steps
         metrics["ghosts/skipped_nonfinite"] = float(self.skipped_nonfinite)
+        metrics["ghosts/would_skip"] = float(self.would_skip)
         if self.no_output_tokens:
             metrics["ghosts/no_output_tokens"] = float(self.no_output_tokens)
         if self.per_head and self.head_minima is not None:
@@ -136,6 +172,10 @@ class MetricWindow:
             "clipped": self.clipped,
             "skipped_nonfinite": self.skipped_nonfinite,
             "no_output_tokens": self.no_output_tokens,
+            "would_skip": self.would_skip,
+            "would_clip": self.would_clip,
+            "bottleneck": dict(self.bottleneck),
+            "would_bind": dict(self.would_bind),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -149,6 +189,10 @@ class MetricWindow:
         self.clipped = state["clipped"]
         self.skipped_nonfinite = state["skipped_nonfinite"]
         self.no_output_tokens = state["no_output_tokens"]
+        self.would_skip = state.get("would_skip", 0)  # absent in older states
+        self.would_clip = state.get("would_clip", 0)
+        self.bottleneck = dict(state.get("bottleneck", {}))
+        self.would_bind = dict(state.get("would_bind", {}))
 
 
 def define_wandb_metrics(args: TrainingArguments) -> bool:

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["HISTORY_KEYS", "checkpoints_figure", "head_radii_heatmap", "history_figure"]
+__all__ = ["HISTORY_KEYS", "checkpoints_figure", "head_radii_heatmap", "history_figure", "save_figure"]
 
 #: The ``ghosts/*`` keys :func:`history_figure` draws: ``(key, label, color, panel)``; panel 0 is ``r``, 1 the radii.
 HISTORY_KEYS = (
@@ -28,6 +28,7 @@ HISTORY_KEYS = (
     ("ghosts/rho_out", "rho_out", "tab:blue", 1),
     ("ghosts/rho_attn", "rho_attn (min over heads)", "tab:orange", 1),
     ("ghosts/rho_ffn", "rho_ffn (kink proxy)", "tab:green", 1),
+    ("ghosts/rho_ffn_activation", "rho_ffn_activation (Appendix B)", "tab:olive", 1),
     ("ghosts/update_norm", "|u| proposed", "gray", 1),
 )
 
@@ -38,7 +39,8 @@ def _positive(values: Sequence[Any]) -> np.ndarray:
     return np.where(np.isfinite(array) & (array > 0), array, np.nan)
 
 
-def _save(figure: plt.Figure, path: str) -> str:
+def save_figure(figure: plt.Figure, path: str) -> str:
+    """Lay out ``figure``, write it to ``path`` as a PNG (120 dpi), close it; return ``path``."""
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -73,7 +75,7 @@ def history_figure(entries: Sequence[Mapping[str, Any]], path: str, title: str =
     for axis in axes:
         axis.set_yscale("log")
         axis.legend(loc="best", fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def head_radii_heatmap(heads: Any, path: str, title: str = "") -> str:
@@ -102,7 +104,7 @@ def head_radii_heatmap(heads: Any, path: str, title: str = "") -> str:
     axis.set_xlabel("head")
     axis.set_ylabel("layer")
     axis.set_title(title, fontsize=9)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def checkpoints_figure(rows: Sequence[Mapping[str, Any]], path: str, title: str = "") -> str:
@@ -132,4 +134,4 @@ def checkpoints_figure(rows: Sequence[Mapping[str, Any]], path: str, title: str 
     for axis in (top, bottom):
         axis.set_yscale("log")
         axis.legend(loc="best", fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)

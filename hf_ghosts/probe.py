@@ -90,19 +90,21 @@ class RadiusReport:
     """Spreads measured along a unit direction, and the radii they imply.
 
     The raw fields reduce across processes: ``out_spread`` and ``attn_spread`` with MAX,
-    ``ffn_radius`` with MIN, ``output_tokens`` with SUM.
+    ``ffn_radius`` and ``ffn_activation_radius`` with MIN, ``output_tokens`` with SUM.
 
     Attributes:
         out_spread: scalar, max over valid positions of the logit-slope spread (0 if none).
         attn_spread: ``[layers, heads]``, max over batch and query rows of the score-slope spread.
-        ffn_radius: scalar, FFN radius (kink proxy quantile or activation-aware minimum).
+        ffn_radius: scalar, the ``"ffn"`` radius (kink proxy quantile or activation-aware minimum, per ``ffn_mode``).
         output_tokens: scalar count of positions that entered ``out_spread``.
+        ffn_activation_radius: scalar, the ``"ffn_activation"`` radius (Appendix B, always activation-aware).
     """
 
     out_spread: torch.Tensor | None = None
     attn_spread: torch.Tensor | None = None
     ffn_radius: torch.Tensor | None = None
     output_tokens: torch.Tensor | None = None
+    ffn_activation_radius: torch.Tensor | None = None
 
     @property
     def rho_out(self) -> torch.Tensor | None:
@@ -120,7 +122,8 @@ class RadiusReport:
         return self.ffn_radius
 
     def radii(self) -> dict[str, torch.Tensor]:
-        """Each measured radius as a scalar tensor: ``{"output": ..., "attention": min over heads, "ffn": ...}``."""
+        """Each measured radius as a scalar tensor, by name (:data:`~hf_ghosts.settings.RADII`):
+        ``{"output": ..., "attention": min over heads, "ffn": ..., "ffn_activation": ...}``."""
         found: dict[str, torch.Tensor] = {}
         if self.out_spread is not None:
             found["output"] = self.rho_out
@@ -128,22 +131,38 @@ class RadiusReport:
             found["attention"] = self.rho_attn.amin() if self.attn_spread.numel() else torch.tensor(math.inf)
         if self.ffn_radius is not None:
             found["ffn"] = self.ffn_radius
+        if self.ffn_activation_radius is not None:
+            found["ffn_activation"] = self.ffn_activation_radius
         return found
+
+    def rho_of(self, names: Sequence[str] | None = None) -> torch.Tensor:
+        """The minimum of the radii ``names`` (default: all measured); inf for an empty ``names``."""
+        radii = self.radii()
+        if not radii:
+            raise ValueError("RadiusReport: no radius was measured")
+        values = [radii[name] for name in (radii if names is None else names)]
+        if not values:
+            return torch.tensor(math.inf)
+        return torch.stack([v.to(values[0].device, torch.float32) for v in values]).amin()
+
+    def bottleneck_of(self, names: Sequence[str] | None = None) -> str:
+        """Name of the least of the radii ``names`` (default: all measured); ``"none"`` if all are inf."""
+        radii = self.radii()
+        chosen = [(name, float(radii[name])) for name in (radii if names is None else names)]
+        if not chosen:
+            return "none"
+        name, value = min(chosen, key=lambda item: item[1])
+        return name if math.isfinite(value) else "none"
 
     @property
     def rho(self) -> torch.Tensor:
-        """The binding radius: the minimum of the radii measured."""
-        values = list(self.radii().values())
-        if not values:
-            raise ValueError("RadiusReport: no radius was measured")
-        return torch.stack([v.to(values[0].device, torch.float32) for v in values]).amin()
+        """The least of the radii measured (the binding one when all of them limit)."""
+        return self.rho_of()
 
     @property
     def bottleneck(self) -> str:
-        """Name of the binding radius (``"output"``, ``"attention"`` or ``"ffn"``); ``"none"`` if all are inf."""
-        radii = self.radii()
-        name, value = min(radii.items(), key=lambda item: float(item[1]))
-        return name if math.isfinite(float(value)) else "none"
+        """Name of the least radius measured (``"output"``, ``"attention"``, ...); ``"none"`` if all are inf."""
+        return self.bottleneck_of()
 
     def map(self, fn_max, fn_min, fn_sum) -> RadiusReport:
         """Apply reductions field-wise (MAX to spreads, MIN to the FFN radius, SUM to counts)."""
@@ -153,6 +172,7 @@ class RadiusReport:
             attn_spread=None if self.attn_spread is None else fn_max(self.attn_spread),
             ffn_radius=None if self.ffn_radius is None else fn_min(self.ffn_radius),
             output_tokens=None if self.output_tokens is None else fn_sum(self.output_tokens),
+            ffn_activation_radius=None if self.ffn_activation_radius is None else fn_min(self.ffn_activation_radius),
         )
 
 
@@ -197,9 +217,10 @@ def output_positions(
 class FfnRecorder:
     """One measurement's forward hooks on the FFN pre-activation modules: what the FFN radius is taken over.
 
-    Per module output ``z`` (real tokens only) with slope ``z'``: ``mode="kink"`` keeps every ``|z| / |z'|``
-    (inf where ``z' = 0``) and :meth:`radius` is their ``quantile``; ``mode="activation"`` keeps each
-    module's minimum of :func:`~hf_ghosts.radii.activation_radius` and :meth:`radius` is the smallest.
+    Per module output ``z`` (real tokens only) with slope ``z'``, for each form in ``forms``: ``"kink"`` keeps
+    every ``|z| / |z'|`` (inf where ``z' = 0``) and ``radius("kink")`` is their ``quantile``; ``"activation"``
+    keeps each module's minimum of :func:`~hf_ghosts.radii.activation_radius` and ``radius("activation")`` is
+    the smallest. Both forms come from the same ``z`` and ``z'`` (one probe).
     ``Pass.JVP`` reads ``z'`` from the output's tangent; ``Pass.FD_PLUS`` stores ``z+``, and ``Pass.FD_MINUS``
     forms ``z' = (z+ - z-) / 2h`` and ``z = (z+ + z-) / 2``.
     """
@@ -207,16 +228,16 @@ class FfnRecorder:
     def __init__(
         self,
         modules: Mapping[str, torch.nn.Module],
-        mode: str,
+        forms: Sequence[str],
         quantile: float,
         activation: str | None,
         fd_step: float,
     ) -> None:
-        self.modules, self.mode, self.quantile, self.activation = modules, mode, quantile, activation
+        self.modules, self.forms, self.quantile, self.activation = modules, tuple(forms), quantile, activation
         self.fd_step = fd_step
         self.token_mask: torch.Tensor | None = None
         self.current = Pass.JVP
-        self.values: list[torch.Tensor] = []
+        self.values: dict[str, list[torch.Tensor]] = {form: [] for form in self.forms}
         self._plus: dict[str, torch.Tensor] = {}
 
     @contextlib.contextmanager
@@ -248,17 +269,18 @@ class FfnRecorder:
         if self.token_mask is not None and self.token_mask.shape == primal.shape[:2]:
             keep = self.token_mask.bool()
             primal, tangent = primal[keep], tangent[keep]
-        if self.mode == "activation":
-            self.values.append(activation_radius(primal, tangent, self.activation).amin().reshape(1))
-        else:
+        if "activation" in self.values:
+            least = activation_radius(primal, tangent, self.activation).amin() if primal.numel() else torch.tensor(math.inf)
+            self.values["activation"].append(least.reshape(1))
+        if "kink" in self.values:
             magnitude = tangent.abs()
             ratio = torch.where(magnitude > 0, primal.abs() / magnitude, torch.full_like(magnitude, math.inf))
-            self.values.append(ratio.reshape(-1))
+            self.values["kink"].append(ratio.reshape(-1))
 
-    def radius(self) -> torch.Tensor:
+    def radius(self, form: str) -> torch.Tensor:
         """``activation``: the least radius; ``kink``: the ``ceil(quantile n)``-th smallest ratio, inf if none."""
-        values = torch.cat(self.values)
-        if self.mode == "activation":
+        values = torch.cat(self.values[form])
+        if form == "activation":
             return values.amin()
         if values.numel() == 0:
             return torch.tensor(math.inf, device=values.device)
@@ -444,7 +466,9 @@ class RadiusProbe:
 
     Args:
         model: a ``transformers`` model (or any module returning logits, for the output radius).
-        radii: which radii to measure, a subset of ``("output", "attention", "ffn")`` (or ``"output,ffn"``).
+        radii: which radii to measure, a subset of :data:`~hf_ghosts.settings.RADII` ``("output", "attention",
+            "ffn", "ffn_activation")`` (or ``"output,ffn"``). ``"ffn"`` is the FFN radius in the ``ffn_mode`` form;
+            ``"ffn_activation"`` is always Appendix B's activation radius (both from one FFN recording).
         estimator: ``"jvp"`` (forward-mode AD, exact) or ``"fd"`` (central difference
             ``(z(theta + h v) - z(theta - h v)) / 2h``, no forward AD needed; error ``O(h^2)``).
         fd_step: ``h`` for ``"fd"``, a length in parameter space along the unit direction.
@@ -519,10 +543,13 @@ class RadiusProbe:
             )
         self._ffn_modules: dict[str, torch.nn.Module] = {}
         self._activation: str | None = None
-        if "ffn" in radii:
+        # the FFN forms to record: "ffn" in the form ffn_mode picks, "ffn_activation" always activation-aware
+        self._ffn_forms = {name: form for name, form in (("ffn", ffn_mode), ("ffn_activation", "activation")) if name in radii}
+        if self._ffn_forms:
             spec = resolve_ffn_spec(model, ffn_spec, radii_name)
             self._ffn_modules = find_ffn_modules(model, spec)
-            self._activation = resolve_ffn_activation(model, spec) if ffn_mode == "activation" else None
+            if "activation" in self._ffn_forms.values():
+                self._activation = resolve_ffn_activation(model, spec)
         self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self._head = _LinearHead.of(model, chunked_head)
         # MoE experts dispatched to _grouped_mm (no forward-mode AD): the JVP runs them eagerly (same math)
@@ -600,7 +627,8 @@ class RadiusProbe:
         ghosts = self._routes_through_ghosts()
         with contextlib.ExitStack() as stack:
             if record and self._ffn_modules:
-                ffn = (self._ffn_modules, self.ffn_mode, self.ffn_quantile, self._activation, self.fd_step)
+                forms = tuple(dict.fromkeys(self._ffn_forms.values()))
+                ffn = (self._ffn_modules, forms, self.ffn_quantile, self._activation, self.fd_step)
                 session.ffn = FfnRecorder(*ffn)
                 stack.enter_context(session.ffn.attached(token_mask, first))
             if record and self._head is not None:
@@ -743,6 +771,8 @@ class RadiusProbe:
                     "its attention cannot be measured. Pass radii=('output',)"
                 )
             attn = torch.stack([session.capture.spreads[layer] for layer in sorted(session.capture.spreads)])
-        if "ffn" in self.radii:
-            ffn = session.ffn.radius()
-        return RadiusReport(out_spread=out_spread, attn_spread=attn, ffn_radius=ffn, output_tokens=output_tokens)
+        ffn = {name: session.ffn.radius(form) for name, form in self._ffn_forms.items()}
+        return RadiusReport(
+            out_spread=out_spread, attn_spread=attn, ffn_radius=ffn.get("ffn"), output_tokens=output_tokens,
+            ffn_activation_radius=ffn.get("ffn_activation"),
+        )

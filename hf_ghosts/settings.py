@@ -36,6 +36,7 @@ __all__ = [
     "MODES",
     "PROBE_DTYPES",
     "RADII",
+    "RADIUS_FIELDS",
     "SETTINGS",
     "Setting",
     "check_probe_dtype",
@@ -47,7 +48,12 @@ __all__ = [
 ]
 
 MODES = ("clip", "set", "monitor")
-RADII = ("output", "attention", "ffn")
+# The radii, by the name rho_radii / rho_watch_radii take, and the StepRecord field (and ghosts/<field> key) of each.
+# "ffn" is the FFN radius in the form rho_ffn_mode picks (default "kink": the paper's 1% quantile of |z| / |z'|);
+# "ffn_activation" is always Appendix B's activation radius (eq. 21; inf for exact GELU), so that one probe can watch
+# both forms. With ffn_mode="activation" the two names measure the same thing.
+RADIUS_FIELDS = {"output": "rho_out", "attention": "rho_attn", "ffn": "rho_ffn", "ffn_activation": "rho_ffn_activation"}
+RADII = tuple(RADIUS_FIELDS)
 ESTIMATORS = ("jvp", "fd")  # what a RadiusProbe runs
 ESTIMATOR_CHOICES = ("auto", *ESTIMATORS)  # what the controller, the callback and the arguments accept
 PROBE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,8 +91,13 @@ class Setting:
     finite: bool = False  # a non-finite number is named as such
 
 
-def _radii_ok(value: Any) -> bool:
-    return isinstance(value, tuple) and bool(value) and len(set(value)) == len(value) and all(v in RADII for v in value)
+def _radii_ok(value: Any, empty: bool = False) -> bool:
+    return (
+        isinstance(value, tuple)
+        and (empty or bool(value))
+        and len(set(value)) == len(value)
+        and all(v in RADII for v in value)
+    )
 
 
 SETTINGS: dict[str, Setting] = {
@@ -95,6 +106,10 @@ SETTINGS: dict[str, Setting] = {
         Setting("mode", "rho_mode", f"one of {list(MODES)}", lambda v: v in MODES),
         Setting("r_target", "rho_target", "a finite number > 0", lambda v: _is_number(v) and 0 < v < math.inf, finite=True),
         Setting("radii", "rho_radii", f"a non-empty list of distinct names from {list(RADII)}", _radii_ok),
+        Setting(
+            "watch_radii", "rho_watch_radii", f"a list (may be empty) of distinct names from {list(RADII)}",
+            lambda v: _radii_ok(v, empty=True),
+        ),
         Setting("estimator", "rho_estimator", f"one of {list(ESTIMATOR_CHOICES)}", lambda v: v in ESTIMATOR_CHOICES),
         Setting("probe_dtype", "rho_probe_dtype", f"one of {list(PROBE_DTYPES)}", lambda v: v in PROBE_DTYPES),
         Setting("every", "rho_every", "an integer >= 1", lambda v: _is_int(v) and v >= 1),
@@ -105,6 +120,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("ffn_mode", "rho_ffn_mode", f"one of {list(FFN_MODES)}", lambda v: v in FFN_MODES),
         Setting("ffn_quantile", "rho_ffn_quantile", "a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1),
         Setting("vocab_chunk", "rho_vocab_chunk", "a positive integer", lambda v: _is_int(v) and v >= 1),
+        Setting("set_schedule", "rho_set_schedule", "True or False", lambda v: isinstance(v, bool)),
     )
 }
 
@@ -136,6 +152,12 @@ def validate(caller: str, values: Mapping[str, Any], *, arguments: bool = False)
         if isinstance(value, float) and math.isnan(value):
             shown = "nan (not a number)"
         raise ValueError(f"{caller}.{spelled(keyword, arguments)}: got {shown}; expected {setting.allowed}")
+    both = [name for name in values.get("radii", ()) if name in values.get("watch_radii", ())]
+    if both:
+        raise ValueError(
+            f"{caller}: {both} in both {spelled('radii', arguments)} and {spelled('watch_radii', arguments)}; a radius "
+            f"either limits the step ({spelled('radii', arguments)}) or is only watched ({spelled('watch_radii', arguments)})"
+        )
 
 
 def resolve_estimator(setting: str, probe_dtype: str, training_dtype: torch.dtype, device_type: str) -> str:

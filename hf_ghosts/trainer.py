@@ -32,8 +32,10 @@ from hf_ghosts.settings import (
     DEFAULT_TRIGGER_GROWTH,
     DEFAULT_TRIGGER_R,
     ESTIMATOR_CHOICES,
+    FFN_MODES,
     MODES,
     PROBE_DTYPES,
+    RADII,
     check_probe_dtype,
     parse_radii,
     validate,
@@ -57,7 +59,8 @@ class RhoArgumentsMixin:
     """The radius controller's settings (all prefixed ``rho_``), mixed into an arguments dataclass by :func:`rho_arguments`.
 
     Fields (defaults): ``rho_mode="clip"``, ``rho_target=1.0``, ``rho_radii=["output", "attention"]``,
-    ``rho_estimator="auto"``, ``rho_probe_dtype="auto"``, ``rho_every=16``, ``rho_trigger_r=0.5``, ``rho_trigger_growth=2.0``,
+    ``rho_watch_radii=[]``, ``rho_ffn_mode="kink"``, ``rho_set_schedule=True``, ``rho_estimator="auto"``,
+    ``rho_probe_dtype="auto"``, ``rho_every=16``, ``rho_trigger_r=0.5``, ``rho_trigger_growth=2.0``,
     ``rho_log_per_head=False``, ``rho_fd_step=1e-2``.
     Everything else is the base arguments class (``TrainingArguments``, ``SFTConfig``, ...) unchanged. The probing defaults keep the cost near 1.1 plain steps
     (``benchmarks/overhead.py``); ``rho_estimator="jvp", rho_every=1`` measures every step exactly, as in the paper.
@@ -76,7 +79,24 @@ class RhoArgumentsMixin:
     rho_target: float = field(default=1.0, metadata={"help": "Target normalized step r* = |u| / rho (> 0)."})
     rho_radii: list[str] = field(
         default_factory=lambda: ["output", "attention"],
-        metadata={"help": "Radii to measure: any of 'output', 'attention', 'ffn' (FFN kink proxy)."},
+        metadata={"help": f"Radii that limit the step: any of {list(RADII)} ('ffn': the FFN radius in the "
+                  "rho_ffn_mode form; 'ffn_activation': Appendix B's activation radius)."},
+    )
+    rho_watch_radii: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Radii that are only measured and logged (ghosts/would_bind/<radius>), never limit the step; "
+                  "none of them in rho_radii."},
+    )
+    rho_ffn_mode: str = field(
+        default="kink",
+        metadata={"help": "Form of the 'ffn' radius: 'kink' (the paper's proxy, the 0.01 quantile of |z|/|z'|) or 'activation' "
+                  "(Appendix B: distance to the activation's singularities; inf for exact GELU).",
+                  "choices": list(FFN_MODES)},
+    )
+    rho_set_schedule: bool = field(
+        default=True,
+        metadata={"help": "rho_mode='set': the target follows the LR schedule, r*(t) = rho_target * lr(t) / learning_rate "
+                  "(warm-up and decay); False: r* = rho_target throughout."},
     )
     rho_estimator: str = field(
         default=DEFAULT_ESTIMATOR,
@@ -120,6 +140,7 @@ class RhoArgumentsMixin:
     def __post_init__(self) -> None:
         super().__post_init__()
         self.rho_radii = list(parse_radii(self.rho_radii))
+        self.rho_watch_radii = list(parse_radii(self.rho_watch_radii or []))
         validate("RhoTrainingArguments", self.rho_settings(), arguments=True)
         if self.rho_estimator == "fd" and PROBE_DTYPES[self.rho_probe_dtype] is not None:
             check_probe_dtype("RhoTrainingArguments", "fd", PROBE_DTYPES[self.rho_probe_dtype], arguments=True)
@@ -130,6 +151,9 @@ class RhoArgumentsMixin:
             "mode": self.rho_mode,
             "r_target": self.rho_target,
             "radii": tuple(self.rho_radii),
+            "watch_radii": tuple(self.rho_watch_radii),
+            "ffn_mode": self.rho_ffn_mode,
+            "set_schedule": self.rho_set_schedule,
             "estimator": self.rho_estimator,
             "probe_dtype": self.rho_probe_dtype,
             "every": self.rho_every,
@@ -299,6 +323,7 @@ class RhoTrainerMixin:
         self.rho_controller = RhoController(
             self.model, arguments=True, training_dtype=training_dtype(self.args), **self.args.rho_settings()
         )
+        self.rho_controller.peak_lr = self.args.learning_rate  # set mode: r*(t) = rho_target * lr(t) / learning_rate
         self.add_callback(RhoControllerState.bound_to(self.rho_controller))
         self._wandb_metrics_defined = False
 

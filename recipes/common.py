@@ -24,11 +24,14 @@ import torch
 from datasets import DatasetDict, load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, EvalPrediction, PreTrainedModel
 
+from hf_ghosts.plots import save_figure
 from hf_ghosts.presets import MODEL_PRESETS, build_model, lm_blocks, pydoc_splits, train_bpe_tokenizer
+from hf_ghosts.settings import RADII, RADIUS_FIELDS
 
-RADIUS_NAMES = ("output", "attention", "ffn")
-RADIUS_KEYS = {"output": "rho_out", "attention": "rho_attn", "ffn": "rho_ffn"}
-COLORS = {"output": "tab:blue", "attention": "tab:orange", "ffn": "tab:green", "r": "black", "r_applied": "tab:red"}
+RADIUS_NAMES = RADII  # one source of truth: hf_ghosts.settings
+RADIUS_KEYS = RADIUS_FIELDS
+COLORS = {"output": "tab:blue", "attention": "tab:orange", "ffn": "tab:green", "ffn_activation": "tab:olive", "r": "black",
+          "r_applied": "tab:red"}
 
 
 # --------------------------------------------------------------------------------------------- options
@@ -220,13 +223,6 @@ def write_table(rows: Sequence[Mapping[str, Any]], stem: str, columns: Sequence[
 
 
 # --------------------------------------------------------------------------------------------- plots
-def save_figure(figure: plt.Figure, path: str) -> str:
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
-
-
 def plot_training_radii(records: Sequence[Mapping[str, Any]], path: str, title: str = "") -> str:
     """Two panels over optimizer steps: ``r`` (proposed and applied, r = 1 drawn) and the radii with ``|u|``.
 
@@ -259,20 +255,3 @@ def plot_training_radii(records: Sequence[Mapping[str, Any]], path: str, title: 
             axis.axvline(steps[0] + third * (steps[-1] - steps[0]) / 3, color="lightgray", lw=0.8)
     return save_figure(figure, path)
 
-
-def head_radii_figure(heads: torch.Tensor | np.ndarray, title: str = "") -> plt.Figure:
-    """Heatmap of per-head attention radii ``[layers, heads]`` (log10 colour, values written in)."""
-    values = np.asarray(heads, dtype=float)
-    figure, axis = plt.subplots(figsize=(max(4.5, 1.5 + 0.55 * values.shape[1]), max(3.0, 1.2 + 0.45 * values.shape[0])))
-    shown = np.log10(np.where(np.isfinite(values), values, np.nan))
-    image = axis.imshow(shown, cmap="viridis", aspect="auto")
-    figure.colorbar(image, ax=axis, label="log10 rho_attn")
-    if values.size <= 256:
-        for (layer, head), value in np.ndenumerate(values):
-            axis.text(head, layer, f"{value:.2g}", ha="center", va="center", fontsize=7, color="white")
-    axis.set_xticks(range(values.shape[1]))
-    axis.set_yticks(range(values.shape[0]))
-    axis.set_xlabel("head")
-    axis.set_ylabel("layer")
-    axis.set_title(title, fontsize=9)
-    return figure

@@ -45,7 +45,6 @@ from common import (
     load_model,
     load_text_splits,
     load_tokenizer,
-    save_figure,
     write_json,
     write_table,
 )
@@ -54,6 +53,7 @@ from transformers import HfArgumentParser, PrinterCallback, Trainer, TrainingArg
 from transformers.utils import logging as hf_logging
 
 from hf_ghosts import RadiusProbe
+from hf_ghosts.plots import save_figure
 from hf_ghosts.probe import output_positions
 from hf_ghosts.radii import exact_radius, spread
 

@@ -37,7 +37,6 @@ from common import (
     load_blocks,
     load_text_splits,
     load_tokenizer,
-    save_figure,
     token_accuracy,
     write_table,
 )
@@ -45,6 +44,7 @@ from transformers import HfArgumentParser, PrinterCallback, Trainer, default_dat
 from transformers.utils import logging as hf_logging
 
 from hf_ghosts import RhoTrainer, RhoTrainingArguments
+from hf_ghosts.plots import save_figure
 from hf_ghosts.presets import MODEL_PRESETS, build_model, spike_schedule
 
 METHODS = {

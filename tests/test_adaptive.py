@@ -101,7 +101,7 @@ def test_a_reused_step_passes_unchanged_and_every_clip_is_measured() -> None:
 
 
 def test_set_mode_measures_every_step() -> None:
-    run = FixedStep(every=100, mode="set", r_target=0.5)
+    run = FixedStep(every=100, mode="set", r_target=0.5, set_schedule=False)  # lr here sizes |u|, not a schedule
     records = [run.step(1e-4) for _ in range(4)]
     assert all(rec["probed"] for rec in records)
     assert all(rec["r_applied"] == pytest.approx(0.5, rel=1e-6) for rec in records)

@@ -53,7 +53,7 @@ def test_overhead_benchmark_writes_every_part(tmp_path: Path, capsys: pytest.Cap
 
     probe = {row["setting"]: row for row in result["probe"]["rows"]}
     assert list(probe) == ["forward+backward", "jvp output", "jvp output+attention", "jvp output+attention+ffn",
-                           "fd output+attention"]
+                           "fd output+attention", "fd output+attention, watching ffn+ffn_activation"]
     assert all(math.isfinite(row["ratio"]) and row["ratio"] > 0 and len(row["times_ms"]) == 1 for row in probe.values())
     # jvp and fd estimate the same output + attention radius along the same direction
     assert probe["fd output+attention"]["rho"] == pytest.approx(probe["jvp output+attention"]["rho"], rel=1e-2)

@@ -53,7 +53,7 @@ def test_monitoring_is_bit_identical_to_plain_trainer_and_logs_every_key(tmp_pat
         model = tiny_causal_lm("gpt_neox", hidden_dropout=0.1, attention_dropout=0.1)
         args = rho_args(
             tmp_path / kind, max_steps=4, logging_steps=2, learning_rate=0.05,
-            rho_mode="monitor", rho_radii=list(RADII), rho_log_per_head=True,
+            rho_mode="monitor", rho_radii=list(RADII), rho_log_per_head=True, rho_every=2,  # windows of 2: one probe each
         )
         if kind == "monitor":
             trainer = RhoTrainer(model=model, args=args, train_dataset=token_dataset())
@@ -61,7 +61,7 @@ def test_monitoring_is_bit_identical_to_plain_trainer_and_logs_every_key(tmp_pat
         else:
             trainer = Trainer(model=model, args=args, train_dataset=token_dataset())
             if kind == "callback":
-                callback = RhoCallback.install(trainer, radii=RADII, log_per_head=True)
+                callback = RhoCallback.install(trainer, radii=RADII, log_per_head=True, every=2)
                 recorder = StepRecorder(lambda callback=callback: callback.controller)
         if kind != "plain":
             trainer.add_callback(recorder)
@@ -105,7 +105,7 @@ def test_clip_window_aggregates_probed_and_reused_steps(tmp_path) -> None:
 def test_callback_added_the_usual_way_fills_the_log_history(tmp_path) -> None:
     trainer = Trainer(
         model=tiny_causal_lm("gpt_neox"), args=rho_args(tmp_path, max_steps=2), train_dataset=token_dataset(),
-        callbacks=[RhoCallback(radii=("output", "attention"))],
+        callbacks=[RhoCallback(radii=("output", "attention"), every=1)],
     )
     trainer.train()
     for entry in training_logs(trainer):

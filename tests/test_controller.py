@@ -133,11 +133,13 @@ def test_plain_loop_window_aggregates_max_r_and_min_radii() -> None:
     assert metrics["ghosts/rho_out"] == min(rec["rho_out"] for rec in probed)
     assert metrics["ghosts/clipped"] == pytest.approx(sum(rec["clipped"] for rec in probed) / len(probed))
     assert metrics["ghosts/probed"] == pytest.approx(3 / 5)
-    assert metrics["ghosts/skipped_nonfinite"] == 0.0
+    assert metrics["ghosts/skipped_nonfinite"] == 0.0 and metrics["ghosts/would_skip"] == 0.0
+    assert metrics["ghosts/would_clip"] == pytest.approx(sum(rec["r"] > 2.0 for rec in probed) / len(probed))
+    assert metrics["ghosts/bottleneck/output"] == 3.0  # the one limiting radius bound every probed step
     # Steps between probes reuse the last measured radius.
     assert records[1]["rho"] == records[0]["rho"] and records[3]["rho"] == records[2]["rho"]
     # The window is emptied by pop_metrics.
-    assert controller.pop_metrics() == {"ghosts/skipped_nonfinite": 0.0}
+    assert controller.pop_metrics() == {"ghosts/skipped_nonfinite": 0.0, "ghosts/would_skip": 0.0}
 
 
 def test_attention_radius_on_a_plain_module_is_refused() -> None:

@@ -13,6 +13,7 @@ from conftest import rho_args, tiny_causal_lm, token_dataset
 from hf_ghosts import RhoTrainer
 from hf_ghosts.controller import StepRecord
 from hf_ghosts.metrics import LOGGED_KEYS, MetricWindow
+from hf_ghosts.settings import RADII
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -33,8 +34,10 @@ def readme_key_table() -> list[tuple[str, str, str]]:
 
 
 def key_pattern(key: str) -> re.Pattern:
-    """``ghosts/rho_attn/layer_{l}/head_{h}`` -> a regex with an integer for each ``{...}``."""
-    return re.compile("".join(r"\d+" if part.startswith("{") else re.escape(part) for part in re.split(r"(\{\w+\})", key)))
+    """``ghosts/rho_attn/layer_{l}/head_{h}`` -> a regex with an integer for each ``{...}``; ``{radius}``: a radius name."""
+    names = "(" + "|".join(RADII) + ")"
+    parts = re.split(r"(\{\w+\})", key)
+    return re.compile("".join((names if part == "{radius}" else r"\d+") if part.startswith("{") else re.escape(part) for part in parts))
 
 
 def test_readme_table_is_the_metrics_table() -> None:
@@ -52,6 +55,7 @@ def test_a_training_run_logs_exactly_the_documented_keys(tmp_path) -> None:
     args = rho_args(
         tmp_path, per_device_train_batch_size=2, train_sampling_strategy="sequential", max_steps=3, logging_steps=3,
         learning_rate=0.05, rho_radii=["output", "attention", "ffn"], rho_log_per_head=True, rho_every=1,
+        rho_watch_radii=["ffn_activation"],
     )
     trainer = RhoTrainer(model=tiny_causal_lm("gpt_neox"), args=args, train_dataset=data)
     trainer.train()
@@ -95,11 +99,12 @@ def test_window_reduces_by_hand_computed_values() -> None:
         "ghosts/rho_out": 0.5, "ghosts/rho_attn": 0.75,
         "ghosts/clipped": 0.5,  # 1 of 2 probed steps
         "ghosts/probed": 2 / 3,  # of the 3 steps not skipped
-        "ghosts/skipped_nonfinite": 1.0, "ghosts/no_output_tokens": 1.0,
+        "ghosts/skipped_nonfinite": 1.0, "ghosts/no_output_tokens": 1.0, "ghosts/would_skip": 0.0,
+        "ghosts/would_clip": 0.0,  # no probed record says would_clip
         "ghosts/rho_attn/layer_0/head_0": 0.75, "ghosts/rho_attn/layer_0/head_1": 0.5,
         "ghosts/rho_attn/layer_1/head_0": 2.0, "ghosts/rho_attn/layer_1/head_1": 2.5,
     }
-    assert window.pop() == {"ghosts/skipped_nonfinite": 0.0}, "pop empties the window"
+    assert window.pop() == {"ghosts/skipped_nonfinite": 0.0, "ghosts/would_skip": 0.0}, "pop empties the window"
 
 
 def test_window_without_per_head_or_probes() -> None:
@@ -107,8 +112,32 @@ def test_window_without_per_head_or_probes() -> None:
     window.add(records()[1])
     assert window.pop() == {
         "ghosts/r": 0.5, "ghosts/r_applied": 0.5, "ghosts/update_norm": 0.25, "ghosts/scale": 1.0, "ghosts/rho": 0.5,
-        "ghosts/probed": 0.0, "ghosts/skipped_nonfinite": 0.0,
+        "ghosts/probed": 0.0, "ghosts/skipped_nonfinite": 0.0, "ghosts/would_skip": 0.0,
     }
+
+
+def test_window_counts_bottlenecks_would_bind_would_clip_and_would_skip() -> None:
+    """Hand-made records: 3 probed (output bound twice, attention once; the watched ffn was lower once), 1 reused,
+    2 that monitoring let stand with a NaN gradient."""
+    window = MetricWindow(radii=("output", "attention"), watch_radii=("ffn",))
+    for record in (
+        StepRecord(step=1, update_norm=1.0, r=2.0, r_applied=2.0, rho=0.5, probed=True, bottleneck="output", would_clip=True),
+        StepRecord(step=2, update_norm=1.0, r=0.5, r_applied=0.5, rho=2.0, probed=True, bottleneck="output",
+                   would_bind="ffn", would_clip=False),
+        StepRecord(step=3, update_norm=1.0, r=0.4, r_applied=0.4, rho=2.5),
+        StepRecord(step=4, update_norm=math.nan, would_skip="gradient"),
+        StepRecord(step=5, update_norm=math.nan, would_skip="update"),
+        StepRecord(step=6, update_norm=1.0, r=0.5, r_applied=0.5, rho=2.0, probed=True, bottleneck="attention",
+                   would_clip=False),
+    ):
+        window.add(record)
+    metrics = window.pop()
+    assert metrics["ghosts/bottleneck/output"] == 2.0 and metrics["ghosts/bottleneck/attention"] == 1.0
+    assert metrics["ghosts/would_bind/ffn"] == 1.0
+    assert metrics["ghosts/would_clip"] == pytest.approx(1 / 3)
+    assert metrics["ghosts/would_skip"] == 2.0 and metrics["ghosts/skipped_nonfinite"] == 0.0
+    assert metrics["ghosts/probed"] == pytest.approx(3 / 4)  # the would-skip steps count in neither
+    assert metrics["ghosts/r"] == 2.0 and metrics["ghosts/update_norm"] == 1.0  # NaN norms stay out of the max
 
 
 @pytest.mark.parametrize("split", [1, 2, 3])

@@ -457,6 +457,13 @@ def test_ffn_activation_mode_is_the_minimum_activation_radius(family: str, overr
         assert report.ffn_radius.item() == math.inf
     else:
         assert report.ffn_radius.item() == pytest.approx(expected.item(), rel=1e-6)
+    # Both forms in one probe: "ffn" as the kink proxy, "ffn_activation" always the activation radius.
+    both = f64_probe(model, ("ffn", "ffn_activation")).measure(batch, direction)
+    kink = np.quantile((values.abs() / slopes.abs()).numpy(), 0.01, method="inverted_cdf")
+    assert both.ffn_radius.item() == pytest.approx(float(kink), rel=1e-6)
+    assert both.radii()["ffn_activation"].item() == (math.inf if math.isinf(expected) else pytest.approx(expected.item(), rel=1e-6))
+    exact_gelu = getattr(model.config, spec.activation_attr) == "gelu"
+    assert math.isinf(expected) == exact_gelu  # SiLU, tanh, tanh-GELU, ReLU: finite; exact GELU: inf
 
 
 def test_ffn_spec_override_for_an_unknown_model_type() -> None:
@@ -570,7 +577,7 @@ def test_model_without_logits_is_rejected() -> None:
 
 def test_invalid_settings_are_rejected() -> None:
     model = tiny_causal_lm("gpt_neox")
-    names = r"expected a non-empty list of distinct names from \['output', 'attention', 'ffn'\]$"
+    names = r"expected a non-empty list of distinct names from \['output', 'attention', 'ffn', 'ffn_activation'\]$"
     with pytest.raises(ValueError, match=r"^RadiusProbe\.radii: got \('output', 'logits'\); " + names):
         RadiusProbe(model, ("output", "logits"))
     with pytest.raises(ValueError, match=r"^RadiusProbe\.radii: got \(\); " + names):

@@ -144,7 +144,7 @@ def test_pythia_finetune_default_path(tmp_path: Path, monkeypatch: pytest.Monkey
     out = tmp_path / "run"
     summary = recipe("pythia_finetune").main([
         "--output_dir", str(out), "--max_steps", "6", "--warmup_steps", "0", "--logging_steps", "1", "--eval_steps", "3",
-        "--disable_tqdm", "true", *SMALL_DATA,
+        "--disable_tqdm", "true", "--rho_every", "1", "--rho_log_per_head", "true", *SMALL_DATA,
     ])
     printed = capsys.readouterr().out
 
@@ -152,7 +152,10 @@ def test_pythia_finetune_default_path(tmp_path: Path, monkeypatch: pytest.Monkey
     assert on_disk == json.loads(json.dumps(summary))
     numbers = finite_numbers({k: v for k, v in on_disk.items() if k != "figures"})
     assert numbers and all(math.isfinite(x) for x in numbers)
-    assert on_disk["rho_radii"] == ["output", "attention", "ffn"]
+    assert on_disk["rho_radii"] == ["output", "attention"]
+    assert on_disk["rho_watch_radii"] == ["ffn", "ffn_activation"]
+    assert on_disk["watched_min"]["ffn_activation"] == "inf"  # Pythia's exact GELU: no finite singularity
+    assert 0 < on_disk["watched_min"]["ffn"] < math.inf
 
     # Consistent with the Trainer's log history.
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
@@ -185,6 +188,28 @@ def test_pythia_finetune_default_path(tmp_path: Path, monkeypatch: pytest.Monkey
     assert run_dir.parent == out / "wandb" and list(run_dir.glob("*.wandb"))
     assert f"wandb sync {run_dir}" in printed
     assert len(list(run_dir.glob("files/media/images/eval/ghosts/rho_attn_heads_*.png"))) == 2
+    # The per-head table: at each evaluation the minima since the previous one, all evaluations so far. The reference
+    # is the log history's per-head keys (one log per step): min over steps 1-3, then 4-6.
+    tables = sorted(run_dir.glob("files/media/table/eval/ghosts/rho_attn_heads_table_*.table.json"),
+                    key=lambda path: len(json.loads(path.read_text())["data"]))
+    assert len(tables) == 2
+    last = json.loads(tables[-1].read_text())
+    assert last["columns"] == ["step", "layer", "head", "rho_attn"]
+    per_head = [h for h in history if "ghosts/rho_attn/layer_0/head_0" in h]
+    expected = [[end, layer, head, min(h[f"ghosts/rho_attn/layer_{layer}/head_{head}"] for h in per_head
+                                       if end - 3 < h["step"] <= end)]
+                for end in (3, 6) for layer in range(2) for head in range(4)]
+    assert [row[:3] for row in last["data"]] == [row[:3] for row in expected]
+    assert [row[3] for row in last["data"]] == pytest.approx([row[3] for row in expected], rel=1e-6)
+    # The watched radii and the bottleneck counts reach W&B as keys.
+    from test_wandb import read_wandb_records
+
+    (run_file,) = run_dir.glob("run-*.wandb")
+    keys = {item.key or "/".join(item.nested_key) for record in read_wandb_records(run_file)
+            if record.WhichOneof("record_type") == "history" for item in record.history.item}
+    for key in ("train/ghosts/rho_ffn", "train/ghosts/rho_ffn_activation", "train/ghosts/would_bind/ffn",
+                "train/ghosts/bottleneck/output", "eval/ghosts/would_bind/ffn", "eval/ghosts/bottleneck/attention"):
+        assert key in keys, key
     # The trained model and its tokenizer reload.
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.vocab_size == len(AutoTokenizer.from_pretrained(out)) == 512
@@ -358,3 +383,34 @@ def test_temperature_hook_scales_logits_and_loss_and_leaves_the_model_as_found()
     z, labels = plain.logits[:, :-1] / 0.25, ids[:, 1:]
     torch.testing.assert_close(hot.loss, torch.nn.functional.cross_entropy(z.reshape(-1, 64), labels.reshape(-1)))
     assert torch.equal(after.logits, plain.logits) and not model.get_output_embeddings()._forward_hooks
+
+
+def test_pythia_finetune_radii_defaults_and_a_limiting_radius_leaving_the_watch_list() -> None:
+    module = recipe("pythia_finetune")
+    common = sys.modules["common"]
+    parser = module.HfArgumentParser((common.ModelArguments, common.DataArguments, module.FinetuneArguments))
+
+    def parsed(*argv: str):
+        return parser.parse_args_into_dataclasses(args=[*argv, "--report_to", "none"])[2]
+
+    default = parsed()
+    assert (default.rho_radii, default.rho_watch_radii) == (["output", "attention"], ["ffn", "ffn_activation"])
+    table2 = parsed("--rho_mode", "set", "--rho_radii", "output", "attention", "ffn")
+    assert (table2.rho_radii, table2.rho_watch_radii) == (["output", "attention", "ffn"], ["ffn_activation"])
+    with pytest.raises(ValueError, match="in both rho_radii and rho_watch_radii"):  # an explicit watch list is kept
+        parsed("--rho_radii", "output", "ffn", "--rho_watch_radii", "ffn")
+
+
+def test_bottleneck_by_thirds_counts_binding_and_would_bind_by_hand() -> None:
+    module = recipe("pythia_finetune")
+    records = [  # 6 probed steps: thirds are steps 1-2, 3-4, 5-6
+        {"step": 1, "bottleneck": "output", "would_bind": "ffn"}, {"step": 2, "bottleneck": "output", "would_bind": "ffn"},
+        {"step": 3, "bottleneck": "attention", "would_bind": "ffn"}, {"step": 4, "bottleneck": "output"},
+        {"step": 5, "bottleneck": "output"}, {"step": 6, "bottleneck": "output"},
+    ]
+    rows = module.bottleneck_by_thirds(records, 6, watched=("ffn", "ffn_activation"))
+    assert rows[0] == {"third": "steps 1-2", "output": 2, "attention": 0, "would bind: ffn": 2,
+                       "would bind: ffn_activation": 0, "probed": 2, "binding": "output", "would bind": "ffn"}
+    assert (rows[1]["output"], rows[1]["attention"], rows[2]["output"], rows[2]["binding"]) == (1, 1, 2, "output")
+    assert [row["would bind: ffn"] for row in rows] == [2, 1, 0]
+    assert [row["would bind"] for row in rows] == ["ffn", "ffn", "-"]

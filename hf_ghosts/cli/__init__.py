@@ -15,10 +15,10 @@ import argparse
 import sys
 
 from hf_ghosts.cli.errors import CliError
+from hf_ghosts.settings import RADII  # what RadiusProbe measures (it validates them again)
 
 __all__ = ["CliError", "build_parser", "main"]
 
-RADII = ("output", "attention", "ffn")  # what RadiusProbe measures (it validates them again)
 ESTIMATORS = ("jvp", "fd")
 
 

@@ -10,10 +10,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from hf_ghosts.plots import head_radii_heatmap
+from hf_ghosts.settings import RADIUS_FIELDS
 
 __all__ = ["HEATMAP", "RADIUS_KEYS", "markdown_report", "number", "summary", "write_json", "write_report"]
 
-RADIUS_KEYS = {"output": "rho_out", "attention": "rho_attn", "ffn": "rho_ffn"}
+RADIUS_KEYS = RADIUS_FIELDS  # one source of truth: hf_ghosts.settings
 HEATMAP = "rho_attn_heads.png"
 
 
