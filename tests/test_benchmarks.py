@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -144,3 +145,22 @@ def test_topk_radius_benchmark_smoke(tmp_path: Path) -> None:
     assert 1.0 <= two["radius_over_bound"] <= two["ceiling_spread_ratio"] * (1 + 1e-6)
     (check,) = result["certified_vs_exact"]
     assert 0.5 < check["certified_over_exact"] <= 1.0
+
+
+@pytest.mark.slow
+def test_gpu_breakdown_smoke_form_times_every_piece(tmp_path: Path) -> None:
+    """``benchmarks/gpu_breakdown.py --tiny`` (its CPU form): one row per piece, the plain step first (1.0 plain
+    steps), every time positive, and the profile table of the probe names aten ops (no timing asserts)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "breakdown.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_breakdown.py"), "--tiny", "--repeats", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent), "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    pieces = [row["piece"] for row in result["rows"]]
+    assert len(pieces) == 6 and pieces[0].startswith("plain step")
+    assert result["rows"][0]["plain_steps"] == 1.0 and all(row["ms"] > 0 for row in result["rows"])
+    assert "aten::" in result["profile_top"]
