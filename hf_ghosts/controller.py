@@ -49,7 +49,19 @@ from hf_ghosts.settings import (
     validate,
 )
 
-__all__ = ["ProbeSchedule", "RhoController", "StepRecord", "probe_due"]
+__all__ = [
+    "ProbeSchedule",
+    "RhoController",
+    "StepRecord",
+    "build_probe",
+    "has_nonfinite_gradient",
+    "probe_due",
+    "probe_needed",
+    "resolve_probe_precision",
+    "scheduled_target",
+    "snapshot",
+    "step_scale",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -151,11 +163,9 @@ class RhoController:
     What holds: a probed step has ``r_applied <= r_target`` (``"clip"``, ``"set"``) for the radius measured
     along it. Only the ``radii`` limit; ``watch_radii`` are measured, logged and counted as ``would_bind``.
     ``"monitor"`` is passive: weights, gradients and optimizer state end exactly as without the controller,
-    NaN and inf gradients included (logged as ``would_skip``). With ``every > 1`` a step may instead reuse the last measured ``rho``; it does so only while
-    its applied ``r`` estimated with that ``rho`` is at most ``trigger_r * r_target`` (so in ``"clip"`` mode it
-    passes unchanged), ``|u|`` is within ``trigger_growth`` of ``|u|`` at the last probe, and fewer than
-    ``every`` steps have passed. Its true ``r_applied`` stays ``<= r_target`` as long as the radius along
-    it is at least ``trigger_r`` times the last one measured (half, at the default ``trigger_r = 0.5``).
+    NaN and inf gradients included (logged as ``would_skip``). With ``every > 1`` a step may instead reuse the last
+    measured ``rho`` (when: :func:`probe_needed`); its true ``r_applied`` stays ``<= r_target`` as long as the radius
+    along it is at least ``trigger_r`` times the last one measured (half, at the default ``trigger_r = 0.5``).
 
     Args:
         model: the unwrapped model (not the DDP wrapper) whose trainable parameters the optimizer updates.
@@ -215,23 +225,16 @@ class RhoController:
     ) -> None:
         radii, watch_radii = parse_radii(radii), parse_radii(watch_radii)
         settings = dict(mode=mode, r_target=r_target, radii=radii, watch_radii=watch_radii, estimator=estimator, every=every,
-                        trigger_r=trigger_r)
-        more = {"trigger_growth": trigger_growth, "log_per_head": log_per_head, "probe_dtype": probe_dtype,
-                "set_schedule": set_schedule}
-        caller = "RhoTrainingArguments" if arguments else "RhoController"
-        validate(caller, {**settings, **more}, arguments=arguments)
-        self.model = model
-        self.optimizer = optimizer
-        self.mode = mode
-        self.r_target = float(r_target)
-        self.radii, self.watch_radii = radii, watch_radii
-        self.set_schedule = set_schedule
+                        trigger_r=trigger_r, trigger_growth=trigger_growth, log_per_head=log_per_head,
+                        probe_dtype=probe_dtype, set_schedule=set_schedule)
+        validate("RhoTrainingArguments" if arguments else "RhoController", settings, arguments=arguments)
+        self.model, self.optimizer, self.mode, self.r_target = model, optimizer, mode, float(r_target)
+        self.radii, self.watch_radii, self.set_schedule = radii, watch_radii, set_schedule
         self.peak_lr: float | None = None if optimizer is None else _peak_lr(optimizer)
         self._lr: float | None = None  # the learning rate of the step in flight
         self.schedule = ProbeSchedule(every=every, trigger_r=float(trigger_r), trigger_growth=float(trigger_growth))
         self.reduce = reduce
-        if "output" in radii + watch_radii:
-            _require_logits(model, arguments)
+        _require_logits(model, radii + watch_radii, arguments)
         self._probe_settings = dict(radii=radii + watch_radii, arguments=arguments, **probe_kwargs)
         self.estimator_setting, self.probe_dtype_setting, self.training_dtype = estimator, probe_dtype, training_dtype
         self.rebind(model)
@@ -263,51 +266,26 @@ class RhoController:
             raise ValueError("RhoController.attach: no optimizer to attach to")
         self.detach()
         self.optimizer = optimizer
-        if self.peak_lr is None:
-            self.peak_lr = _peak_lr(optimizer)
-        inner = _innermost(optimizer)
-        self._handles = [
-            inner.register_step_pre_hook(lambda *_: self.before_step()),
-            inner.register_step_post_hook(lambda *_: self.after_step()),
-        ]
+        self.peak_lr = _peak_lr(optimizer) if self.peak_lr is None else self.peak_lr
+        self._handles = _register_step_hooks(optimizer, self.before_step, self.after_step)
 
     def rebind(self, model: torch.nn.Module) -> None:
         """Measure ``model`` from now on, e.g. once FSDP has sharded it; settings, counters and hooks are kept.
 
-        Under FSDP2 (``fully_shard``: DTensor parameters) the probe is a
-        :class:`~hf_ghosts.distributed.ShardedRadiusProbe` (finite differences on the local shards),
-        the update norm is reduced over the shards and the rescale is applied shard-locally.
+        Under FSDP2 (``fully_shard``: DTensor parameters) the probe is sharded (:func:`build_probe`), the update norm
+        is reduced over the shards and the rescale is applied shard-locally.
         """
         self.backend = detect_backend(model)
         if self.backend == "fsdp1":
             raise ValueError(f"RhoController: {FSDP1_ERROR}")
         self.sharded = self.backend == "fsdp2"
         self.model = model
-        estimator, dtype = self._resolve(model)
-        probe_cls = ShardedRadiusProbe if self.sharded else RadiusProbe
-        self.probe = probe_cls(model, estimator=estimator, dtype=dtype, **self._probe_settings)
+        requested = self.estimator_setting, self.probe_dtype_setting, self.training_dtype
+        precision = resolve_probe_precision(model, *requested, sharded=self.sharded)
+        self.probe = build_probe(model, *precision, sharded=self.sharded, **self._probe_settings)
         self.names = list(self.probe.trainable)
         self.params = [self.probe.trainable[name] for name in self.names]
         self._old = None
-
-    def _resolve(self, model: torch.nn.Module) -> tuple[str, torch.dtype]:
-        """The probe's estimator and dtype from the settings, the training dtype and the device (see ``settings``).
-
-        Under FSDP2 the probe is the in-place fp32 ``fd`` one: ``"auto"`` resolves to it, and a 16-bit
-        ``probe_dtype`` is refused (``fd`` in 16 bits is rounding noise).
-        """
-        first = next((p for p in model.parameters() if p.requires_grad), None)
-        param_dtype = torch.float32 if first is None else first.dtype
-        device_type = "cpu" if first is None else first.device.type
-        training = self.training_dtype or param_dtype
-        try:
-            if self.sharded:
-                estimator = "fd" if self.estimator_setting == "auto" else self.estimator_setting
-                return estimator, resolve_probe_dtype(self.probe_dtype_setting, "fd", torch.float32, device_type)
-            estimator = resolve_estimator(self.estimator_setting, self.probe_dtype_setting, training, device_type)
-            return estimator, resolve_probe_dtype(self.probe_dtype_setting, estimator, training, device_type)
-        except ValueError as error:
-            raise ValueError(str(error).replace("resolve_probe_dtype.", "RhoController.")) from None
 
     def _shards(self) -> list[torch.Tensor]:
         """The parameters as this rank holds them: the full tensors, or under FSDP2 views of the local shards."""
@@ -320,11 +298,8 @@ class RhoController:
         self._handles = []
 
     def step(self, batch: Mapping[str, torch.Tensor]) -> StepRecord:
-        """Replace ``optimizer.step()`` in a plain loop: step, measure on ``batch``, rescale.
-
-        Returns:
-            The step's :class:`StepRecord` (also :attr:`last`).
-        """
+        """Replace ``optimizer.step()`` in a plain loop: step, measure on ``batch``, rescale; returns the step's
+        :class:`StepRecord` (also :attr:`last`)."""
         if self._handles:
             raise RuntimeError("RhoController.step: the controller is attached to the optimizer's hooks; call optimizer.step()")
         if self.optimizer is None:
@@ -341,21 +316,11 @@ class RhoController:
         """Snapshot the weights and the step's learning rate; drop non-finite gradients so the optimizer leaves
         weights and moments alone (``"monitor"``: kept, and the step runs as it would without the controller)."""
         self._lr = None if self.optimizer is None else _current_lr(self.optimizer)
-        grads = [local_tensor(p.grad) for p in self.params if p.grad is not None]
-        nonfinite = bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())  # host sync
-        if self.sharded:
-            nonfinite = any_rank(nonfinite)  # each rank sees only its shard's gradients: all skip together
-        if nonfinite:
-            if self.mode != "monitor":
-                for p in self.params:
-                    p.grad = None
-            self._nonfinite_reason = "gradient"
-        else:
-            self._nonfinite_reason = None
-        if self._old is None:
-            self._old = [t.clone() for t in self._shards()]
-        else:
-            torch._foreach_copy_(self._old, self._shards())
+        self._nonfinite_reason = "gradient" if has_nonfinite_gradient(self.params, self.sharded) else None
+        if self._nonfinite_reason is not None and self.mode != "monitor":
+            for p in self.params:
+                p.grad = None
+        self._old = snapshot(self._shards(), into=self._old)
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -368,78 +333,42 @@ class RhoController:
         # |u| over all shards under FSDP2 (all-reduce SUM of the squares), else over the full tensors
         norm = float(global_norm(update, self.params) if self.sharded else update_norm(update))  # host sync
         if self._nonfinite_reason is not None or not math.isfinite(norm):
-            self._skip(StepRecord(step=self.steps, update_norm=norm), self._nonfinite_reason or "update")
+            self._skip(norm, self._nonfinite_reason or "update")
             return
         if norm == 0.0:
             self._finish(StepRecord(step=self.steps, update_norm=0.0), None)
             return
         report = None
-        if self._due(norm):
-            if self.batch is None:
-                raise RuntimeError("RhoController: no batch observed before the optimizer step; call observe(batch)")
-            direction = dict(zip(self.names, update, strict=True))
-            old = dict(zip(self.names, self._old, strict=True))
-            report = self.reduce(self.probe.measure(self.batch, direction, params=old))
+        since_probe = None if self._probe_step is None else self.steps - self._probe_step
+        if probe_needed(self.schedule, self.mode, norm, self.target(), self.last_rho, since_probe, self._probe_norm):
+            report = self.reduce(measure_along(self.probe, self.batch, self.names, update, self._old))
             rho = float(report.rho_of(self.radii))  # host sync; the limiting radii only
             if math.isnan(rho):
-                self._skip(StepRecord(step=self.steps, update_norm=norm), "radius")
+                self._skip(norm, "radius")
                 return
-            self.last_rho = rho
-            self.probes += 1
-            self._probe_step, self._probe_norm = self.steps, norm
-        rho = self.last_rho
-        scale = self._scale(norm, rho)
-        r = float(normalized_step(norm, rho))
-        record = StepRecord(
-            step=self.steps, update_norm=norm, r=r, r_applied=r * scale, scale=scale, rho=rho,
-            probed=report is not None, clipped=scale < 1.0, target=self.target(),
-            would_clip=None if report is None else r > self.r_target,
-        )
+            self.last_rho, self.probes, self._probe_step, self._probe_norm = rho, self.probes + 1, self.steps, norm
+        target = self.target()
+        scale = step_scale(norm, self.last_rho, target, self.mode)
+        record = applied_record(self.steps, norm, self.last_rho, scale, target, self.r_target, probed=report is not None)
         if scale != 1.0:
             torch._foreach_lerp_(current, self._old, 1.0 - scale)
         self._finish(record, report)
 
     def target(self) -> float:
-        """The ``r*`` of the step in flight: ``r_target``, times ``lr(t) / peak_lr`` in ``"set"`` mode with
-        ``set_schedule`` (warm-up and decay shape the step length; an unknown or zero peak: ``r_target``)."""
-        if self.mode != "set" or not self.set_schedule or self._lr is None or not self.peak_lr:
-            return self.r_target
-        return self.r_target * self._lr / self.peak_lr
+        """The ``r*`` of the step in flight: :func:`scheduled_target` of its ``lr`` in ``"set"`` mode with
+        ``set_schedule``, else ``r_target``."""
+        follows_schedule = self.mode == "set" and self.set_schedule
+        return scheduled_target(self.r_target, self._lr if follows_schedule else None, self.peak_lr)
 
-    def _scale(self, norm: float, rho: float) -> float:
-        """``clip_scale(|u|, rho, target, mode)``; 1 in ``"monitor"`` mode."""
-        if self.mode == "monitor":
-            return 1.0
-        target = self.target()
-        if target <= 0 or not math.isfinite(target):  # lr 0 in warm-up (set mode): no step
-            return 0.0 if self.mode == "set" else 1.0
-        return float(clip_scale(norm, rho, target, self.mode))
-
-    def _due(self, norm: float) -> bool:
-        """:func:`probe_due` for this step, from the controller's counters."""
-        usable = self._probe_step is not None and self.last_rho is not None and math.isfinite(self.last_rho)
-        if not usable:
-            return True
-        estimated = self._scale(norm, self.last_rho) * float(normalized_step(norm, self.last_rho))
-        growth = norm / self._probe_norm if self._probe_norm > 0 else math.inf
-        target = self.target()
-        return probe_due(self.schedule, self.steps - self._probe_step, growth, estimated, target, self.mode)
-
-    def _skip(self, record: StepRecord, reason: str) -> None:
+    def _skip(self, norm: float, reason: str) -> None:
+        """Record a step with a non-finite ``reason``; put the old weights back unless monitoring (the step stands)."""
         self._probe_step = None  # something went wrong: measure the next step afresh
-        if self.mode == "monitor":  # passive: the step stands as the optimizer made it
-            if is_main_process():
-                logger.warning("hf_ghosts: optimizer step %d has a non-finite %s (update norm %s); monitoring, so it "
-                               "stands (clip or set would have skipped it)", self.steps, reason, record.update_norm)
-            self.last = replace(record, would_skip=reason)
-            self.window.add(self.last)
-            return
-        torch._foreach_copy_(self._shards(), self._old)
-        if is_main_process():
-            logger.warning("hf_ghosts: skipped optimizer step %d: non-finite %s (update norm %s); the weights keep their "
-                           "old values", self.steps, reason, record.update_norm)
-        self.last = replace(record, skipped=reason)
-        self.window.add(self.last)
+        monitoring = self.mode == "monitor"
+        if not monitoring:
+            torch._foreach_copy_(self._shards(), self._old)
+        _warn_nonfinite(self.steps, reason, norm, monitoring)
+        outcome = {"would_skip" if monitoring else "skipped": reason}
+        self._finish(StepRecord(step=self.steps, update_norm=norm, **outcome), None)
 
     def _finish(self, record: StepRecord, report: RadiusReport | None) -> None:
         self.last = record if report is None else record.with_report(report, self.radii)
@@ -453,20 +382,15 @@ class RhoController:
     def state_dict(self) -> dict[str, Any]:
         """Counters, the last radius (reused between probes) and the open logging window."""
         return {
-            "steps": self.steps,
-            "probes": self.probes,
-            "last_rho": self.last_rho,
-            "probe_step": self._probe_step,
-            "probe_norm": self._probe_norm,
-            "peak_lr": self.peak_lr,
+            "steps": self.steps, "probes": self.probes, "last_rho": self.last_rho,
+            "probe_step": self._probe_step, "probe_norm": self._probe_norm, "peak_lr": self.peak_lr,
             "window": self.window.state_dict(),
             "config": {"mode": self.mode, "r_target": self.r_target, **asdict(self.schedule)},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
-        self.steps = int(state["steps"])
-        self.probes = int(state["probes"])
+        self.steps, self.probes = int(state["steps"]), int(state["probes"])
         self.last_rho = state["last_rho"]
         self._probe_step = state.get("probe_step")  # absent in older checkpoints: probe the next step
         self._probe_norm = float(state.get("probe_norm", 0.0))
@@ -474,17 +398,26 @@ class RhoController:
         self.window.load_state_dict(state["window"])
 
 
-def _require_logits(model: torch.nn.Module, arguments: bool = False) -> None:
-    """Refuse a bare ``transformers`` backbone (what ``AutoModel`` loads): it returns hidden states, not logits.
+def _require_logits(model: torch.nn.Module, radii: tuple[str, ...], arguments: bool = False) -> None:
+    """With ``"output"`` among ``radii``, refuse a bare ``transformers`` backbone (what ``AutoModel`` loads): it returns
+    hidden states, not logits.
 
     Checked at construction so the error comes before training starts, not at the first probe.
     """
-    if is_bare_backbone(model):
+    if "output" in radii and is_bare_backbone(model):
         raise ValueError(
             f"RhoController: {type(model).__name__} is the bare {model.config.model_type!r} backbone: it returns hidden "
             "states, not logits, and the output radius needs logits. Load a model with a head (for example "
             f"AutoModelForCausalLM instead of AutoModel), or drop 'output' from {spelled('radii', arguments)}."
         )
+
+
+def _register_step_hooks(
+    optimizer: Any, before: Callable[[], None], after: Callable[[], None]
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks calling ``before()`` and ``after()`` around each ``step`` of the torch optimizer inside ``optimizer``."""
+    inner = _innermost(optimizer)
+    return [inner.register_step_pre_hook(lambda *_: before()), inner.register_step_post_hook(lambda *_: after())]
 
 
 def _innermost(optimizer: Any) -> torch.optim.Optimizer:
@@ -508,3 +441,131 @@ def _current_lr(optimizer: Any) -> float:
 def _peak_lr(optimizer: Any) -> float:
     """The largest ``initial_lr`` (stored by torch's schedulers), else the largest ``lr``, over the param groups."""
     return max(float(group.get("initial_lr", group["lr"])) for group in _groups(optimizer))
+
+
+def resolve_probe_precision(
+    model: torch.nn.Module, estimator: str, probe_dtype: str, training_dtype: torch.dtype | None, sharded: bool = False
+) -> tuple[str, torch.dtype]:
+    """The probe's estimator and dtype from the settings, the training dtype (default: the first trainable
+    parameter's, float32 without one) and the device (see :mod:`hf_ghosts.settings`).
+
+    Under FSDP2 (``sharded``) the probe is the in-place fp32 ``fd`` one: ``"auto"`` resolves to it, and a 16-bit
+    ``probe_dtype`` is refused (``fd`` in 16 bits is rounding noise).
+    """
+    first = next((p for p in model.parameters() if p.requires_grad), None)
+    param_dtype = torch.float32 if first is None else first.dtype
+    device_type = "cpu" if first is None else first.device.type
+    training = training_dtype or param_dtype
+    try:
+        if sharded:
+            chosen = "fd" if estimator == "auto" else estimator
+            return chosen, resolve_probe_dtype(probe_dtype, "fd", torch.float32, device_type)
+        chosen = resolve_estimator(estimator, probe_dtype, training, device_type)
+        return chosen, resolve_probe_dtype(probe_dtype, chosen, training, device_type)
+    except ValueError as error:
+        raise ValueError(str(error).replace("resolve_probe_dtype.", "RhoController.")) from None
+
+
+def build_probe(
+    model: torch.nn.Module, estimator: str, dtype: torch.dtype, sharded: bool = False, **settings: Any
+) -> RadiusProbe | ShardedRadiusProbe:
+    """A :class:`~hf_ghosts.probe.RadiusProbe` of ``model``, or under FSDP2 (``sharded``) a
+    :class:`~hf_ghosts.distributed.ShardedRadiusProbe` (finite differences on the local shards)."""
+    probe_cls = ShardedRadiusProbe if sharded else RadiusProbe
+    return probe_cls(model, estimator=estimator, dtype=dtype, **settings)
+
+
+def has_nonfinite_gradient(params: list[torch.Tensor], sharded: bool = False) -> bool:
+    """Whether some gradient holds a NaN or inf (``|g|`` not finite). Under FSDP2 (``sharded``) each rank sees only
+    its shards, so the answer is OR-reduced over the ranks (a collective: all ranks call it, and all skip together)."""
+    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
+    nonfinite = bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())  # host sync
+    return any_rank(nonfinite) if sharded else nonfinite
+
+
+def snapshot(tensors: list[torch.Tensor], into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Copies of ``tensors``: written in place into ``into`` when given (no new memory), else fresh clones."""
+    if into is None:
+        return [t.clone() for t in tensors]
+    torch._foreach_copy_(into, tensors)
+    return into
+
+
+def measure_along(
+    probe: RadiusProbe, batch: Mapping[str, torch.Tensor] | None, names: list[str], update: list[torch.Tensor],
+    old: list[torch.Tensor],
+) -> RadiusReport:
+    """The probe's (unreduced) report along the direction ``update`` at the weights ``old``, both listed as ``names``.
+    ``batch`` is what :meth:`RhoController.observe` saw; ``None`` (nothing observed) is an error."""
+    if batch is None:
+        raise RuntimeError("RhoController: no batch observed before the optimizer step; call observe(batch)")
+    direction = dict(zip(names, update, strict=True))
+    return probe.measure(batch, direction, params=dict(zip(names, old, strict=True)))
+
+
+def scheduled_target(r_target: float, lr: float | None, peak_lr: float | None) -> float:
+    """``r*(t) = r_target * lr(t) / peak_lr``: warm-up and decay shape the step length; ``r_target`` when ``lr`` is
+    unknown (``None``) or the peak unknown or zero.
+
+    Example: ``scheduled_target(1.0, 1e-4, 2e-4)`` is ``0.5``; ``scheduled_target(1.0, None, 2e-4)`` is ``1.0``.
+    """
+    if lr is None or not peak_lr:
+        return r_target
+    return r_target * lr / peak_lr
+
+
+def probe_needed(
+    schedule: ProbeSchedule, mode: str, norm: float, target: float, last_rho: float | None,
+    steps_since_probe: int | None, probe_norm: float,
+) -> bool:
+    """:func:`probe_due` for a step of length ``|u| = norm`` given the last probe (``steps_since_probe`` ago, at
+    ``|u_probe| = probe_norm``, measuring ``last_rho``): ``growth = |u| / |u_probe|`` (inf when 0) and the applied
+    ``r`` estimated as ``step_scale(|u|, last_rho, target, mode) * |u| / last_rho``. No probe yet (``None``) or a
+    non-finite ``last_rho``: ``True``.
+
+    So a step reuses the last ``rho`` only while its applied ``r`` estimated with that ``rho`` is at most
+    ``trigger_r * r_target`` (in ``"clip"`` mode it then passes unchanged), ``|u|`` is within ``trigger_growth`` of
+    ``|u|`` at the last probe, and fewer than ``every`` steps have passed.
+    """
+    if steps_since_probe is None or last_rho is None or not math.isfinite(last_rho):
+        return True
+    estimated = step_scale(norm, last_rho, target, mode) * float(normalized_step(norm, last_rho))
+    growth = norm / probe_norm if probe_norm > 0 else math.inf
+    return probe_due(schedule, steps_since_probe, growth, estimated, target, mode)
+
+
+def step_scale(norm: float, rho: float, target: float, mode: str) -> float:
+    """``clip_scale(|u|, rho, r*, mode)``; 1 in ``"monitor"`` mode. A target ``r* <= 0`` or non-finite (``lr = 0`` in
+    warm-up) gives 0 in ``"set"`` mode (no step) and 1 in ``"clip"`` mode.
+
+    Example: ``step_scale(4.0, 1.0, 1.0, "clip")`` is ``0.25``; ``step_scale(4.0, 1.0, 0.0, "set")`` is ``0.0``.
+    """
+    if mode == "monitor":
+        return 1.0
+    if target <= 0 or not math.isfinite(target):
+        return 0.0 if mode == "set" else 1.0
+    return float(clip_scale(norm, rho, target, mode))
+
+
+def applied_record(
+    step: int, norm: float, rho: float, scale: float, target: float, r_target: float, probed: bool
+) -> StepRecord:
+    """The record of a step of length ``|u| = norm`` applied with ``scale``: ``r = |u| / rho``, ``r_applied = scale * r``;
+    ``would_clip = r > r_target`` on probed steps only."""
+    r = float(normalized_step(norm, rho))
+    return StepRecord(
+        step=step, update_norm=norm, r=r, r_applied=r * scale, scale=scale, rho=rho, probed=probed,
+        clipped=scale < 1.0, target=target, would_clip=r > r_target if probed else None,
+    )
+
+
+def _warn_nonfinite(step: int, reason: str, norm: float, monitoring: bool) -> None:
+    """Warn on the main process that optimizer step ``step`` had a non-finite ``reason``, and what became of it."""
+    if not is_main_process():
+        return
+    if monitoring:
+        logger.warning("hf_ghosts: optimizer step %d has a non-finite %s (update norm %s); monitoring, so it "
+                       "stands (clip or set would have skipped it)", step, reason, norm)
+    else:
+        logger.warning("hf_ghosts: skipped optimizer step %d: non-finite %s (update norm %s); the weights keep their "
+                       "old values", step, reason, norm)

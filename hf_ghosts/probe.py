@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-# fd's rounding guard (RadiusProbe._rounding_guard): rounding of the logits in units of eps |z|, the share of the
+# fd's rounding guard (_fd_wider_step): rounding of the logits in units of eps |z|, the share of the
 # largest spread it may take, and the widest step as a share of the radius measured.
 FD_ROUNDING = 4.0
 FD_ROUNDING_TOLERANCE = 1e-3
@@ -295,6 +295,12 @@ class _Session:
     ffn: FfnRecorder | None = None
     head_inputs: list[torch.Tensor] = field(default_factory=list)
 
+    @classmethod
+    def start(cls, first: Pass, token_mask: torch.Tensor | None, fd_step: float, *, record: bool) -> _Session:
+        """A session whose first forward is ``first``; the attention capture reads real queries off ``token_mask``."""
+        query_mask = None if token_mask is None else token_mask.bool()
+        return cls(attention.ScoreCapture(first, query_mask, fd_step, record=record))
+
     def begin(self, current: Pass) -> None:
         """Start the forward ``current`` in every recorder."""
         self.capture.begin(current)
@@ -461,6 +467,137 @@ def _shifted(weights: Tensors, direction: Tensors, scale: float) -> dict[str, to
     return {name: torch.add(w, direction[name], alpha=scale) if name in direction else w for name, w in weights.items()}
 
 
+def _checked_settings(caller: str, settings: dict[str, object], dtype: torch.dtype | str, arguments: bool) -> torch.dtype:
+    """:class:`RadiusProbe`'s settings validated (``estimator`` first: ``"auto"`` is the controller's to resolve);
+    returns the probe's dtype, a name in :data:`~hf_ghosts.settings.PROBE_DTYPES` resolved."""
+    estimator = settings["estimator"]
+    if estimator not in ESTIMATORS:
+        hint = " (resolve 'auto' with hf_ghosts.settings.resolve_estimator)" if estimator == "auto" else ""
+        raise ValueError(f"RadiusProbe.estimator: got {estimator!r}; expected one of {list(ESTIMATORS)}{hint}")
+    validate(caller, settings, arguments=arguments)
+    if isinstance(dtype, str):
+        if PROBE_DTYPES.get(dtype) is None:
+            raise ValueError(f"RadiusProbe.dtype: got {dtype!r}; expected a torch dtype or one of "
+                             f"{[name for name, value in PROBE_DTYPES.items() if value is not None]}")
+        dtype = PROBE_DTYPES[dtype]
+    check_probe_dtype("RadiusProbe", estimator, dtype, name="dtype")
+    return dtype
+
+
+def _check_attention_routed(model: torch.nn.Module, radii: tuple[str, ...], caller: str, arguments: bool) -> None:
+    """Refuse ``"attention"`` in ``radii`` for a model whose attention bypasses ``AttentionInterface``."""
+    if "attention" in radii and (blocker := attention_blocker(model)) is not None:
+        rest = tuple(r for r in radii if r != "attention") or ("output",)
+        shown = list(rest) if arguments else rest
+        raise ValueError(
+            f"{caller}: the attention radius needs attention routed through transformers' AttentionInterface; "
+            f"{blocker}. Set {spelled('radii', arguments)}={shown!r}."
+        )
+
+
+def _needs_eager_experts(model: torch.nn.Module, estimator: str) -> bool:
+    """MoE experts dispatched to ``_grouped_mm`` (no forward-mode AD): a JVP runs them eagerly (same math)."""
+    return estimator == "jvp" and compat.experts_implementation_of(base_model_of(model)) not in (None, "eager")
+
+
+def _routes_through_ghosts(model: torch.nn.Module, radii: tuple[str, ...], estimator: str) -> bool:
+    """Whether the forward runs the ghosts attention: to measure attention, and for a JVP through sdpa or flash
+    (no forward-mode AD). Ghosts, not plain eager: it outputs 0 for a query with no allowed key (left padding)
+    as sdpa does, so the probe's logits equal the training forward's."""
+    if "attention" in radii:
+        return True
+    no_forward_ad = compat.attention_implementation_of(base_model_of(model)) not in (None, "eager")
+    return estimator == "jvp" and no_forward_ad and attention_blocker(model) is None
+
+
+@dataclass(frozen=True)
+class _FfnTargets:
+    """The FFN radii to record, ``{"ffn": ffn_mode's form, "ffn_activation": "activation"}`` (those in ``radii``),
+    the pre-activation modules they are taken over and the activation (for the ``"activation"`` form)."""
+
+    forms: dict[str, str]
+    modules: dict[str, torch.nn.Module]
+    activation: str | None = None
+
+    @classmethod
+    def of(
+        cls, model: torch.nn.Module, radii: tuple[str, ...], ffn_mode: str, ffn_spec: FfnSpec | None, radii_name: str
+    ) -> _FfnTargets:
+        """Resolved for ``model`` (``ffn_spec``, else :data:`~hf_ghosts.architectures.ARCHITECTURES`)."""
+        forms = {name: form for name, form in (("ffn", ffn_mode), ("ffn_activation", "activation")) if name in radii}
+        if not forms:
+            return cls(forms, {})
+        spec = resolve_ffn_spec(model, ffn_spec, radii_name)
+        modules = find_ffn_modules(model, spec)
+        activation = resolve_ffn_activation(model, spec) if "activation" in forms.values() else None
+        return cls(forms, modules, activation)
+
+    def recorder(self, quantile: float, fd_step: float) -> FfnRecorder:
+        """A fresh :class:`FfnRecorder` over the modules, each distinct form once."""
+        return FfnRecorder(self.modules, tuple(dict.fromkeys(self.forms.values())), quantile, self.activation, fd_step)
+
+
+def _fd_wider_step(plus: torch.Tensor, minus: torch.Tensor, per_position: torch.Tensor, fd_step: float) -> float | None:
+    """A wider fd step ``h`` (``fd_step``) when rounding dominates the full head's logit differences; ``None``: keep it.
+
+    The logits carry rounding of ~``FD_ROUNDING eps |z|`` (``eps`` of the forward's dtype), so a slope ``(z+ - z-) / 2h`` carries
+    ``FD_ROUNDING eps max|z| / h``. Where that exceeds ``FD_ROUNDING_TOLERANCE`` of the largest spread (saturated
+    softcapped logits: slopes tiny next to ``|z|``), ``h`` grows to bring it there, at most to
+    ``FD_MAX_STEP_RADII`` of the radius just measured (the truncation error grows as ``(h / rho)^2``). One host
+    sync; two more forwards only when it fires.
+    """
+    eps = torch.finfo(plus.dtype).eps
+    largest = float(per_position.amax()) if per_position.numel() else 0.0  # host sync
+    if not largest > 0:
+        return None
+    magnitude = float(torch.maximum(plus.abs().amax(), minus.abs().amax()))
+    noise = FD_ROUNDING * eps * magnitude / fd_step
+    if noise <= FD_ROUNDING_TOLERANCE * largest:
+        return None
+    wider = min(fd_step * noise / (FD_ROUNDING_TOLERANCE * largest), FD_MAX_STEP_RADII * math.pi / largest)
+    return wider if wider > 2 * fd_step else None
+
+
+def _output_spread(per_position: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``max_t spread_t`` over the ``positions`` that count (0 if none), and their number."""
+    masked = torch.where(positions, per_position, torch.zeros_like(per_position))
+    return (masked.amax() if per_position.numel() else per_position.new_zeros(())), positions.sum()
+
+
+def _attention_spread(capture: attention.ScoreCapture, model: torch.nn.Module) -> torch.Tensor:
+    """The captured per-head score spreads, ``[layers, heads]`` in layer order; an error if none were captured."""
+    if not capture.spreads:
+        raise ValueError(
+            f"No attention call of model_type {_model_type(model)!r} went through the ghosts attention; "
+            "its attention cannot be measured. Pass radii=('output',)"
+        )
+    return torch.stack([capture.spreads[layer] for layer in sorted(capture.spreads)])
+
+
+def _shifts(model: torch.nn.Module, shift_labels: bool | None) -> bool:
+    """``shift_labels``; ``None``: whether the model generates (causal: logits at ``t`` predict ``labels[t + 1]``)."""
+    return _asks(base_model_of(model), "can_generate") if shift_labels is None else shift_labels
+
+
+def _check_direction(owner: str, direction: Mapping[str, torch.Tensor], trainable: Mapping[str, torch.Tensor]) -> None:
+    """Refuse an empty direction, or one naming parameters not in ``trainable``."""
+    unknown = sorted(set(direction) - set(trainable))
+    if unknown:
+        raise KeyError(f"{owner}.measure: direction names parameters the model does not train: {unknown[:5]}")
+    if not direction:
+        raise ValueError(f"{owner}.measure: the direction is empty")
+
+
+def _checked_norm(owner: str, norm: float) -> float:
+    """``|d|`` itself if finite and non-zero (a radius is taken along ``d / |d|``), else a ValueError."""
+    if not math.isfinite(norm) or norm == 0:
+        raise ValueError(
+            f"{owner}.measure: the direction's norm is {norm}; a radius needs a finite, non-zero "
+            "direction (a zero update has nothing to measure; a NaN update must be rejected before probing)"
+        )
+    return norm
+
+
 class RadiusProbe:
     """Measure output, per-head attention and FFN radii of ``model`` along a direction.
 
@@ -517,65 +654,22 @@ class RadiusProbe:
         arguments: bool = False,
     ) -> None:
         radii = parse_radii(radii)
-        settings = dict(radii=radii, estimator=estimator, fd_step=fd_step, ffn_mode=ffn_mode, ffn_quantile=ffn_quantile)
         caller = "RhoTrainingArguments" if arguments else "RadiusProbe"
-        if estimator not in ESTIMATORS:  # "auto" is the controller's: it resolves it against the run
-            hint = " (resolve 'auto' with hf_ghosts.settings.resolve_estimator)" if estimator == "auto" else ""
-            raise ValueError(f"RadiusProbe.estimator: got {estimator!r}; expected one of {list(ESTIMATORS)}{hint}")
-        validate(caller, {**settings, "vocab_chunk": vocab_chunk}, arguments=arguments)
-        if isinstance(dtype, str):
-            if PROBE_DTYPES.get(dtype) is None:
-                raise ValueError(f"RadiusProbe.dtype: got {dtype!r}; expected a torch dtype or one of "
-                                 f"{[name for name, value in PROBE_DTYPES.items() if value is not None]}")
-            dtype = PROBE_DTYPES[dtype]
-        check_probe_dtype("RadiusProbe", estimator, dtype, name="dtype")
+        settings = dict(radii=radii, estimator=estimator, fd_step=fd_step, ffn_mode=ffn_mode, ffn_quantile=ffn_quantile)
+        dtype = _checked_settings(caller, {**settings, "vocab_chunk": vocab_chunk}, dtype, arguments)
         model = original_module(model)  # torch.compile(model): measure the eager module (same parameters)
         self.model, self.radii, self.estimator, self.fd_step = model, radii, estimator, fd_step
         self.ffn_mode, self.ffn_quantile, self.dtype = ffn_mode, ffn_quantile, dtype
         self.shift_labels, self.vocab_chunk = shift_labels, vocab_chunk
-        radii_name = spelled("radii", arguments)
-        if "attention" in radii and (blocker := attention_blocker(model)) is not None:
-            rest = tuple(r for r in radii if r != "attention") or ("output",)
-            shown = list(rest) if arguments else rest
-            raise ValueError(
-                f"{caller}: the attention radius needs attention routed through transformers' AttentionInterface; "
-                f"{blocker}. Set {radii_name}={shown!r}."
-            )
-        self._ffn_modules: dict[str, torch.nn.Module] = {}
-        self._activation: str | None = None
-        # the FFN forms to record: "ffn" in the form ffn_mode picks, "ffn_activation" always activation-aware
-        self._ffn_forms = {name: form for name, form in (("ffn", ffn_mode), ("ffn_activation", "activation")) if name in radii}
-        if self._ffn_forms:
-            spec = resolve_ffn_spec(model, ffn_spec, radii_name)
-            self._ffn_modules = find_ffn_modules(model, spec)
-            if "activation" in self._ffn_forms.values():
-                self._activation = resolve_ffn_activation(model, spec)
+        _check_attention_routed(model, radii, caller, arguments)
+        self._ffn = _FfnTargets.of(model, radii, ffn_mode, ffn_spec, spelled("radii", arguments))
         self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self._head = _LinearHead.of(model, chunked_head)
-        # MoE experts dispatched to _grouped_mm (no forward-mode AD): the JVP runs them eagerly (same math)
-        self._eager_experts = estimator == "jvp" and compat.experts_implementation_of(base_model_of(model)) not in (
-            None, "eager"
-        )
-
-    def _shifts(self) -> bool:
-        return _asks(base_model_of(self.model), "can_generate") if self.shift_labels is None else self.shift_labels
-
-    def _routes_through_ghosts(self) -> bool:
-        """Whether the forward runs the ghosts attention: to measure attention, and for a JVP through sdpa or flash
-        (no forward-mode AD). Ghosts, not plain eager: it outputs 0 for a query with no allowed key (left padding)
-        as sdpa does, so the probe's logits equal the training forward's."""
-        if "attention" in self.radii:
-            return True
-        no_forward_ad = compat.attention_implementation_of(base_model_of(self.model)) not in (None, "eager")
-        return self.estimator == "jvp" and no_forward_ad and attention_blocker(self.model) is None
+        self._eager_experts = _needs_eager_experts(model, estimator)
 
     # ----------------------------------------------------------------------------------- direction and weights
     def _check_direction(self, direction: Mapping[str, torch.Tensor]) -> None:
-        unknown = sorted(set(direction) - set(self.trainable))
-        if unknown:
-            raise KeyError(f"{type(self).__name__}.measure: direction names parameters the model does not train: {unknown[:5]}")
-        if not direction:
-            raise ValueError(f"{type(self).__name__}.measure: the direction is empty")
+        _check_direction(type(self).__name__, direction, self.trainable)
 
     def _direction_and_norm(self, direction: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
         """The direction's tensors in the probe's dtype (no copy if they are in it already) and ``|d|``.
@@ -588,12 +682,7 @@ class RadiusProbe:
         return pieces, self._checked_norm(float(torch.linalg.vector_norm(norms)))  # host sync
 
     def _checked_norm(self, norm: float) -> float:
-        if not math.isfinite(norm) or norm == 0:
-            raise ValueError(
-                f"{type(self).__name__}.measure: the direction's norm is {norm}; a radius needs a finite, non-zero "
-                "direction (a zero update has nothing to measure; a NaN update must be rejected before probing)"
-            )
-        return norm
+        return _checked_norm(type(self).__name__, norm)
 
     def _weights(self, params: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         base = dict(self.trainable) if params is None else {**self.trainable, **params}
@@ -621,21 +710,17 @@ class RadiusProbe:
         """Probe mode and ghosts attention; with ``record``, the attention capture, FFN hooks and the head's stop."""
         token_mask = inputs.get("attention_mask")
         first = Pass.JVP if self.estimator == "jvp" else Pass.FD_PLUS
-        query_mask = None if token_mask is None else token_mask.bool()
-        capture = attention.ScoreCapture(first, query_mask, self.fd_step, record=record and "attention" in self.radii)
-        session = _Session(capture)
-        ghosts = self._routes_through_ghosts()
+        session = _Session.start(first, token_mask, self.fd_step, record=record and "attention" in self.radii)
+        ghosts = _routes_through_ghosts(self.model, self.radii, self.estimator)
         with contextlib.ExitStack() as stack:
-            if record and self._ffn_modules:
-                forms = tuple(dict.fromkeys(self._ffn_forms.values()))
-                ffn = (self._ffn_modules, forms, self.ffn_quantile, self._activation, self.fd_step)
-                session.ffn = FfnRecorder(*ffn)
+            if record and self._ffn.modules:
+                session.ffn = self._ffn.recorder(self.ffn_quantile, self.fd_step)
                 stack.enter_context(session.ffn.attached(token_mask, first))
             if record and self._head is not None:
                 stack.enter_context(_stopping_at(self._head.module, session.head_inputs))
             stack.enter_context(_probe_mode(self.model, ghosts, self._eager_experts))
             if ghosts:
-                stack.enter_context(attention.capture_scores(capture))
+                stack.enter_context(attention.capture_scores(session.capture))
             yield session
 
     # ----------------------------------------------------------------------------------- measure
@@ -727,7 +812,7 @@ class RadiusProbe:
             return None
         if self._head is None:  # difference in the forward's dtype: rounding to fp32 first costs eps / h
             per_position = spread(((plus - minus) / (2 * self.fd_step)).float(), dim=-1)
-            self._wider_step = self._rounding_guard(plus, minus, per_position)
+            self._wider_step = _fd_wider_step(plus, minus, per_position, self.fd_step)
             return per_position
         weight, weight_step, bias, bias_step = self._head.tensors(weights, pieces)
         return head.fd_spread(
@@ -735,43 +820,16 @@ class RadiusProbe:
             chunk=self.vocab_chunk,
         )
 
-    def _rounding_guard(self, plus: torch.Tensor, minus: torch.Tensor, per_position: torch.Tensor) -> float | None:
-        """A wider fd step when rounding dominates the differences of the full head's logits; ``None``: keep ``h``.
-
-        The logits carry rounding of ~``FD_ROUNDING eps |z|`` (``eps`` of the forward's dtype), so a slope ``(z+ - z-) / 2h`` carries
-        ``FD_ROUNDING eps max|z| / h``. Where that exceeds ``FD_ROUNDING_TOLERANCE`` of the largest spread (saturated
-        softcapped logits: slopes tiny next to ``|z|``), ``h`` grows to bring it there, at most to
-        ``FD_MAX_STEP_RADII`` of the radius just measured (the truncation error grows as ``(h / rho)^2``). One host
-        sync; two more forwards only when it fires.
-        """
-        eps = torch.finfo(plus.dtype).eps
-        largest = float(per_position.amax()) if per_position.numel() else 0.0  # host sync
-        if not largest > 0:
-            return None
-        magnitude = float(torch.maximum(plus.abs().amax(), minus.abs().amax()))
-        noise = FD_ROUNDING * eps * magnitude / self.fd_step
-        if noise <= FD_ROUNDING_TOLERANCE * largest:
-            return None
-        wider = min(self.fd_step * noise / (FD_ROUNDING_TOLERANCE * largest), FD_MAX_STEP_RADII * math.pi / largest)
-        return wider if wider > 2 * self.fd_step else None
-
     def _report(self, per_position: torch.Tensor | None, inputs: Tensors, session: _Session) -> RadiusReport:
         """The report from the per-position logit-slope spreads (``None``: no output radius) and the recorders."""
-        out_spread = output_tokens = attn = ffn = None
+        out_spread = output_tokens = attn = None
         if per_position is not None:
             shape, device = per_position.shape, per_position.device
-            positions = output_positions(inputs, shape, shift_labels=self._shifts(), device=device)
-            output_tokens = positions.sum()
-            masked = torch.where(positions, per_position, torch.zeros_like(per_position))
-            out_spread = masked.amax() if per_position.numel() else per_position.new_zeros(())
+            positions = output_positions(inputs, shape, shift_labels=_shifts(self.model, self.shift_labels), device=device)
+            out_spread, output_tokens = _output_spread(per_position, positions)
         if "attention" in self.radii:
-            if not session.capture.spreads:
-                raise ValueError(
-                    f"No attention call of model_type {_model_type(self.model)!r} went through the ghosts attention; "
-                    "its attention cannot be measured. Pass radii=('output',)"
-                )
-            attn = torch.stack([session.capture.spreads[layer] for layer in sorted(session.capture.spreads)])
-        ffn = {name: session.ffn.radius(form) for name, form in self._ffn_forms.items()}
+            attn = _attention_spread(session.capture, self.model)
+        ffn = {name: session.ffn.radius(form) for name, form in self._ffn.forms.items()}
         return RadiusReport(
             out_spread=out_spread, attn_spread=attn, ffn_radius=ffn.get("ffn"), output_tokens=output_tokens,
             ffn_activation_radius=ffn.get("ffn_activation"),

@@ -22,10 +22,20 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from datasets import DatasetDict, load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, EvalPrediction, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    EvalPrediction,
+    HfArgumentParser,
+    PreTrainedModel,
+    default_data_collator,
+    set_seed,
+)
+from transformers.utils import logging as hf_logging
 
 from hf_ghosts.plots import save_figure
 from hf_ghosts.presets import MODEL_PRESETS, build_model, lm_blocks, pydoc_splits, train_bpe_tokenizer
+from hf_ghosts.probe import output_positions
 from hf_ghosts.settings import RADII, RADIUS_FIELDS
 
 RADIUS_NAMES = RADII  # one source of truth: hf_ghosts.settings
@@ -122,6 +132,54 @@ def load_model(model: ModelArguments, vocab_size: int, seed: int) -> PreTrainedM
             loaded.resize_token_embeddings(vocab_size)
         return loaded
     return build_model(model.preset, vocab_size=vocab_size, seed=seed)
+
+
+def parse_and_load(spec_class: type, argv: list[str] | None) -> tuple[Any, ModelArguments, Any, Any, Any]:
+    """A recipe's start: parse ``(spec_class, ModelArguments, DataArguments)`` from ``argv``, make ``spec.output_dir``,
+    quiet transformers, ``set_seed(spec.seed)``, then load the text, the tokenizer and the blocks.
+
+    Returns ``(spec, model_args, tokenizer, train, evaluation)``.
+    """
+    parser = HfArgumentParser((spec_class, ModelArguments, DataArguments))
+    spec, model_args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    os.makedirs(spec.output_dir, exist_ok=True)
+    hf_logging.set_verbosity_error()
+    set_seed(spec.seed)
+    splits = load_text_splits(data_args)
+    tokenizer = load_tokenizer(model_args, data_args, splits["train"][data_args.text_column])
+    train, evaluation = load_blocks(data_args, tokenizer, splits)
+    return spec, model_args, tokenizer, train, evaluation
+
+
+def probe_batch(evaluation: Any, blocks: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The first ``blocks`` evaluation blocks as one batch, and the mask of logits that predict a label
+    (causal: position ``t`` predicts label ``t + 1``)."""
+    batch = default_data_collator([evaluation[i] for i in range(min(blocks, len(evaluation)))])
+    return batch, output_positions(batch, batch["labels"].shape, shift_labels=True)
+
+
+def unit_directions(
+    model: torch.nn.Module, batch: Mapping[str, torch.Tensor], count: int, seed: int, *, descent: bool = False
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The batch loss's gradient ``g`` and ``count`` Gaussian directions (from ``seed`` only), each scaled to unit length
+    ``|d| = sqrt(sum_i |d_i|^2)`` (float64 sum): ``{"grad": g / |g|, "random i": ...}``, or with ``descent``
+    ``{"-grad": -g / |g|, ...}``. The gradient is taken under whatever hooks the caller has on (a temperature)."""
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    if descent:
+        found = {"-grad": {name: -p.grad.detach().clone() for name, p in trainable.items()}}
+    else:
+        found = {"grad": {name: p.grad.detach().clone() for name, p in trainable.items()}}
+    model.zero_grad(set_to_none=True)
+    generator = torch.Generator().manual_seed(seed)
+    for index in range(count):
+        found[f"random {index}"] = {name: torch.randn(p.shape, generator=generator) for name, p in trainable.items()}
+    for direction in found.values():
+        norm = torch.sqrt(sum(d.double().pow(2).sum() for d in direction.values())).float()
+        for name in direction:
+            direction[name] /= norm
+    return found
 
 
 # --------------------------------------------------------------------------------------------- metrics

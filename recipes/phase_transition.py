@@ -38,23 +38,12 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from common import (
-    DataArguments,
-    ModelArguments,
-    load_blocks,
-    load_model,
-    load_text_splits,
-    load_tokenizer,
-    write_json,
-    write_table,
-)
+from common import load_model, parse_and_load, probe_batch, unit_directions, write_json, write_table
 from torch.func import functional_call
-from transformers import HfArgumentParser, PrinterCallback, Trainer, TrainingArguments, default_data_collator, set_seed
-from transformers.utils import logging as hf_logging
+from transformers import PrinterCallback, Trainer, TrainingArguments, default_data_collator
 
 from hf_ghosts import RadiusProbe
 from hf_ghosts.plots import save_figure
-from hf_ghosts.probe import output_positions
 from hf_ghosts.radii import exact_radius, spread
 
 
@@ -109,23 +98,6 @@ def step_outcome(model: torch.nn.Module, batch: dict[str, torch.Tensor], unit: d
     weights = {name: p.detach() + length * unit[name] for name, p in model.named_parameters() if name in unit}
     output = functional_call(model, weights, args=(), kwargs={**_inputs(batch), "labels": batch["labels"]}, strict=False)
     return float(output.loss), output.logits[:, :-1].argmax(-1)
-
-
-def directions(model: torch.nn.Module, batch: dict[str, torch.Tensor], count: int, seed: int) -> dict[str, dict[str, torch.Tensor]]:
-    """Unit directions: ``-grad`` of the batch loss (descent) and ``count`` Gaussian ones."""
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    model(**batch).loss.backward()
-    found = {"-grad": {name: -p.grad.detach().clone() for name, p in trainable.items()}}
-    model.zero_grad(set_to_none=True)
-    generator = torch.Generator().manual_seed(seed)
-    for index in range(count):
-        found[f"random {index}"] = {name: torch.randn(p.shape, generator=generator) for name, p in trainable.items()}
-    for direction in found.values():
-        norm = torch.sqrt(sum(d.double().pow(2).sum() for d in direction.values())).float()
-        for name in direction:
-            direction[name] /= norm
-    return found
 
 
 def exact_vs_bound(logits: torch.Tensor, slopes: torch.Tensor, valid: torch.Tensor, tokens: int) -> dict[str, Any]:
@@ -193,27 +165,19 @@ def plot_phase(curves: list[dict[str, Any]], rows: list[dict[str, Any]], path: s
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train briefly, sweep r along each direction, write the plot, the tables and the summary."""
-    parser = HfArgumentParser((PhaseArguments, ModelArguments, DataArguments))
-    spec, model_args, data_args = parser.parse_args_into_dataclasses(args=argv)
-    os.makedirs(spec.output_dir, exist_ok=True)
-    hf_logging.set_verbosity_error()
-    set_seed(spec.seed)
-    splits = load_text_splits(data_args)
-    tokenizer = load_tokenizer(model_args, data_args, splits["train"][data_args.text_column])
-    train, evaluation = load_blocks(data_args, tokenizer, splits)
+    spec, model_args, tokenizer, train, evaluation = parse_and_load(PhaseArguments, argv)
     model = load_model(model_args, len(tokenizer), spec.seed)
     if spec.train_steps > 0:
         with tempfile.TemporaryDirectory() as scratch:
             brief_training(model, spec, train, scratch)
     model.eval()
-    batch = default_data_collator([evaluation[i] for i in range(min(spec.probe_blocks, len(evaluation)))])
-    valid = output_positions(batch, batch["labels"].shape, shift_labels=True)  # position t predicts label t + 1
+    batch, valid = probe_batch(evaluation, spec.probe_blocks)  # valid: position t predicts label t + 1
 
     probe = RadiusProbe(model, radii=spec.radii)
     base_loss, base_predictions = step_outcome(model, batch, {}, 0.0)
     r_values = np.geomspace(spec.r_min, spec.r_max, spec.r_points)
     rows, curves = [], []
-    for name, unit in directions(model, batch, spec.random_directions, spec.seed).items():
+    for name, unit in unit_directions(model, batch, spec.random_directions, spec.seed, descent=True).items():
         report = probe.measure(batch, unit)
         radii = {key: float(value) for key, value in report.radii().items()}
         rho = float(report.rho)

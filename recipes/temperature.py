@@ -47,23 +47,10 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from common import (
-    DataArguments,
-    ModelArguments,
-    load_blocks,
-    load_model,
-    load_text_splits,
-    load_tokenizer,
-    save_figure,
-    write_json,
-    write_table,
-)
+from common import load_model, parse_and_load, probe_batch, save_figure, unit_directions, write_json, write_table
 from phase_transition import brief_training, step_outcome
-from transformers import HfArgumentParser, default_data_collator, set_seed
-from transformers.utils import logging as hf_logging
 
 from hf_ghosts import RadiusProbe
-from hf_ghosts.probe import output_positions
 from hf_ghosts.radii import rho_bound, spread
 
 
@@ -118,26 +105,6 @@ def temperature(model: torch.nn.Module, value: float) -> Iterator[None]:
         yield
     finally:
         handle.remove()
-
-
-def unit_directions(model: torch.nn.Module, batch: dict[str, torch.Tensor], count: int, seed: int):
-    """``{"grad": g / |g|, "random i": ...}``: the gradient of the batch loss (under the caller's temperature), unit length.
-
-    Steps go to ``theta - t v``: descent along the gradient. The random directions depend on ``seed`` only.
-    """
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    model(**batch).loss.backward()
-    found = {"grad": {name: p.grad.detach().clone() for name, p in trainable.items()}}
-    model.zero_grad(set_to_none=True)
-    generator = torch.Generator().manual_seed(seed)
-    for index in range(count):
-        found[f"random {index}"] = {name: torch.randn(p.shape, generator=generator) for name, p in trainable.items()}
-    for direction in found.values():
-        norm = torch.sqrt(sum(d.double().pow(2).sum() for d in direction.values())).float()
-        for name in direction:
-            direction[name] /= norm
-    return found
 
 
 def loss_ratio(model: torch.nn.Module, batch: dict[str, torch.Tensor], unit: dict[str, torch.Tensor], base_loss: float,
@@ -207,14 +174,7 @@ def plot_onsets(curves: list[dict[str, Any]], rows: list[dict[str, Any]], thresh
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train briefly, then per temperature and direction: rho, the loss curve and the onset; tables, plot, summary."""
     started = time.perf_counter()
-    parser = HfArgumentParser((TemperatureArguments, ModelArguments, DataArguments))
-    spec, model_args, data_args = parser.parse_args_into_dataclasses(args=argv)
-    os.makedirs(spec.output_dir, exist_ok=True)
-    hf_logging.set_verbosity_error()
-    set_seed(spec.seed)
-    splits = load_text_splits(data_args)
-    tokenizer = load_tokenizer(model_args, data_args, splits["train"][data_args.text_column])
-    train, evaluation = load_blocks(data_args, tokenizer, splits)
+    spec, model_args, tokenizer, train, evaluation = parse_and_load(TemperatureArguments, argv)
 
     def trained(temp: float) -> torch.nn.Module:
         """The model (same initialization, same data order), ``spec.train_steps`` AdamW steps at temperature ``temp``."""
@@ -225,8 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return model.eval()
 
     shared = None if spec.train_at_temperature else trained(1.0)
-    batch = default_data_collator([evaluation[i] for i in range(min(spec.probe_blocks, len(evaluation)))])
-    valid = output_positions(batch, batch["labels"].shape, shift_labels=True)  # position t predicts label t + 1
+    batch, valid = probe_batch(evaluation, spec.probe_blocks)  # valid: position t predicts label t + 1
     t_grid = np.geomspace(spec.t_min, spec.t_max, spec.t_points)
 
     rows, curves = [], []
