@@ -416,6 +416,7 @@ def test_certified_radius_is_a_lower_bound_on_the_polynomial_roots(classes: int,
     assert (certified >= truth * (0.8 if compress else 1 - 2e-4)).all(), (certified / truth).min()
 
 
+@pytest.mark.slow
 def test_certified_radius_compressed_disk_is_zero_free_on_a_dense_grid() -> None:
     # Gaussian slopes over 1500 classes, 16 kept and 64 bins, checked in numpy: |F| > 0 inside, no turn on the circle.
     logits, slopes = random(2, 1500, seed=30, scale=3), random(2, 1500, seed=31)

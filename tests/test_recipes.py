@@ -137,6 +137,7 @@ def test_spike_schedule_and_loop_run_the_same_rates() -> None:
 
 
 # ------------------------------------------------------------------------------------------ pythia_finetune
+@pytest.mark.slow
 def test_pythia_finetune_default_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_DIR", raising=False)
@@ -275,6 +276,7 @@ def test_spike_test(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ phase_transition
+@pytest.mark.slow
 def test_phase_transition(tmp_path: Path) -> None:
     summary = recipe("phase_transition").main([
         "--output_dir", str(tmp_path), "--train_steps", "10", "--random_directions", "1", "--r_points", "5",
@@ -306,6 +308,7 @@ def test_phase_transition(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ temperature
+@pytest.mark.slow
 def test_temperature(tmp_path: Path) -> None:
     temperatures = [0.5, 2.0]
     summary = recipe("temperature").main([

@@ -62,6 +62,7 @@ def run(trainer_class: type[Trainer], tmp_path, train: Dataset, held_out: Datase
     }
 
 
+@pytest.mark.slow
 def test_lr_spike_collapses_adamw_but_not_the_rho_controller(tmp_path) -> None:
     text = pydoc_text(separator="").encode("utf-8")
     train, held_out = byte_rows(text, 0, 128), byte_rows(text, 200_000, 32)

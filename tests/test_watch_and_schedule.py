@@ -115,6 +115,7 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 @pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
+@pytest.mark.slow
 def test_nonfinite_gradient_under_monitor_and_callback_is_bit_identical_to_plain_trainer(tmp_path, value, max_grad_norm) -> None:
     finals, optim_states, entries = {}, {}, {}
     for kind in ("plain", "callback", "monitor"):
