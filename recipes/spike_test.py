@@ -77,10 +77,19 @@ class SpikeArguments:
     rho_target: float = field(default=1.0, metadata={"help": "RhoTrainer's target r*."})
     rho_radii: list[str] = field(default_factory=lambda: ["output", "attention"], metadata={"help": "RhoTrainer's radii."})
     seed: int = field(default=0, metadata={"help": "Seed of the initial weights and of the data order (all runs)."})
+    save_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Save a Trainer checkpoint every N optimizer steps under <output_dir>/checkpoints/<preset>-<method>-"
+            "<factor>/ (0: none), e.g. to ask `hf-ghosts diagnose` about the step before and after the spike."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.spike_step < self.max_steps:
             raise ValueError(f"--spike_step must lie in [0, --max_steps); got {self.spike_step} and {self.max_steps}")
+        if self.save_steps < 0:
+            raise ValueError(f"--save_steps must be >= 0 (0: no checkpoints); got {self.save_steps}")
         if any(not (factor > 0 and math.isfinite(factor)) for factor in self.factors):
             raise ValueError(f"--factors must be finite numbers > 0; got {self.factors}")
 
@@ -111,8 +120,10 @@ class SpikedRhoTrainer(SpikedSchedule, RhoTrainer):
 def run_one(spec: SpikeArguments, preset: str, method: str, factor: float, data: dict[str, Any], scratch: str) -> dict[str, Any]:
     """Train one (preset, method, factor) from the shared initial weights; evaluate at the end."""
     model = build_model(preset, vocab_size=data["vocab"], seed=spec.seed)
+    run_name = f"{preset}-{method}-{factor:g}"
+    kept = os.path.join(spec.output_dir, "checkpoints", run_name)  # only with --save_steps
     args = RhoTrainingArguments(
-        output_dir=os.path.join(scratch, f"{preset}-{method}-{factor:g}"),
+        output_dir=kept if spec.save_steps else os.path.join(scratch, run_name),
         max_steps=spec.max_steps,
         learning_rate=spec.learning_rate,
         per_device_train_batch_size=spec.batch_size,
@@ -120,7 +131,8 @@ def run_one(spec: SpikeArguments, preset: str, method: str, factor: float, data:
         max_grad_norm=spec.max_grad_norm if method == "adamw+clip" else 0.0,
         logging_steps=1,
         logging_nan_inf_filter=False,  # show a diverging loss as it is
-        save_strategy="no",
+        save_strategy="steps" if spec.save_steps else "no",
+        save_steps=spec.save_steps or 500,
         report_to=[],
         disable_tqdm=True,
         seed=spec.seed,
@@ -139,6 +151,7 @@ def run_one(spec: SpikeArguments, preset: str, method: str, factor: float, data:
         preprocess_logits_for_metrics=argmax_logits,
         spike_step=spec.spike_step,
         spike_factor=factor,
+        processing_class=data["tokenizer"] if spec.save_steps else None,  # checkpoints carry their tokenizer
     )
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
@@ -230,7 +243,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     splits = load_text_splits(data_args)
     tokenizer = load_tokenizer(None, data_args, splits["train"][data_args.text_column])
     train, evaluation = load_blocks(data_args, tokenizer, splits)
-    data = {"train": train, "eval": evaluation, "vocab": len(tokenizer)}
+    data = {"train": train, "eval": evaluation, "vocab": len(tokenizer), "tokenizer": tokenizer}
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for preset in spec.presets:

@@ -275,6 +275,27 @@ def test_spike_test(tmp_path: Path) -> None:
     assert_png(tmp_path / "spike_test.png")
 
 
+@pytest.mark.slow
+def test_spike_test_saves_checkpoints_that_hf_ghosts_diagnoses(tmp_path: Path) -> None:
+    """``--save_steps`` keeps Trainer checkpoints (tokenizer included) that ``hf-ghosts diagnose`` reads; without
+    it nothing is kept. The spiked run's checkpoint before the first spiked step shows a larger ``r`` than the
+    same checkpoint diagnosed at the base rate, by the spike factor (r is linear in the learning rate)."""
+    from hf_ghosts.cli import main as cli_main
+
+    common = ["--presets", "pythia-tiny", "--methods", "adamw", "--max_steps", "4", "--spike_step", "2", *SMALL_DATA]
+    recipe("spike_test").main(["--output_dir", str(tmp_path / "plain"), "--factors", "1", *common])
+    assert not (tmp_path / "plain" / "checkpoints").exists()
+    recipe("spike_test").main(["--output_dir", str(tmp_path), "--factors", "1000", "--save_steps", "2", *common])
+    checkpoint = tmp_path / "checkpoints" / "pythia-tiny-adamw-1000" / "checkpoint-2"
+    assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "tokenizer.json").is_file()
+    r = {}
+    for name, extra in (("spiked", []), ("base", ["--learning_rate", "0.001"])):
+        out = tmp_path / name
+        assert cli_main(["diagnose", str(checkpoint), "--output_dir", str(out), "--batches", "1", *extra]) in (0, None)
+        r[name] = json.loads((out / "diagnosis.json").read_text())["r"]
+    assert r["spiked"] == pytest.approx(1000 * r["base"], rel=1e-3)
+
+
 # ------------------------------------------------------------------------------------------ phase_transition
 @pytest.mark.slow
 def test_phase_transition(tmp_path: Path) -> None:
