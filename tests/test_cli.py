@@ -221,6 +221,18 @@ def test_missing_or_empty_data_file(run, capsys, tmp_path) -> None:
     assert "fewer than block_size=64 tokens" in err and "--block_size" in err
 
 
+def test_checkpoint_without_a_tokenizer_names_the_tokenizer_option(run, capsys, tmp_path) -> None:
+    """A checkpoint saved without ``processing_class`` has no tokenizer files; transformers would then build an
+    empty tokenizer that encodes every text to nothing. diagnose refuses it and names ``--tokenizer``, which works."""
+    checkpoint = tmp_path / "no-tokenizer"
+    shutil.copytree(run["dir"] / "checkpoint-1", checkpoint, ignore=shutil.ignore_patterns("tokenizer*", "vocab*",
+                                                                                            "merges*", "special_*"))
+    err = fails(capsys, ["diagnose", str(checkpoint), "--train_file", run["text"], "--block_size", str(BLOCK)])
+    assert "holds no tokenizer" in err and "--tokenizer" in err
+    result = diagnose(capsys, checkpoint, tmp_path / "out", "--tokenizer", str(run["dir"] / "checkpoint-1"), run=run)
+    assert result["r"] > 0
+
+
 def test_directory_that_is_not_a_checkpoint(run, capsys, tmp_path) -> None:
     err = fails(capsys, ["diagnose", str(tmp_path)])
     assert "is not a Trainer checkpoint" in err and "config.json" in err

@@ -121,6 +121,10 @@ def _load_pickled(path: str, what: str, notes: list[str]) -> Any:
         return None
 
 
+# Files of which a saved tokenizer has at least one (fast, slow BPE, SentencePiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def load_checkpoint(source: str, tokenizer_name: str | None = None, ignore_optimizer: bool = False) -> Checkpoint:
     """Load a checkpoint directory (or, if no such directory exists, a hub model name) for :func:`diagnose`.
 
@@ -140,6 +144,12 @@ def load_checkpoint(source: str, tokenizer_name: str | None = None, ignore_optim
         where = "the checkpoint's model" if local else f"{source!r}: not a local directory, and the hub model"
         raise CliError(f"{where} could not be loaded ({type(error).__name__}: {str(error).splitlines()[0]}). Pass a "
                        "checkpoint-* directory (offline) or a hub causal-LM name (with network)") from error
+    if local and tokenizer_name is None and not any(os.path.isfile(os.path.join(source, name)) for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer of the model's class here (it encodes every text to nothing)
+        raise CliError(
+            f"{source} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): Trainer saves it only when given "
+            "processing_class=. Pass --tokenizer with the tokenizer the model was trained with"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or source)
     except Exception as error:
