@@ -13,30 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from harness import median_time
 
 from hf_ghosts import RadiusProbe
 from hf_ghosts.presets import build_model
-
-
-def median_ms(fn: Callable[[], Any], repeats: int, device: str) -> float:
-    """Median wall time of ``fn`` in ms, after one warm-up call (CUDA synchronized)."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -53,6 +38,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     direction = {n: torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}
     half = torch.bfloat16 if device == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def train_step() -> None:
         model.train()
@@ -86,7 +72,7 @@ def main() -> None:
     rows = []
     plain = None
     for name, fn in pieces.items():
-        ms = median_ms(fn, args.repeats, device)
+        ms = 1e3 * median_time(fn, args.repeats, sync)
         plain = plain or ms
         peak = None
         if device == "cuda":
