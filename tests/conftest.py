@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import math
@@ -381,3 +382,17 @@ def text_dataset(rows: int = 8, words: int = 10, seed: int = 5):
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB - 2, (rows, words), generator=generator)
     return Dataset.from_dict({"text": [" ".join(f"w{i}" for i in row.tolist()) for row in ids]})
+
+
+@pytest.fixture
+def linear_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter:
+    """Calls of ``nn.Linear.forward`` per module, counted by a class-level patch (no hook on any module)."""
+    calls: collections.Counter = collections.Counter()
+    forward = torch.nn.Linear.forward
+
+    def counting(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
+        calls[self] += 1
+        return forward(self, input)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counting)
+    return calls

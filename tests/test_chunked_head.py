@@ -8,7 +8,6 @@ comparisons run on float64 copies with ``dtype=torch.float64`` and ``vocab_chunk
 
 from __future__ import annotations
 
-import collections
 import math
 import types
 
@@ -92,20 +91,6 @@ def assert_same_report(chunked: RadiusReport, full: RadiusReport, rtol: float = 
         assert (mine is None) == (theirs is None), field
         if mine is not None:
             torch.testing.assert_close(mine, theirs, rtol=rtol, atol=0, msg=lambda text, field=field: f"{field}: {text}")
-
-
-@pytest.fixture
-def linear_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter:
-    """Calls of ``nn.Linear.forward`` per module, counted by a class-level patch (no hook on any module)."""
-    calls: collections.Counter = collections.Counter()
-    forward = torch.nn.Linear.forward
-
-    def counting(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
-        calls[self] += 1
-        return forward(self, input)
-
-    monkeypatch.setattr(torch.nn.Linear, "forward", counting)
-    return calls
 
 
 # ------------------------------------------------------------------------------------------ same as the full head

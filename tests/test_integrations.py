@@ -5,7 +5,6 @@ Tiny models from configs, tiny in-memory datasets, no hub.
 
 from __future__ import annotations
 
-import collections
 import copy
 import math
 import pickle
@@ -55,20 +54,6 @@ def tiny(model_type: str, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model(model_type, **{**SMALL, **overrides})
     return transformers.AutoModelForCausalLM.from_config(config)
-
-
-@pytest.fixture
-def linear_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter:
-    """Calls of ``nn.Linear.forward`` per module (a class-level patch: no hook on any module)."""
-    calls: collections.Counter = collections.Counter()
-    forward = torch.nn.Linear.forward
-
-    def counting(self: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
-        calls[self] += 1
-        return forward(self, input)
-
-    monkeypatch.setattr(torch.nn.Linear, "forward", counting)
-    return calls
 
 
 # ------------------------------------------------------------------------------------------ rho_trainer / rho_arguments
