@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from hf_ghosts.cli.errors import CliError
 from hf_ghosts.settings import RADII  # what RadiusProbe measures (it validates them again)
@@ -32,24 +33,23 @@ def _radii(value: str) -> tuple[str, ...]:
     return names
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected an integer >= 1")
-    return number
+def _integer_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= minimum``, or an error naming the bound."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"{value!r}: expected an integer >= {minimum}")
+        return number
+
+    return parse
 
 
-def _count(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected an integer >= 0")
-    return number
+_positive_int = _integer_at_least(1)
+_count = _integer_at_least(0)
 
 
 def _positive_float(value: str) -> float:
