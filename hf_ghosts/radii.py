@@ -10,7 +10,7 @@ the modulus of that zero, or turns it into a step size.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 
 import torch
@@ -230,27 +230,37 @@ def exact_radius(
     Returns:
         ``[...]`` radii in units of ``t``, in the dtype of ``slopes``.
     """
+    def solve(log_weights: torch.Tensor, slopes: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+        return _exact_scaled_radius(
+            log_weights, slopes, width, rtol=rtol, max_radius=max_radius, chunk_elements=chunk_elements
+        )
+
+    return _radius_per_sample("exact_radius", logits, slopes, dim, solve)
+
+
+def _radius_per_sample(
+    name: str,
+    logits: torch.Tensor,
+    slopes: torch.Tensor,
+    dim: int,
+    solve: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Shared frame of :func:`exact_radius` and :func:`certified_radius`: check the inputs, flatten the samples
+    to float64 rows, and divide ``solve(log_softmax(z), a, Delta)`` (a radius in ``s = Delta t``) by ``Delta`` on
+    the rows with ``Delta > 0``; ``inf`` on the others. Returns ``[...]`` in the dtype of ``slopes``."""
     if logits.shape != slopes.shape:
-        raise ValueError(f"exact_radius: logits and slopes must match; got {tuple(logits.shape)} and {tuple(slopes.shape)}")
-    _check_finite("exact_radius", logits=logits, slopes=slopes)
+        raise ValueError(f"{name}: logits and slopes must match; got {tuple(logits.shape)} and {tuple(slopes.shape)}")
+    _check_finite(name, logits=logits, slopes=slopes)
     out_dtype = slopes.dtype if slopes.is_floating_point() else torch.float64
     logits = logits.movedim(dim, -1).to(torch.float64)
     slopes = slopes.movedim(dim, -1).to(torch.float64)
     batch_shape = logits.shape[:-1]
-    logits = logits.reshape(-1, logits.shape[-1])
-    slopes = slopes.reshape(-1, slopes.shape[-1])
+    logits, slopes = logits.reshape(-1, logits.shape[-1]), slopes.reshape(-1, slopes.shape[-1])
     width = slopes.amax(-1) - slopes.amin(-1)
     result = torch.full(width.shape, math.inf, dtype=torch.float64, device=logits.device)
     live = width > 0
     if live.any():
-        result[live] = _exact_scaled_radius(
-            torch.log_softmax(logits[live], -1),
-            slopes[live],
-            width[live],
-            rtol=rtol,
-            max_radius=max_radius,
-            chunk_elements=chunk_elements,
-        ) / width[live]
+        result[live] = solve(torch.log_softmax(logits[live], -1), slopes[live], width[live]) / width[live]
     return result.reshape(batch_shape).to(out_dtype)
 
 
@@ -486,24 +496,12 @@ def certified_radius(
     Returns:
         ``[...]`` radii in units of ``t``, in the dtype of ``slopes``.
     """
-    if logits.shape != slopes.shape:
-        raise ValueError(
-            f"certified_radius: logits and slopes must match; got {tuple(logits.shape)} and {tuple(slopes.shape)}"
-        )
-    _check_finite("certified_radius", logits=logits, slopes=slopes)
-    out_dtype = slopes.dtype if slopes.is_floating_point() else torch.float64
-    logits = logits.movedim(dim, -1).to(torch.float64)
-    slopes = slopes.movedim(dim, -1).to(torch.float64)
-    batch_shape = logits.shape[:-1]
-    logits, slopes = logits.reshape(-1, logits.shape[-1]), slopes.reshape(-1, slopes.shape[-1])
-    width = slopes.amax(-1) - slopes.amin(-1)
-    result = torch.full(width.shape, math.inf, dtype=torch.float64, device=logits.device)
-    live = width > 0
-    if live.any():
-        rates = (slopes[live] - ((slopes[live].amax(-1) + slopes[live].amin(-1)) / 2)[:, None]) / width[live, None]
-        compressed = _compress(torch.log_softmax(logits[live], -1), rates, exact_classes, bins)
-        result[live] = _certified_scaled_radius(*compressed, rtol=rtol, max_radius=max_radius, chunk_elements=chunk_elements) / width[live]
-    return result.reshape(batch_shape).to(out_dtype)
+    def solve(log_weights: torch.Tensor, slopes: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+        rates = (slopes - ((slopes.amax(-1) + slopes.amin(-1)) / 2)[:, None]) / width[:, None]
+        compressed = _compress(log_weights, rates, exact_classes, bins)
+        return _certified_scaled_radius(*compressed, rtol=rtol, max_radius=max_radius, chunk_elements=chunk_elements)
+
+    return _radius_per_sample("certified_radius", logits, slopes, dim, solve)
 
 
 def _certified_scaled_radius(
