@@ -32,13 +32,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMALL_DATA = ["--max_train_blocks", "48", "--max_eval_blocks", "8", "--tokenizer_vocab_size", "512"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: a second intra-op thread buys nothing and costs a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: a second thread buys nothing
 
 
 def recipe(name: str) -> ModuleType:
