@@ -85,10 +85,20 @@ def _pythia(hidden: int, layers: int, heads: int) -> tuple[str, dict[str, Any]]:
     }
 
 
+def _llama(hidden: int, layers: int, heads: int, positions: int) -> tuple[str, dict[str, Any]]:
+    """A Llama (RMSNorm, SwiGLU of width ~8/3 hidden rounded up to a multiple of 4, two key-value heads, untied)."""
+    return "llama", {
+        "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": 2,
+        "intermediate_size": -(-8 * hidden // 12) * 4, "max_position_embeddings": positions, "hidden_act": "silu",
+        "tie_word_embeddings": False, "vocab_size": 32000, "bos_token_id": 0, "eos_token_id": 0,
+    }
+
+
 #: ``name -> (model_type, config kwargs)``. The ``pythia-*`` entries have the real Pythia shapes
 #: (the vocabulary is replaced by the tokenizer's in :func:`build_model`); ``pythia-tiny`` is the
 #: same architecture small enough to train for hundreds of steps on two CPU cores in a minute;
-#: ``llama-tiny`` is a Llama (RMSNorm, SwiGLU, grouped-query attention) of the same size.
+#: ``llama-tiny`` is a Llama (RMSNorm, SwiGLU, grouped-query attention) of the same size, ``llama-14m`` one with
+#: ``pythia-14m``'s hidden size, layers and heads (the second family at the larger size of ``recipes/lr_free.py``).
 MODEL_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "pythia-14m": _pythia(128, 6, 4),
     "pythia-31m": _pythia(256, 6, 8),
@@ -102,9 +112,8 @@ MODEL_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "pythia-12b": _pythia(5120, 36, 40),
     "pythia-tiny": ("gpt_neox", {**_PYTHIA, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                                  "intermediate_size": 256, "max_position_embeddings": 512}),
-    "llama-tiny": ("llama", {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                             "intermediate_size": 172, "max_position_embeddings": 512, "hidden_act": "silu",
-                             "tie_word_embeddings": False, "vocab_size": 32000, "bos_token_id": 0, "eos_token_id": 0}),
+    "llama-tiny": _llama(64, 2, 4, 512),
+    "llama-14m": _llama(128, 6, 4, 2048),
 }
 
 _CONFIGS: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {

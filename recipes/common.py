@@ -124,6 +124,16 @@ def load_blocks(data: DataArguments, tokenizer, splits: DatasetDict):
     return train, evaluation
 
 
+def load_data(data: DataArguments, model: ModelArguments | None = None) -> tuple[Any, Any, Any]:
+    """``(tokenizer, train, evaluation)``: the text (:func:`load_text_splits`), its tokenizer (:func:`load_tokenizer`) and
+    the blocks (:func:`load_blocks`), with transformers' logging quieted."""
+    hf_logging.set_verbosity_error()
+    splits = load_text_splits(data)
+    tokenizer = load_tokenizer(model, data, splits["train"][data.text_column])
+    train, evaluation = load_blocks(data, tokenizer, splits)
+    return tokenizer, train, evaluation
+
+
 def load_model(model: ModelArguments, vocab_size: int, seed: int) -> PreTrainedModel:
     """``from_pretrained(--model_name_or_path)``, or the preset initialized from ``seed`` sized to the vocabulary."""
     if model.model_name_or_path is not None:
@@ -143,11 +153,8 @@ def parse_and_load(spec_class: type, argv: list[str] | None) -> tuple[Any, Model
     parser = HfArgumentParser((spec_class, ModelArguments, DataArguments))
     spec, model_args, data_args = parser.parse_args_into_dataclasses(args=argv)
     os.makedirs(spec.output_dir, exist_ok=True)
-    hf_logging.set_verbosity_error()
     set_seed(spec.seed)
-    splits = load_text_splits(data_args)
-    tokenizer = load_tokenizer(model_args, data_args, splits["train"][data_args.text_column])
-    train, evaluation = load_blocks(data_args, tokenizer, splits)
+    tokenizer, train, evaluation = load_data(data_args, model_args)
     return spec, model_args, tokenizer, train, evaluation
 
 

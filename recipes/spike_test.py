@@ -34,14 +34,11 @@ import torch
 from common import (
     DataArguments,
     argmax_logits,
-    load_blocks,
-    load_text_splits,
-    load_tokenizer,
+    load_data,
     token_accuracy,
     write_table,
 )
 from transformers import HfArgumentParser, PrinterCallback, Trainer, default_data_collator
-from transformers.utils import logging as hf_logging
 
 from hf_ghosts import RhoTrainer, RhoTrainingArguments
 from hf_ghosts.plots import save_figure
@@ -239,10 +236,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run every (preset, method, factor); write the tables and the plot; return the rows."""
     spec, data_args = HfArgumentParser((SpikeArguments, DataArguments)).parse_args_into_dataclasses(args=argv)
     os.makedirs(spec.output_dir, exist_ok=True)
-    hf_logging.set_verbosity_error()
-    splits = load_text_splits(data_args)
-    tokenizer = load_tokenizer(None, data_args, splits["train"][data_args.text_column])
-    train, evaluation = load_blocks(data_args, tokenizer, splits)
+    tokenizer, train, evaluation = load_data(data_args)
     data = {"train": train, "eval": evaluation, "vocab": len(tokenizer), "tokenizer": tokenizer}
     rows = []
     with tempfile.TemporaryDirectory() as scratch:

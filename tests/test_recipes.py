@@ -70,6 +70,9 @@ def test_pythia_presets_have_the_real_shapes() -> None:
         assert config.use_parallel_residual and config.hidden_act == "gelu" and not config.tie_word_embeddings
         assert config.vocab_size == 2048 and config.model_type == "gpt_neox"
     assert preset_config("llama-tiny").model_type == "llama"
+    small, large = preset_config("llama-tiny"), preset_config("llama-14m")  # SwiGLU width: 8/3 hidden up to a multiple of 4
+    assert (small.intermediate_size, large.intermediate_size) == (172, 344) and large.model_type == "llama"
+    assert (large.hidden_size, large.num_hidden_layers, large.num_attention_heads) == (128, 6, 4)  # pythia-14m's
     with pytest.raises(ValueError, match="unknown preset 'pythia-7m'"):
         preset_config("pythia-7m")
     assert set(shapes) < set(MODEL_PRESETS)
@@ -386,6 +389,58 @@ def test_temperature(tmp_path: Path) -> None:
             assert ratio == pytest.approx(2.0, rel=2e-2) and ratio > 2.0 - 1e-3
     with pytest.raises(ValueError, match="threshold must be > 1"):
         recipe("temperature").main(["--output_dir", str(tmp_path), "--threshold", "0.5"])
+
+
+# ------------------------------------------------------------------------------------------ lr_free
+@pytest.mark.slow
+def test_lr_free(tmp_path: Path) -> None:
+    """Every method runs end to end at a toy size, with a spike; files and table rows only (no science asserted)."""
+    module = recipe("lr_free")
+    summary = module.main([
+        "--output_dir", str(tmp_path), "--presets", "pythia-tiny", "--learning_rates", "1e-3", "1e-2", "--rho_targets",
+        "0.5", "--max_steps", "4", "--eval_points", "2", "--seeds", "0", "--spike_factor", "10", *SMALL_DATA,
+    ])
+    methods = ["adamw lr=0.001", "adamw lr=0.01", "rho-set r*=0.5", "rho-set r*=1 (default)", "prodigy", "schedule-free",
+               "adamw-default"]
+    with open(tmp_path / "lr_free_runs.csv") as handle:
+        runs = list(csv.DictReader(handle))
+    assert [row["method"] for row in runs] == methods
+    with open(tmp_path / "lr_free_table.csv") as handle:
+        assert [row["method"] for row in csv.DictReader(handle)] == methods
+    markdown = (tmp_path / "lr_free_table.md").read_text()
+    assert all(f"| {m} |" in markdown or f"| **{m}** |" in markdown for m in methods) and "lr x10 from step 3" in markdown
+    with open(tmp_path / "lr_free_curves.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 2 * len(methods)  # eval_points per run
+    for row in runs:
+        probed = float(row["probed_steps"])
+        assert (0 < probed <= 4) if row["method"].startswith("rho-set") else math.isnan(probed)
+    assert summary["recommended_r_target"] in (0.5, 1.0) and summary["default_r_target"] == 1.0
+    assert json.loads((tmp_path / "summary.json").read_text())["runs"] == len(methods)
+    assert_png(tmp_path / "lr_free.png")
+
+
+def test_lr_free_spike_multiplies_each_methods_own_schedule(tmp_path: Path) -> None:
+    """The spike rides on the method's schedule: cosine with warm-up (AdamW) and constant (schedule-free), x factor
+    from step ``spike_at`` (0-based) on, as :func:`spike_multiplier` says."""
+    module = recipe("lr_free")
+    spec = module.LrFreeArguments(max_steps=10, warmup_fraction=0.2, spike_factor=100.0, spike_at=6)
+    model = build_model("pythia-tiny", vocab_size=64, seed=0)
+    for kind, value in (("adamw", 1e-3), ("schedule-free", math.nan)):
+        method = {"label": kind, "kind": kind, "value": value}
+        args = module.training_arguments(spec, method, 0, str(tmp_path))
+        unused = [{"input_ids": [0, 1]}]  # the arguments evaluate every few steps; nothing runs here
+        plain = module.Trainer(model=model, args=args, eval_dataset=unused)
+        spiked = module.SpikedTrainer(model=model, args=args, eval_dataset=unused, spike_at=6, spike_factor=100.0)
+        rates = []
+        for trainer in (plain, spiked):
+            trainer.create_optimizer_and_scheduler(num_training_steps=10)
+            rates.append([trainer.lr_scheduler.lr_lambdas[0](k) for k in range(10)])
+        assert rates[1] == pytest.approx([rate * (100.0 if k >= 6 else 1.0) for k, rate in enumerate(rates[0])])
+        # constant for schedule-free (its warm-up lives in the optimizer); else 2 warm-up steps from 0, then the cosine
+        assert rates[0] == ([1.0] * 10 if kind == "schedule-free" else [0.0, 0.5, 1.0, *rates[0][3:]])
+    assert module.LrFreeArguments(rho_targets=[0.5, 2.0]).rho_targets == [0.5, 1.0, 2.0]  # the default joins the list
+    with pytest.raises(ValueError, match="--spike_at must lie"):
+        module.LrFreeArguments(max_steps=10, spike_at=10)
 
 
 def test_temperature_hook_scales_logits_and_loss_and_leaves_the_model_as_found() -> None:
