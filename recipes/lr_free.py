@@ -51,7 +51,9 @@ presets). W&B stays off unless ``--report_to wandb``.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
 import math
 import os
 import tempfile
@@ -104,6 +106,11 @@ class LrFreeArguments:
     spike_factor: float = field(default=1.0, metadata={"help": "Learning-rate multiplier from --spike_at on (1: none)."})
     spike_at: int | None = field(default=None, metadata={"help": "0-based optimizer step of the spike (default: mid-run)."})
     report_to: list[str] = field(default_factory=list, metadata={"help": "Trainer's report_to (default: none)."})
+    replot: bool = field(
+        default=False,
+        metadata={"help": "No training: rebuild the tables, the plot and the summary from <output_dir>/lr_free_runs.csv and "
+                  "lr_free_curves.csv (give the run's other options)."},
+    )
 
     def __post_init__(self) -> None:
         if self.spike_at is None:
@@ -280,8 +287,9 @@ def _finite(value: float) -> float:
 
 def verdict(table: list[dict[str, Any]], spec: LrFreeArguments) -> dict[str, Any]:
     """Per preset the tuned AdamW (least mean loss over the sweep) and each r*'s gap to it; the recommended r* is the one
-    with the least mean gap over the presets."""
-    per_preset, gaps = {}, {}
+    with the least mean gap over the presets. ``beyond_spread``: its mean gap beats the default's by more than the mean
+    over presets of the larger seed std of the two (else the data do not tell them apart)."""
+    per_preset, gaps, stds = {}, {}, {}
     for preset in spec.presets:
         mine = [row for row in table if row["preset"] == preset]
         sweep = [row for row in mine if row["kind"] == "adamw"]
@@ -293,12 +301,17 @@ def verdict(table: list[dict[str, Any]], spec: LrFreeArguments) -> dict[str, Any
                 if row["kind"] == "rho-set":
                     gap = row["loss_mean"] - tuned["loss_mean"]
                     gaps.setdefault(row["value"], []).append(gap)
+                    stds.setdefault(row["value"], []).append(row["loss_std"])
                     entry.setdefault("rho_set_minus_tuned_adamw", {})[f"{row['value']:g}"] = gap
         per_preset[preset] = entry
     mean_gap = {r: float(np.mean(g)) for r, g in gaps.items()}
     recommended = min(mean_gap, key=lambda r: _finite(mean_gap[r])) if mean_gap else None
+    beyond = None
+    if recommended is not None and DEFAULT_TARGET in mean_gap:
+        noise = float(np.mean(np.maximum(stds[recommended], stds[DEFAULT_TARGET])))
+        beyond = bool(mean_gap[DEFAULT_TARGET] - mean_gap[recommended] > noise)
     return {"presets": per_preset, "rho_set_mean_gap": {f"{r:g}": g for r, g in mean_gap.items()},
-            "recommended_r_target": recommended, "default_r_target": DEFAULT_TARGET}
+            "recommended_r_target": recommended, "default_r_target": DEFAULT_TARGET, "beyond_spread": beyond}
 
 
 def plot_lr_free(rows: list[dict[str, Any]], table: list[dict[str, Any]], spec: LrFreeArguments, path: str) -> str:
@@ -352,11 +365,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every (preset, method, seed); write the tables, the curves, the plot and the summary; return the summary."""
     spec, data_args = HfArgumentParser((LrFreeArguments, DataArguments)).parse_args_into_dataclasses(args=argv)
     os.makedirs(spec.output_dir, exist_ok=True)
+    if spec.replot:
+        rows = read_runs(spec)
+        previous = os.path.join(spec.output_dir, "summary.json")
+        wall = json.load(open(previous)).get("wall_seconds") if os.path.exists(previous) else None
+        return report(rows, spec, wall)
+    rows, started = train_all(spec, data_args), time.perf_counter()
+    return report(rows, spec, time.perf_counter() - started)
+
+
+def train_all(spec: LrFreeArguments, data_args: DataArguments) -> list[dict[str, Any]]:
+    """Every (preset, seed, method) run's row, in that order."""
     tokenizer, train, evaluation = load_data(data_args)
     # 8 sequences x 128 tokens = 1,024 tokens per optimizer step by default
     data = {"train": train, "eval": evaluation, "vocab": len(tokenizer),
             "tokens_per_step": spec.batch_size * data_args.block_size}
-    rows, started = [], time.perf_counter()
+    rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for preset in spec.presets:
             for seed in spec.seeds:
@@ -366,6 +390,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     print(f"{preset:>12} seed {seed} {row['method']:>26}: eval loss {row['final_eval_loss']:8.4f}"
                           f"{'  COLLAPSED' if row['collapsed'] else ''} ({row['train_seconds']:.1f} s train, "
                           f"{row['eval_seconds']:.1f} s eval)", flush=True)
+    return rows
+
+
+def read_runs(spec: LrFreeArguments) -> list[dict[str, Any]]:
+    """The rows :func:`train_all` returned, read back from ``lr_free_runs.csv`` and ``lr_free_curves.csv``."""
+    methods = {method["label"]: method for method in method_grid(spec)}
+    with open(os.path.join(spec.output_dir, "lr_free_curves.csv")) as handle:
+        curves = list(csv.DictReader(handle))
+    with open(os.path.join(spec.output_dir, "lr_free_runs.csv")) as handle:
+        rows = [{**row, "seed": int(row["seed"]), "collapsed": row["collapsed"] == "True",
+                 **{key: float(row[key]) for key in ("final_eval_loss", "train_seconds", "eval_seconds", "probed_steps")}}
+                for row in csv.DictReader(handle)]
+    for row in rows:
+        row.update(kind=methods[row["method"]]["kind"], value=methods[row["method"]]["value"])
+        row["curve"] = [(int(c["tokens"]), float(c["eval_loss"])) for c in curves
+                        if (c["preset"], c["method"], int(c["seed"])) == (row["preset"], row["method"], row["seed"])]
+    return rows
+
+
+def report(rows: list[dict[str, Any]], spec: LrFreeArguments, wall_seconds: float | None) -> dict[str, Any]:
+    """Write the run and curve tables, the per-method table, the plot and the summary; print the table; return the summary."""
     columns = ["preset", "method", "seed", "final_eval_loss", "collapsed", "train_seconds", "eval_seconds", "probed_steps"]
     write_table(rows, os.path.join(spec.output_dir, "lr_free_runs"), columns)
     curves = [{"preset": r["preset"], "method": r["method"], "seed": r["seed"], "tokens": t, "eval_loss": loss}
@@ -377,12 +422,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with open(os.path.join(spec.output_dir, "lr_free_table.md"), "w") as handle:
         handle.write(markdown)
     plot_lr_free(rows, table, spec, os.path.join(spec.output_dir, "lr_free.png"))
-    summary = {**verdict(table, spec), "settings": dataclasses.asdict(spec), "wall_seconds": time.perf_counter() - started,
-               "runs": len(rows)}
+    summary = {**verdict(table, spec), "settings": dataclasses.asdict(spec), "wall_seconds": wall_seconds, "runs": len(rows)}
     write_json(os.path.join(spec.output_dir, "summary.json"), summary)
     print("\n" + markdown)
     print(f"recommended r* (least mean gap to the tuned AdamW over {', '.join(spec.presets)}): "
-          f"{summary['recommended_r_target']}; default {DEFAULT_TARGET}")
+          f"{summary['recommended_r_target']} (beyond the seed spread: {summary['beyond_spread']}); default {DEFAULT_TARGET}")
     print(f"wrote {spec.output_dir}/: lr_free_table.md/.csv, lr_free_runs.csv/.md, lr_free_curves.csv, lr_free.png, "
           "summary.json")
     return summary

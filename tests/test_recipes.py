@@ -417,6 +417,12 @@ def test_lr_free(tmp_path: Path) -> None:
     assert summary["recommended_r_target"] in (0.5, 1.0) and summary["default_r_target"] == 1.0
     assert json.loads((tmp_path / "summary.json").read_text())["runs"] == len(methods)
     assert_png(tmp_path / "lr_free.png")
+    table = (tmp_path / "lr_free_table.csv").read_text()
+    replotted = module.main([  # --replot rebuilds the same table from the run and curve files, without training
+        "--output_dir", str(tmp_path), "--presets", "pythia-tiny", "--learning_rates", "1e-3", "1e-2", "--rho_targets", "0.5",
+        "--max_steps", "4", "--eval_points", "2", "--seeds", "0", "--spike_factor", "10", "--replot",
+    ])
+    assert (tmp_path / "lr_free_table.csv").read_text() == table and replotted["presets"] == summary["presets"]
 
 
 def test_lr_free_spike_multiplies_each_methods_own_schedule(tmp_path: Path) -> None:
