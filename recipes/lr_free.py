@@ -267,7 +267,7 @@ def table_markdown(table: list[dict[str, Any]], spec: LrFreeArguments) -> str:
         sweep = [row for row in mine if row["kind"] == "adamw"]
         others = [row for row in mine if row["kind"] != "adamw"]
         best = {min(group, key=lambda row: _finite(row["loss_mean"]))["method"] for group in (sweep, others) if group}
-        lines = [f"**{preset}**: final eval loss over {len(spec.seeds)} seed(s), mean ± std (min-max); {spec.max_steps} "
+        lines = [f"**{preset}**: final eval loss over {len(spec.seeds)} seed(s), mean ± std (ddof=1) (min-max); {spec.max_steps} "
                  f"steps of {spec.batch_size} x 128 tokens{spike}", "",
                  "| method | final eval loss | train s / run | probed steps |", "|---|---|---|---|"]
         for row in mine:
@@ -288,7 +288,7 @@ def _finite(value: float) -> float:
 def verdict(table: list[dict[str, Any]], spec: LrFreeArguments) -> dict[str, Any]:
     """Per preset the tuned AdamW (least mean loss over the sweep) and each r*'s gap to it; the recommended r* is the one
     with the least mean gap over the presets. ``beyond_spread``: its mean gap beats the default's by more than the mean
-    over presets of the larger seed std of the two (else the data do not tell them apart)."""
+    over presets of the larger seed std of the two (else the data do not tell them apart; ``None`` with one seed)."""
     per_preset, gaps, stds = {}, {}, {}
     for preset in spec.presets:
         mine = [row for row in table if row["preset"] == preset]
@@ -307,7 +307,7 @@ def verdict(table: list[dict[str, Any]], spec: LrFreeArguments) -> dict[str, Any
     mean_gap = {r: float(np.mean(g)) for r, g in gaps.items()}
     recommended = min(mean_gap, key=lambda r: _finite(mean_gap[r])) if mean_gap else None
     beyond = None
-    if recommended is not None and DEFAULT_TARGET in mean_gap:
+    if recommended is not None and DEFAULT_TARGET in mean_gap and len(spec.seeds) > 1:  # one seed: no spread to judge by
         noise = float(np.mean(np.maximum(stds[recommended], stds[DEFAULT_TARGET])))
         beyond = bool(mean_gap[DEFAULT_TARGET] - mean_gap[recommended] > noise)
     return {"presets": per_preset, "rho_set_mean_gap": {f"{r:g}": g for r, g in mean_gap.items()},
@@ -349,7 +349,8 @@ def plot_lr_free(rows: list[dict[str, Any]], table: list[dict[str, Any]], spec: 
                             label="AdamW (cosine) sweep, min-max over seeds")
             bottom.set_xscale("log")
         spike = f", lr x{spec.spike_factor:g} from step {spec.spike_at + 1}" if spec.spike_factor != 1.0 else ""
-        top.set_title(f"{preset}: eval loss (mean of {len(spec.seeds)} seeds){spike}")
+        seeds = f"mean of {len(spec.seeds)} seeds" if len(spec.seeds) > 1 else f"seed {spec.seeds[0]}"
+        top.set_title(f"{preset}: eval loss ({seeds}){spike}")
         top.set_xlabel("training tokens")
         top.set_ylabel("eval loss")
         bottom.set_title(f"{preset}: final eval loss after {spec.max_steps} steps")
