@@ -335,7 +335,7 @@ def plot_lr_free(rows: list[dict[str, Any]], table: list[dict[str, Any]], spec: 
             tokens = [t for t, _ in runs[0]["curve"]]
             curves = np.array([[loss for _, loss in r["curve"]] for r in runs], dtype=float)
             color = shades[row["value"]] if row["kind"] == "rho-set" else COLORS[row["kind"]]
-            label = f"{row['method']} (tuned)" if row["kind"] == "adamw" else row["method"]
+            label = f"{row['method']} (best of the sweep)" if row["kind"] == "adamw" else row["method"]
             top.plot(tokens, np.minimum(curves.mean(0), ceiling), color=color, ls=styles.get(row["kind"], "-"), lw=1.6,
                      label=label)
             if row["kind"] != "adamw":
@@ -357,6 +357,8 @@ def plot_lr_free(rows: list[dict[str, Any]], table: list[dict[str, Any]], spec: 
         bottom.set_xlabel("AdamW peak learning rate")
         bottom.set_ylabel("final eval loss (seed mean)")
         for axis in (top, bottom):
+            if spec.spike_factor != 1.0:
+                axis.set_yscale("log")  # collapsed runs end far above the others
             axis.legend(fontsize=7)
             axis.grid(alpha=0.3)
     return save_figure(figure, path)
