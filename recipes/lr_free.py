@@ -30,11 +30,13 @@ The rho-set target list marks the controller's default ``rho_target`` ("(default
 step ``K`` (0-based) to the end, on top of its own schedule (:func:`hf_ghosts.presets.spike_multiplier`);
 in set mode that multiplies ``r*(t)`` too, since the target follows the schedule.
 
-    python recipes/lr_free.py                                  # pythia-tiny + llama-tiny, 11 methods x 3 seeds
-    python recipes/lr_free.py --spike_factor 100 --output_dir outputs/lr_free_spike
-    python recipes/lr_free.py --presets pythia-14m llama-14m --max_steps 400 --learning_rates 1e-3 3e-3 1e-2 \\
-        --seeds 0 --output_dir outputs/lr_free_14m
-    python recipes/lr_free.py --methods rho-set prodigy --rho_targets 0.25 0.5 1 --seeds 0 1
+    python recipes/lr_free.py              # pythia-tiny + llama-tiny, 11 methods x 3 seeds = 66 runs: 22 min on 2 busy CPU cores
+    python recipes/lr_free.py --seeds 0    # the same with one seed: 22 runs, a third of the time
+    python recipes/lr_free.py --spike_factor 100 --seeds 0 --output_dir outputs/lr_free_spike100         # 10 min
+    python recipes/lr_free.py --presets pythia-14m llama-14m --max_steps 300 --learning_rates 1e-3 3e-3 1e-2 \\
+        --seeds 0 --output_dir outputs/lr_free_14m                                                       # 28 min
+    python recipes/lr_free.py --presets llama-tiny --methods rho-set --rho_targets 0.25 4 --output_dir outputs/lr_free_llama_more_r
+    python recipes/lr_free.py --replot     # tables, plot and summary again from outputs/lr_free/*.csv (same options)
 
 Batch arithmetic of the default: 8 sequences x 128 tokens = 1,024 tokens per step, 200 steps =
 205k tokens (~1.7 epochs of the 118k-token pydoc training split), evaluated on 64 x 128 held-out
