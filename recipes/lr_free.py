@@ -32,6 +32,7 @@ in set mode that multiplies ``r*(t)`` too, since the target follows the schedule
 
     python recipes/lr_free.py              # pythia-tiny + llama-tiny, 11 methods x 3 seeds = 66 runs: 22 min on 2 busy CPU cores
     python recipes/lr_free.py --seeds 0    # the same with one seed: 22 runs, a third of the time
+    python recipes/lr_free.py --seeds 0 --presets pythia-tiny   # the quick look: 11 runs, a sixth
     python recipes/lr_free.py --spike_factor 100 --seeds 0 --output_dir outputs/lr_free_spike100         # 10 min
     python recipes/lr_free.py --presets pythia-14m llama-14m --max_steps 300 --learning_rates 1e-3 3e-3 1e-2 \\
         --seeds 0 --output_dir outputs/lr_free_14m                                                       # 28 min
