@@ -118,8 +118,8 @@ class LrFreeArguments:
     def __post_init__(self) -> None:
         if self.spike_at is None:
             self.spike_at = self.max_steps // 2
-        if not 0 <= self.spike_at < self.max_steps:
-            raise ValueError(f"--spike_at must lie in [0, --max_steps); got {self.spike_at} and {self.max_steps}")
+        if not 1 <= self.spike_at < self.max_steps:  # step 0's rate is set when the schedule is built, before the spike
+            raise ValueError(f"--spike_at must lie in [1, --max_steps); got {self.spike_at} and {self.max_steps}")
         if not (self.spike_factor > 0 and math.isfinite(self.spike_factor)):
             raise ValueError(f"--spike_factor must be a finite number > 0; got {self.spike_factor}")
         if not 0 <= self.warmup_fraction < 1 or not 1 <= self.eval_points <= self.max_steps:
@@ -170,7 +170,7 @@ def training_arguments(spec: LrFreeArguments, method: dict[str, Any], seed: int,
         return TrainingArguments(**shared, **cosine, learning_rate=1.0)
     if kind == "schedule-free":  # warm-up inside the optimizer (Trainer passes warmup_steps), constant schedule
         return TrainingArguments(**shared, optim="schedule_free_adamw", learning_rate=spec.schedule_free_lr,
-                                    lr_scheduler_type="constant", warmup_steps=spec.warmup_steps, max_grad_norm=0.0)
+                                 lr_scheduler_type="constant", warmup_steps=spec.warmup_steps, max_grad_norm=0.0)
     return TrainingArguments(**shared, **TRAINER_DEFAULTS)  # adamw-default
 
 
@@ -184,7 +184,7 @@ class SpikedSchedule:
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         fresh = self.lr_scheduler is None
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if fresh and self.spike_factor != 1.0:  # Trainer's schedules are LambdaLRs; k = 0 is never spiked (spike_at >= 1)
+        if fresh and self.spike_factor != 1.0:  # Trainer's schedules are LambdaLRs
             scheduler.lr_lambdas = [
                 lambda k, base=base: base(k) * spike_multiplier(k, self.spike_at, self.spike_factor)
                 for base in scheduler.lr_lambdas

@@ -445,8 +445,9 @@ def test_lr_free_spike_multiplies_each_methods_own_schedule(tmp_path: Path) -> N
         # constant for schedule-free (its warm-up lives in the optimizer); else 2 warm-up steps from 0, then the cosine
         assert rates[0] == ([1.0] * 10 if kind == "schedule-free" else [0.0, 0.5, 1.0, *rates[0][3:]])
     assert module.LrFreeArguments(rho_targets=[0.5, 2.0]).rho_targets == [0.5, 1.0, 2.0]  # the default joins the list
-    with pytest.raises(ValueError, match="--spike_at must lie"):
-        module.LrFreeArguments(max_steps=10, spike_at=10)
+    for outside in (0, 10):
+        with pytest.raises(ValueError, match="--spike_at must lie"):
+            module.LrFreeArguments(max_steps=10, spike_at=outside)
 
 
 def test_temperature_hook_scales_logits_and_loss_and_leaves_the_model_as_found() -> None:
