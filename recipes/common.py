@@ -1,4 +1,4 @@
-"""Code the three recipes share: command-line options for model and data, loading, metrics, W&B, plots, tables.
+"""Code the recipes share: command-line options for model and data, loading, metrics, W&B, plots, tables.
 
 The reusable, tested building blocks (presets, tokenizer, corpus, LM blocks) live in
 :mod:`hf_ghosts.presets`; this module is the recipe glue around them. The recipes import it as
