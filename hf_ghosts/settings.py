@@ -28,6 +28,8 @@ __all__ = [
     "DEFAULT_EVERY",
     "DEFAULT_FD_STEP",
     "DEFAULT_PROBE_DTYPE",
+    "DEFAULT_RADIUS",
+    "DEFAULT_TOPK",
     "DEFAULT_TRIGGER_GROWTH",
     "DEFAULT_TRIGGER_R",
     "ESTIMATORS",
@@ -37,6 +39,7 @@ __all__ = [
     "PROBE_DTYPES",
     "RADII",
     "RADIUS_FIELDS",
+    "RADIUS_KINDS",
     "SETTINGS",
     "Setting",
     "check_probe_dtype",
@@ -59,6 +62,9 @@ ESTIMATOR_CHOICES = ("auto", *ESTIMATORS)  # what the controller, the callback a
 PROBE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 FFN_MODES = ("kink", "activation")
+# The output radius: "bound" is pi / max Delta (Theorem 4.6); "topk_exact" the certified exact radii of the topk widest
+# tokens, capped by pi / Delta of the next one (hf_ghosts.radii.topk_radius): still a lower bound, never smaller.
+RADIUS_KINDS = ("bound", "topk_exact")
 
 # Probing defaults, chosen with benchmarks/overhead.py: central differences on CPU / fp32 (cheaper than the JVP,
 # within 0.5% of it there), a bf16 JVP on CUDA in 16-bit training (fp32 there is ~13x slower), a probe at least every DEFAULT_EVERY steps; in between, a step reuses the last rho only
@@ -70,6 +76,8 @@ DEFAULT_EVERY = 16
 DEFAULT_TRIGGER_R = 0.5
 DEFAULT_TRIGGER_GROWTH = 2.0
 DEFAULT_FD_STEP = 1e-2
+DEFAULT_RADIUS = "bound"
+DEFAULT_TOPK = 8
 
 
 def _is_number(value: Any) -> bool:
@@ -120,6 +128,9 @@ SETTINGS: dict[str, Setting] = {
         Setting("ffn_mode", "rho_ffn_mode", f"one of {list(FFN_MODES)}", lambda v: v in FFN_MODES),
         Setting("ffn_quantile", "rho_ffn_quantile", "a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1),
         Setting("vocab_chunk", "rho_vocab_chunk", "a positive integer", lambda v: _is_int(v) and v >= 1),
+        Setting("radius", "rho_radius", f"one of {list(RADIUS_KINDS)}", lambda v: v in RADIUS_KINDS),
+        Setting("topk", "rho_topk", "an integer >= 1", lambda v: _is_int(v) and v >= 1),
+        Setting("rescale_moments", "rho_rescale_moments", "True or False", lambda v: isinstance(v, bool)),
         Setting("set_schedule", "rho_set_schedule", "True or False", lambda v: isinstance(v, bool)),
     )
 }
