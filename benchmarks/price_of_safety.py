@@ -3,6 +3,7 @@
     python benchmarks/price_of_safety.py                        # 42M (the 40m size), 60 steps, every setting
     python benchmarks/price_of_safety.py --steps 200 --settings plain topk_exact
     python benchmarks/price_of_safety.py --size tiny --steps 6 --out /tmp/p.json   # smoke run
+    python benchmarks/price_of_safety.py --from_json benchmarks/results/price_of_safety_40m_60.json --png docs/figures/price_of_safety.png
 
 Every setting trains a copy of the same initial weights on the same batches (byte-level tokens of the
 English text that ships with Python, as :mod:`harness`), AdamW at the size's learning rate (Pythia-160m's
@@ -23,12 +24,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import statistics
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import torch
 from harness import (
     SIZES,
@@ -45,6 +49,7 @@ from harness import (
 from transformers import Trainer, TrainingArguments
 
 from hf_ghosts import RhoTrainer, RhoTrainingArguments
+from hf_ghosts.plots import save_figure
 
 SETTINGS: dict[str, dict[str, Any] | None] = {
     "plain": None,
@@ -130,6 +135,27 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return markdown_table(header, body)
 
 
+def plot(rows: Sequence[dict[str, Any]], path: str, title: str) -> str:
+    """Proposed ``r`` on probed steps (left) and the applied scale (right) against the step, one line per setting."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for row in rows:
+        probed = [record for record in row["records"] if record.get("probed")]
+        if not probed:
+            continue
+        left.plot([r["step"] for r in probed], [r["r"] for r in probed], marker=".", lw=1, label=row["setting"])
+        right.plot([r["step"] for r in row["records"]], [r.get("scale", 1.0) for r in row["records"]], lw=1,
+                   label=row["setting"])
+    left.axhline(1.0, color="gray", ls="--", lw=1)
+    left.set_yscale("log")
+    left.set_ylabel("proposed r = |u| / rho (probed steps, each setting's own rho)")
+    right.set_ylabel("scale applied to AdamW's update")
+    for axis in (left, right):
+        axis.set_xlabel("optimizer step")
+        axis.legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    return save_figure(figure, path)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="40m", choices=[name for name, size in SIZES.items() if size.device == "cpu"])
@@ -138,17 +164,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="plain AdamW always runs first (the reference)")
     parser.add_argument("--eval_blocks", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--from_json", default=None, help="no training: the table and --png from a result JSON written before")
+    parser.add_argument("--png", default=None, help="also draw proposed r and the scale per step into this PNG")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/price_of_safety_<size>_<steps>.json)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = ["plain", *[name for name in args.settings if name != "plain"]]
-    with tempfile.TemporaryDirectory() as workdir:
-        rows = train_all(args.size, names, args.steps, args.eval_blocks, workdir)
-    result = {**run_info(argv), "size": args.size, **SIZES[args.size].describe(), "steps": args.steps, "rows": rows}
-    result["table"] = table(rows)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+    else:
+        names = ["plain", *[name for name in args.settings if name != "plain"]]
+        with tempfile.TemporaryDirectory() as workdir:
+            rows = train_all(args.size, names, args.steps, args.eval_blocks, workdir)
+        result = {**run_info(argv), "size": args.size, **SIZES[args.size].describe(), "steps": args.steps, "rows": rows}
+        result["table"] = table(rows)
     print(result["table"])
-    write_result(result, args.out or f"benchmarks/results/price_of_safety_{args.size}_{args.steps}.json")
+    if args.png:
+        title = (f"{result['size']}: {result['steps']} steps of {result['batch']} x {result['seq']} tokens, "
+                 f"lr {result['lr']:g}, cosine")
+        plot(result["rows"], args.png, title)
+    if not args.from_json:
+        write_result(result, args.out or f"benchmarks/results/price_of_safety_{args.size}_{args.steps}.json")
     return result
 
 

@@ -53,10 +53,13 @@ def test_rescale_moments_refuses_an_optimizer_without_first_moment(tmp_path) -> 
 def test_price_of_safety_benchmark_writes_every_setting(tmp_path: Path) -> None:
     out = tmp_path / "price.json"
     module = benchmark("price_of_safety")
-    module.main(["--size", "tiny", "--steps", "4", "--eval_blocks", "4", "--out", str(out)])
+    module.main(["--size", "tiny", "--steps", "4", "--eval_blocks", "4", "--out", str(out), "--png", str(tmp_path / "p.png")])
     result = json.loads(out.read_text())
     assert [row["setting"] for row in result["rows"]] == list(module.SETTINGS)
     for row in result["rows"]:
         assert row["eval_loss"] > 0 and row["time_ratio"] > 0
         assert len(row["records"]) == (0 if row["setting"] == "plain" else 4)
     assert result["table"].count("\n") == len(module.SETTINGS) + 1
+    assert (tmp_path / "p.png").stat().st_size > 0
+    again = module.main(["--from_json", str(out), "--png", str(tmp_path / "again.png")])
+    assert again["table"] == result["table"] and (tmp_path / "again.png").stat().st_size > 0
