@@ -16,7 +16,7 @@ clipped trajectory larger than plain AdamW's). Writes one JSON (``--out``).
 
 The settings (``RhoTrainingArguments`` fields; every other field at its default):
 ``bound`` (``pi / max Delta``, ``r* = 1``), ``topk_exact`` (``rho_radius="topk_exact"``), ``bound_r2``,
-``bound_r4`` (``rho_target`` 2 and 4), ``bound_moments`` and ``topk_exact_moments``
+``bound_r3``, ``bound_r4``, ``topk_exact_r2``, ``topk_exact_r3`` (``rho_target`` 2, 3 and 4), ``bound_moments`` and ``topk_exact_moments``
 (``rho_rescale_moments=True``: the first moment scaled with the step).
 """
 
@@ -56,7 +56,10 @@ SETTINGS: dict[str, dict[str, Any] | None] = {
     "bound": {},
     "topk_exact": {"rho_radius": "topk_exact"},
     "bound_r2": {"rho_target": 2.0},
+    "bound_r3": {"rho_target": 3.0},
     "bound_r4": {"rho_target": 4.0},
+    "topk_exact_r2": {"rho_radius": "topk_exact", "rho_target": 2.0},
+    "topk_exact_r3": {"rho_radius": "topk_exact", "rho_target": 3.0},
     "bound_moments": {"rho_rescale_moments": True},
     "topk_exact_moments": {"rho_radius": "topk_exact", "rho_rescale_moments": True},
 }

@@ -42,6 +42,7 @@ from hf_ghosts.settings import (
     DEFAULT_TRIGGER_GROWTH,
     DEFAULT_TRIGGER_R,
     RADIUS_FIELDS,
+    default_target,
     parse_radii,
     resolve_estimator,
     resolve_probe_dtype,
@@ -175,7 +176,8 @@ class RhoController:
             ``.optimizer``). Needed by :meth:`attach` and :meth:`step`.
         mode: ``"clip"`` (scale ``min(1, r_target rho / |u|)``), ``"set"`` (scale ``r_target rho / |u|``)
             or ``"monitor"`` (measure and log; the update is never changed).
-        r_target: the target normalized step ``r*``. In ``"set"`` mode with ``set_schedule`` it follows the
+        r_target: the target normalized step ``r*``; ``None``: the mode's default
+            (:data:`~hf_ghosts.settings.DEFAULT_TARGETS`: clip 3 in units of ``pi / max Delta``, set 1). In ``"set"`` mode with ``set_schedule`` it follows the
             learning-rate schedule: ``r*(t) = r_target * lr(t) / peak_lr``, ``lr(t)`` the largest ``lr`` of the
             optimizer's param groups when the step runs, ``peak_lr`` the largest ``initial_lr`` that torch's
             schedulers store in the groups, else the largest ``lr`` when the controller got the optimizer
@@ -213,7 +215,7 @@ class RhoController:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         mode: str = "clip",
-        r_target: float = 1.0,
+        r_target: float | None = None,
         radii: tuple[str, ...] | list[str] = ("output", "attention"),
         watch_radii: tuple[str, ...] | list[str] = (),
         estimator: str = DEFAULT_ESTIMATOR,
@@ -234,7 +236,8 @@ class RhoController:
                         trigger_r=trigger_r, trigger_growth=trigger_growth, log_per_head=log_per_head,
                         probe_dtype=probe_dtype, set_schedule=set_schedule, rescale_moments=rescale_moments)
         validate("RhoTrainingArguments" if arguments else "RhoController", settings, arguments=arguments)
-        self.model, self.optimizer, self.mode, self.r_target = model, optimizer, mode, float(r_target)
+        self.model, self.optimizer, self.mode = model, optimizer, mode
+        self.r_target = default_target(mode) if r_target is None else float(r_target)
         self.radii, self.watch_radii, self.set_schedule = radii, watch_radii, set_schedule
         self.rescale_moments, self._arguments = rescale_moments, arguments
         if optimizer is not None:

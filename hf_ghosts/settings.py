@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_FD_STEP",
     "DEFAULT_PROBE_DTYPE",
     "DEFAULT_RADIUS",
+    "DEFAULT_TARGETS",
     "DEFAULT_TOPK",
     "DEFAULT_TRIGGER_GROWTH",
     "DEFAULT_TRIGGER_R",
@@ -43,6 +44,7 @@ __all__ = [
     "SETTINGS",
     "Setting",
     "check_probe_dtype",
+    "default_target",
     "parse_radii",
     "resolve_estimator",
     "resolve_probe_dtype",
@@ -78,6 +80,18 @@ DEFAULT_TRIGGER_GROWTH = 2.0
 DEFAULT_FD_STEP = 1e-2
 DEFAULT_RADIUS = "bound"
 DEFAULT_TOPK = 8
+# r* when rho_target / r_target is None, by mode. clip: 3 in units of pi / max Delta, chosen with
+# benchmarks/price_of_safety.py and recipes/spike_test.py (README, "The price of safety"): on the 42M run plain
+# AdamW never proposed r > 2.72, so r* = 3 costs no loss, and it survived every spike x10 ... x10,000 on GPT-NeoX and
+# Llama (r* = 4 did not: Llama x1000 collapsed). The widest tokens' exact radius is 2.4-3.5x pi / Delta
+# (recipes/phase_transition.py), so r* = 3 is about r = 1 in units of the true radius. monitor: would_clip against
+# clip's default. set: the step length itself, r* = 1.
+DEFAULT_TARGETS = {"clip": 3.0, "set": 1.0, "monitor": 3.0}
+
+
+def default_target(mode: str) -> float:
+    """The ``r*`` of ``mode`` when none is given (:data:`DEFAULT_TARGETS`)."""
+    return DEFAULT_TARGETS[mode]
 
 
 def _is_number(value: Any) -> bool:
@@ -112,7 +126,10 @@ SETTINGS: dict[str, Setting] = {
     setting.keyword: setting
     for setting in (
         Setting("mode", "rho_mode", f"one of {list(MODES)}", lambda v: v in MODES),
-        Setting("r_target", "rho_target", "a finite number > 0", lambda v: _is_number(v) and 0 < v < math.inf, finite=True),
+        Setting(
+            "r_target", "rho_target", "a finite number > 0 (None: the mode's default)",
+            lambda v: v is None or (_is_number(v) and 0 < v < math.inf), finite=True,
+        ),
         Setting("radii", "rho_radii", f"a non-empty list of distinct names from {list(RADII)}", _radii_ok),
         Setting(
             "watch_radii", "rho_watch_radii", f"a list (may be empty) of distinct names from {list(RADII)}",

@@ -47,7 +47,7 @@ from transformers.utils import logging as hf_logging
 from hf_ghosts import RhoTrainer, RhoTrainingArguments
 from hf_ghosts.plots import save_figure
 from hf_ghosts.presets import MODEL_PRESETS, build_model, spike_schedule
-from hf_ghosts.settings import DEFAULT_RADIUS
+from hf_ghosts.settings import DEFAULT_RADIUS, default_target
 
 METHODS = {
     "adamw": "plain AdamW",
@@ -76,7 +76,7 @@ class SpikeArguments:
     learning_rate: float = field(default=1e-3, metadata={"help": "Base AdamW learning rate (constant before the spike)."})
     batch_size: int = field(default=4, metadata={"help": "Sequences per step (of --block_size tokens)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm bound of the 'adamw+clip' method."})
-    rho_target: float = field(default=1.0, metadata={"help": "RhoTrainer's target r*."})
+    rho_target: float | None = field(default=None, metadata={"help": "RhoTrainer's target r* (None: clip's default)."})
     rho_radii: list[str] = field(default_factory=lambda: ["output", "attention"], metadata={"help": "RhoTrainer's radii."})
     rho_radius: str = field(default=DEFAULT_RADIUS, metadata={"help": "RhoTrainer's output radius: 'bound' or 'topk_exact'."})
     rho_rescale_moments: bool = field(default=False, metadata={"help": "RhoTrainer scales AdamW's first moment with the step."})
@@ -103,7 +103,8 @@ def method_label(method: str, spec: SpikeArguments) -> str:
     if method != "rho":
         return METHODS[method]
     moments = ", moments rescaled" if spec.rho_rescale_moments else ""
-    return f"RhoTrainer (clip, r* = {spec.rho_target:g}, {spec.rho_radius}{moments})"
+    target = default_target("clip") if spec.rho_target is None else spec.rho_target
+    return f"RhoTrainer (clip, r* = {target:g}, {spec.rho_radius}{moments})"
 
 
 class SpikedSchedule:

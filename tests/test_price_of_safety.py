@@ -63,3 +63,12 @@ def test_price_of_safety_benchmark_writes_every_setting(tmp_path: Path) -> None:
     assert (tmp_path / "p.png").stat().st_size > 0
     again = module.main(["--from_json", str(out), "--png", str(tmp_path / "again.png")])
     assert again["table"] == result["table"] and (tmp_path / "again.png").stat().st_size > 0
+
+
+def test_each_mode_has_its_default_target(tmp_path) -> None:
+    model = tiny_causal_lm("gpt_neox")
+    targets = {mode: RhoController(model, mode=mode).r_target for mode in ("clip", "set", "monitor")}
+    assert targets == {"clip": 3.0, "set": 1.0, "monitor": 3.0}
+    assert RhoController(model, mode="set", r_target=0.5).r_target == 0.5
+    args = RhoTrainingArguments(output_dir=str(tmp_path), rho_mode="set", report_to=[])
+    assert args.rho_target is None and RhoController(model, **args.rho_settings(), arguments=True).r_target == 1.0
