@@ -177,7 +177,7 @@ class RhoController:
         mode: ``"clip"`` (scale ``min(1, r_target rho / |u|)``), ``"set"`` (scale ``r_target rho / |u|``)
             or ``"monitor"`` (measure and log; the update is never changed).
         r_target: the target normalized step ``r*``; ``None``: the mode's default
-            (:data:`~hf_ghosts.settings.DEFAULT_TARGETS`: clip 3 in units of ``pi / max Delta``, set 1). In ``"set"`` mode with ``set_schedule`` it follows the
+            (:data:`~hf_ghosts.settings.DEFAULT_TARGETS`: clip 2 in units of ``pi / max Delta``, set 1). In ``"set"`` mode with ``set_schedule`` it follows the
             learning-rate schedule: ``r*(t) = r_target * lr(t) / peak_lr``, ``lr(t)`` the largest ``lr`` of the
             optimizer's param groups when the step runs, ``peak_lr`` the largest ``initial_lr`` that torch's
             schedulers store in the groups, else the largest ``lr`` when the controller got the optimizer

@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 class RhoArgumentsMixin:
     """The radius controller's settings (all prefixed ``rho_``), mixed into an arguments dataclass by :func:`rho_arguments`.
 
-    Fields (defaults): ``rho_mode="clip"``, ``rho_target=None`` (the mode's: 3.0 clip and monitor, 1.0 set), ``rho_radii=["output", "attention"]``,
+    Fields (defaults): ``rho_mode="clip"``, ``rho_target=None`` (the mode's: 2.0 clip and monitor, 1.0 set), ``rho_radii=["output", "attention"]``,
     ``rho_watch_radii=[]``, ``rho_ffn_mode="kink"``, ``rho_set_schedule=True``, ``rho_estimator="auto"``,
     ``rho_probe_dtype="auto"``, ``rho_every=16``, ``rho_trigger_r=0.5``, ``rho_trigger_growth=2.0``,
     ``rho_log_per_head=False``, ``rho_fd_step=1e-2``, ``rho_radius="bound"``, ``rho_topk=8``,
@@ -82,9 +82,8 @@ class RhoArgumentsMixin:
     )
     rho_target: float | None = field(
         default=None,
-        metadata={"help": "Target normalized step r* = |u| / rho (> 0). None: the mode's default, 3.0 for 'clip' (in units "
-                  "of pi / max Delta, about 1 in units of the true radius; see the README's 'price of safety') and "
-                  "'monitor', 1.0 for 'set'."},
+        metadata={"help": "Target normalized step r* = |u| / rho (> 0). None: the mode's default, 2.0 for 'clip' (in units "
+                  "of pi / max Delta; see the README's 'price of safety') and 'monitor', 1.0 for 'set'."},
     )
     rho_radii: list[str] = field(
         default_factory=lambda: ["output", "attention"],

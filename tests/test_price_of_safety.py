@@ -68,7 +68,7 @@ def test_price_of_safety_benchmark_writes_every_setting(tmp_path: Path) -> None:
 def test_each_mode_has_its_default_target(tmp_path) -> None:
     model = tiny_causal_lm("gpt_neox")
     targets = {mode: RhoController(model, mode=mode).r_target for mode in ("clip", "set", "monitor")}
-    assert targets == {"clip": 3.0, "set": 1.0, "monitor": 3.0}
+    assert targets == {"clip": 2.0, "set": 1.0, "monitor": 2.0}
     assert RhoController(model, mode="set", r_target=0.5).r_target == 0.5
     args = RhoTrainingArguments(output_dir=str(tmp_path), rho_mode="set", report_to=[])
     assert args.rho_target is None and RhoController(model, **args.rho_settings(), arguments=True).r_target == 1.0

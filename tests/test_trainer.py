@@ -457,7 +457,7 @@ def test_plain_training_arguments_are_upgraded(tmp_path) -> None:
         if getattr(plain, name) != getattr(trainer.args, name)
     }
     assert mismatched == {}
-    assert trainer.rho_controller.mode == "clip" and trainer.rho_controller.r_target == DEFAULT_TARGETS["clip"] == 3.0
+    assert trainer.rho_controller.mode == "clip" and trainer.rho_controller.r_target == DEFAULT_TARGETS["clip"] == 2.0
     probe = trainer.rho_controller.probe  # "auto" on CPU in fp32: today's fp32 central differences
     assert (probe.estimator, probe.dtype) == ("fd", torch.float32)
 
