@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -42,6 +42,7 @@ from hf_ghosts.settings import (
     DEFAULT_TRIGGER_GROWTH,
     DEFAULT_TRIGGER_R,
     RADIUS_FIELDS,
+    default_target,
     parse_radii,
     resolve_estimator,
     resolve_probe_dtype,
@@ -122,6 +123,7 @@ class StepRecord:
     clipped: bool = False
     skipped: str | None = None
     rho_out: float | None = None
+    rho_out_bound: float | None = None
     rho_attn: float | None = None
     rho_ffn: float | None = None
     rho_ffn_activation: float | None = None
@@ -151,9 +153,10 @@ class StepRecord:
         would_bind = least if least not in limiting and least != "none" else None
         heads = None if report.attn_spread is None else report.rho_attn.float().cpu()
         tokens = None if report.output_tokens is None else int(report.output_tokens)
+        bound = None if report.out_radius is None else float(report.rho_out_bound)
         return replace(
             self, bottleneck=report.bottleneck_of(limiting), would_bind=would_bind, output_tokens=tokens,
-            rho_attn_heads=heads, **measured,
+            rho_attn_heads=heads, rho_out_bound=bound, **measured,
         )
 
 
@@ -173,7 +176,8 @@ class RhoController:
             ``.optimizer``). Needed by :meth:`attach` and :meth:`step`.
         mode: ``"clip"`` (scale ``min(1, r_target rho / |u|)``), ``"set"`` (scale ``r_target rho / |u|``)
             or ``"monitor"`` (measure and log; the update is never changed).
-        r_target: the target normalized step ``r*``. In ``"set"`` mode with ``set_schedule`` it follows the
+        r_target: the target normalized step ``r*``; ``None``: the mode's default
+            (:data:`~hf_ghosts.settings.DEFAULT_TARGETS`: clip 2 in units of ``pi / max Delta``, set 1). In ``"set"`` mode with ``set_schedule`` it follows the
             learning-rate schedule: ``r*(t) = r_target * lr(t) / peak_lr``, ``lr(t)`` the largest ``lr`` of the
             optimizer's param groups when the step runs, ``peak_lr`` the largest ``initial_lr`` that torch's
             schedulers store in the groups, else the largest ``lr`` when the controller got the optimizer
@@ -181,6 +185,9 @@ class RhoController:
         radii: radii that limit the step (names of :data:`~hf_ghosts.settings.RADII`).
         watch_radii: radii that are only measured and logged, never scale the update (none in ``radii``).
         set_schedule: ``"set"`` mode follows the schedule as above; ``False``: ``r*`` is ``r_target`` throughout.
+        rescale_moments: when a step is scaled by ``s``, scale the optimizer's first moment too
+            (``exp_avg <- s * exp_avg``), so its momentum carries the step actually taken (an Adam-family optimizer:
+            :meth:`attach` refuses one without ``betas``).
         estimator: ``"auto"`` (default: ``"jvp"`` where the probe runs in 16 bits on CUDA, else ``"fd"``; see
             :func:`~hf_ghosts.settings.resolve_estimator`), ``"fd"`` (central differences) or ``"jvp"`` (exact).
         probe_dtype: ``"auto"`` (default: ``training_dtype`` when it is 16-bit on CUDA and the estimator is
@@ -208,7 +215,7 @@ class RhoController:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         mode: str = "clip",
-        r_target: float = 1.0,
+        r_target: float | None = None,
         radii: tuple[str, ...] | list[str] = ("output", "attention"),
         watch_radii: tuple[str, ...] | list[str] = (),
         estimator: str = DEFAULT_ESTIMATOR,
@@ -219,6 +226,7 @@ class RhoController:
         trigger_growth: float = DEFAULT_TRIGGER_GROWTH,
         log_per_head: bool = False,
         set_schedule: bool = True,
+        rescale_moments: bool = False,
         reduce: Callable[[RadiusReport], RadiusReport] = all_reduce_report,
         arguments: bool = False,
         **probe_kwargs: Any,
@@ -226,10 +234,14 @@ class RhoController:
         radii, watch_radii = parse_radii(radii), parse_radii(watch_radii)
         settings = dict(mode=mode, r_target=r_target, radii=radii, watch_radii=watch_radii, estimator=estimator, every=every,
                         trigger_r=trigger_r, trigger_growth=trigger_growth, log_per_head=log_per_head,
-                        probe_dtype=probe_dtype, set_schedule=set_schedule)
+                        probe_dtype=probe_dtype, set_schedule=set_schedule, rescale_moments=rescale_moments)
         validate("RhoTrainingArguments" if arguments else "RhoController", settings, arguments=arguments)
-        self.model, self.optimizer, self.mode, self.r_target = model, optimizer, mode, float(r_target)
+        self.model, self.optimizer, self.mode = model, optimizer, mode
+        self.r_target = default_target(mode) if r_target is None else float(r_target)
         self.radii, self.watch_radii, self.set_schedule = radii, watch_radii, set_schedule
+        self.rescale_moments, self._arguments = rescale_moments, arguments
+        if optimizer is not None:
+            self._check_moments(optimizer)
         self.peak_lr: float | None = None if optimizer is None else _peak_lr(optimizer)
         self._lr: float | None = None  # the learning rate of the step in flight
         self.schedule = ProbeSchedule(every=every, trigger_r=float(trigger_r), trigger_growth=float(trigger_growth))
@@ -264,6 +276,7 @@ class RhoController:
         optimizer = optimizer if optimizer is not None else self.optimizer
         if optimizer is None:
             raise ValueError("RhoController.attach: no optimizer to attach to")
+        self._check_moments(optimizer)
         self.detach()
         self.optimizer = optimizer
         self.peak_lr = _peak_lr(optimizer) if self.peak_lr is None else self.peak_lr
@@ -352,7 +365,18 @@ class RhoController:
         record = applied_record(self.steps, norm, self.last_rho, scale, target, self.r_target, probed=report is not None)
         if scale != 1.0:
             torch._foreach_lerp_(current, self._old, 1.0 - scale)
+            if self.rescale_moments:
+                scale_first_moments(self.optimizer, self.params, scale)
         self._finish(record, report)
+
+    def _check_moments(self, optimizer: Any) -> None:
+        """With ``rescale_moments``, refuse an optimizer without Adam's first moment (no ``betas``)."""
+        if self.rescale_moments and "betas" not in _innermost(optimizer).defaults:
+            name = spelled("rescale_moments", self._arguments)
+            raise ValueError(
+                f"RhoController.{name}: {type(_innermost(optimizer)).__name__} has no first moment (no 'betas'); "
+                f"{name} scales Adam's exp_avg. Use an Adam-family optimizer or set {name}=False"
+            )
 
     def target(self) -> float:
         """The ``r*`` of the step in flight: :func:`scheduled_target` of its ``lr`` in ``"set"`` mode with
@@ -410,6 +434,14 @@ def _require_logits(model: torch.nn.Module, radii: tuple[str, ...], arguments: b
             "states, not logits, and the output radius needs logits. Load a model with a head (for example "
             f"AutoModelForCausalLM instead of AutoModel), or drop 'output' from {spelled('radii', arguments)}."
         )
+
+
+def scale_first_moments(optimizer: Any, params: Sequence[torch.Tensor], scale: float) -> None:
+    """``exp_avg <- scale * exp_avg`` for ``params`` (those with state): the momentum of the step as applied."""
+    state = _innermost(optimizer).state
+    moments = [state[p]["exp_avg"] for p in params if "exp_avg" in state.get(p, {})]
+    if moments:
+        torch._foreach_mul_(moments, scale)
 
 
 def _register_step_hooks(

@@ -136,15 +136,16 @@ def any_rank(flag: bool) -> bool:
 
 
 def all_reduce_report(report: RadiusReport, group: Any = None) -> RadiusReport:
-    """Make ``report`` identical on every process: MAX of spreads, MIN of the FFN radius, SUM of counts.
+    """Make ``report`` identical on every process: MAX of spreads, MIN of the radii (FFN, top-k output), SUM of counts.
 
-    One ``all_reduce(MAX)`` carries the spreads and the negated FFN radius together; a second
+    The MIN of per-rank top-k radii is a lower bound on the global batch radius: each is one on its rank's tokens.
+    One ``all_reduce(MAX)`` carries the spreads and the negated radii together; a second
     (SUM) carries the token count. A no-op when ``torch.distributed`` is not initialized.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return report
     parts = [t.reshape(-1).float() for t in (report.out_spread, report.attn_spread) if t is not None]
-    for radius in (report.ffn_radius, report.ffn_activation_radius):
+    for radius in (report.ffn_radius, report.ffn_activation_radius, report.out_radius):
         if radius is not None:
             parts.append(-radius.reshape(-1).float())
     packed = torch.cat(parts)
@@ -163,13 +164,14 @@ def all_reduce_report(report: RadiusReport, group: Any = None) -> RadiusReport:
     attn_spread = take(report.attn_spread)
     ffn_radius = take(report.ffn_radius, -1.0)
     ffn_activation_radius = take(report.ffn_activation_radius, -1.0)
+    out_radius = take(report.out_radius, -1.0)
     tokens = report.output_tokens
     if tokens is not None:
         tokens = tokens.clone()
         dist.all_reduce(tokens, op=dist.ReduceOp.SUM, group=group)
     return RadiusReport(
         out_spread=out_spread, attn_spread=attn_spread, ffn_radius=ffn_radius, output_tokens=tokens,
-        ffn_activation_radius=ffn_activation_radius,
+        ffn_activation_radius=ffn_activation_radius, out_radius=out_radius,
     )
 
 

@@ -40,7 +40,14 @@ LOGGED_KEYS: tuple[LoggedKey, ...] = (
     LoggedKey("ghosts/r", "normalized step of the optimizer's proposed update, `|u| / rho`, before control", "max", "r"),
     LoggedKey("ghosts/r_applied", "normalized step actually applied, `scale * r`", "max", "r_applied"),
     LoggedKey("ghosts/rho", "binding radius, min of the limiting radii (`rho_radii`)", "min", "rho"),
-    LoggedKey("ghosts/rho_out", "output softmax radius `pi / max Delta_out`", "min", "rho_out"),
+    LoggedKey(
+        "ghosts/rho_out", "output softmax radius: `pi / max Delta_out`, or with `rho_radius=\"topk_exact\"` the top-k certified "
+        "radius", "min", "rho_out",
+    ),
+    LoggedKey(
+        "ghosts/rho_out_bound", "`pi / max Delta_out`, with `rho_radius=\"topk_exact\"` (how much the exact radius gained)",
+        "min", "rho_out_bound",
+    ),
     LoggedKey("ghosts/rho_attn", "attention radius, min over layers and heads", "min", "rho_attn"),
     LoggedKey(
         "ghosts/rho_ffn", "FFN radius (kink proxy, 1% quantile of `|z| / |z'|`, or per `rho_ffn_mode`), when `\"ffn\"` is measured",

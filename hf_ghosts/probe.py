@@ -42,8 +42,10 @@ from hf_ghosts.architectures import (
     resolve_ffn_spec,
 )
 from hf_ghosts.attention import Pass
-from hf_ghosts.radii import activation_radius, rho_bound, spread
+from hf_ghosts.radii import TOPK_POOL, activation_radius, rho_bound, spread, topk_radius, widest_tokens
 from hf_ghosts.settings import (
+    DEFAULT_RADIUS,
+    DEFAULT_TOPK,
     ESTIMATORS,
     FFN_MODES,
     PROBE_DTYPES,
@@ -90,7 +92,7 @@ class RadiusReport:
     """Spreads measured along a unit direction, and the radii they imply.
 
     The raw fields reduce across processes: ``out_spread`` and ``attn_spread`` with MAX,
-    ``ffn_radius`` and ``ffn_activation_radius`` with MIN, ``output_tokens`` with SUM.
+    ``ffn_radius``, ``ffn_activation_radius`` and ``out_radius`` with MIN, ``output_tokens`` with SUM.
 
     Attributes:
         out_spread: scalar, max over valid positions of the logit-slope spread (0 if none).
@@ -98,6 +100,8 @@ class RadiusReport:
         ffn_radius: scalar, the ``"ffn"`` radius (kink proxy quantile or activation-aware minimum, per ``ffn_mode``).
         output_tokens: scalar count of positions that entered ``out_spread``.
         ffn_activation_radius: scalar, the ``"ffn_activation"`` radius (Appendix B, always activation-aware).
+        out_radius: scalar, the ``radius="topk_exact"`` output radius (:func:`~hf_ghosts.radii.topk_radius`; at
+            least ``pi / out_spread``); ``None`` with ``radius="bound"``.
     """
 
     out_spread: torch.Tensor | None = None
@@ -105,10 +109,17 @@ class RadiusReport:
     ffn_radius: torch.Tensor | None = None
     output_tokens: torch.Tensor | None = None
     ffn_activation_radius: torch.Tensor | None = None
+    out_radius: torch.Tensor | None = None
 
     @property
     def rho_out(self) -> torch.Tensor | None:
-        """``pi / out_spread``: the output softmax radius (eq. 14); inf without valid positions."""
+        """The output softmax radius: ``out_radius`` where measured, else ``pi / out_spread`` (eq. 14); inf without
+        valid positions."""
+        return self.out_radius if self.out_radius is not None else self.rho_out_bound
+
+    @property
+    def rho_out_bound(self) -> torch.Tensor | None:
+        """``pi / out_spread`` (Theorem 4.6), whatever ``radius`` the probe used."""
         return None if self.out_spread is None else rho_bound(self.out_spread)
 
     @property
@@ -173,6 +184,7 @@ class RadiusReport:
             ffn_radius=None if self.ffn_radius is None else fn_min(self.ffn_radius),
             output_tokens=None if self.output_tokens is None else fn_sum(self.output_tokens),
             ffn_activation_radius=None if self.ffn_activation_radius is None else fn_min(self.ffn_activation_radius),
+            out_radius=None if self.out_radius is None else fn_min(self.out_radius),
         )
 
 
@@ -294,6 +306,8 @@ class _Session:
     capture: attention.ScoreCapture
     ffn: FfnRecorder | None = None
     head_inputs: list[torch.Tensor] = field(default_factory=list)
+    # flat position indices -> (logits, slopes) rows ``[k, classes]`` at those positions (radius="topk_exact")
+    rows: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
     def start(cls, first: Pass, token_mask: torch.Tensor | None, fd_step: float, *, record: bool) -> _Session:
@@ -558,6 +572,43 @@ def _fd_wider_step(plus: torch.Tensor, minus: torch.Tensor, per_position: torch.
     return wider if wider > 2 * fd_step else None
 
 
+def _full_rows(logits: torch.Tensor, slopes: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Rows of the full head's ``[..., classes]`` logits and slopes, by flat position index."""
+    classes = logits.shape[-1]
+    return lambda index: (logits.reshape(-1, classes)[index], slopes.reshape(-1, classes)[index])
+
+
+def _jvp_head_rows(
+    hidden: torch.Tensor, hidden_slope: torch.Tensor | None, weight: torch.Tensor, weight_slope: torch.Tensor | None,
+    bias: torch.Tensor | None, bias_slope: torch.Tensor | None,
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Chunked head, jvp: ``z = x W^T + b`` and ``a = x' W^T + x W'^T + b'`` at the chosen positions only."""
+    width = hidden.shape[-1]
+
+    def rows(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = hidden.reshape(-1, width)[index]
+        x_slope = None if hidden_slope is None else hidden_slope.reshape(-1, width)[index]
+        return torch.nn.functional.linear(x, weight, bias), head.jvp_slopes(x, x_slope, weight, weight_slope, bias_slope)
+
+    return rows
+
+
+def _fd_head_rows(
+    hidden_plus: torch.Tensor, hidden_minus: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    weight_step: torch.Tensor | None, bias_step: torch.Tensor | None, scale: float, fd_step: float,
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Chunked head, fd: ``z = ((x+ + x-) / 2) W^T + b`` (``z(theta)`` to ``O(h^2)``) and :func:`head.fd_slopes`
+    at the chosen positions only."""
+    width = hidden_plus.shape[-1]
+
+    def rows(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        plus, minus = hidden_plus.reshape(-1, width)[index], hidden_minus.reshape(-1, width)[index]
+        slopes = head.fd_slopes(plus, minus, weight, bias, weight_step, bias_step, scale, fd_step)
+        return torch.nn.functional.linear((plus + minus) / 2, weight, bias), slopes
+
+    return rows
+
+
 def _output_spread(per_position: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``max_t spread_t`` over the ``positions`` that count (0 if none), and their number."""
     masked = torch.where(positions, per_position, torch.zeros_like(per_position))
@@ -627,6 +678,11 @@ class RadiusProbe:
             computation (:func:`~hf_ghosts.architectures.chunked_head_blocker` finds nothing against it);
             ``True``: require it (ValueError saying why not); ``False``: always run the full head.
         vocab_chunk: head rows (vocabulary entries) per block of the chunked head.
+        radius: the output radius: ``"bound"`` (``pi / max Delta``, Theorem 4.6) or ``"topk_exact"``
+            (:func:`~hf_ghosts.radii.topk_radius`: the certified exact radii of the ``topk`` valid positions of
+            largest spread, capped by ``pi / Delta`` of the next; a lower bound on the batch radius, never below
+            the bound). Only those ``topk`` rows of logits and slopes are built (the chunked head included).
+        topk: positions given an exact radius with ``radius="topk_exact"``.
         arguments: name settings in errors as the Trainer's arguments spell them (``rho_radii``, not ``radii``).
 
     The model may be wrapped by ``torch.compile`` (its ``_orig_mod`` is measured) or PEFT; it is called with its
@@ -651,16 +707,19 @@ class RadiusProbe:
         dtype: torch.dtype | str = torch.float32,
         chunked_head: bool | None = None,
         vocab_chunk: int = 8192,
+        radius: str = DEFAULT_RADIUS,
+        topk: int = DEFAULT_TOPK,
         arguments: bool = False,
     ) -> None:
         radii = parse_radii(radii)
         caller = "RhoTrainingArguments" if arguments else "RadiusProbe"
-        settings = dict(radii=radii, estimator=estimator, fd_step=fd_step, ffn_mode=ffn_mode, ffn_quantile=ffn_quantile)
-        dtype = _checked_settings(caller, {**settings, "vocab_chunk": vocab_chunk}, dtype, arguments)
+        settings = dict(radii=radii, estimator=estimator, fd_step=fd_step, ffn_mode=ffn_mode, ffn_quantile=ffn_quantile,
+                        vocab_chunk=vocab_chunk, radius=radius, topk=topk)
+        dtype = _checked_settings(caller, settings, dtype, arguments)
         model = original_module(model)  # torch.compile(model): measure the eager module (same parameters)
         self.model, self.radii, self.estimator, self.fd_step = model, radii, estimator, fd_step
         self.ffn_mode, self.ffn_quantile, self.dtype = ffn_mode, ffn_quantile, dtype
-        self.shift_labels, self.vocab_chunk = shift_labels, vocab_chunk
+        self.shift_labels, self.vocab_chunk, self.radius, self.topk = shift_labels, vocab_chunk, radius, topk
         _check_attention_routed(model, radii, caller, arguments)
         self._ffn = _FfnTargets.of(model, radii, ffn_mode, ffn_spec, spelled("radii", arguments))
         self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -795,9 +854,12 @@ class RadiusProbe:
             if "output" not in self.radii:
                 return None
             if self._head is None:
-                return spread(_tangent(logits).float(), dim=-1)
+                primal, slopes = fwAD.unpack_dual(logits).primal, _tangent(logits)
+                session.rows = _full_rows(primal, slopes)
+                return spread(slopes.float(), dim=-1)
             hidden, hidden_slope = fwAD.unpack_dual(session.head_inputs[0])
-            weight, weight_slope, _, bias_slope = self._head.tensors(weights, unit)
+            weight, weight_slope, bias, bias_slope = self._head.tensors(weights, unit)
+            session.rows = _jvp_head_rows(hidden, hidden_slope, weight, weight_slope, bias, bias_slope)
             return head.jvp_spread(hidden, hidden_slope, weight, weight_slope, bias_slope, chunk=self.vocab_chunk)
 
     def _fd_spreads(
@@ -811,10 +873,13 @@ class RadiusProbe:
         if "output" not in self.radii:
             return None
         if self._head is None:  # difference in the forward's dtype: rounding to fp32 first costs eps / h
-            per_position = spread(((plus - minus) / (2 * self.fd_step)).float(), dim=-1)
+            slopes = (plus - minus) / (2 * self.fd_step)
+            session.rows = _full_rows((plus + minus) / 2, slopes)  # z(theta) to O(h^2)
+            per_position = spread(slopes.float(), dim=-1)
             self._wider_step = _fd_wider_step(plus, minus, per_position, self.fd_step)
             return per_position
         weight, weight_step, bias, bias_step = self._head.tensors(weights, pieces)
+        session.rows = _fd_head_rows(*session.head_inputs, weight, bias, weight_step, bias_step, scale, self.fd_step)
         return head.fd_spread(
             *session.head_inputs, weight, bias, weight_step, bias_step, scale=scale, fd_step=self.fd_step,
             chunk=self.vocab_chunk,
@@ -822,15 +887,23 @@ class RadiusProbe:
 
     def _report(self, per_position: torch.Tensor | None, inputs: Tensors, session: _Session) -> RadiusReport:
         """The report from the per-position logit-slope spreads (``None``: no output radius) and the recorders."""
-        out_spread = output_tokens = attn = None
+        out_spread = output_tokens = attn = out_radius = None
         if per_position is not None:
             shape, device = per_position.shape, per_position.device
             positions = output_positions(inputs, shape, shift_labels=_shifts(self.model, self.shift_labels), device=device)
             out_spread, output_tokens = _output_spread(per_position, positions)
+            if self.radius == "topk_exact":
+                out_radius = self._topk_radius(per_position, positions, session)
         if "attention" in self.radii:
             attn = _attention_spread(session.capture, self.model)
         ffn = {name: session.ffn.radius(form) for name, form in self._ffn.forms.items()}
         return RadiusReport(
             out_spread=out_spread, attn_spread=attn, ffn_radius=ffn.get("ffn"), output_tokens=output_tokens,
-            ffn_activation_radius=ffn.get("ffn_activation"),
+            ffn_activation_radius=ffn.get("ffn_activation"), out_radius=out_radius,
         )
+
+    def _topk_radius(self, per_position: torch.Tensor, positions: torch.Tensor, session: _Session) -> torch.Tensor:
+        """:func:`~hf_ghosts.radii.topk_radius` over the ``topk`` valid positions of largest spread (float32)."""
+        chosen, following = widest_tokens(per_position, positions, TOPK_POOL * self.topk)
+        logits, slopes = session.rows(chosen)
+        return topk_radius(logits, slopes, following, self.topk).to(per_position.device, torch.float32)

@@ -28,7 +28,9 @@ __all__ = [
     "spread",
     "top2_radius",
     "topk_exact_radius",
+    "topk_radius",
     "update_norm",
+    "widest_tokens",
 ]
 
 PI = math.pi
@@ -597,6 +599,75 @@ def _certified_scaled_radius(
     return low
 
 
+TOPK_POOL = 4  # the top-k radius looks for k distinct rows among the TOPK_POOL * k widest tokens
+
+
+def widest_tokens(widths: torch.Tensor, valid: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` valid tokens of largest spread and the next spread: ``(indices, Delta_(k+1))``.
+
+    Args:
+        widths: ``[tokens]`` spreads ``Delta_i`` (flattened positions); valid: ``[tokens]`` bool (``None``: all).
+        k: how many to pick (``>= 0``); fewer when fewer tokens are valid.
+
+    Returns:
+        Flat indices into ``widths`` (widest first) and ``Delta_(k+1)``, the largest spread not picked
+        (0 when every valid token was picked), in ``widths``' dtype.
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ValueError(f"widest_tokens: k must be an integer >= 0; got {k!r}")
+    widths = widths.reshape(-1)
+    keep = torch.ones_like(widths, dtype=torch.bool) if valid is None else valid.reshape(-1).to(torch.bool)
+    ranked = torch.where(keep, widths, torch.full_like(widths, -math.inf))
+    count = min(k + 1, int(keep.sum()))  # host sync
+    values, indices = ranked.topk(count)
+    picked = min(k, count)
+    following = values[picked] if count > picked else widths.new_zeros(())
+    return indices[:picked], following
+
+
+def topk_radius(
+    logits: torch.Tensor,
+    slopes: torch.Tensor,
+    next_spread: torch.Tensor | float,
+    k: int | None = None,
+    **certified: float,
+) -> torch.Tensor:
+    """``min(min_i max(rho_cert(i), pi / Delta_i), pi / Delta_cap)`` over the first ``k`` distinct rows.
+
+    The rows are tokens widest first (:func:`widest_tokens`). A row equal to one already taken (same logits
+    and slopes: a repeated context, e.g. the first position of sequences that start alike) has the same exact
+    radius and is covered by it; the first row past ``k`` distinct ones caps the rest at ``pi / Delta_cap``
+    (``Delta_cap = next_spread`` when every row was taken or covered). ``rho_cert`` is
+    :func:`certified_radius` (never above a token's exact radius) and ``pi / Delta_i`` Theorem 4.6's bound:
+    the result is a lower bound on the batch radius ``min_i rho_exact(i)`` (eq. 14).
+
+    Args:
+        logits, slopes: ``[m, K]``, tokens in descending spread; next_spread: the largest spread of the tokens
+            not among the ``m``.
+        k: distinct rows given a certified radius (``None``: all ``m``).
+        **certified: passed to :func:`certified_radius` (``rtol``, ``exact_classes``, ``bins``, ...).
+
+    Returns:
+        A scalar radius in units of ``t``, float64 (inf with no token of nonzero spread).
+    """
+    logits, slopes = logits.to(torch.float64), slopes.to(torch.float64)
+    widths = spread(slopes) if logits.shape[0] else slopes.new_zeros(0)
+    cap = torch.as_tensor(next_spread, dtype=torch.float64, device=slopes.device)
+    taken: list[int] = []
+    for row in range(logits.shape[0]):
+        if any(torch.equal(logits[row], logits[t]) and torch.equal(slopes[row], slopes[t]) for t in taken):
+            continue  # a repeat of a row taken: same exact radius
+        if k is not None and len(taken) == k:
+            cap = widths[row]
+            break
+        taken.append(row)
+    rest = rho_bound(cap)
+    if not taken:
+        return rest
+    exact = torch.maximum(certified_radius(logits[taken], slopes[taken], **certified), rho_bound(widths[taken]))
+    return torch.minimum(exact.amin(), rest)
+
+
 def topk_exact_radius(
     logits: torch.Tensor,
     slopes: torch.Tensor,
@@ -607,11 +678,12 @@ def topk_exact_radius(
     """Batch radius, tighter than ``pi / max Delta``: exact (certified) radii for the ``k`` widest tokens.
 
     With tokens sorted by spread ``Delta_(1) >= Delta_(2) >= ...``:
-    ``rho_k = min(min_{i <= k} rho_exact(i), pi / Delta_(k+1))``. A lower bound on the batch radius
-    ``min_i rho_exact(i)`` (eq. 14): every token past the ``k``-th has ``rho_exact >= pi / Delta_i >=
-    pi / Delta_(k+1)`` (Theorem 4.6), and :func:`certified_radius` never exceeds a token's exact radius.
-    Never below :func:`rho_bound` of the largest spread (``k = 0`` gives it exactly); with ``k`` at
-    least the number of tokens, the min of their exact radii (to the certificate's precision).
+    ``rho_k = min(min_{i <= k} rho_exact(i), pi / Delta_(k+1))`` (:func:`widest_tokens`, then
+    :func:`topk_radius`; repeated rows count once, among the ``TOPK_POOL * k`` widest). A lower bound on the batch radius ``min_i rho_exact(i)`` (eq. 14): every
+    token past the ``k``-th has ``rho_exact >= pi / Delta_i >= pi / Delta_(k+1)`` (Theorem 4.6), and
+    :func:`certified_radius` never exceeds a token's exact radius. Never below :func:`rho_bound` of the
+    largest spread (``k = 0`` gives it exactly); with ``k`` at least the number of tokens, the min of
+    their exact radii (to the certificate's precision).
 
     Args:
         logits, slopes: ``[..., K]``: every leading position is one token.
@@ -626,8 +698,6 @@ def topk_exact_radius(
         raise ValueError(
             f"topk_exact_radius: logits and slopes must match; got {tuple(logits.shape)} and {tuple(slopes.shape)}"
         )
-    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-        raise ValueError(f"topk_exact_radius: k must be an integer >= 0; got {k!r}")
     tokens = logits.shape[:-1]
     if valid_mask is not None and valid_mask.shape != tokens:
         raise ValueError(
@@ -635,15 +705,8 @@ def topk_exact_radius(
         )
     out_dtype = slopes.dtype if slopes.is_floating_point() else torch.float64
     logits, slopes = logits.reshape(-1, logits.shape[-1]), slopes.reshape(-1, slopes.shape[-1])
-    valid = torch.ones(logits.shape[0], dtype=torch.bool) if valid_mask is None else valid_mask.reshape(-1).to(torch.bool)
-    widths = spread(slopes[valid].to(torch.float64))
-    ranked, order = widths.sort(descending=True)
-    rest = rho_bound(ranked[k]) if ranked.numel() > k else torch.tensor(math.inf, dtype=torch.float64)
-    chosen = valid.nonzero().squeeze(1)[order[:k]]
-    exact = certified_radius(logits[chosen], slopes[chosen].to(torch.float64), **certified)
-    # Theorem 4.6 holds for every token: never report less than pi / Delta
-    exact = torch.maximum(exact, rho_bound(ranked[:k]))
-    return torch.minimum(exact.amin() if exact.numel() else rest, rest).to(out_dtype)
+    chosen, following = widest_tokens(spread(slopes.to(torch.float64)), valid_mask, TOPK_POOL * k)
+    return topk_radius(logits[chosen], slopes[chosen], following, k, **certified).to(out_dtype)
 
 
 @cache

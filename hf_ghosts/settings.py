@@ -28,6 +28,9 @@ __all__ = [
     "DEFAULT_EVERY",
     "DEFAULT_FD_STEP",
     "DEFAULT_PROBE_DTYPE",
+    "DEFAULT_RADIUS",
+    "DEFAULT_TARGETS",
+    "DEFAULT_TOPK",
     "DEFAULT_TRIGGER_GROWTH",
     "DEFAULT_TRIGGER_R",
     "ESTIMATORS",
@@ -37,9 +40,11 @@ __all__ = [
     "PROBE_DTYPES",
     "RADII",
     "RADIUS_FIELDS",
+    "RADIUS_KINDS",
     "SETTINGS",
     "Setting",
     "check_probe_dtype",
+    "default_target",
     "parse_radii",
     "resolve_estimator",
     "resolve_probe_dtype",
@@ -59,6 +64,9 @@ ESTIMATOR_CHOICES = ("auto", *ESTIMATORS)  # what the controller, the callback a
 PROBE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 FFN_MODES = ("kink", "activation")
+# The output radius: "bound" is pi / max Delta (Theorem 4.6); "topk_exact" the certified exact radii of the topk widest
+# tokens, capped by pi / Delta of the next one (hf_ghosts.radii.topk_radius): still a lower bound, never smaller.
+RADIUS_KINDS = ("bound", "topk_exact")
 
 # Probing defaults, chosen with benchmarks/overhead.py: central differences on CPU / fp32 (cheaper than the JVP,
 # within 0.5% of it there), a bf16 JVP on CUDA in 16-bit training (fp32 there is ~13x slower), a probe at least every DEFAULT_EVERY steps; in between, a step reuses the last rho only
@@ -70,6 +78,19 @@ DEFAULT_EVERY = 16
 DEFAULT_TRIGGER_R = 0.5
 DEFAULT_TRIGGER_GROWTH = 2.0
 DEFAULT_FD_STEP = 1e-2
+DEFAULT_RADIUS = "bound"
+DEFAULT_TOPK = 8
+# r* when rho_target / r_target is None, by mode. clip: 2 in units of pi / max Delta, chosen with
+# benchmarks/price_of_safety.py and recipes/spike_test.py (README, "The price of safety"): on the 42M run it costs
+# 1.3% eval loss at 60 steps against 2.2% at r* = 1, and it survived every spike x10 ... x10,000 on GPT-NeoX and
+# Llama, also spiked at step 3 of a barely trained model, where r* = 3 and 4 collapsed Llama. monitor: would_clip
+# against clip's default. set: the step length itself, r* = 1.
+DEFAULT_TARGETS = {"clip": 2.0, "set": 1.0, "monitor": 2.0}
+
+
+def default_target(mode: str) -> float:
+    """The ``r*`` of ``mode`` when none is given (:data:`DEFAULT_TARGETS`)."""
+    return DEFAULT_TARGETS[mode]
 
 
 def _is_number(value: Any) -> bool:
@@ -104,7 +125,10 @@ SETTINGS: dict[str, Setting] = {
     setting.keyword: setting
     for setting in (
         Setting("mode", "rho_mode", f"one of {list(MODES)}", lambda v: v in MODES),
-        Setting("r_target", "rho_target", "a finite number > 0", lambda v: _is_number(v) and 0 < v < math.inf, finite=True),
+        Setting(
+            "r_target", "rho_target", "a finite number > 0 (None: the mode's default)",
+            lambda v: v is None or (_is_number(v) and 0 < v < math.inf), finite=True,
+        ),
         Setting("radii", "rho_radii", f"a non-empty list of distinct names from {list(RADII)}", _radii_ok),
         Setting(
             "watch_radii", "rho_watch_radii", f"a list (may be empty) of distinct names from {list(RADII)}",
@@ -120,6 +144,9 @@ SETTINGS: dict[str, Setting] = {
         Setting("ffn_mode", "rho_ffn_mode", f"one of {list(FFN_MODES)}", lambda v: v in FFN_MODES),
         Setting("ffn_quantile", "rho_ffn_quantile", "a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1),
         Setting("vocab_chunk", "rho_vocab_chunk", "a positive integer", lambda v: _is_int(v) and v >= 1),
+        Setting("radius", "rho_radius", f"one of {list(RADIUS_KINDS)}", lambda v: v in RADIUS_KINDS),
+        Setting("topk", "rho_topk", "an integer >= 1", lambda v: _is_int(v) and v >= 1),
+        Setting("rescale_moments", "rho_rescale_moments", "True or False", lambda v: isinstance(v, bool)),
         Setting("set_schedule", "rho_set_schedule", "True or False", lambda v: isinstance(v, bool)),
     )
 }

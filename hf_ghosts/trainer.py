@@ -29,6 +29,8 @@ from hf_ghosts.settings import (
     DEFAULT_EVERY,
     DEFAULT_FD_STEP,
     DEFAULT_PROBE_DTYPE,
+    DEFAULT_RADIUS,
+    DEFAULT_TOPK,
     DEFAULT_TRIGGER_GROWTH,
     DEFAULT_TRIGGER_R,
     ESTIMATOR_CHOICES,
@@ -36,6 +38,7 @@ from hf_ghosts.settings import (
     MODES,
     PROBE_DTYPES,
     RADII,
+    RADIUS_KINDS,
     check_probe_dtype,
     parse_radii,
     validate,
@@ -58,10 +61,11 @@ logger = logging.getLogger(__name__)
 class RhoArgumentsMixin:
     """The radius controller's settings (all prefixed ``rho_``), mixed into an arguments dataclass by :func:`rho_arguments`.
 
-    Fields (defaults): ``rho_mode="clip"``, ``rho_target=1.0``, ``rho_radii=["output", "attention"]``,
+    Fields (defaults): ``rho_mode="clip"``, ``rho_target=None`` (the mode's: 2.0 clip and monitor, 1.0 set), ``rho_radii=["output", "attention"]``,
     ``rho_watch_radii=[]``, ``rho_ffn_mode="kink"``, ``rho_set_schedule=True``, ``rho_estimator="auto"``,
     ``rho_probe_dtype="auto"``, ``rho_every=16``, ``rho_trigger_r=0.5``, ``rho_trigger_growth=2.0``,
-    ``rho_log_per_head=False``, ``rho_fd_step=1e-2``.
+    ``rho_log_per_head=False``, ``rho_fd_step=1e-2``, ``rho_radius="bound"``, ``rho_topk=8``,
+    ``rho_rescale_moments=False``.
     Everything else is the base arguments class (``TrainingArguments``, ``SFTConfig``, ...) unchanged. The probing defaults keep the cost near 1.1 plain steps
     (``benchmarks/overhead.py``); ``rho_estimator="jvp", rho_every=1`` measures every step exactly, as in the paper.
     ``"auto"`` resolves from ``bf16``/``fp16`` and the device: a JVP in the 16-bit training dtype on CUDA, central
@@ -76,7 +80,11 @@ class RhoArgumentsMixin:
             "choices": list(MODES),
         },
     )
-    rho_target: float = field(default=1.0, metadata={"help": "Target normalized step r* = |u| / rho (> 0)."})
+    rho_target: float | None = field(
+        default=None,
+        metadata={"help": "Target normalized step r* = |u| / rho (> 0). None: the mode's default, 2.0 for 'clip' (in units "
+                  "of pi / max Delta; see the README's 'price of safety') and 'monitor', 1.0 for 'set'."},
+    )
     rho_radii: list[str] = field(
         default_factory=lambda: ["output", "attention"],
         metadata={"help": f"Radii that limit the step: any of {list(RADII)} ('ffn': the FFN radius in the "
@@ -136,6 +144,18 @@ class RhoArgumentsMixin:
     )
     rho_log_per_head: bool = field(default=False, metadata={"help": "Also log ghosts/rho_attn/layer_{l}/head_{h}."})
     rho_fd_step: float = field(default=DEFAULT_FD_STEP, metadata={"help": "Step h of the 'fd' estimator along the unit direction."})
+    rho_radius: str = field(
+        default=DEFAULT_RADIUS,
+        metadata={"help": "The output radius: 'bound' (pi / max Delta) or 'topk_exact' (certified exact radii of the rho_topk "
+                  "widest tokens, capped by pi / Delta of the next: still a lower bound, never smaller than 'bound').",
+                  "choices": list(RADIUS_KINDS)},
+    )
+    rho_topk: int = field(default=DEFAULT_TOPK, metadata={"help": "Tokens given an exact radius with rho_radius='topk_exact' (>= 1)."})
+    rho_rescale_moments: bool = field(
+        default=False,
+        metadata={"help": "When a step is scaled by s, scale the optimizer's first moment (exp_avg) by s too, so the "
+                  "momentum carries the step actually taken (Adam-family optimizers only)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -161,6 +181,9 @@ class RhoArgumentsMixin:
             "trigger_growth": self.rho_trigger_growth,
             "log_per_head": self.rho_log_per_head,
             "fd_step": self.rho_fd_step,
+            "radius": self.rho_radius,
+            "topk": self.rho_topk,
+            "rescale_moments": self.rho_rescale_moments,
         }
 
     @classmethod

@@ -18,6 +18,7 @@ found, if lower: then it is "certified" exact) and the smallest exact radius fou
     python recipes/phase_transition.py                       # ~2 min on 2 idle CPU cores
     python recipes/phase_transition.py --model_name_or_path outputs/pythia_finetune --train_steps 0
     python recipes/phase_transition.py --preset llama-tiny --random_directions 8 --r_points 41
+    python recipes/phase_transition.py --radius topk_exact --output_dir outputs/phase_transition_topk   # r in the tighter units
 
 Writes to ``--output_dir`` (default ``outputs/phase_transition``): ``phase_transition.png``
 (loss ratio and flipped fraction against r; dotted lines at each direction's exact radius in
@@ -45,6 +46,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, default_da
 from hf_ghosts import RadiusProbe
 from hf_ghosts.plots import save_figure
 from hf_ghosts.radii import exact_radius, spread
+from hf_ghosts.settings import DEFAULT_RADIUS, DEFAULT_TOPK, RADIUS_KINDS
 
 
 @dataclass
@@ -58,6 +60,12 @@ class PhaseArguments:
     probe_blocks: int = field(default=16, metadata={"help": "Evaluation blocks in the batch that is measured and stepped on."})
     random_directions: int = field(default=4, metadata={"help": "Gaussian directions besides -grad."})
     radii: list[str] = field(default_factory=lambda: ["output", "attention"], metadata={"help": "Radii measured; r is in units of their minimum."})
+    radius: str = field(
+        default=DEFAULT_RADIUS,
+        metadata={"help": "The output radius r is measured in: 'bound' (pi / max Delta) or 'topk_exact' (certified exact "
+                  "radii of the --topk widest tokens, capped by pi / Delta of the next).", "choices": list(RADIUS_KINDS)},
+    )
+    topk: int = field(default=DEFAULT_TOPK, metadata={"help": "Tokens given an exact radius with --radius topk_exact."})
     r_min: float = field(default=0.1, metadata={"help": "Smallest normalized step."})
     r_max: float = field(default=10.0, metadata={"help": "Largest normalized step."})
     r_points: int = field(default=21, metadata={"help": "Steps, log-spaced from r_min to r_max."})
@@ -173,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model.eval()
     batch, valid = probe_batch(evaluation, spec.probe_blocks)  # valid: position t predicts label t + 1
 
-    probe = RadiusProbe(model, radii=spec.radii)
+    probe = RadiusProbe(model, radii=spec.radii, radius=spec.radius, topk=spec.topk)
     base_loss, base_predictions = step_outcome(model, batch, {}, 0.0)
     r_values = np.geomspace(spec.r_min, spec.r_max, spec.r_points)
     rows, curves = [], []
@@ -212,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = write_table(rows, os.path.join(spec.output_dir, "phase_directions"), columns)
     write_table(curves, os.path.join(spec.output_dir, "phase_curves"))
     title = (f"{model_args.model_name_or_path or model_args.preset} after {spec.train_steps} steps: "
-             f"{len(batch['input_ids'])} x {batch['input_ids'].shape[1]} tokens, loss {base_loss:.3f}")
+             f"{len(batch['input_ids'])} x {batch['input_ids'].shape[1]} tokens, loss {base_loss:.3f}, rho: {spec.radius}")
     figure = plot_phase(curves, rows, os.path.join(spec.output_dir, "phase_transition.png"), title)
     summary = {"model": model_args.model_name_or_path or model_args.preset, "train_steps": spec.train_steps,
                "base_loss": base_loss, "radii": spec.radii, "directions": rows, "figure": figure}

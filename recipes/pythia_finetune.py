@@ -251,7 +251,7 @@ def summarize(
         "tokens_per_step": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
         * trainer.args.world_size * block_size,
         "rho_mode": trainer.args.rho_mode,
-        "rho_target": trainer.args.rho_target,
+        "rho_target": trainer.rho_controller.r_target,
         "rho_radii": list(trainer.args.rho_radii),
         "rho_watch_radii": list(trainer.args.rho_watch_radii),
         "lr_scheduler_type": str(getattr(trainer.args.lr_scheduler_type, "value", trainer.args.lr_scheduler_type)),
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             model_args.model_name_or_path or model_args.preset)
         summary["figures"] = {
             "radii": plot_training_radii(dashboard.records, os.path.join(args.output_dir, "radii.png"),
-                                         f"{summary['model']}: rho_mode={args.rho_mode}, r* = {args.rho_target}"),
+                                         f"{summary['model']}: rho_mode={args.rho_mode}, r* = {trainer.rho_controller.r_target:g}"),
             "rho_attn_heads": os.path.join(args.output_dir, "rho_attn_heads.png"),
         }
         trainer.state.save_to_json(os.path.join(args.output_dir, "trainer_state.json"))  # the full log history

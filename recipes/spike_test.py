@@ -11,6 +11,7 @@ finite or worse than ``ln(vocabulary)``, the loss of a uniform guess.
     python recipes/spike_test.py                          # 2 presets x 3 methods x 5 factors, CPU
     python recipes/spike_test.py --presets pythia-14m --factors 1 100 10000 --max_steps 200 --spike_step 100
     python recipes/spike_test.py --rho_radii output attention ffn
+    python recipes/spike_test.py --methods rho --rho_radius topk_exact --rho_target 2
 
 Batch arithmetic of the default: 4 sequences x 128 tokens = 512 tokens per step, 60 steps, spike
 at step 30; 30 runs. Writes to ``--output_dir`` (default ``outputs/spike_test``): ``spike_runs.csv``
@@ -43,11 +44,12 @@ from transformers import HfArgumentParser, PrinterCallback, Trainer, default_dat
 from hf_ghosts import RhoTrainer, RhoTrainingArguments
 from hf_ghosts.plots import save_figure
 from hf_ghosts.presets import MODEL_PRESETS, build_model, spike_schedule
+from hf_ghosts.settings import DEFAULT_RADIUS, default_target
 
 METHODS = {
     "adamw": "plain AdamW",
     "adamw+clip": "AdamW + max_grad_norm",
-    "rho": "RhoTrainer (clip, r* = 1)",
+    "rho": "RhoTrainer (clip)",
 }
 METHOD_COLORS = {"adamw": "tab:red", "adamw+clip": "tab:orange", "rho": "tab:blue"}
 
@@ -71,8 +73,10 @@ class SpikeArguments:
     learning_rate: float = field(default=1e-3, metadata={"help": "Base AdamW learning rate (constant before the spike)."})
     batch_size: int = field(default=4, metadata={"help": "Sequences per step (of --block_size tokens)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm bound of the 'adamw+clip' method."})
-    rho_target: float = field(default=1.0, metadata={"help": "RhoTrainer's target r*."})
+    rho_target: float | None = field(default=None, metadata={"help": "RhoTrainer's target r* (None: clip's default)."})
     rho_radii: list[str] = field(default_factory=lambda: ["output", "attention"], metadata={"help": "RhoTrainer's radii."})
+    rho_radius: str = field(default=DEFAULT_RADIUS, metadata={"help": "RhoTrainer's output radius: 'bound' or 'topk_exact'."})
+    rho_rescale_moments: bool = field(default=False, metadata={"help": "RhoTrainer scales AdamW's first moment with the step."})
     seed: int = field(default=0, metadata={"help": "Seed of the initial weights and of the data order (all runs)."})
     save_steps: int = field(
         default=0,
@@ -89,6 +93,15 @@ class SpikeArguments:
             raise ValueError(f"--save_steps must be >= 0 (0: no checkpoints); got {self.save_steps}")
         if any(not (factor > 0 and math.isfinite(factor)) for factor in self.factors):
             raise ValueError(f"--factors must be finite numbers > 0; got {self.factors}")
+
+
+def method_label(method: str, spec: SpikeArguments) -> str:
+    """``METHODS[method]``, and for ``"rho"`` its settings: ``RhoTrainer (clip, r* = 1, bound)``."""
+    if method != "rho":
+        return METHODS[method]
+    moments = ", moments rescaled" if spec.rho_rescale_moments else ""
+    target = default_target("clip") if spec.rho_target is None else spec.rho_target
+    return f"RhoTrainer (clip, r* = {target:g}, {spec.rho_radius}{moments})"
 
 
 class SpikedSchedule:
@@ -136,6 +149,8 @@ def run_one(spec: SpikeArguments, preset: str, method: str, factor: float, data:
         rho_mode="clip",
         rho_target=spec.rho_target,
         rho_radii=spec.rho_radii,
+        rho_radius=spec.rho_radius,
+        rho_rescale_moments=spec.rho_rescale_moments,
     )
     trainer_cls = SpikedRhoTrainer if method == "rho" else SpikedTrainer
     trainer = trainer_cls(
@@ -190,7 +205,7 @@ def pivot_markdown(rows: list[dict[str, Any]], spec: SpikeArguments) -> str:
                 row = next(r for r in rows if (r["preset"], r["method"], r["factor"]) == (preset, method, factor))
                 cell = f"{row['final_eval_loss']:.3f} / {row['eval_accuracy']:.3f}"
                 cells.append(f"**{cell}**" if row["collapsed"] else cell)
-            lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
+            lines.append(f"| {method_label(method, spec)} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
@@ -211,12 +226,12 @@ def plot_spike(rows: list[dict[str, Any]], spec: SpikeArguments, vocab: int, pat
             losses = np.array([r["final_eval_loss"] for r in mine])
             bad = ~np.isfinite(losses)
             style = dict(color=METHOD_COLORS[method], **styles[method])
-            top.plot(factors, np.where(bad, ceiling, losses), marker="o", label=METHODS[method], **style)
+            top.plot(factors, np.where(bad, ceiling, losses), marker="o", label=method_label(method, spec), **style)
             top.plot(factors[bad], np.full(bad.sum(), ceiling), "x", color=METHOD_COLORS[method], ms=11, mew=2)
             run = next(r for r in mine if r["factor"] == largest)
             curve = np.array([loss for _, loss in run["losses"]], dtype=float)
             bottom.plot([step for step, _ in run["losses"]], np.where(np.isfinite(curve), curve, ceiling),
-                        label=METHODS[method], **style)
+                        label=method_label(method, spec), **style)
         for axis in (top, bottom):
             axis.axhline(math.log(vocab), color="gray", ls=":", lw=1, label=f"ln V = {math.log(vocab):.2f} (uniform guess)")
             axis.set_yscale("log")

@@ -121,11 +121,12 @@ def token_dataset(rows: int = 16, length: int = 12, seed: int = 3, **batch_kwarg
 
 
 def rho_args(tmp_path, **overrides: object):
-    """``RhoTrainingArguments`` for a fast CPU run: no reporting, saving or progress bar; batch 4, fixed seed."""
+    """``RhoTrainingArguments`` for a fast CPU run: no reporting, saving or progress bar; batch 4, fixed seed; clip at
+    ``r* = 1`` (the paper's target, which these tiny runs exceed: the library's default is ``DEFAULT_TARGETS``)."""
     from hf_ghosts import RhoTrainingArguments
 
     base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
-                logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+                logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, rho_target=1.0)
     return RhoTrainingArguments(**{**base, **overrides})
 
 

@@ -55,7 +55,7 @@ def test_a_training_run_logs_exactly_the_documented_keys(tmp_path) -> None:
     args = rho_args(
         tmp_path, per_device_train_batch_size=2, train_sampling_strategy="sequential", max_steps=3, logging_steps=3,
         learning_rate=0.05, rho_radii=["output", "attention", "ffn"], rho_log_per_head=True, rho_every=1,
-        rho_watch_radii=["ffn_activation"],
+        rho_watch_radii=["ffn_activation"], rho_radius="topk_exact", rho_topk=2,
     )
     trainer = RhoTrainer(model=tiny_causal_lm("gpt_neox"), args=args, train_dataset=data)
     trainer.train()

@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from hf_ghosts import RadiusProbe, RhoTrainer, RhoTrainingArguments
+from hf_ghosts.settings import DEFAULT_TARGETS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -445,7 +446,7 @@ def test_plain_training_arguments_are_upgraded(tmp_path) -> None:
     trainer = RhoTrainer(model=tiny_causal_lm("gpt_neox"), args=plain, train_dataset=token_dataset())
     assert isinstance(trainer.args, RhoTrainingArguments)
     documented = {  # the README's RhoTrainer table
-        "rho_mode": "clip", "rho_target": 1.0, "rho_radii": ["output", "attention"], "rho_estimator": "auto", "rho_every": 16,
+        "rho_mode": "clip", "rho_target": None, "rho_radii": ["output", "attention"], "rho_estimator": "auto", "rho_every": 16,
         "rho_trigger_r": 0.5, "rho_trigger_growth": 2.0, "rho_log_per_head": False, "rho_fd_step": 0.01,
         "rho_probe_dtype": "auto",
     }
@@ -456,7 +457,7 @@ def test_plain_training_arguments_are_upgraded(tmp_path) -> None:
         if getattr(plain, name) != getattr(trainer.args, name)
     }
     assert mismatched == {}
-    assert trainer.rho_controller.mode == "clip" and trainer.rho_controller.r_target == 1.0
+    assert trainer.rho_controller.mode == "clip" and trainer.rho_controller.r_target == DEFAULT_TARGETS["clip"] == 2.0
     probe = trainer.rho_controller.probe  # "auto" on CPU in fp32: today's fp32 central differences
     assert (probe.estimator, probe.dtype) == ("fd", torch.float32)
 

@@ -41,7 +41,8 @@ def test_monitor_probes_every_k_steps_where_clip_probes_on_r() -> None:
     for mode in ("clip", "monitor"):
         model = classifier()
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.3)
-        controller = RhoController(model, optimizer, radii=("output",), mode=mode, every=4, trigger_growth=math.inf)
+        controller = RhoController(model, optimizer, radii=("output",), mode=mode, r_target=1.0, every=4,
+                                   trigger_growth=math.inf)
         records = []
         for step in range(8):
             batch = batch_of(step)
