@@ -306,7 +306,9 @@ class _Session:
     capture: attention.ScoreCapture
     ffn: FfnRecorder | None = None
     head_inputs: list[torch.Tensor] = field(default_factory=list)
-    # flat position indices -> (logits, slopes) rows ``[k, classes]`` at those positions (radius="topk_exact")
+    # flat position indices -> (logits, slopes) rows ``[k, classes]`` at those positions, kept only when wanted
+    # (radius="topk_exact"): otherwise nothing holds on to the logits past the spreads
+    wants_rows: bool = False
     rows: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
@@ -314,6 +316,11 @@ class _Session:
         """A session whose first forward is ``first``; the attention capture reads real queries off ``token_mask``."""
         query_mask = None if token_mask is None else token_mask.bool()
         return cls(attention.ScoreCapture(first, query_mask, fd_step, record=record))
+
+    def offer_rows(self, rows: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep ``rows`` (lazy: nothing is computed until called) where the top-k radius wants them."""
+        if self.wants_rows:
+            self.rows = rows
 
     def begin(self, current: Pass) -> None:
         """Start the forward ``current`` in every recorder."""
@@ -572,10 +579,16 @@ def _fd_wider_step(plus: torch.Tensor, minus: torch.Tensor, per_position: torch.
     return wider if wider > 2 * fd_step else None
 
 
-def _full_rows(logits: torch.Tensor, slopes: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Rows of the full head's ``[..., classes]`` logits and slopes, by flat position index."""
-    classes = logits.shape[-1]
-    return lambda index: (logits.reshape(-1, classes)[index], slopes.reshape(-1, classes)[index])
+def _full_rows(slopes: torch.Tensor, *logits: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Rows of the full head's ``[..., classes]`` slopes and logits (the mean of ``logits``: ``z``, or fd's ``z+``
+    and ``z-``, ``z(theta)`` to ``O(h^2)``), by flat position index; only the chosen rows are ever averaged."""
+    classes = slopes.shape[-1]
+
+    def rows(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        picked = [part.reshape(-1, classes)[index] for part in logits]
+        return sum(picked) / len(picked), slopes.reshape(-1, classes)[index]
+
+    return rows
 
 
 def _jvp_head_rows(
@@ -770,6 +783,7 @@ class RadiusProbe:
         token_mask = inputs.get("attention_mask")
         first = Pass.JVP if self.estimator == "jvp" else Pass.FD_PLUS
         session = _Session.start(first, token_mask, self.fd_step, record=record and "attention" in self.radii)
+        session.wants_rows = record and self.radius == "topk_exact"
         ghosts = _routes_through_ghosts(self.model, self.radii, self.estimator)
         with contextlib.ExitStack() as stack:
             if record and self._ffn.modules:
@@ -855,11 +869,11 @@ class RadiusProbe:
                 return None
             if self._head is None:
                 primal, slopes = fwAD.unpack_dual(logits).primal, _tangent(logits)
-                session.rows = _full_rows(primal, slopes)
+                session.offer_rows(_full_rows(slopes, primal))
                 return spread(slopes.float(), dim=-1)
             hidden, hidden_slope = fwAD.unpack_dual(session.head_inputs[0])
             weight, weight_slope, bias, bias_slope = self._head.tensors(weights, unit)
-            session.rows = _jvp_head_rows(hidden, hidden_slope, weight, weight_slope, bias, bias_slope)
+            session.offer_rows(_jvp_head_rows(hidden, hidden_slope, weight, weight_slope, bias, bias_slope))
             return head.jvp_spread(hidden, hidden_slope, weight, weight_slope, bias_slope, chunk=self.vocab_chunk)
 
     def _fd_spreads(
@@ -874,12 +888,12 @@ class RadiusProbe:
             return None
         if self._head is None:  # difference in the forward's dtype: rounding to fp32 first costs eps / h
             slopes = (plus - minus) / (2 * self.fd_step)
-            session.rows = _full_rows((plus + minus) / 2, slopes)  # z(theta) to O(h^2)
+            session.offer_rows(_full_rows(slopes, plus, minus))
             per_position = spread(slopes.float(), dim=-1)
             self._wider_step = _fd_wider_step(plus, minus, per_position, self.fd_step)
             return per_position
         weight, weight_step, bias, bias_step = self._head.tensors(weights, pieces)
-        session.rows = _fd_head_rows(*session.head_inputs, weight, bias, weight_step, bias_step, scale, self.fd_step)
+        session.offer_rows(_fd_head_rows(*session.head_inputs, weight, bias, weight_step, bias_step, scale, self.fd_step))
         return head.fd_spread(
             *session.head_inputs, weight, bias, weight_step, bias_step, scale=scale, fd_step=self.fd_step,
             chunk=self.vocab_chunk,

@@ -10,6 +10,7 @@ import os
 import types
 from collections.abc import Callable, Iterator, Mapping
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -191,6 +192,27 @@ def central_difference(
 def _rms_norm_float64(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
     return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+# ----------------------------------------------------------------------------- softmax sums in numpy
+# Independent of hf_ghosts.radii: F(t) = sum_k softmax(z)_k e^{a_k t} and its zeros, for radius references.
+
+
+def softmax_weights(logits: np.ndarray) -> np.ndarray:
+    weights = np.exp(logits - logits.max())
+    return weights / weights.sum()
+
+
+def exp_sum(logits: np.ndarray, slopes: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``F(t) = sum_k w_k e^{a_k t}``, ``F'(t)`` and ``sum_k |w_k e^{a_k t}|`` at complex points ``t`` (numpy)."""
+    terms = softmax_weights(logits)[:, None] * np.exp(slopes[:, None] * np.asarray(t, dtype=complex).reshape(1, -1))
+    return terms.sum(0), (slopes[:, None] * terms).sum(0), np.abs(terms).sum(0)
+
+
+def turns(logits: np.ndarray, slopes: np.ndarray, radius: float, points: int) -> float:
+    """Winding number of ``F`` around ``|t| = radius``: the number of zeros inside (argument principle)."""
+    values, _, _ = exp_sum(logits, slopes, radius * np.exp(2j * np.pi * np.arange(points) / points))
+    return float(np.angle(np.roll(values, -1) / values).sum() / (2 * np.pi))
 
 
 def float64_copy(model: torch.nn.Module) -> torch.nn.Module:

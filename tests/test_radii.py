@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import exp_sum, softmax_weights, turns
 
 from hf_ghosts import radii
 
@@ -19,17 +20,6 @@ def random(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ references
-def softmax_weights(logits: np.ndarray) -> np.ndarray:
-    weights = np.exp(logits - logits.max())
-    return weights / weights.sum()
-
-
-def exp_sum(logits: np.ndarray, slopes: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``F(t) = sum_k w_k e^{a_k t}``, ``F'(t)`` and ``sum_k |w_k e^{a_k t}|`` at complex points ``t`` (numpy)."""
-    terms = softmax_weights(logits)[:, None] * np.exp(slopes[:, None] * np.asarray(t, dtype=complex).reshape(1, -1))
-    return terms.sum(0), (slopes[:, None] * terms).sum(0), np.abs(terms).sum(0)
-
-
 def polynomial_radius(logits: np.ndarray, powers: np.ndarray) -> float:
     """Exact radius for integer slopes: with ``x = e^t``, ``F`` is a polynomial; its roots give every zero.
 
@@ -39,12 +29,6 @@ def polynomial_radius(logits: np.ndarray, powers: np.ndarray) -> float:
     coefficients = np.zeros(degree + 1)
     np.add.at(coefficients, degree - powers, softmax_weights(logits))
     return min(abs(complex(math.log(abs(x)), np.angle(x))) for x in np.roots(coefficients))
-
-
-def turns(logits: np.ndarray, slopes: np.ndarray, radius: float, points: int) -> float:
-    """Winding number of ``F`` around ``|t| = radius``: the number of zeros inside (argument principle)."""
-    values, _, _ = exp_sum(logits, slopes, radius * np.exp(2j * np.pi * np.arange(points) / points))
-    return float(np.angle(np.roll(values, -1) / values).sum() / (2 * np.pi))
 
 
 def newton_zero_at_modulus(logits: np.ndarray, slopes: np.ndarray, modulus: float) -> complex:

@@ -15,6 +15,7 @@ from conftest import (
     reference_logit_slopes,
     tiny_causal_lm,
     token_batch,
+    turns,
 )
 
 from hf_ghosts import RadiusProbe, RhoController, RhoTrainingArguments
@@ -23,25 +24,17 @@ from hf_ghosts.radii import TOPK_POOL, rho_bound, topk_radius, widest_tokens
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def zeros_inside(logits: np.ndarray, slopes: np.ndarray, radius: float, points: int = 2048) -> int:
-    """Zeros of ``F(t) = sum_k softmax(z)_k e^{a_k t}`` in ``|t| < radius`` (argument principle, numpy)."""
-    weights = np.exp(logits - logits.max())
-    circle = radius * np.exp(2j * np.pi * np.arange(points) / points)
-    values = (weights[:, None] * np.exp(slopes[:, None] * circle[None, :])).sum(0)
-    return round(float(np.angle(np.roll(values, -1) / values).sum() / (2 * np.pi)))
-
-
 def brute_force_radius(logits: np.ndarray, slopes: np.ndarray) -> float:
     """The nearest zero's modulus: circles from ``pi / Delta`` out by 10% until one holds a zero (the count only
     grows with the radius), then bisection."""
     low = math.pi / (slopes.max() - slopes.min())  # Theorem 4.6: nothing inside
     high = low
-    while zeros_inside(logits, slopes, high) == 0:
+    while round(turns(logits, slopes, high, 2048)) == 0:
         low, high = high, high * 1.1
         assert high < 1e3 * math.pi / (slopes.max() - slopes.min()), "no zero found"
     for _ in range(24):
         middle = (low + high) / 2
-        low, high = (middle, high) if zeros_inside(logits, slopes, middle) == 0 else (low, middle)
+        low, high = (middle, high) if round(turns(logits, slopes, middle, 2048)) == 0 else (low, middle)
     return low
 
 
