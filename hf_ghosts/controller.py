@@ -241,7 +241,7 @@ class RhoController:
         self.radii, self.watch_radii, self.set_schedule = radii, watch_radii, set_schedule
         self.rescale_moments, self._arguments = rescale_moments, arguments
         if optimizer is not None:
-            self._check_moments(optimizer)
+            _check_first_moments(optimizer, rescale_moments, arguments)
         self.peak_lr: float | None = None if optimizer is None else _peak_lr(optimizer)
         self._lr: float | None = None  # the learning rate of the step in flight
         self.schedule = ProbeSchedule(every=every, trigger_r=float(trigger_r), trigger_growth=float(trigger_growth))
@@ -276,7 +276,7 @@ class RhoController:
         optimizer = optimizer if optimizer is not None else self.optimizer
         if optimizer is None:
             raise ValueError("RhoController.attach: no optimizer to attach to")
-        self._check_moments(optimizer)
+        _check_first_moments(optimizer, self.rescale_moments, self._arguments)
         self.detach()
         self.optimizer = optimizer
         self.peak_lr = _peak_lr(optimizer) if self.peak_lr is None else self.peak_lr
@@ -369,15 +369,6 @@ class RhoController:
                 scale_first_moments(self.optimizer, self.params, scale)
         self._finish(record, report)
 
-    def _check_moments(self, optimizer: Any) -> None:
-        """With ``rescale_moments``, refuse an optimizer without Adam's first moment (no ``betas``)."""
-        if self.rescale_moments and "betas" not in _innermost(optimizer).defaults:
-            name = spelled("rescale_moments", self._arguments)
-            raise ValueError(
-                f"RhoController.{name}: {type(_innermost(optimizer)).__name__} has no first moment (no 'betas'); "
-                f"{name} scales Adam's exp_avg. Use an Adam-family optimizer or set {name}=False"
-            )
-
     def target(self) -> float:
         """The ``r*`` of the step in flight: :func:`scheduled_target` of its ``lr`` in ``"set"`` mode with
         ``set_schedule``, else ``r_target``."""
@@ -433,6 +424,17 @@ def _require_logits(model: torch.nn.Module, radii: tuple[str, ...], arguments: b
             f"RhoController: {type(model).__name__} is the bare {model.config.model_type!r} backbone: it returns hidden "
             "states, not logits, and the output radius needs logits. Load a model with a head (for example "
             f"AutoModelForCausalLM instead of AutoModel), or drop 'output' from {spelled('radii', arguments)}."
+        )
+
+
+def _check_first_moments(optimizer: Any, rescale_moments: bool, arguments: bool) -> None:
+    """With ``rescale_moments``, refuse an optimizer without Adam's first moment (no ``betas``)."""
+    inner = _innermost(optimizer)
+    if rescale_moments and "betas" not in inner.defaults:
+        name = spelled("rescale_moments", arguments)
+        raise ValueError(
+            f"RhoController.{name}: {type(inner).__name__} has no first moment (no 'betas'); "
+            f"{name} scales Adam's exp_avg. Use an Adam-family optimizer or set {name}=False"
         )
 
 

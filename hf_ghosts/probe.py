@@ -622,6 +622,17 @@ def _fd_head_rows(
     return rows
 
 
+def _topk_output_radius(
+    per_position: torch.Tensor, positions: torch.Tensor, rows: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    topk: int,
+) -> torch.Tensor:
+    """:func:`~hf_ghosts.radii.topk_radius` over the ``topk`` distinct valid positions of largest spread (float32);
+    ``rows`` gives the chosen positions' logits and slopes."""
+    chosen, following = widest_tokens(per_position, positions, TOPK_POOL * topk)
+    logits, slopes = rows(chosen)
+    return topk_radius(logits, slopes, following, topk).to(per_position.device, torch.float32)
+
+
 def _output_spread(per_position: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``max_t spread_t`` over the ``positions`` that count (0 if none), and their number."""
     masked = torch.where(positions, per_position, torch.zeros_like(per_position))
@@ -907,7 +918,7 @@ class RadiusProbe:
             positions = output_positions(inputs, shape, shift_labels=_shifts(self.model, self.shift_labels), device=device)
             out_spread, output_tokens = _output_spread(per_position, positions)
             if self.radius == "topk_exact":
-                out_radius = self._topk_radius(per_position, positions, session)
+                out_radius = _topk_output_radius(per_position, positions, session.rows, self.topk)
         if "attention" in self.radii:
             attn = _attention_spread(session.capture, self.model)
         ffn = {name: session.ffn.radius(form) for name, form in self._ffn.forms.items()}
@@ -915,9 +926,3 @@ class RadiusProbe:
             out_spread=out_spread, attn_spread=attn, ffn_radius=ffn.get("ffn"), output_tokens=output_tokens,
             ffn_activation_radius=ffn.get("ffn_activation"), out_radius=out_radius,
         )
-
-    def _topk_radius(self, per_position: torch.Tensor, positions: torch.Tensor, session: _Session) -> torch.Tensor:
-        """:func:`~hf_ghosts.radii.topk_radius` over the ``topk`` valid positions of largest spread (float32)."""
-        chosen, following = widest_tokens(per_position, positions, TOPK_POOL * self.topk)
-        logits, slopes = session.rows(chosen)
-        return topk_radius(logits, slopes, following, self.topk).to(per_position.device, torch.float32)
