@@ -64,6 +64,9 @@ SETTINGS: dict[str, dict[str, Any] | None] = {
     "topk_exact_moments": {"rho_radius": "topk_exact", "rho_rescale_moments": True},
 }
 
+# The StepRecord fields kept per step (|u| = r * rho).
+RECORD_FIELDS = ("step", "r", "r_applied", "scale", "rho", "rho_out", "rho_out_bound", "rho_attn", "probed", "clipped")
+
 
 class StepLog(StepTimer):
     """:class:`harness.StepTimer` that also keeps each step's :class:`~hf_ghosts.controller.StepRecord` scalars."""
@@ -75,8 +78,7 @@ class StepLog(StepTimer):
     def on_step_end(self, args, state, control, **kwargs):
         controller = getattr(self.trainer, "rho_controller", None)
         if controller is not None and controller.last is not None:
-            keep = ("step", "r", "r_applied", "scale", "rho", "rho_out", "rho_out_bound", "rho_attn", "probed", "clipped")
-            self.records.append({key: value for key, value in controller.last.scalars().items() if key in keep})
+            self.records.append({key: value for key, value in controller.last.scalars().items() if key in RECORD_FIELDS})
         return super().on_step_end(args, state, control, **kwargs)
 
 
