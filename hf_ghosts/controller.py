@@ -24,7 +24,6 @@ import torch
 from hf_ghosts.compat import is_bare_backbone
 from hf_ghosts.distributed import (
     FSDP1_ERROR,
-    ShardedRadiusProbe,
     all_reduce_report,
     any_rank,
     detect_backend,
@@ -33,7 +32,7 @@ from hf_ghosts.distributed import (
     local_tensor,
 )
 from hf_ghosts.metrics import MetricWindow
-from hf_ghosts.probe import RadiusProbe, RadiusReport
+from hf_ghosts.probe import RadiusProbe, RadiusReport, ShardedRadiusProbe
 from hf_ghosts.radii import clip_scale, normalized_step, update_norm
 from hf_ghosts.settings import (
     DEFAULT_ESTIMATOR,
@@ -504,7 +503,7 @@ def build_probe(
     model: torch.nn.Module, estimator: str, dtype: torch.dtype, sharded: bool = False, **settings: Any
 ) -> RadiusProbe | ShardedRadiusProbe:
     """A :class:`~hf_ghosts.probe.RadiusProbe` of ``model``, or under FSDP2 (``sharded``) a
-    :class:`~hf_ghosts.distributed.ShardedRadiusProbe` (finite differences on the local shards)."""
+    :class:`~hf_ghosts.probe.ShardedRadiusProbe` (finite differences on the local shards)."""
     probe_cls = ShardedRadiusProbe if sharded else RadiusProbe
     return probe_cls(model, estimator=estimator, dtype=dtype, **settings)
 

@@ -38,8 +38,9 @@ from transformers import (
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from hf_ghosts import RadiusProbe, RadiusReport, head
+from hf_ghosts import RadiusProbe, RadiusReport
 from hf_ghosts.architectures import ARCHITECTURES, LINEAR_HEAD_MODELS, find_ffn_modules, resolve_ffn_activation
+from hf_ghosts.probe import head
 
 F64 = torch.float64
 ESTIMATORS = ("jvp", "fd")
@@ -217,7 +218,7 @@ def test_model_code_catching_exception_does_not_swallow_the_stop_at_the_head(mon
     assert linear_calls[model.lm_head] == 1 + 2  # the full head's forwards only (jvp: one, fd: two)
 
 
-# ------------------------------------------------------------------------------------- hf_ghosts.head, tensors only
+# ------------------------------------------------------------------------------- hf_ghosts.probe.head, tensors only
 def head_tensors(bias: bool = True, seed: int = 0) -> dict[str, torch.Tensor | None]:
     """``x, x'`` ``[2, 3, 5]``, ``W, W'`` ``[11, 5]``, ``b, b'`` ``[11]`` (or None), float64."""
     generator = torch.Generator().manual_seed(seed)
