@@ -114,7 +114,7 @@ def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None
         config._attn_implementation = found
 
 
-# ----------------------------------------------------------------------------- sdpa for the ghosts attention (transformers 5.24)
+# ----------------------------------------------------------------------------- sdpa for ghosts (transformers 5.24)
 __all__ += ["repeat_kv", "sdpa_attention_forward", "sdpa_mask"]
 # ``sdpa_attention_forward`` and ``sdpa_mask`` (imported above) are what transformers registers as "sdpa" with
 # ``AttentionInterface`` and ``AttentionMaskInterface``: outside a probe the ghosts attention is exactly sdpa.
@@ -127,7 +127,7 @@ __all__ += ["without_autocast_wrapper", "without_compiled_call"]
 
 @contextlib.contextmanager
 def without_autocast_wrapper(model: torch.nn.Module) -> Iterator[None]:
-    """While active, ``model.forward`` is the forward Accelerate wrapped in autocast (accelerate 1.15); restored on exit.
+    """While active, ``model.forward`` is the forward Accelerate wrapped in autocast (accelerate 1.15); restored.
 
     Under mixed precision ``Accelerator.prepare_model`` keeps the forward as ``model._original_forward`` and sets an
     instance ``forward`` that runs it under autocast and casts the outputs to fp32. A model without both is left alone.

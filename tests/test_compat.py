@@ -172,10 +172,12 @@ def test_ghosts_attention_delegates_to_what_transformers_registers_as_sdpa() -> 
     assert AttentionInterface()["sdpa"] is compat.sdpa_attention_forward, (
         "transformers registers another sdpa attention: update compat.sdpa_attention_forward"
     )
-    assert AttentionMaskInterface()["sdpa"] is compat.sdpa_mask, "transformers registers another sdpa mask: update compat.sdpa_mask"
+    assert AttentionMaskInterface()["sdpa"] is compat.sdpa_mask, (
+        "transformers registers another sdpa mask: update compat.sdpa_mask"
+    )
     grouped = torch.arange(2 * 3 * 5 * 4, dtype=torch.float32).reshape(2, 3, 5, 4)  # [b, kv heads, t, d]
     expected = grouped.repeat_interleave(2, dim=1)  # each key/value head serves 2 consecutive query heads
-    assert torch.equal(compat.repeat_kv(grouped, 2), expected), "transformers changed repeat_kv: update compat.repeat_kv"
+    assert torch.equal(compat.repeat_kv(grouped, 2), expected), "transformers changed repeat_kv: update compat"
 
 
 # ----------------------------------------------------------------------------- the eager, unwrapped forward
@@ -187,6 +189,7 @@ def test_accelerate_still_wraps_forward_in_autocast_and_the_probe_unwraps_it() -
     model = torch.nn.Linear(16, 8)
     reference = copy.deepcopy(model)
     x = torch.randn(4, 16)
+    AcceleratorState._reset_state(reset_partial_state=True)  # a Trainer of an earlier test set it up without bf16
     try:
         Accelerator(cpu=True, mixed_precision="bf16").prepare_model(model)
         if "forward" not in model.__dict__ or not hasattr(model, "_original_forward"):
@@ -194,7 +197,7 @@ def test_accelerate_still_wraps_forward_in_autocast_and_the_probe_unwraps_it() -
                         "compat.without_autocast_wrapper")
         wrapper = model.forward
         with torch.no_grad():
-            assert not torch.equal(model(x), reference(x)), "the wrapper no longer runs in bf16: the test proves nothing"
+            assert not torch.equal(model(x), reference(x)), "the wrapper runs in fp32: the test proves nothing"
             with compat.without_autocast_wrapper(model):
                 torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
         assert model.__dict__["forward"] is wrapper
@@ -211,7 +214,8 @@ def test_module_compile_still_stores_the_compiled_call_and_the_probe_bypasses_it
     model.compile()  # lazy: nothing compiles until a call
     compiled = model.__dict__.get("_compiled_call_impl")
     if compiled is None:
-        pytest.fail("upstream changed: nn.Module.compile() no longer sets _compiled_call_impl: update compat.without_compiled_call")
+        pytest.fail("upstream changed: nn.Module.compile() no longer sets _compiled_call_impl: "
+                    "update compat.without_compiled_call")
     tracing: list[bool] = []
     model.register_forward_pre_hook(lambda module, args: tracing.append(torch.compiler.is_compiling()))
     with compat.without_compiled_call(model):

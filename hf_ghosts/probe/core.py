@@ -19,10 +19,9 @@ import torch.autograd.forward_ad as fwAD
 
 from hf_ghosts import compat
 from hf_ghosts.architectures import _model_type, attention_blocker, base_model_of
-from hf_ghosts.probe import head
 from hf_ghosts.probe.attention import ATTENTION_NAME, Pass, ScoreCapture
 from hf_ghosts.probe.ffn import FfnRecorder
-from hf_ghosts.probe.head import LinearHead, fd_head_rows, full_rows, jvp_head_rows
+from hf_ghosts.probe.head import LinearHead, fd_head_rows, fd_spread, full_rows, jvp_head_rows, jvp_spread
 from hf_ghosts.radii import spread
 
 __all__ = [
@@ -189,7 +188,7 @@ def jvp_spreads(
         hidden, hidden_slope = fwAD.unpack_dual(session.head_inputs[0])
         weight, weight_slope, bias, bias_slope = linear_head.tensors(weights, unit)
         session.offer_rows(jvp_head_rows(hidden, hidden_slope, weight, weight_slope, bias, bias_slope))
-        return head.jvp_spread(hidden, hidden_slope, weight, weight_slope, bias_slope, chunk=chunk)
+        return jvp_spread(hidden, hidden_slope, weight, weight_slope, bias_slope, chunk=chunk)
 
 
 def fd_spreads(
@@ -215,7 +214,7 @@ def fd_spreads(
         return per_position
     weight, weight_step, bias, bias_step = linear_head.tensors(weights, pieces)
     session.offer_rows(fd_head_rows(*session.head_inputs, weight, bias, weight_step, bias_step, scale, fd_step))
-    return head.fd_spread(
+    return fd_spread(
         *session.head_inputs, weight, bias, weight_step, bias_step, scale=scale, fd_step=fd_step, chunk=chunk,
     )
 

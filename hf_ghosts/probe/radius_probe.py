@@ -304,7 +304,8 @@ class RadiusProbe:
         out_spread = output_tokens = attn = out_radius = None
         if per_position is not None:
             shape, device = per_position.shape, per_position.device
-            positions = output_positions(inputs, shape, shift_labels=shifts_labels(self.model, self.shift_labels), device=device)
+            shift = shifts_labels(self.model, self.shift_labels)
+            positions = output_positions(inputs, shape, shift_labels=shift, device=device)
             out_spread, output_tokens = output_spread(per_position, positions)
             if self.radius == "topk_exact":
                 out_radius = topk_output_radius(per_position, positions, session.rows, self.topk)

@@ -37,7 +37,8 @@ class ShardedRadiusProbe(RadiusProbe):
     gathered earlier (``reshard_after_forward=False`` would keep them). Each measurement saves the
     shards first, moves from those copies and copies them back afterwards: the model is left
     bit-identical. All ranks must call :meth:`measure` (or :meth:`logit_slopes`) together
-    (collectives inside); its report is this rank's, to be reduced with :func:`~hf_ghosts.distributed.all_reduce_report`.
+    (collectives inside); its report is this rank's, to be reduced with
+    :func:`~hf_ghosts.distributed.all_reduce_report`.
 
     Args: as :class:`~hf_ghosts.probe.RadiusProbe`; ``estimator="jvp"`` is replaced by ``"fd"``
     (logged once), and the (sharded) parameters must be ``dtype`` (fp32). A bf16/fp16 ``MixedPrecisionPolicy``
