@@ -36,6 +36,7 @@ from transformers.utils import logging as hf_logging
 from hf_ghosts.plots import save_figure
 from hf_ghosts.presets import MODEL_PRESETS, build_model, lm_blocks, pydoc_splits, train_bpe_tokenizer
 from hf_ghosts.probe import output_positions
+from hf_ghosts.radii import update_norm
 from hf_ghosts.settings import RADII, RADIUS_FIELDS
 
 RADIUS_NAMES = RADII  # one source of truth: hf_ghosts.settings
@@ -183,7 +184,7 @@ def unit_directions(
     for index in range(count):
         found[f"random {index}"] = {name: torch.randn(p.shape, generator=generator) for name, p in trainable.items()}
     for direction in found.values():
-        norm = torch.sqrt(sum(d.double().pow(2).sum() for d in direction.values())).float()
+        norm = update_norm(list(direction.values())).float()
         for name in direction:
             direction[name] /= norm
     return found
