@@ -170,7 +170,7 @@ def unit_directions(
     model: torch.nn.Module, batch: Mapping[str, torch.Tensor], count: int, seed: int, *, descent: bool = False
 ) -> dict[str, dict[str, torch.Tensor]]:
     """The batch loss's gradient ``g`` and ``count`` Gaussian directions (from ``seed`` only), each scaled to unit length
-    ``|d| = sqrt(sum_i |d_i|^2)`` (float64 sum): ``{"grad": g / |g|, "random i": ...}``, or with ``descent``
+    ``|d| = sqrt(sum_i |d_i|^2)`` (:func:`~hf_ghosts.radii.update_norm`): ``{"grad": g / |g|, "random i": ...}``, or with ``descent``
     ``{"-grad": -g / |g|, ...}``. The gradient is taken under whatever hooks the caller has on (a temperature)."""
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
