@@ -33,7 +33,7 @@ from hf_ghosts.distributed import (
 )
 from hf_ghosts.metrics import MetricWindow
 from hf_ghosts.probe import RadiusProbe, RadiusReport, ShardedRadiusProbe
-from hf_ghosts.radii import clip_scale, normalized_step, update_norm
+from hf_ghosts.radii import check_radius, clip_scale, normalized_step, update_norm
 from hf_ghosts.settings import (
     DEFAULT_ESTIMATOR,
     DEFAULT_EVERY,
@@ -108,7 +108,7 @@ class StepRecord:
     ``bottleneck`` (the limiting radius that bound), ``would_bind`` (the watched radius below every limiting
     one, if any), ``would_clip`` (``r > r_target``), ``output_tokens`` and ``rho_attn_heads``
     (``[layers, heads]``) only on probed steps. ``skipped`` names what was non-finite (``"gradient"``,
-    ``"update"``, ``"radius"``) on a step the controller skipped; ``would_skip`` the same in ``"monitor"``
+    ``"update"``) on a step the controller skipped; ``would_skip`` the same in ``"monitor"``
     mode, which skips nothing.
     """
 
@@ -354,10 +354,8 @@ class RhoController:
         since_probe = None if self._probe_step is None else self.steps - self._probe_step
         if probe_needed(self.schedule, self.mode, norm, self.target(), self.last_rho, since_probe, self._probe_norm):
             report = self.reduce(measure_along(self.probe, self.batch, self.names, update, self._old))
-            rho = float(report.rho_of(self.radii))  # host sync; the limiting radii only
-            if math.isnan(rho):
-                self._skip(norm, "radius")
-                return
+            # host sync; the limiting radii only. NaN (NaN or inf in the slopes) raises, as the radii used to
+            rho = check_radius(float(report.rho_of(self.radii)), "RhoController")
             self.last_rho, self.probes, self._probe_step, self._probe_norm = rho, self.probes + 1, self.steps, norm
         target = self.target()
         scale = step_scale(norm, self.last_rho, target, self.mode)

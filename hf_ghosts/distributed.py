@@ -139,8 +139,12 @@ def all_reduce_report(report: RadiusReport, group: Any = None) -> RadiusReport:
     for radius in (report.ffn_radius, report.ffn_activation_radius, report.out_radius):
         if radius is not None:
             parts.append(-radius.reshape(-1).float())
+    # A NaN (NaN or inf slopes on some rank) travels as +inf, which MAX keeps (a collective's MAX may drop a NaN,
+    # depending on rank order), and comes back as NaN: no spread is +inf (spread gives NaN), no negated radius is.
     packed = torch.cat(parts)
+    packed = packed.masked_fill(packed.isnan(), float("inf"))
     dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+    packed = packed.masked_fill(packed == float("inf"), float("nan"))
     offset = 0
 
     def take(tensor: torch.Tensor | None, sign: float = 1.0) -> torch.Tensor | None:

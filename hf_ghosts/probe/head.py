@@ -61,7 +61,7 @@ def blockwise_spread(classes: int, block: Callable[[slice], torch.Tensor], chunk
         chunk: classes per block (``>= 1``).
 
     Returns:
-        ``a``'s spread per position, float32 (NaN or inf in ``a`` raise, as in :func:`~hf_ghosts.radii.spread`).
+        ``a``'s spread per position, float32 (NaN where ``a`` holds NaN or inf, as :func:`~hf_ghosts.radii.spread`).
 
     Example: ``blockwise_spread(3, lambda rows: torch.tensor([[1.0, 4.0, -2.0]])[:, rows], 2)`` is ``tensor([6.])``.
     """
@@ -70,7 +70,7 @@ def blockwise_spread(classes: int, block: Callable[[slice], torch.Tensor], chunk
         block_low, block_high = torch.aminmax(block(slice(start, start + chunk)), dim=-1)
         high = block_high if high is None else torch.maximum(high, block_high)
         low = block_low if low is None else torch.minimum(low, block_low)
-    # the spread of the two extremes is high - low, with spread's check for NaN and inf
+    # the spread of the two extremes is high - low, NaN where a NaN or inf was among them (aminmax keeps NaN)
     return spread(torch.stack((high.float(), low.float()), dim=-1), dim=-1)
 
 
