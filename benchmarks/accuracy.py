@@ -8,8 +8,9 @@
 
 A plain PyTorch loop (:func:`hf_ghosts.presets.spike_loop`), AdamW at ``--spike-lr`` with the LR
 multiplied by ``--spike-factor`` (x1000) for the middle third of the steps, on ``--spike-size``
-(default tiny). Every controller setting runs with an :class:`Oracle` that measures the exact JVP,
-full-batch radius along the very update of the very step; the setting's ``r`` is compared with it.
+(default tiny). Every controller setting runs beside an :func:`oracle`, a ``RhoController(mode="monitor",
+every=1, estimator="jvp")`` on the optimizer's hooks that measures the exact, full-batch radius along the very
+update of the very step; the setting's ``r`` is compared with it.
 Plain AdamW (and AdamW with gradient-norm clipping) show what the spike does without control.
 Writes one JSON (``--out``, default ``outputs/accuracy.json``).
 """
@@ -38,9 +39,8 @@ from harness import (
     write_result,
 )
 
-from hf_ghosts import RadiusProbe, RhoController
+from hf_ghosts import RhoController
 from hf_ghosts.presets import spike_loop
-from hf_ghosts.radii import update_norm
 from hf_ghosts.settings import DEFAULT_EVERY
 
 
@@ -86,37 +86,21 @@ def controller_for(setting: Setting, model: torch.nn.Module, optimizer: torch.op
     return cls(model, optimizer, **setting.controller_kwargs(), **kwargs)
 
 
-class Oracle:
-    """Exact JVP, full-batch radius along the optimizer's real update, from hooks that run inside ``optimizer.step``.
-
-    Set ``batch`` before each step; after it ``norm`` is ``|u|`` and ``rho`` the radius along ``u`` at the old
-    weights (NaN for a zero or non-finite update).
+def oracle(model: torch.nn.Module, optimizer: torch.optim.Optimizer, radii: tuple[str, ...]) -> RhoController:
+    """The exact radius along the optimizer's real update: a ``"monitor"`` controller probing every step with the
+    exact JVP on the full batch, attached to ``optimizer``'s step hooks (it sees ``u`` before any controller
+    rescales it, and changes nothing). ``observe(batch)`` before each step; then ``last`` holds ``|u|``, ``rho``, ``r``.
     """
+    monitor = RhoController(model, optimizer, mode="monitor", every=1, estimator="jvp", radii=radii)
+    monitor.attach()
+    return monitor
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, radii: tuple[str, ...]) -> None:
-        self.probe = RadiusProbe(model, radii=radii, estimator="jvp")
-        self.names = list(self.probe.trainable)
-        self.params = [self.probe.trainable[n] for n in self.names]
-        self.batch: dict[str, torch.Tensor] | None = None
-        self.rho = math.nan
-        self.norm = math.nan
-        optimizer.register_step_pre_hook(lambda *_: self._before())
-        optimizer.register_step_post_hook(lambda *_: self._after())
 
-    @torch.no_grad()
-    def _before(self) -> None:
-        self.old = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def _after(self) -> None:
-        update = torch._foreach_sub([p.detach() for p in self.params], self.old)
-        self.norm = float(update_norm(update))
-        if not math.isfinite(self.norm) or self.norm == 0:
-            self.rho = math.nan
-            return
-        report = self.probe.measure(self.batch, dict(zip(self.names, update, strict=True)),
-                                    params=dict(zip(self.names, self.old, strict=True)))
-        self.rho = float(report.rho)
+def exact_r(monitor: RhoController) -> float:
+    """``|u| / rho`` of the step the oracle just saw; NaN where it measured no finite radius (a zero, non-finite or
+    skipped update, or rho = inf)."""
+    record = monitor.last
+    return record.r if record.probed and math.isfinite(record.rho) else math.nan
 
 
 def spike_run(size: Size, setting: Setting | None, steps: int, lr: float, factor: float, radii: tuple[str, ...],
@@ -124,17 +108,17 @@ def spike_run(size: Size, setting: Setting | None, steps: int, lr: float, factor
     """Train ``steps`` steps with the LR x ``factor`` in the middle third; per-step loss, r and the oracle's r."""
     model = size.model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    oracle = Oracle(model, optimizer, radii) if setting is not None else None
+    exact = oracle(model, optimizer, radii) if setting is not None else None
     controller = controller_for(setting, model, optimizer, radii=radii) if setting else None
     blocks = token_blocks(size.batch * steps, size.seq, seed=1).view(steps, size.batch, size.seq)
 
     def controlled_step(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        oracle.batch = batch
+        exact.observe(batch)
         last = controller.step(batch)
-        exact_r = oracle.norm / oracle.rho if math.isfinite(oracle.rho) else math.nan
+        r = exact_r(exact)
         scale = math.nan if last.skipped else last.scale
-        return dict(r=math.nan if last.skipped else last.r, exact_r=exact_r, probed=last.probed, scale=scale,
-                    exact_r_applied=scale * exact_r)
+        return dict(r=math.nan if last.skipped else last.r, exact_r=r, probed=last.probed, scale=scale,
+                    exact_r_applied=scale * r)
 
     rows = spike_loop(model, optimizer, (batch_of(ids, size.device) for ids in blocks), start=steps // 3,
                       stop=2 * steps // 3, factor=factor, step=controlled_step if controller else None,

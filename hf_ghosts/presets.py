@@ -8,9 +8,10 @@ vocabulary is left to the tokenizer: :func:`build_model` sizes the embeddings to
 second on :func:`pydoc_corpus`, the English prose and code that ships with Python
 (``pydoc_data.topics``). :func:`lm_blocks` turns a text dataset into fixed-length causal-LM
 blocks whose ``labels`` equal ``input_ids`` (the model shifts them), ready for
-``transformers.default_data_collator``. :func:`spike_multiplier`, :func:`spike_schedule` and
-:func:`spike_loop` are the learning-rate spike of the paper's Table 1, shared by
-``recipes/spike_test.py``, ``benchmarks/accuracy.py`` and the tests.
+``transformers.default_data_collator``. :func:`spike_multiplier`, :func:`spike_schedule`, :func:`spiked`
+(a Trainer class whose schedule is spiked, replaced or multiplied) and :func:`spike_loop` are the
+learning-rate spike of the paper's Table 1, shared by ``recipes/spike_test.py``, ``recipes/lr_free.py``,
+``benchmarks/accuracy.py`` and the tests.
 
 Example::
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import torch
@@ -44,6 +45,8 @@ from transformers import (
 __all__ = [
     "EOS_TOKEN",
     "MODEL_PRESETS",
+    "SPIKE_HOW",
+    "SpikedSchedule",
     "build_model",
     "count_parameters",
     "lm_blocks",
@@ -54,6 +57,7 @@ __all__ = [
     "spike_loop",
     "spike_multiplier",
     "spike_schedule",
+    "spiked",
     "train_bpe_tokenizer",
 ]
 
@@ -229,6 +233,9 @@ def count_parameters(model: torch.nn.Module) -> str:
 
 
 # --------------------------------------------------------------------------------------------- learning-rate spike
+SPIKE_HOW = ("replace", "multiply")  # what a spike does to a schedule: see :func:`spike_schedule`
+
+
 def spike_multiplier(step: int, start: int, factor: float, stop: int | None = None) -> float:
     """Learning-rate multiplier of optimizer step ``step`` (0-based): ``factor`` on ``[start, stop)``, else 1.
 
@@ -241,14 +248,68 @@ def _in_spike(step: int, start: int, stop: int | None) -> bool:
     return start <= step and (stop is None or step < stop)
 
 
-def spike_schedule(
-    optimizer: torch.optim.Optimizer, start: int, factor: float, stop: int | None = None
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """``LambdaLR`` with :func:`spike_multiplier`: optimizer step ``k`` (0-based) runs at ``lr * multiplier(k)``.
+def _spiked_lambda(base: Callable[[int], float], start: int, factor: float, stop: int | None) -> Callable[[int], float]:
+    return lambda k: base(k) * spike_multiplier(k, start, factor, stop)
 
-    For a ``Trainer``: ``optimizers=(optimizer, spike_schedule(optimizer, start, factor))``.
+
+def spike_schedule(
+    optimizer: torch.optim.Optimizer,
+    start: int,
+    factor: float,
+    stop: int | None = None,
+    *,
+    onto: torch.optim.lr_scheduler.LambdaLR | None = None,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A learning-rate spike: optimizer step ``k`` (0-based) runs at ``lr * base(k) * spike_multiplier(k)``.
+
+    ``onto=None`` ("replace"): a new ``LambdaLR`` with ``base = 1``, a constant rate spiked. ``onto`` a ``LambdaLR``
+    ("multiply"; all of Trainer's schedules are): its own ``lr_lambdas`` become ``base``, in place, and it is
+    returned; the rate of step 0 is already set, so the spike should start at ``start >= 1``.
+    For a ``Trainer``: ``optimizers=(optimizer, spike_schedule(optimizer, start, factor))``, or :func:`spiked`.
     """
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(spike_multiplier, start=start, factor=factor, stop=stop))
+    if onto is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(spike_multiplier, start=start, factor=factor, stop=stop))
+    if not isinstance(onto, torch.optim.lr_scheduler.LambdaLR):
+        raise TypeError(f"spike_schedule: onto must be a LambdaLR (its lambdas are multiplied); got {type(onto).__name__}")
+    onto.lr_lambdas = [_spiked_lambda(base, start, factor, stop) for base in onto.lr_lambdas]
+    return onto
+
+
+class SpikedSchedule:
+    """Trainer mixin: a learning-rate spike of ``spike_factor`` on optimizer steps ``[spike_start, spike_stop)``.
+
+    ``spike_how="replace"``: the rate is ``learning_rate * spike_multiplier(k)`` (the arguments' schedule is not used);
+    ``"multiply"``: the arguments' own schedule (warm-up, cosine, ...) times ``spike_multiplier(k)``. A scheduler
+    passed in ``optimizers=`` is kept as it is. Build the class with :func:`spiked`.
+    """
+
+    def __init__(self, *args: Any, spike_start: int, spike_factor: float, spike_how: str, spike_stop: int | None = None,
+                 **kwargs: Any) -> None:
+        if spike_how not in SPIKE_HOW:
+            raise ValueError(f"{type(self).__name__}: spike_how must be one of {SPIKE_HOW}; got {spike_how!r}")
+        self.spike_start, self.spike_factor, self.spike_how, self.spike_stop = spike_start, spike_factor, spike_how, spike_stop
+        super().__init__(*args, **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is not None:  # given, or built already
+            return self.lr_scheduler
+        spike = dict(start=self.spike_start, factor=self.spike_factor, stop=self.spike_stop)
+        if self.spike_how == "replace":
+            self.lr_scheduler = spike_schedule(optimizer or self.optimizer, **spike)
+        else:
+            self.lr_scheduler = spike_schedule(optimizer or self.optimizer, **spike,
+                                               onto=super().create_scheduler(num_training_steps, optimizer))
+        return self.lr_scheduler
+
+
+@cache
+def spiked(trainer_cls: type) -> type:
+    """``trainer_cls`` (``Trainer``, ``RhoTrainer``, ...) with :class:`SpikedSchedule`: ``Spiked<Name>``, whose
+    constructor also takes ``spike_start``, ``spike_factor``, ``spike_how`` and ``spike_stop``.
+
+    Example: ``spiked(Trainer)(model=model, args=args, spike_start=30, spike_factor=1000.0, spike_how="replace")``.
+    """
+    return type(f"Spiked{trainer_cls.__name__}", (SpikedSchedule, trainer_cls), {"__module__": __name__})
 
 
 def spike_loop(
@@ -264,19 +325,17 @@ def spike_loop(
 ) -> list[dict[str, Any]]:
     """A plain PyTorch training loop with a learning-rate spike, one optimizer step per batch.
 
-    Step ``k`` runs at the optimizer's initial rates times :func:`spike_multiplier` ``(k, start, factor, stop)``:
-    ``model.train()``, forward, backward, gradient-norm clipping to ``max_grad_norm`` (if given), then
-    ``step(batch)`` (e.g. ``RhoController.step``, which calls ``optimizer.step()`` itself) or plain
-    ``optimizer.step()``, and ``optimizer.zero_grad(set_to_none=True)``.
+    Step ``k`` runs at the optimizer's initial rates times :func:`spike_multiplier` ``(k, start, factor, stop)``
+    (:func:`spike_schedule`, stepped after each batch): ``model.train()``, forward, backward, gradient-norm clipping
+    to ``max_grad_norm`` (if given), then ``step(batch)`` (e.g. ``RhoController.step``, which calls
+    ``optimizer.step()`` itself) or plain ``optimizer.step()``, and ``optimizer.zero_grad(set_to_none=True)``.
 
     Returns:
         Per step ``{"step": k, "loss": loss before the step, "spike": bool, "record": step(batch)'s return value}``.
     """
-    base = [group["lr"] for group in optimizer.param_groups]
+    schedule = spike_schedule(optimizer, start, factor, stop)
     rows = []
     for index, batch in enumerate(batches):
-        for group, lr in zip(optimizer.param_groups, base, strict=True):
-            group["lr"] = lr * spike_multiplier(index, start, factor, stop)
         model.train()
         loss = model(**batch).loss
         loss.backward()
@@ -289,5 +348,6 @@ def spike_loop(
         else:
             row["record"] = step(batch)
         optimizer.zero_grad(set_to_none=True)
+        schedule.step()
         rows.append(row)
     return rows

@@ -27,7 +27,7 @@ method             optimizer and schedule
 
 The rho-set target list marks the controller's default ``rho_target`` ("(default)"). With
 ``--spike_factor F --spike_at K`` every method's learning rate is multiplied by ``F`` from optimizer
-step ``K`` (0-based) to the end, on top of its own schedule (:func:`hf_ghosts.presets.spike_multiplier`);
+step ``K`` (0-based) to the end, on top of its own schedule (:func:`hf_ghosts.presets.spiked`, ``spike_how="multiply"``);
 in set mode that multiplies ``r*(t)`` too, since the target follows the schedule.
 
     python recipes/lr_free.py              # pythia-tiny + llama-tiny, 11 methods, seed 0: 22 runs, about a third of the next
@@ -66,13 +66,12 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from common import DataArguments, load_data, write_json, write_table
 from transformers import HfArgumentParser, PrinterCallback, Trainer, TrainingArguments, default_data_collator
 
 from hf_ghosts import RhoTrainer, RhoTrainingArguments
 from hf_ghosts.plots import save_figure
-from hf_ghosts.presets import MODEL_PRESETS, build_model, spike_multiplier
+from hf_ghosts.presets import MODEL_PRESETS, build_model, spiked
 from hf_ghosts.settings import DEFAULT_TARGETS
 
 KINDS = ("adamw", "rho-set", "prodigy", "schedule-free", "adamw-default")
@@ -178,30 +177,10 @@ def training_arguments(spec: LrFreeArguments, method: dict[str, Any], seed: int,
     return TrainingArguments(**shared, **TRAINER_DEFAULTS)  # adamw-default
 
 
-class SpikedSchedule:
-    """The trainer's own schedule, multiplied by ``spike_multiplier(k, spike_at, spike_factor)`` at optimizer step ``k``."""
-
-    def __init__(self, *args: Any, spike_at: int, spike_factor: float, **kwargs: Any) -> None:
-        self.spike_at, self.spike_factor = spike_at, spike_factor
-        super().__init__(*args, **kwargs)
-
-    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        fresh = self.lr_scheduler is None
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if fresh and self.spike_factor != 1.0:  # Trainer's schedules are LambdaLRs
-            scheduler.lr_lambdas = [
-                lambda k, base=base: base(k) * spike_multiplier(k, self.spike_at, self.spike_factor)
-                for base in scheduler.lr_lambdas
-            ]
-        return scheduler
-
-
-class SpikedTrainer(SpikedSchedule, Trainer):
-    pass
-
-
-class SpikedRhoTrainer(SpikedSchedule, RhoTrainer):
-    pass
+def spike_kwargs(spec: LrFreeArguments) -> dict[str, Any]:
+    """The :func:`~hf_ghosts.presets.spiked` trainer's arguments: every method's own schedule, x ``spike_factor`` from
+    optimizer step ``spike_at`` (0-based) to the end."""
+    return dict(spike_start=spec.spike_at, spike_factor=spec.spike_factor, spike_how="multiply")
 
 
 def run_one(spec: LrFreeArguments, preset: str, method: dict[str, Any], seed: int, data: dict[str, Any],
@@ -216,10 +195,9 @@ def run_one(spec: LrFreeArguments, preset: str, method: dict[str, Any], seed: in
         except ImportError as error:
             raise ImportError("lr_free.py --methods prodigy needs prodigyopt: pip install prodigyopt") from error
         extra["optimizer_cls_and_kwargs"] = (Prodigy, {"weight_decay": args.weight_decay})
-    trainer_cls = SpikedRhoTrainer if method["kind"] == "rho-set" else SpikedTrainer
+    trainer_cls = spiked(RhoTrainer if method["kind"] == "rho-set" else Trainer)
     trainer = trainer_cls(model=model, args=args, train_dataset=data["train"], eval_dataset=data["eval"],
-                          data_collator=default_data_collator, spike_at=spec.spike_at, spike_factor=spec.spike_factor,
-                          **extra)
+                          data_collator=default_data_collator, **spike_kwargs(spec), **extra)
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
     trainer.train()

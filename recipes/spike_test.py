@@ -31,7 +31,6 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from common import (
     DataArguments,
     argmax_logits,
@@ -43,7 +42,7 @@ from transformers import HfArgumentParser, PrinterCallback, Trainer, default_dat
 
 from hf_ghosts import RhoTrainer, RhoTrainingArguments
 from hf_ghosts.plots import save_figure
-from hf_ghosts.presets import MODEL_PRESETS, build_model, spike_schedule
+from hf_ghosts.presets import MODEL_PRESETS, build_model, spiked
 from hf_ghosts.settings import DEFAULT_RADIUS, default_target
 
 METHODS = {
@@ -104,29 +103,6 @@ def method_label(method: str, spec: SpikeArguments) -> str:
     return f"RhoTrainer (clip, r* = {target:g}, {spec.rho_radius}{moments})"
 
 
-class SpikedSchedule:
-    """Constant learning rate, multiplied by ``spike_factor`` from optimizer step ``spike_step`` on."""
-
-    def __init__(self, *args: Any, spike_step: int, spike_factor: float, **kwargs: Any) -> None:
-        self.spike_step, self.spike_factor = spike_step, spike_factor
-        super().__init__(*args, **kwargs)
-
-    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        if self.lr_scheduler is None:
-            # Optimizer step k (0-based) runs at lr * factor from k = spike_step on: steps 1..spike_step (1-based)
-            # run at the base rate.
-            self.lr_scheduler = spike_schedule(optimizer or self.optimizer, self.spike_step, self.spike_factor)
-        return self.lr_scheduler
-
-
-class SpikedTrainer(SpikedSchedule, Trainer):
-    pass
-
-
-class SpikedRhoTrainer(SpikedSchedule, RhoTrainer):
-    pass
-
-
 def run_one(spec: SpikeArguments, preset: str, method: str, factor: float, data: dict[str, Any], scratch: str) -> dict[str, Any]:
     """Train one (preset, method, factor) from the shared initial weights; evaluate at the end."""
     model = build_model(preset, vocab_size=data["vocab"], seed=spec.seed)
@@ -152,8 +128,7 @@ def run_one(spec: SpikeArguments, preset: str, method: str, factor: float, data:
         rho_radius=spec.rho_radius,
         rho_rescale_moments=spec.rho_rescale_moments,
     )
-    trainer_cls = SpikedRhoTrainer if method == "rho" else SpikedTrainer
-    trainer = trainer_cls(
+    trainer = spiked(RhoTrainer if method == "rho" else Trainer)(
         model=model,
         args=args,
         train_dataset=data["train"],
@@ -161,8 +136,10 @@ def run_one(spec: SpikeArguments, preset: str, method: str, factor: float, data:
         data_collator=default_data_collator,
         compute_metrics=token_accuracy,
         preprocess_logits_for_metrics=argmax_logits,
-        spike_step=spec.spike_step,
+        # a constant rate, x factor from optimizer step spike_step (0-based) on: steps 1..spike_step (1-based) at the base rate
+        spike_start=spec.spike_step,
         spike_factor=factor,
+        spike_how="replace",
         processing_class=data["tokenizer"] if spec.save_steps else None,  # checkpoints carry their tokenizer
     )
     trainer.remove_callback(PrinterCallback)

@@ -23,6 +23,7 @@ from hf_ghosts.presets import (
     pydoc_splits,
     spike_loop,
     spike_schedule,
+    spiked,
     train_bpe_tokenizer,
 )
 
@@ -131,6 +132,35 @@ def test_spike_schedule_and_loop_run_the_same_rates() -> None:
     # d loss / d weight = 1 every step: the weight moved by minus the sum of the rates
     assert model.weight.item() == pytest.approx(-sum(expected), rel=1e-6)
     assert [row["loss"] for row in rows] == pytest.approx([0.0, -0.1, -0.2, -1.2, -2.2], rel=1e-6)
+
+
+def test_spiked_trainer_replaces_or_multiplies_the_schedule(tmp_path: Path) -> None:
+    """``spiked(Trainer)``: "replace" runs the base rate x factor on [start, stop) whatever the arguments' schedule;
+    "multiply" runs the arguments' schedule (here linear decay from 1 over 5 steps) x factor; a given scheduler stays."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, lr_scheduler_type="linear")
+    decay = [1.0, 0.8, 0.6, 0.4, 0.2]
+    expected = {"replace": [1.0, 1.0, 10.0, 10.0, 1.0], "multiply": [1.0, 0.8, 6.0, 4.0, 0.2]}
+    assert spiked(Trainer) is spiked(Trainer) and spiked(Trainer).__name__ == "SpikedTrainer"
+    for how, rates in expected.items():
+        trainer = spiked(Trainer)(model=build_model("pythia-tiny", vocab_size=64), args=args, spike_start=2,
+                                  spike_factor=10.0, spike_stop=4, spike_how=how)
+        trainer.create_optimizer_and_scheduler(num_training_steps=5)
+        assert [trainer.lr_scheduler.lr_lambdas[0](k) for k in range(5)] == pytest.approx(rates, rel=1e-12)
+        assert trainer.optimizer.param_groups[0]["lr"] == args.learning_rate  # step 0's rate, unspiked
+    assert expected["multiply"] == pytest.approx([d * (10.0 if 2 <= k < 4 else 1.0) for k, d in enumerate(decay)])
+    model = build_model("pythia-tiny", vocab_size=64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    given = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 0.5)
+    trainer = spiked(Trainer)(model=model, args=args, optimizers=(optimizer, given), spike_start=0, spike_factor=10.0,
+                              spike_how="replace")
+    trainer.create_optimizer_and_scheduler(num_training_steps=5)
+    assert trainer.lr_scheduler is given and given.lr_lambdas[0](3) == 0.5
+    with pytest.raises(ValueError, match="spike_how must be one of"):
+        spiked(Trainer)(model=model, args=args, spike_start=2, spike_factor=10.0, spike_how="add")
+    with pytest.raises(TypeError, match="onto must be a LambdaLR"):
+        spike_schedule(optimizer, 2, 10.0, onto=torch.optim.lr_scheduler.StepLR(optimizer, 2))
 
 
 # ------------------------------------------------------------------------------------------ pythia_finetune
@@ -436,9 +466,9 @@ def test_lr_free_spike_multiplies_each_methods_own_schedule(tmp_path: Path) -> N
         args = module.training_arguments(spec, method, 0, str(tmp_path))
         unused = [{"input_ids": [0, 1]}]  # the arguments evaluate every few steps; nothing runs here
         plain = module.Trainer(model=model, args=args, eval_dataset=unused)
-        spiked = module.SpikedTrainer(model=model, args=args, eval_dataset=unused, spike_at=6, spike_factor=100.0)
+        spiked_trainer = spiked(module.Trainer)(model=model, args=args, eval_dataset=unused, **module.spike_kwargs(spec))
         rates = []
-        for trainer in (plain, spiked):
+        for trainer in (plain, spiked_trainer):
             trainer.create_optimizer_and_scheduler(num_training_steps=10)
             rates.append([trainer.lr_scheduler.lr_lambdas[0](k) for k in range(10)])
         assert rates[1] == pytest.approx([rate * (100.0 if k >= 6 else 1.0) for k, rate in enumerate(rates[0])])
