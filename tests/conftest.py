@@ -5,10 +5,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import importlib
 import math
 import os
+import struct
+import sys
 import types
+import zlib
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -419,3 +424,57 @@ def linear_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter:
 
     monkeypatch.setattr(torch.nn.Linear, "forward", counting)
     return calls
+
+
+# ----------------------------------------------------------------------------- benchmarks and W&B
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def benchmark_module() -> Callable[[str], types.ModuleType]:
+    """``benchmark_module("overhead")`` imports ``benchmarks/overhead.py`` as ``python benchmarks/overhead.py`` sees
+    its siblings (``benchmarks/`` on ``sys.path``). Not ``benchmark``: pytest-benchmark owns that fixture name."""
+
+    def load(name: str) -> types.ModuleType:
+        if str(BENCHMARKS) not in sys.path:
+            sys.path.insert(0, str(BENCHMARKS))
+        return importlib.import_module(name)
+
+    return load
+
+
+@pytest.fixture
+def read_wandb_records() -> Callable[[Path], list]:
+    """``read_wandb_records(path)``: every ``wandb_internal_pb2.Record`` of a ``.wandb`` transaction log, checksums
+    verified. wandb 0.31 ships no Python reader for that file: a LevelDB-style log of 32 KiB blocks, each record
+    behind a 7-byte header (crc32 uint32, length uint16, type uint8: full, first, middle, last). wandb is
+    imported here, not when conftest is (``benchmarks/gpu_check.sh`` checks that nothing imports it)."""
+    from wandb.proto import wandb_internal_pb2
+
+    block, header = 32 * 1024, 7
+    full, first, middle, last = 1, 2, 3, 4
+
+    def read(path: Path) -> list:
+        raw = path.read_bytes()
+        ident, magic, version = struct.unpack("<4sHB", raw[:header])
+        assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), "not a W&B transaction log"
+        records, pending, position = [], b"", header
+        while position + header <= len(raw):
+            if block - position % block < header:  # block trailer: zero padding
+                position += block - position % block
+                continue
+            checksum, length, kind = struct.unpack("<IHB", raw[position : position + header])
+            data = raw[position + header : position + header + length]
+            position += header + length
+            if kind == 0 and length == 0:
+                continue
+            assert zlib.crc32(data, zlib.crc32(bytes([kind]))) == checksum, "corrupt record"
+            assert kind in (full, first, middle, last), kind
+            pending = data if kind in (full, first) else pending + data
+            if kind in (full, last):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pending)
+                records.append(record)
+        return records
+
+    return read
