@@ -5,14 +5,22 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import importlib
 import math
 import os
+import struct
+import sys
 import types
+import zlib
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jvp
 from transformers import (
     AttentionInterface,
     GPT2Config,
@@ -402,6 +410,56 @@ class AdamWReplay:
         return {name: self.copies[name].detach() - old[name] for name in old}
 
 
+# ----------------------------------------------------------------------------- a plain-loop classifier
+# (test_controller, test_watch_and_schedule: RhoController on a non-transformers nn.Module)
+FEATURES, CLASSES = 8, 5
+
+
+class Classifier(nn.Module):
+    """Two-layer tanh MLP returning logits ``[batch, classes]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(FEATURES, 16), nn.Tanh(), nn.Linear(16, CLASSES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def classifier(seed: int = 0) -> Classifier:
+    torch.manual_seed(seed)
+    return Classifier()
+
+
+def batch_of(step: int, rows: int = 16) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(rows, FEATURES, generator=generator)
+    return {"x": x, "labels": torch.randint(0, CLASSES, (rows,), generator=generator)}
+
+
+def backward(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x=batch["x"]), batch["labels"]).backward()
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def flat_norm(tensors: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
+
+
+def reference_rho(model: nn.Module, at: dict[str, torch.Tensor], direction: dict[str, torch.Tensor], x: torch.Tensor) -> float:
+    """``pi / max_i (max_k a_ik - min_k a_ik)`` with ``a = J v``, ``v = direction / |direction|`` (eq. 11, 14), float64."""
+    model64 = copy.deepcopy(model).double()
+    norm = flat_norm(direction)
+    primal = {name: t.double() for name, t in at.items()}
+    tangent = {name: t.double() / norm for name, t in direction.items()}
+    _, slopes = jvp(lambda params: functional_call(model64, params, (x.double(),)), (primal,), (tangent,))
+    return math.pi / float((slopes.amax(-1) - slopes.amin(-1)).amax())
+
+
 # ----------------------------------------------------------------------------- TRL helpers
 def tiny_tokenizer():
     """A word-level tokenizer over ``w0 .. w253`` plus ``<pad>`` and ``<eos>`` (``VOCAB`` ids; no hub)."""
@@ -435,3 +493,57 @@ def linear_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter:
 
     monkeypatch.setattr(torch.nn.Linear, "forward", counting)
     return calls
+
+
+# ----------------------------------------------------------------------------- benchmarks and W&B
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def benchmark_module() -> Callable[[str], types.ModuleType]:
+    """``benchmark_module("overhead")`` imports ``benchmarks/overhead.py`` as ``python benchmarks/overhead.py`` sees
+    its siblings (``benchmarks/`` on ``sys.path``). Not ``benchmark``: pytest-benchmark owns that fixture name."""
+
+    def load(name: str) -> types.ModuleType:
+        if str(BENCHMARKS) not in sys.path:
+            sys.path.insert(0, str(BENCHMARKS))
+        return importlib.import_module(name)
+
+    return load
+
+
+@pytest.fixture
+def read_wandb_records() -> Callable[[Path], list]:
+    """``read_wandb_records(path)``: every ``wandb_internal_pb2.Record`` of a ``.wandb`` transaction log, checksums
+    verified. wandb 0.31 ships no Python reader for that file: a LevelDB-style log of 32 KiB blocks, each record
+    behind a 7-byte header (crc32 uint32, length uint16, type uint8: full, first, middle, last). wandb is
+    imported here, not when conftest is (``benchmarks/gpu_check.sh`` checks that nothing imports it)."""
+    from wandb.proto import wandb_internal_pb2
+
+    block, header = 32 * 1024, 7
+    full, first, middle, last = 1, 2, 3, 4
+
+    def read(path: Path) -> list:
+        raw = path.read_bytes()
+        ident, magic, version = struct.unpack("<4sHB", raw[:header])
+        assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), "not a W&B transaction log"
+        records, pending, position = [], b"", header
+        while position + header <= len(raw):
+            if block - position % block < header:  # block trailer: zero padding
+                position += block - position % block
+                continue
+            checksum, length, kind = struct.unpack("<IHB", raw[position : position + header])
+            data = raw[position + header : position + header + length]
+            position += header + length
+            if kind == 0 and length == 0:
+                continue
+            assert zlib.crc32(data, zlib.crc32(bytes([kind]))) == checksum, "corrupt record"
+            assert kind in (full, first, middle, last), kind
+            pending = data if kind in (full, first) else pending + data
+            if kind in (full, last):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pending)
+                records.append(record)
+        return records
+
+    return read

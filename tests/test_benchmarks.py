@@ -1,15 +1,16 @@
-"""The benchmarks: a smoke run of benchmarks/overhead.py (every part, tiny size, no timing asserts) and the
-accuracy study's oracle against an independent float64 reference."""
+"""The benchmarks: a smoke run of benchmarks/overhead.py (every part, tiny size, no timing asserts: each ratio is
+checked against the timings it was made from), and the accuracy study's oracle against an independent float64
+reference. ``benchmark_module`` (conftest) imports a benchmark script."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
-import sys
+import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -20,42 +21,64 @@ from hf_ghosts.settings import ESTIMATORS, MODES
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY_PARAMS = 41856  # counted by hand in test_tiny_size_parameter_count_by_hand
 
 
-def benchmark(name: str) -> ModuleType:
-    """Import ``benchmarks/<name>.py`` the way ``python benchmarks/<name>.py`` sees its siblings."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    return importlib.import_module(name)
+def assert_step_costs(rows: Sequence[Mapping[str, Any]], steps: int, params: int) -> None:
+    """``run_overhead``'s rows against what they were made from (no timing asserts).
+
+    Plain and every-step rows time ``steps`` steps of one kind each, so with 2 steps their cost, the median,
+    is the mean (``statistics.fmean``, computed apart); every cost is ``f * probed + (1 - f) * reused``
+    (the formula in docs/cost.md); each ratio is the row's own cost or peak over plain's. A peak holds at
+    least the fp32 weights, gradients and AdamW's two moments, all alive when AdamW steps: ``16 * params`` bytes.
+    """
+    plain = rows[0]
+    assert plain["setting"] == "plain" and plain["probed_fraction"] == 0.0
+    assert (plain["time_ratio"], plain["peak_ratio"]) == (1.0, 1.0)
+    for row in rows:
+        assert row["steps"] == steps, row
+        fraction = row["probed_fraction"]
+        if steps == 2 and (row["setting"] == "plain" or row.get("every") == 1):
+            assert row["cost_s"] == pytest.approx(row["mean_s"], rel=1e-9), row
+        expected = (fraction * row["probed_step_s"] if fraction else 0.0) + (
+            (1 - fraction) * row["reused_step_s"] if fraction < 1 else 0.0)
+        assert row["cost_s"] == pytest.approx(expected, rel=1e-9), row
+        assert row["time_ratio"] == pytest.approx(row["cost_s"] / plain["cost_s"], rel=1e-9), row
+        assert row["peak_ratio"] == pytest.approx(row["peak_bytes"] / plain["peak_bytes"], rel=1e-9), row
+        assert row["peak_bytes"] >= 16 * params, row
 
 
 @pytest.mark.slow
-def test_overhead_benchmark_writes_every_part(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_overhead_benchmark_writes_every_part(tmp_path: Path, capsys: pytest.CaptureFixture, benchmark_module) -> None:
     out = tmp_path / "overhead.json"
-    benchmark("overhead").main(["--sizes", "tiny", "--steps", "2", "--warmup", "1", "--every", "4",
+    benchmark_module("overhead").main(["--sizes", "tiny", "--steps", "2", "--warmup", "1", "--every", "4",
                                 "--breakdown-repeats", "1", "--probe-repeats", "1", "--spike-steps", "6", "--out", str(out)])
     result = json.loads(out.read_text())
 
     (tiny,) = result["overhead"]
-    assert tiny["size"] == "tiny" and tiny["params"] > 0
+    assert tiny["size"] == "tiny" and tiny["params"] == TINY_PARAMS
     assert (tiny["hidden"], tiny["layers"], tiny["heads"], tiny["vocab"]) == (32, 2, 4, 256)
     expected = ["plain", *(f"{m}/{e}/every{k}" for m in MODES for e in ESTIMATORS for k in (1, 4))]
     assert [row["setting"] for row in tiny["rows"]] == expected
-    for row in tiny["rows"]:
-        assert row["steps"] == 2
-        assert math.isfinite(row["time_ratio"]) and row["time_ratio"] > 0, row
-        assert math.isfinite(row["peak_ratio"]) and row["peak_ratio"] > 0, row
-        assert row["peak_bytes"] > 0
+    assert_step_costs(tiny["rows"], steps=2, params=TINY_PARAMS)
     assert all(row["probed_fraction"] == 1.0 for row in tiny["rows"][1:] if row.get("every") == 1)
 
-    pieces = {piece["piece"]: piece for piece in result["breakdown"]["pieces"]}
-    assert {"snapshot copy", "probe, jvp", "probe, fd"} <= pieces.keys()
-    assert all(math.isfinite(piece["ms"]) and piece["ms"] >= 0 for piece in pieces.values())
+    pieces = result["breakdown"]["pieces"]
+    assert [piece["piece"] for piece in pieces] == [
+        "plain step (forward, backward, AdamW)", "snapshot copy", "update and its norm", "forward without tangents, sdpa",
+        "forward without tangents, eager attention", "probe, jvp", "probe, fd"]
+    assert pieces[0]["steps"] == 1.0  # "plain steps" are the pieces' ms over the plain step's
+    assert [piece["steps"] for piece in pieces] == pytest.approx([piece["ms"] / pieces[0]["ms"] for piece in pieces], rel=1e-9)
 
     probe = {row["setting"]: row for row in result["probe"]["rows"]}
     assert list(probe) == ["forward+backward", "jvp output", "jvp output+attention", "jvp output+attention+ffn",
                            "fd output+attention", "fd output+attention, watching ffn+ffn_activation"]
-    assert all(math.isfinite(row["ratio"]) and row["ratio"] > 0 and len(row["times_ms"]) == 1 for row in probe.values())
+    # each ratio is the median of its own timings over forward+backward's (one timing each here)
+    base = statistics.median(probe["forward+backward"]["times_ms"])
+    for row in probe.values():
+        assert len(row["times_ms"]) == 1 and row["median_ms"] == statistics.median(row["times_ms"]), row
+        assert row["ratio"] == pytest.approx(row["median_ms"] / base, rel=1e-9), row
+    assert probe["forward+backward"]["ratio"] == 1.0
     # jvp and fd estimate the same output + attention radius along the same direction
     assert probe["fd output+attention"]["rho"] == pytest.approx(probe["jvp output+attention"]["rho"], rel=1e-2)
 
@@ -68,21 +91,21 @@ def test_overhead_benchmark_writes_every_part(tmp_path: Path, capsys: pytest.Cap
     assert "| setting | tiny (" in printed and "| measurement | median ms |" in printed and f"wrote {out}" in printed
 
 
-def test_tiny_size_parameter_count_by_hand() -> None:
+def test_tiny_size_parameter_count_by_hand(benchmark_module) -> None:
     """GPT-NeoX, hidden 32, FFN 128, 2 layers, vocabulary 256, untied: the count the smoke test expects."""
     hidden, ffn, layers, vocab = 32, 128, 2, 256
     per_layer = 2 * 2 * hidden + (3 * hidden * hidden + 3 * hidden) + (hidden * hidden + hidden)  # 2 LayerNorms, qkv, dense
     per_layer += (hidden * ffn + ffn) + (ffn * hidden + hidden)  # FFN in and out
     total = vocab * hidden + layers * per_layer + 2 * hidden + vocab * hidden  # embed_in, layers, final norm, embed_out
-    assert total == 41856
-    model = benchmark("harness").SIZES["tiny"].model()
+    assert total == TINY_PARAMS
+    model = benchmark_module("harness").SIZES["tiny"].model()
     assert sum(p.numel() for p in model.parameters()) == total
 
 
-def test_oracle_measures_the_radius_along_the_update_the_optimizer_made() -> None:
+def test_oracle_measures_the_radius_along_the_update_the_optimizer_made(benchmark_module) -> None:
     """The oracle's ``|u|`` and ``rho`` against float64 central differences at the old weights along AdamW's step;
     it leaves AdamW's step as it was."""
-    accuracy = benchmark("accuracy")
+    accuracy = benchmark_module("accuracy")
     model = tiny_causal_lm("gpt_neox", seed=4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     oracle = accuracy.oracle(model, optimizer, ("output",))
@@ -136,14 +159,15 @@ def test_gpu_check_script_runs_to_the_end_on_cpu(tmp_path: Path) -> None:
     rows = {row["setting"]: row for row in parts["overhead"]["result"]["rows"]}
     assert list(rows) == ["plain", "default", "jvp-bf16/every1", "fd-fp32/every1"]
     assert (rows["default"]["probe"], rows["jvp-bf16/every1"]["probe"]) == ("fd/float32", "jvp/bfloat16")
-    assert rows["default"]["default"] and all(row["time_ratio"] > 0 for row in rows.values())
+    assert rows["default"]["default"]
+    assert_step_costs(parts["overhead"]["result"]["rows"], steps=2, params=TINY_PARAMS)
     assert parts["recipe"]["result"]["steps"] == 2
     assert not mark.exists(), "something imported wandb with report_to none"
 
 
-def test_topk_radius_benchmark_smoke(tmp_path: Path) -> None:
+def test_topk_radius_benchmark_smoke(tmp_path: Path, benchmark_module) -> None:
     out = tmp_path / "topk.json"
-    result = benchmark("topk_radius").main(
+    result = benchmark_module("topk_radius").main(
         ["--vocabs", "600", "--ks", "0", "2", "--tokens", "6", "--repeats", "1", "--exact-rows", "1", "--out", str(out)]
     )
     assert json.loads(out.read_text()) == result
@@ -156,8 +180,8 @@ def test_topk_radius_benchmark_smoke(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_gpu_breakdown_smoke_form_times_every_piece(tmp_path: Path) -> None:
-    """``benchmarks/gpu_breakdown.py --tiny`` (its CPU form): one row per piece, the plain step first (1.0 plain
-    steps), every time positive, and the profile table of the probe names aten ops (no timing asserts)."""
+    """``benchmarks/gpu_breakdown.py --tiny`` (its CPU form): one row per piece, the plain step first, each piece's
+    "plain steps" its ms over the plain step's, and the profile table of the probe names aten ops (no timing asserts)."""
     import subprocess
     import sys
 
@@ -169,5 +193,8 @@ def test_gpu_breakdown_smoke_form_times_every_piece(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     pieces = [row["piece"] for row in result["rows"]]
     assert len(pieces) == 6 and pieces[0].startswith("plain step")
-    assert result["rows"][0]["plain_steps"] == 1.0 and all(row["ms"] > 0 for row in result["rows"])
+    assert result["rows"][0]["plain_steps"] == 1.0
+    plain_ms = result["rows"][0]["ms"]
+    assert [row["plain_steps"] for row in result["rows"]] == pytest.approx(
+        [row["ms"] / plain_ms for row in result["rows"]], rel=1e-9)
     assert "aten::" in result["profile_top"]

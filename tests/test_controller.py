@@ -14,62 +14,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import AdamWReplay
-from torch import nn
-from torch.func import functional_call, jvp
+from conftest import AdamWReplay, backward, batch_of, classifier, flat_norm, reference_rho, weights
 
 from hf_ghosts import RhoController
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-FEATURES, CLASSES = 8, 5
-
-
-class Classifier(nn.Module):
-    """Two-layer tanh MLP returning logits ``[batch, classes]``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(FEATURES, 16), nn.Tanh(), nn.Linear(16, CLASSES))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-
-def classifier(seed: int = 0) -> Classifier:
-    torch.manual_seed(seed)
-    return Classifier()
-
-
-def batch_of(step: int, rows: int = 16) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(rows, FEATURES, generator=generator)
-    return {"x": x, "labels": torch.randint(0, CLASSES, (rows,), generator=generator)}
-
-
-def backward(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
-    model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x=batch["x"]), batch["labels"]).backward()
-
-
-def weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def flat_norm(tensors: dict[str, torch.Tensor]) -> float:
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
-
-
-def reference_rho(model: nn.Module, at: dict[str, torch.Tensor], direction: dict[str, torch.Tensor], x: torch.Tensor) -> float:
-    """``pi / max_i (max_k a_ik - min_k a_ik)`` with ``a = J v``, ``v = direction / |direction|`` (eq. 11, 14), float64."""
-    model64 = copy.deepcopy(model).double()
-    norm = flat_norm(direction)
-    primal = {name: t.double() for name, t in at.items()}
-    tangent = {name: t.double() / norm for name, t in direction.items()}
-    _, slopes = jvp(lambda params: functional_call(model64, params, (x.double(),)), (primal,), (tangent,))
-    return math.pi / float((slopes.amax(-1) - slopes.amin(-1)).amax())
-
 
 @pytest.mark.parametrize("mode", ["clip", "set"])
 def test_plain_loop_applies_scale_times_the_adamw_update(mode: str) -> None:

@@ -6,12 +6,13 @@ import copy
 import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 from conftest import tiny_causal_lm, token_batch
-from test_benchmarks import benchmark
+from transformers import Trainer, TrainingArguments
 
-from hf_ghosts import RhoController, RhoTrainingArguments
+from hf_ghosts import RhoController, RhoTrainer, RhoTrainingArguments
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -49,20 +50,56 @@ def test_rescale_moments_refuses_an_optimizer_without_first_moment(tmp_path) -> 
         RhoTrainingArguments(output_dir=str(tmp_path), rho_rescale_moments=1, report_to=[])
 
 
+def replay_eval_loss(harness, fields: dict | None, steps: int, eval_blocks: int, workdir: Path) -> float:
+    """One setting trained alone (a plain ``Trainer`` or ``RhoTrainer``, no interleaving, no timer) on the tiny
+    size's weights and batches with the benchmark's documented schedule, then evaluated on its held-out blocks."""
+    size = harness.SIZES["tiny"]
+    common = dict(
+        output_dir=str(workdir), per_device_train_batch_size=size.batch, per_device_eval_batch_size=size.batch,
+        max_steps=steps, learning_rate=size.lr, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10),
+        logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, seed=0, data_seed=0,
+        dataloader_num_workers=0, use_cpu=True,
+    )
+    args = TrainingArguments(**common) if fields is None else RhoTrainingArguments(**common, **fields)
+    train = harness.Blocks(harness.token_blocks(size.batch * steps, size.seq, seed=0))
+    trainer = (Trainer if fields is None else RhoTrainer)(model=size.model(), args=args, train_dataset=train)
+    trainer.train()
+    return float(trainer.evaluate(harness.Blocks(harness.token_blocks(eval_blocks, size.seq, seed=1)))["eval_loss"])
+
+
 @pytest.mark.slow
-def test_price_of_safety_benchmark_writes_every_setting(tmp_path: Path) -> None:
+def test_price_of_safety_benchmark_writes_every_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        benchmark_module) -> None:
     out = tmp_path / "price.json"
-    module = benchmark("price_of_safety")
+    module = benchmark_module("price_of_safety")
     module.main(["--size", "tiny", "--steps", "4", "--eval_blocks", "4", "--out", str(out), "--png", str(tmp_path / "p.png")])
     result = json.loads(out.read_text())
-    assert [row["setting"] for row in result["rows"]] == list(module.SETTINGS)
-    for row in result["rows"]:
-        assert row["eval_loss"] > 0 and row["time_ratio"] > 0
+    rows = {row["setting"]: row for row in result["rows"]}
+    assert list(rows) == list(module.SETTINGS)
+    # Interleaving changes nothing: plain AdamW and the default (bound_r2) trained alone reach the same eval loss.
+    harness = benchmark_module("harness")
+    for name in ("plain", "bound_r2"):
+        replayed = replay_eval_loss(harness, module.SETTINGS[name], 4, 4, tmp_path / f"replay_{name}")
+        assert rows[name]["eval_loss"] == pytest.approx(replayed, rel=1e-6), name
+    for row in rows.values():
         assert len(row["records"]) == (0 if row["setting"] == "plain" else 4)
+        assert row["time_ratio"] == pytest.approx(row["step_s"] / rows["plain"]["step_s"], rel=1e-9)
+    assert rows["plain"]["time_ratio"] == 1.0
     assert result["table"].count("\n") == len(module.SETTINGS) + 1
-    assert (tmp_path / "p.png").stat().st_size > 0
     again = module.main(["--from_json", str(out), "--png", str(tmp_path / "again.png")])
-    assert again["table"] == result["table"] and (tmp_path / "again.png").stat().st_size > 0
+    assert again["table"] == result["table"]
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "p.png").read_bytes()  # the figure is the JSON's alone
+    # The left panel draws each setting's proposed r on its probed steps, nothing else.
+    figures: list[plt.Figure] = []
+    monkeypatch.setattr(module, "save_figure", lambda figure, path: figures.append(figure) or path)
+    module.plot(result["rows"], str(tmp_path / "unused.png"), "title")
+    (figure,) = figures
+    drawn = {line.get_label(): list(zip(line.get_xdata(), line.get_ydata(), strict=True))
+             for line in figure.axes[0].get_lines() if not line.get_label().startswith("_")}
+    plt.close(figure)
+    probed = {name: [(record["step"], record["r"]) for record in row["records"] if record.get("probed")]
+              for name, row in rows.items()}
+    assert drawn == {name: points for name, points in probed.items() if points}
 
 
 def test_each_mode_has_its_default_target(tmp_path) -> None:

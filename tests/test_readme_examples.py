@@ -1,4 +1,5 @@
-"""The README's TRL and PEFT examples run as written, on a tiny Llama, a word-level tokenizer and 8 rows of text.
+"""The README's TRL and PEFT examples run as written, on a tiny Llama, a word-level tokenizer and 8 rows of text;
+the links of the README and docs/*.md lead somewhere.
 
 The blocks are read from the README (those after a ``<!-- tested: tests/test_readme_examples.py -->`` line) and
 executed with ``model``, ``tokenizer`` and ``dataset`` bound; the only change is a short CPU run (two steps, no
@@ -14,10 +15,10 @@ from pathlib import Path
 import pytest
 from conftest import text_dataset, tiny_causal_lm, tiny_tokenizer
 
-pytest.importorskip("trl")
-pytest.importorskip("peft")
-
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^()\s]+)\)")  # [text](target) and ![alt](target)
 MARKER = "<!-- tested: tests/test_readme_examples.py -->"
 SHORT_CPU_RUN = 'use_cpu=True, max_steps=2, per_device_train_batch_size=4, report_to=[], save_strategy="no", logging_steps=1, '
 
@@ -39,6 +40,8 @@ def short_run(block: str) -> str:
 
 @pytest.mark.parametrize("index", [0, 1], ids=["sft", "lora"])
 def test_readme_example_runs(index: int, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("trl")
+    pytest.importorskip("peft")
     monkeypatch.chdir(tmp_path)
     namespace = {"model": tiny_causal_lm("llama"), "tokenizer": tiny_tokenizer(), "dataset": text_dataset()}
     exec(compile(short_run(readme_blocks()[index]), f"README block {index}", "exec"), namespace)
@@ -48,3 +51,36 @@ def test_readme_example_runs(index: int, tmp_path, monkeypatch: pytest.MonkeyPat
     assert len(logged) == 2 and all(math.isfinite(h["ghosts/rho"]) for h in logged)
     if index == 1:
         assert type(trainer.model).__name__.startswith("Peft") and trainer.rho_controller.probe._head is not None
+
+
+def github_anchor(heading: str) -> str:
+    """GitHub's id for a heading: lower case, punctuation but ``-`` and ``_`` dropped, spaces to ``-``."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def prose(path: Path) -> str:
+    """The file without its fenced code blocks (a ``](`` in code is no link)."""
+    return re.sub(r"^```.*?^```", "", path.read_text(), flags=re.DOTALL | re.MULTILINE)
+
+
+def test_links_and_figures_of_the_readme_and_docs_resolve() -> None:
+    """Every relative link of README.md and docs/*.md names an existing file, and its ``#anchor`` a heading there;
+    every figure in docs/figures/ is shown somewhere (the Results and Cost pages moved out of the README)."""
+    anchors = {path.resolve(): {github_anchor(h) for h in re.findall(r"^#+ (.+)$", prose(path), flags=re.MULTILINE)}
+               for path in DOCS}
+    shown, broken = set(), []
+    for path in DOCS:
+        for target in LINK.findall(prose(path)):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            file, _, anchor = target.partition("#")
+            resolved = (path.parent / file).resolve() if file else path.resolve()
+            if not resolved.exists():
+                broken.append(f"{path.name}: {target} (no such file)")
+            elif anchor and anchor not in anchors.get(resolved, set()):
+                broken.append(f"{path.name}: {target} (no such heading)")
+            shown.add(resolved)
+    assert broken == []
+    figures = {figure.resolve() for figure in (ROOT / "docs" / "figures").glob("*.png")}
+    assert figures and figures - shown == set()
+    assert github_anchor("The price of safety, and the default `r* = 2`") == "the-price-of-safety-and-the-default-r--2"

@@ -165,7 +165,8 @@ def test_spiked_trainer_replaces_or_multiplies_the_schedule(tmp_path: Path) -> N
 
 # ------------------------------------------------------------------------------------------ pythia_finetune
 @pytest.mark.slow
-def test_pythia_finetune_default_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_pythia_finetune_default_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                     read_wandb_records) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -230,8 +231,6 @@ def test_pythia_finetune_default_path(tmp_path: Path, monkeypatch: pytest.Monkey
     assert [row[:3] for row in last["data"]] == [row[:3] for row in expected]
     assert [row[3] for row in last["data"]] == pytest.approx([row[3] for row in expected], rel=1e-6)
     # The watched radii and the bottleneck counts reach W&B as keys.
-    from test_wandb import read_wandb_records
-
     (run_file,) = run_dir.glob("run-*.wandb")
     keys = {item.key or "/".join(item.nested_key) for record in read_wandb_records(run_file)
             if record.WhichOneof("record_type") == "history" for item in record.history.item}

@@ -1,30 +1,24 @@
 """W&B offline round trip: what RhoTrainer logs is what the run file holds, under ``train/`` against ``train/global_step``.
 
 Training runs in a subprocess so the W&B run is finished (and its ``run-<id>.wandb`` complete) before
-it is read back. wandb 0.31 ships no Python reader for that file, so :func:`read_wandb_records`
-parses it: a LevelDB-style log of 32 KiB blocks holding ``wandb_internal_pb2.Record`` protobufs.
+it is read back. wandb 0.31 ships no Python reader for that file, so conftest's ``read_wandb_records``
+fixture parses it: a LevelDB-style log of 32 KiB blocks holding ``wandb_internal_pb2.Record`` protobufs.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import sys
 import textwrap
-import zlib
 from pathlib import Path
 
 import pytest
-from wandb.proto import wandb_internal_pb2
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 TESTS = Path(__file__).resolve().parent
-BLOCK = 32 * 1024
-HEADER = 7  # checksum uint32, length uint16, type uint8
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 SCRIPT = textwrap.dedent(
     """
@@ -46,33 +40,8 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def read_wandb_records(path: Path) -> list[wandb_internal_pb2.Record]:
-    """Every record of a ``.wandb`` transaction log, checksums verified."""
-    raw = path.read_bytes()
-    ident, magic, version = struct.unpack("<4sHB", raw[:HEADER])
-    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), "not a W&B transaction log"
-    records, pending, position = [], b"", HEADER
-    while position + HEADER <= len(raw):
-        if BLOCK - position % BLOCK < HEADER:  # block trailer: zero padding
-            position += BLOCK - position % BLOCK
-            continue
-        checksum, length, kind = struct.unpack("<IHB", raw[position : position + HEADER])
-        data = raw[position + HEADER : position + HEADER + length]
-        position += HEADER + length
-        if kind == 0 and length == 0:
-            continue
-        assert zlib.crc32(data, zlib.crc32(bytes([kind]))) == checksum, "corrupt record"
-        assert kind in (FULL, FIRST, MIDDLE, LAST), kind
-        pending = data if kind in (FULL, FIRST) else pending + data
-        if kind in (FULL, LAST):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-    return records
-
-
 @pytest.mark.slow
-def test_wandb_offline_run_holds_the_logged_ghost_metrics(tmp_path: Path) -> None:
+def test_wandb_offline_run_holds_the_logged_ghost_metrics(tmp_path: Path, read_wandb_records) -> None:
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(tests=str(TESTS)))
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",

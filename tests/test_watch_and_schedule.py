@@ -3,7 +3,7 @@ included); ``"set"`` mode follows the learning-rate schedule; the probe schedule
 ``"clip"`` and ``"set"``.
 
 References are independent of the code under test: a plain ``Trainer`` run (bit for bit), hand-computed
-linear-decay learning rates, and float64 radii from ``torch.func.jvp`` (``test_controller.reference_rho``).
+linear-decay learning rates, and float64 radii from ``torch.func.jvp`` (conftest's ``reference_rho``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,19 @@ import math
 
 import pytest
 import torch
-from conftest import AdamWReplay, StepRecorder, rho_args, tiny_causal_lm, token_dataset
-from test_controller import backward, batch_of, classifier, flat_norm, reference_rho, weights
+from conftest import (
+    AdamWReplay,
+    StepRecorder,
+    backward,
+    batch_of,
+    classifier,
+    flat_norm,
+    reference_rho,
+    rho_args,
+    tiny_causal_lm,
+    token_dataset,
+    weights,
+)
 from transformers import Trainer, TrainerCallback
 
 from hf_ghosts import RhoCallback, RhoController, RhoTrainer, RhoTrainingArguments
