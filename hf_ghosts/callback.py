@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from hf_ghosts.arguments import training_dtype
 from hf_ghosts.controller import RhoController
 from hf_ghosts.metrics import define_wandb_metrics
 from hf_ghosts.settings import DEFAULT_ESTIMATOR, DEFAULT_EVERY, parse_radii, validate
-from hf_ghosts.trainer import training_dtype
 
 __all__ = ["RhoCallback"]
 

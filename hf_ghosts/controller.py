@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -26,22 +26,30 @@ from hf_ghosts.distributed import (
     FSDP1_ERROR,
     ShardedRadiusProbe,
     all_reduce_report,
-    any_rank,
     detect_backend,
     global_norm,
     is_main_process,
     local_tensor,
 )
-from hf_ghosts.metrics import MetricWindow
+from hf_ghosts.metrics import MetricWindow, StepRecord
+from hf_ghosts.optimizers import (
+    check_first_moments,
+    current_lr,
+    has_nonfinite_gradient,
+    peak_lr,
+    register_step_hooks,
+    scale_first_moments,
+    snapshot,
+)
+from hf_ghosts.policy import ProbeSchedule, applied_record, probe_needed, scheduled_target, step_scale
 from hf_ghosts.probe import RadiusProbe, RadiusReport
-from hf_ghosts.radii import clip_scale, normalized_step, update_norm
+from hf_ghosts.radii import update_norm
 from hf_ghosts.settings import (
     DEFAULT_ESTIMATOR,
     DEFAULT_EVERY,
     DEFAULT_PROBE_DTYPE,
     DEFAULT_TRIGGER_GROWTH,
     DEFAULT_TRIGGER_R,
-    RADIUS_FIELDS,
     default_target,
     parse_radii,
     resolve_estimator,
@@ -50,114 +58,9 @@ from hf_ghosts.settings import (
     validate,
 )
 
-__all__ = [
-    "ProbeSchedule",
-    "RhoController",
-    "StepRecord",
-    "build_probe",
-    "has_nonfinite_gradient",
-    "probe_due",
-    "probe_needed",
-    "resolve_probe_precision",
-    "scheduled_target",
-    "snapshot",
-    "step_scale",
-]
+__all__ = ["RhoController", "build_probe", "measure_along", "resolve_probe_precision"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ProbeSchedule:
-    """When a step is measured afresh instead of reusing the last ``rho`` (see :func:`probe_due`)."""
-
-    every: int = DEFAULT_EVERY
-    trigger_r: float = DEFAULT_TRIGGER_R
-    trigger_growth: float = DEFAULT_TRIGGER_GROWTH
-
-
-def probe_due(
-    schedule: ProbeSchedule,
-    steps_since_probe: int | None,
-    growth: float,
-    estimated_r_applied: float,
-    r_target: float,
-    mode: str = "clip",
-) -> bool:
-    """Whether a step must be probed: ``every == 1``, no usable last ``rho`` (``steps_since_probe is None``),
-    ``steps_since_probe >= every``, ``|u| / |u_probe| > trigger_growth``, or (``"clip"`` and ``"set"`` only) the
-    applied ``r`` estimated with the last ``rho`` above ``trigger_r * r_target``. The ``r`` trigger guards the
-    rescale; ``"monitor"`` rescales nothing, so it probes every ``every`` steps and on growth only.
-
-    Example: ``probe_due(ProbeSchedule(every=16), 3, 1.1, 0.2, 1.0)`` is ``False``; with ``growth=2.5`` it is ``True``;
-    ``probe_due(ProbeSchedule(every=16), 3, 1.1, 0.9, 1.0)`` is ``True``, and ``False`` with ``mode="monitor"``.
-    """
-    if schedule.every == 1 or steps_since_probe is None:
-        return True
-    if steps_since_probe >= schedule.every or growth > schedule.trigger_growth:
-        return True
-    return mode != "monitor" and estimated_r_applied > schedule.trigger_r * r_target
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """One optimizer step as the controller saw it (:attr:`RhoController.last`).
-
-    ``r = |u| / rho`` of the proposed update, ``r_applied = scale * r``; ``rho`` (the least LIMITING radius) is
-    ``None`` until a radius was ever measured (a zero first update); ``target`` is the ``r*`` the step was held to
-    (in ``"set"`` mode ``r_target * lr(t) / peak lr``). The ``rho_*`` radii (limiting and watched),
-    ``bottleneck`` (the limiting radius that bound), ``would_bind`` (the watched radius below every limiting
-    one, if any), ``would_clip`` (``r > r_target``), ``output_tokens`` and ``rho_attn_heads``
-    (``[layers, heads]``) only on probed steps. ``skipped`` names what was non-finite (``"gradient"``,
-    ``"update"``, ``"radius"``) on a step the controller skipped; ``would_skip`` the same in ``"monitor"``
-    mode, which skips nothing.
-    """
-
-    step: int
-    update_norm: float
-    r: float = 0.0
-    r_applied: float = 0.0
-    scale: float = 1.0
-    rho: float | None = None
-    probed: bool = False
-    clipped: bool = False
-    skipped: str | None = None
-    rho_out: float | None = None
-    rho_out_bound: float | None = None
-    rho_attn: float | None = None
-    rho_ffn: float | None = None
-    rho_ffn_activation: float | None = None
-    bottleneck: str | None = None
-    would_bind: str | None = None
-    would_clip: bool | None = None
-    would_skip: str | None = None
-    target: float | None = None
-    output_tokens: int | None = None
-    rho_attn_heads: torch.Tensor | None = None
-
-    def scalars(self) -> dict[str, Any]:
-        """The fields that are set, without the per-head tensor (JSON-ready)."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if getattr(self, f.name) is not None and f.name != "rho_attn_heads"
-        }
-
-    def with_report(self, report: RadiusReport, limiting: tuple[str, ...] | None = None) -> StepRecord:
-        """This record with what a probe measured: the radii, ``bottleneck`` among the ``limiting`` radii (default:
-        all measured), ``would_bind`` (a watched radius below them), ``output_tokens``, per-head radii."""
-        radii = report.radii()
-        measured = {RADIUS_FIELDS[name]: float(value) for name, value in radii.items()}
-        limiting = tuple(radii) if limiting is None else limiting
-        least = report.bottleneck_of()
-        would_bind = least if least not in limiting and least != "none" else None
-        heads = None if report.attn_spread is None else report.rho_attn.float().cpu()
-        tokens = None if report.output_tokens is None else int(report.output_tokens)
-        bound = None if report.out_radius is None else float(report.rho_out_bound)
-        return replace(
-            self, bottleneck=report.bottleneck_of(limiting), would_bind=would_bind, output_tokens=tokens,
-            rho_attn_heads=heads, rho_out_bound=bound, **measured,
-        )
 
 
 class RhoController:
@@ -241,8 +144,8 @@ class RhoController:
         self.radii, self.watch_radii, self.set_schedule = radii, watch_radii, set_schedule
         self.rescale_moments, self._arguments = rescale_moments, arguments
         if optimizer is not None:
-            _check_first_moments(optimizer, rescale_moments, arguments)
-        self.peak_lr: float | None = None if optimizer is None else _peak_lr(optimizer)
+            check_first_moments(optimizer, rescale_moments, arguments)
+        self.peak_lr: float | None = None if optimizer is None else peak_lr(optimizer)
         self._lr: float | None = None  # the learning rate of the step in flight
         self.schedule = ProbeSchedule(every=every, trigger_r=float(trigger_r), trigger_growth=float(trigger_growth))
         self.reduce = reduce
@@ -276,11 +179,11 @@ class RhoController:
         optimizer = optimizer if optimizer is not None else self.optimizer
         if optimizer is None:
             raise ValueError("RhoController.attach: no optimizer to attach to")
-        _check_first_moments(optimizer, self.rescale_moments, self._arguments)
+        check_first_moments(optimizer, self.rescale_moments, self._arguments)
         self.detach()
         self.optimizer = optimizer
-        self.peak_lr = _peak_lr(optimizer) if self.peak_lr is None else self.peak_lr
-        self._handles = _register_step_hooks(optimizer, self.before_step, self.after_step)
+        self.peak_lr = peak_lr(optimizer) if self.peak_lr is None else self.peak_lr
+        self._handles = register_step_hooks(optimizer, self.before_step, self.after_step)
 
     def rebind(self, model: torch.nn.Module) -> None:
         """Measure ``model`` from now on, e.g. once FSDP has sharded it; settings, counters and hooks are kept.
@@ -328,7 +231,7 @@ class RhoController:
     def before_step(self) -> None:
         """Snapshot the weights and the step's learning rate; drop non-finite gradients so the optimizer leaves
         weights and moments alone (``"monitor"``: kept, and the step runs as it would without the controller)."""
-        self._lr = None if self.optimizer is None else _current_lr(self.optimizer)
+        self._lr = None if self.optimizer is None else current_lr(self.optimizer)
         self._nonfinite_reason = "gradient" if has_nonfinite_gradient(self.params, self.sharded) else None
         if self._nonfinite_reason is not None and self.mode != "monitor":
             for p in self.params:
@@ -427,56 +330,6 @@ def _require_logits(model: torch.nn.Module, radii: tuple[str, ...], arguments: b
         )
 
 
-def _check_first_moments(optimizer: Any, rescale_moments: bool, arguments: bool) -> None:
-    """With ``rescale_moments``, refuse an optimizer without Adam's first moment (no ``betas``)."""
-    inner = _innermost(optimizer)
-    if rescale_moments and "betas" not in inner.defaults:
-        name = spelled("rescale_moments", arguments)
-        raise ValueError(
-            f"RhoController.{name}: {type(inner).__name__} has no first moment (no 'betas'); "
-            f"{name} scales Adam's exp_avg. Use an Adam-family optimizer or set {name}=False"
-        )
-
-
-def scale_first_moments(optimizer: Any, params: Sequence[torch.Tensor], scale: float) -> None:
-    """``exp_avg <- scale * exp_avg`` for ``params`` (those with state): the momentum of the step as applied."""
-    state = _innermost(optimizer).state
-    moments = [state[p]["exp_avg"] for p in params if "exp_avg" in state.get(p, {})]
-    if moments:
-        torch._foreach_mul_(moments, scale)
-
-
-def _register_step_hooks(
-    optimizer: Any, before: Callable[[], None], after: Callable[[], None]
-) -> list[torch.utils.hooks.RemovableHandle]:
-    """Hooks calling ``before()`` and ``after()`` around each ``step`` of the torch optimizer inside ``optimizer``."""
-    inner = _innermost(optimizer)
-    return [inner.register_step_pre_hook(lambda *_: before()), inner.register_step_post_hook(lambda *_: after())]
-
-
-def _innermost(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside Accelerate's (or any) ``.optimizer`` wrapper."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"RhoController: expected a torch.optim.Optimizer (or a wrapper of one); got {type(optimizer).__name__}")
-    return optimizer
-
-
-def _groups(optimizer: Any) -> list[dict[str, Any]]:
-    return _innermost(optimizer).param_groups
-
-
-def _current_lr(optimizer: Any) -> float:
-    """The largest ``lr`` of the param groups now (what the scheduler set for the step about to run)."""
-    return max(float(group["lr"]) for group in _groups(optimizer))
-
-
-def _peak_lr(optimizer: Any) -> float:
-    """The largest ``initial_lr`` (stored by torch's schedulers), else the largest ``lr``, over the param groups."""
-    return max(float(group.get("initial_lr", group["lr"])) for group in _groups(optimizer))
-
-
 def resolve_probe_precision(
     model: torch.nn.Module, estimator: str, probe_dtype: str, training_dtype: torch.dtype | None, sharded: bool = False
 ) -> tuple[str, torch.dtype]:
@@ -509,22 +362,6 @@ def build_probe(
     return probe_cls(model, estimator=estimator, dtype=dtype, **settings)
 
 
-def has_nonfinite_gradient(params: list[torch.Tensor], sharded: bool = False) -> bool:
-    """Whether some gradient holds a NaN or inf (``|g|`` not finite). Under FSDP2 (``sharded``) each rank sees only
-    its shards, so the answer is OR-reduced over the ranks (a collective: all ranks call it, and all skip together)."""
-    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
-    nonfinite = bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())  # host sync
-    return any_rank(nonfinite) if sharded else nonfinite
-
-
-def snapshot(tensors: list[torch.Tensor], into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """Copies of ``tensors``: written in place into ``into`` when given (no new memory), else fresh clones."""
-    if into is None:
-        return [t.clone() for t in tensors]
-    torch._foreach_copy_(into, tensors)
-    return into
-
-
 def measure_along(
     probe: RadiusProbe, batch: Mapping[str, torch.Tensor] | None, names: list[str], update: list[torch.Tensor],
     old: list[torch.Tensor],
@@ -535,62 +372,6 @@ def measure_along(
         raise RuntimeError("RhoController: no batch observed before the optimizer step; call observe(batch)")
     direction = dict(zip(names, update, strict=True))
     return probe.measure(batch, direction, params=dict(zip(names, old, strict=True)))
-
-
-def scheduled_target(r_target: float, lr: float | None, peak_lr: float | None) -> float:
-    """``r*(t) = r_target * lr(t) / peak_lr``: warm-up and decay shape the step length; ``r_target`` when ``lr`` is
-    unknown (``None``) or the peak unknown or zero.
-
-    Example: ``scheduled_target(1.0, 1e-4, 2e-4)`` is ``0.5``; ``scheduled_target(1.0, None, 2e-4)`` is ``1.0``.
-    """
-    if lr is None or not peak_lr:
-        return r_target
-    return r_target * lr / peak_lr
-
-
-def probe_needed(
-    schedule: ProbeSchedule, mode: str, norm: float, target: float, last_rho: float | None,
-    steps_since_probe: int | None, probe_norm: float,
-) -> bool:
-    """:func:`probe_due` for a step of length ``|u| = norm`` given the last probe (``steps_since_probe`` ago, at
-    ``|u_probe| = probe_norm``, measuring ``last_rho``): ``growth = |u| / |u_probe|`` (inf when 0) and the applied
-    ``r`` estimated as ``step_scale(|u|, last_rho, target, mode) * |u| / last_rho``. No probe yet (``None``) or a
-    non-finite ``last_rho``: ``True``.
-
-    So a step reuses the last ``rho`` only while its applied ``r`` estimated with that ``rho`` is at most
-    ``trigger_r * r_target`` (in ``"clip"`` mode it then passes unchanged), ``|u|`` is within ``trigger_growth`` of
-    ``|u|`` at the last probe, and fewer than ``every`` steps have passed.
-    """
-    if steps_since_probe is None or last_rho is None or not math.isfinite(last_rho):
-        return True
-    estimated = step_scale(norm, last_rho, target, mode) * float(normalized_step(norm, last_rho))
-    growth = norm / probe_norm if probe_norm > 0 else math.inf
-    return probe_due(schedule, steps_since_probe, growth, estimated, target, mode)
-
-
-def step_scale(norm: float, rho: float, target: float, mode: str) -> float:
-    """``clip_scale(|u|, rho, r*, mode)``; 1 in ``"monitor"`` mode. A target ``r* <= 0`` or non-finite (``lr = 0`` in
-    warm-up) gives 0 in ``"set"`` mode (no step) and 1 in ``"clip"`` mode.
-
-    Example: ``step_scale(4.0, 1.0, 1.0, "clip")`` is ``0.25``; ``step_scale(4.0, 1.0, 0.0, "set")`` is ``0.0``.
-    """
-    if mode == "monitor":
-        return 1.0
-    if target <= 0 or not math.isfinite(target):
-        return 0.0 if mode == "set" else 1.0
-    return float(clip_scale(norm, rho, target, mode))
-
-
-def applied_record(
-    step: int, norm: float, rho: float, scale: float, target: float, r_target: float, probed: bool
-) -> StepRecord:
-    """The record of a step of length ``|u| = norm`` applied with ``scale``: ``r = |u| / rho``, ``r_applied = scale * r``;
-    ``would_clip = r > r_target`` on probed steps only."""
-    r = float(normalized_step(norm, rho))
-    return StepRecord(
-        step=step, update_norm=norm, r=r, r_applied=r * scale, scale=scale, rho=rho, probed=probed,
-        clipped=scale < 1.0, target=target, would_clip=r > r_target if probed else None,
-    )
 
 
 def _warn_nonfinite(step: int, reason: str, norm: float, monitoring: bool) -> None:

@@ -11,8 +11,7 @@ import torch
 from conftest import rho_args, tiny_causal_lm, token_dataset
 
 from hf_ghosts import RhoTrainer
-from hf_ghosts.controller import StepRecord
-from hf_ghosts.metrics import LOGGED_KEYS, MetricWindow
+from hf_ghosts.metrics import LOGGED_KEYS, MetricWindow, StepRecord
 from hf_ghosts.settings import RADII
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -17,7 +17,7 @@ from test_controller import backward, batch_of, classifier, flat_norm, reference
 from transformers import Trainer, TrainerCallback
 
 from hf_ghosts import RhoCallback, RhoController, RhoTrainer, RhoTrainingArguments
-from hf_ghosts.controller import ProbeSchedule, probe_due
+from hf_ghosts.policy import ProbeSchedule, probe_due
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
