@@ -18,20 +18,25 @@ from hf_ghosts.settings import (
     DEFAULT_ESTIMATOR,
     DEFAULT_EVERY,
     DEFAULT_FD_STEP,
+    DEFAULT_FFN_MODE,
+    DEFAULT_FFN_QUANTILE,
     DEFAULT_PROBE_DTYPE,
+    DEFAULT_RADII,
     DEFAULT_RADIUS,
     DEFAULT_TOPK,
     DEFAULT_TRIGGER_GROWTH,
     DEFAULT_TRIGGER_R,
+    DEFAULT_VOCAB_CHUNK,
     ESTIMATOR_CHOICES,
     FFN_MODES,
     MODES,
     PROBE_DTYPES,
     RADII,
     RADIUS_KINDS,
-    check_probe_dtype,
+    SETTINGS,
+    RhoSettings,
+    defaults_text,
     parse_radii,
-    validate,
 )
 
 __all__ = ["BUILT", "RhoArgumentsMixin", "RhoTrainingArguments", "register_built", "rho_arguments", "training_dtype"]
@@ -41,11 +46,7 @@ __all__ = ["BUILT", "RhoArgumentsMixin", "RhoTrainingArguments", "register_built
 class RhoArgumentsMixin:
     """The radius controller's settings (all prefixed ``rho_``), mixed into an arguments dataclass by :func:`rho_arguments`.
 
-    Fields (defaults): ``rho_mode="clip"``, ``rho_target=None`` (the mode's: 2.0 clip and monitor, 1.0 set), ``rho_radii=["output", "attention"]``,
-    ``rho_watch_radii=[]``, ``rho_ffn_mode="kink"``, ``rho_set_schedule=True``, ``rho_estimator="auto"``,
-    ``rho_probe_dtype="auto"``, ``rho_every=16``, ``rho_trigger_r=0.5``, ``rho_trigger_growth=2.0``,
-    ``rho_log_per_head=False``, ``rho_fd_step=1e-2``, ``rho_radius="bound"``, ``rho_topk=8``,
-    ``rho_rescale_moments=False``.
+    Fields and defaults: see :mod:`hf_ghosts.settings` (listed below).
     Everything else is the base arguments class (``TrainingArguments``, ``SFTConfig``, ...) unchanged. The probing defaults keep the cost near 1.1 plain steps
     (``benchmarks/overhead.py``); ``rho_estimator="jvp", rho_every=1`` measures every step exactly, as in the paper.
     ``"auto"`` resolves from ``bf16``/``fp16`` and the device: a JVP in the 16-bit training dtype on CUDA, central
@@ -66,7 +67,7 @@ class RhoArgumentsMixin:
                   "of pi / max Delta; see the README's 'price of safety') and 'monitor', 1.0 for 'set'."},
     )
     rho_radii: list[str] = field(
-        default_factory=lambda: ["output", "attention"],
+        default_factory=lambda: list(DEFAULT_RADII),
         metadata={"help": f"Radii that limit the step: any of {list(RADII)} ('ffn': the FFN radius in the "
                   "rho_ffn_mode form; 'ffn_activation': Appendix B's activation radius)."},
     )
@@ -76,7 +77,7 @@ class RhoArgumentsMixin:
                   "none of them in rho_radii."},
     )
     rho_ffn_mode: str = field(
-        default="kink",
+        default=DEFAULT_FFN_MODE,
         metadata={"help": "Form of the 'ffn' radius: 'kink' (the paper's proxy, the 0.01 quantile of |z|/|z'|) or 'activation' "
                   "(Appendix B: distance to the activation's singularities; inf for exact GELU).",
                   "choices": list(FFN_MODES)},
@@ -137,34 +138,24 @@ class RhoArgumentsMixin:
                   "momentum carries the step actually taken (Adam-family optimizers only)."},
     )
 
+    rho_ffn_quantile: float = field(
+        default=DEFAULT_FFN_QUANTILE, metadata={"help": "Quantile of the FFN kink proxy |z| / |z'| (paper: 1%), in (0, 1)."},
+    )
+    rho_vocab_chunk: int = field(
+        default=DEFAULT_VOCAB_CHUNK, metadata={"help": "Output-head rows (vocabulary entries) per block of the probe's chunked head."},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.rho_radii = list(parse_radii(self.rho_radii))
         self.rho_watch_radii = list(parse_radii(self.rho_watch_radii or []))
-        validate("RhoTrainingArguments", self.rho_settings(), arguments=True)
-        if self.rho_estimator == "fd" and PROBE_DTYPES[self.rho_probe_dtype] is not None:
-            check_probe_dtype("RhoTrainingArguments", "fd", PROBE_DTYPES[self.rho_probe_dtype], arguments=True)
+        self.rho_settings()  # validated here, at construction: the error names the rho_* field
 
-    def rho_settings(self) -> dict[str, Any]:
-        """The ``rho_*`` fields under the controller's keywords (``rho_target`` -> ``r_target``, ...)."""
-        return {
-            "mode": self.rho_mode,
-            "r_target": self.rho_target,
-            "radii": tuple(self.rho_radii),
-            "watch_radii": tuple(self.rho_watch_radii),
-            "ffn_mode": self.rho_ffn_mode,
-            "set_schedule": self.rho_set_schedule,
-            "estimator": self.rho_estimator,
-            "probe_dtype": self.rho_probe_dtype,
-            "every": self.rho_every,
-            "trigger_r": self.rho_trigger_r,
-            "trigger_growth": self.rho_trigger_growth,
-            "log_per_head": self.rho_log_per_head,
-            "fd_step": self.rho_fd_step,
-            "radius": self.rho_radius,
-            "topk": self.rho_topk,
-            "rescale_moments": self.rho_rescale_moments,
-        }
+    def rho_settings(self) -> RhoSettings:
+        """The ``rho_*`` fields as the one settings object (:class:`~hf_ghosts.settings.RhoSettings`), spelled as
+        these arguments spell them (errors name ``rho_radii``, not ``radii``)."""
+        values = {keyword: getattr(self, setting.argument) for keyword, setting in SETTINGS.items()}
+        return RhoSettings.of("RhoTrainingArguments", "argument", **values)
 
     @classmethod
     def from_training_arguments(cls, args: TrainingArguments, **rho_fields: Any) -> Any:
@@ -225,3 +216,4 @@ def rho_arguments(args_cls: type[TrainingArguments] = TrainingArguments) -> type
 
 
 RhoTrainingArguments = rho_arguments(TrainingArguments)
+RhoArgumentsMixin.__doc__ += "\n    Defaults: " + defaults_text("argument") + "\n"

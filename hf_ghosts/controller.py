@@ -44,21 +44,9 @@ from hf_ghosts.optimizers import (
 from hf_ghosts.policy import ProbeSchedule, applied_record, probe_needed, scheduled_target, step_scale
 from hf_ghosts.probe import RadiusProbe, RadiusReport
 from hf_ghosts.radii import update_norm
-from hf_ghosts.settings import (
-    DEFAULT_ESTIMATOR,
-    DEFAULT_EVERY,
-    DEFAULT_PROBE_DTYPE,
-    DEFAULT_TRIGGER_GROWTH,
-    DEFAULT_TRIGGER_R,
-    default_target,
-    parse_radii,
-    resolve_estimator,
-    resolve_probe_dtype,
-    spelled,
-    validate,
-)
+from hf_ghosts.settings import SETTINGS, RhoSettings
 
-__all__ = ["RhoController", "build_probe", "measure_along", "resolve_probe_precision"]
+__all__ = ["RhoController", "build_probe", "measure_along"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,39 +65,24 @@ class RhoController:
         model: the unwrapped model (not the DDP wrapper) whose trainable parameters the optimizer updates.
         optimizer: the optimizer proposing the update (any ``torch.optim.Optimizer``, or a wrapper with
             ``.optimizer``). Needed by :meth:`attach` and :meth:`step`.
-        mode: ``"clip"`` (scale ``min(1, r_target rho / |u|)``), ``"set"`` (scale ``r_target rho / |u|``)
-            or ``"monitor"`` (measure and log; the update is never changed).
-        r_target: the target normalized step ``r*``; ``None``: the mode's default
-            (:data:`~hf_ghosts.settings.DEFAULT_TARGETS`: clip 2 in units of ``pi / max Delta``, set 1). In ``"set"`` mode with ``set_schedule`` it follows the
-            learning-rate schedule: ``r*(t) = r_target * lr(t) / peak_lr``, ``lr(t)`` the largest ``lr`` of the
-            optimizer's param groups when the step runs, ``peak_lr`` the largest ``initial_lr`` that torch's
-            schedulers store in the groups, else the largest ``lr`` when the controller got the optimizer
-            (construction or :meth:`attach`). ``RhoTrainer`` sets :attr:`peak_lr` to ``args.learning_rate``.
-        radii: radii that limit the step (names of :data:`~hf_ghosts.settings.RADII`).
-        watch_radii: radii that are only measured and logged, never scale the update (none in ``radii``).
-        set_schedule: ``"set"`` mode follows the schedule as above; ``False``: ``r*`` is ``r_target`` throughout.
-        rescale_moments: when a step is scaled by ``s``, scale the optimizer's first moment too
-            (``exp_avg <- s * exp_avg``), so its momentum carries the step actually taken (an Adam-family optimizer:
-            :meth:`attach` refuses one without ``betas``).
-        estimator: ``"auto"`` (default: ``"jvp"`` where the probe runs in 16 bits on CUDA, else ``"fd"``; see
-            :func:`~hf_ghosts.settings.resolve_estimator`), ``"fd"`` (central differences) or ``"jvp"`` (exact).
-        probe_dtype: ``"auto"`` (default: ``training_dtype`` when it is 16-bit on CUDA and the estimator is
-            ``"jvp"``, else float32; :func:`~hf_ghosts.settings.resolve_probe_dtype`), ``"float32"``,
-            ``"bfloat16"`` or ``"float16"`` (16 bits need ``"jvp"``). Under FSDP2 the probe is fp32 ``fd``.
+        settings: a :class:`~hf_ghosts.settings.RhoSettings` (what ``RhoTrainingArguments.rho_settings()`` builds);
+            or leave it out and pass the settings as keywords, validated here (``mode``, ``r_target``, ``radii``,
+            ``watch_radii``, ``estimator``, ``probe_dtype``, ``every``, ``trigger_r``, ``trigger_growth``,
+            ``log_per_head``, ``set_schedule``, ``rescale_moments``, ``fd_step``, ``ffn_mode``, ...; allowed values and
+            defaults in :mod:`hf_ghosts.settings`). In short: ``"clip"`` scales ``min(1, r* rho / |u|)``, ``"set"``
+            ``r* rho / |u|`` (with ``set_schedule``, ``r*(t) = r_target * lr(t) / peak_lr``: ``lr(t)`` the largest
+            ``lr`` of the param groups, ``peak_lr`` the largest ``initial_lr`` torch's schedulers store, else the
+            largest ``lr`` when the controller got the optimizer; ``RhoTrainer`` sets :attr:`peak_lr` to
+            ``args.learning_rate``), ``"monitor"`` only measures; ``radii`` limit the step, ``watch_radii`` are only
+            logged; ``estimator``/``probe_dtype`` ``"auto"`` resolve once per model (:meth:`RhoSettings.resolved`);
+            ``every``, ``trigger_r`` and ``trigger_growth`` schedule the probes (:func:`~hf_ghosts.policy.probe_due`);
+            ``rescale_moments`` scales Adam's first moment with the step (:meth:`attach` refuses an optimizer without
+            ``betas``).
         training_dtype: the dtype training computes in, for ``"auto"`` (``RhoTrainer`` passes bf16/fp16 from its
             arguments); default: the trainable parameters' dtype.
-        every: probe at least every k-th optimizer step; in between, a step reuses the last measured
-            ``rho`` unless a trigger fires (``every=1``: probe every step).
-        trigger_r: probe at once when the step's applied ``r`` estimated with the last ``rho``
-            (``scale * |u| / rho_last``) exceeds ``trigger_r * r_target``. With ``trigger_r <= 1`` every
-            clipped step (and in ``"set"`` mode every step) is measured fresh; ``inf`` turns it off. ``"monitor"``
-            has no ``r`` trigger (it changes no step): it probes every ``every`` steps and on growth.
-        trigger_growth: probe at once when ``|u|`` exceeds ``trigger_growth`` times ``|u|`` at the last
-            probe (``inf``: off).
-        log_per_head: also report ``ghosts/rho_attn/layer_{l}/head_{h}``.
-        arguments: name settings in errors as the Trainer's arguments spell them (``rho_radii``, not ``radii``).
         reduce: how reports agree across processes (default :func:`all_reduce_report`).
-        probe_kwargs: passed to :class:`~hf_ghosts.probe.RadiusProbe` (``fd_step``, ``ffn_mode``, ...).
+        probe_keywords: the probe's model-specific keywords (``ffn_spec``, ``shift_labels``, ``chunked_head``), and,
+            without ``settings``, the settings above.
     """
 
     def __init__(
@@ -117,43 +90,27 @@ class RhoController:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         *,
-        mode: str = "clip",
-        r_target: float | None = None,
-        radii: tuple[str, ...] | list[str] = ("output", "attention"),
-        watch_radii: tuple[str, ...] | list[str] = (),
-        estimator: str = DEFAULT_ESTIMATOR,
-        probe_dtype: str = DEFAULT_PROBE_DTYPE,
+        settings: RhoSettings | None = None,
         training_dtype: torch.dtype | None = None,
-        every: int = DEFAULT_EVERY,
-        trigger_r: float = DEFAULT_TRIGGER_R,
-        trigger_growth: float = DEFAULT_TRIGGER_GROWTH,
-        log_per_head: bool = False,
-        set_schedule: bool = True,
-        rescale_moments: bool = False,
         reduce: Callable[[RadiusReport], RadiusReport] = all_reduce_report,
-        arguments: bool = False,
-        **probe_kwargs: Any,
+        **probe_keywords: Any,
     ) -> None:
-        radii, watch_radii = parse_radii(radii), parse_radii(watch_radii)
-        settings = dict(mode=mode, r_target=r_target, radii=radii, watch_radii=watch_radii, estimator=estimator, every=every,
-                        trigger_r=trigger_r, trigger_growth=trigger_growth, log_per_head=log_per_head,
-                        probe_dtype=probe_dtype, set_schedule=set_schedule, rescale_moments=rescale_moments)
-        validate("RhoTrainingArguments" if arguments else "RhoController", settings, arguments=arguments)
-        self.model, self.optimizer, self.mode = model, optimizer, mode
-        self.r_target = default_target(mode) if r_target is None else float(r_target)
-        self.radii, self.watch_radii, self.set_schedule = radii, watch_radii, set_schedule
-        self.rescale_moments, self._arguments = rescale_moments, arguments
+        given = {key: probe_keywords.pop(key) for key in list(probe_keywords) if key in SETTINGS}
+        if settings is None:
+            settings = RhoSettings.of("RhoController", **given)
+        elif given:
+            raise TypeError(f"RhoController: pass the settings either as settings= or as keywords, not both ({sorted(given)})")
+        self.settings, self.model, self.optimizer, self.mode = settings, model, optimizer, settings.mode
+        self.r_target, self.radii, self.watch_radii = settings.target, settings.radii, settings.watch_radii
         if optimizer is not None:
-            check_first_moments(optimizer, rescale_moments, arguments)
+            check_first_moments(optimizer, settings)
         self.peak_lr: float | None = None if optimizer is None else peak_lr(optimizer)
         self._lr: float | None = None  # the learning rate of the step in flight
-        self.schedule = ProbeSchedule(every=every, trigger_r=float(trigger_r), trigger_growth=float(trigger_growth))
+        self.schedule = ProbeSchedule(settings.every, float(settings.trigger_r), float(settings.trigger_growth))
         self.reduce = reduce
-        _require_logits(model, radii + watch_radii, arguments)
-        self._probe_settings = dict(radii=radii + watch_radii, arguments=arguments, **probe_kwargs)
-        self.estimator_setting, self.probe_dtype_setting, self.training_dtype = estimator, probe_dtype, training_dtype
+        _require_logits(model, settings)
+        self._probe_keywords, self.training_dtype = probe_keywords, training_dtype
         self.rebind(model)
-        self._log_per_head = log_per_head
         self.reset()
         self._handles: list[Any] = []
 
@@ -166,7 +123,7 @@ class RhoController:
         self._probe_step: int | None = None  # step and |u| of the last probe; None: the next step probes
         self._probe_norm = 0.0
         self.last: StepRecord | None = None
-        self.window = MetricWindow(per_head=self._log_per_head, radii=self.radii, watch_radii=self.watch_radii)
+        self.window = MetricWindow(per_head=self.settings.log_per_head, radii=self.radii, watch_radii=self.watch_radii)
         self._old: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------- wiring
@@ -179,7 +136,7 @@ class RhoController:
         optimizer = optimizer if optimizer is not None else self.optimizer
         if optimizer is None:
             raise ValueError("RhoController.attach: no optimizer to attach to")
-        check_first_moments(optimizer, self.rescale_moments, self._arguments)
+        check_first_moments(optimizer, self.settings)
         self.detach()
         self.optimizer = optimizer
         self.peak_lr = peak_lr(optimizer) if self.peak_lr is None else self.peak_lr
@@ -196,9 +153,7 @@ class RhoController:
             raise ValueError(f"RhoController: {FSDP1_ERROR}")
         self.sharded = self.backend == "fsdp2"
         self.model = model
-        requested = self.estimator_setting, self.probe_dtype_setting, self.training_dtype
-        precision = resolve_probe_precision(model, *requested, sharded=self.sharded)
-        self.probe = build_probe(model, *precision, sharded=self.sharded, **self._probe_settings)
+        self.probe = build_probe(model, self.settings, self.training_dtype, self.sharded, **self._probe_keywords)
         self.names = list(self.probe.trainable)
         self.params = [self.probe.trainable[name] for name in self.names]
         self._old = None
@@ -268,14 +223,14 @@ class RhoController:
         record = applied_record(self.steps, norm, self.last_rho, scale, target, self.r_target, probed=report is not None)
         if scale != 1.0:
             torch._foreach_lerp_(current, self._old, 1.0 - scale)
-            if self.rescale_moments:
+            if self.settings.rescale_moments:
                 scale_first_moments(self.optimizer, self.params, scale)
         self._finish(record, report)
 
     def target(self) -> float:
         """The ``r*`` of the step in flight: :func:`scheduled_target` of its ``lr`` in ``"set"`` mode with
         ``set_schedule``, else ``r_target``."""
-        follows_schedule = self.mode == "set" and self.set_schedule
+        follows_schedule = self.mode == "set" and self.settings.set_schedule
         return scheduled_target(self.r_target, self._lr if follows_schedule else None, self.peak_lr)
 
     def _skip(self, norm: float, reason: str) -> None:
@@ -316,50 +271,32 @@ class RhoController:
         self.window.load_state_dict(state["window"])
 
 
-def _require_logits(model: torch.nn.Module, radii: tuple[str, ...], arguments: bool = False) -> None:
-    """With ``"output"`` among ``radii``, refuse a bare ``transformers`` backbone (what ``AutoModel`` loads): it returns
-    hidden states, not logits.
+def _require_logits(model: torch.nn.Module, settings: RhoSettings) -> None:
+    """With ``"output"`` among the measured radii, refuse a bare ``transformers`` backbone (what ``AutoModel`` loads):
+    it returns hidden states, not logits.
 
     Checked at construction so the error comes before training starts, not at the first probe.
     """
-    if "output" in radii and is_bare_backbone(model):
+    if "output" in settings.measured and is_bare_backbone(model):
         raise ValueError(
             f"RhoController: {type(model).__name__} is the bare {model.config.model_type!r} backbone: it returns hidden "
             "states, not logits, and the output radius needs logits. Load a model with a head (for example "
-            f"AutoModelForCausalLM instead of AutoModel), or drop 'output' from {spelled('radii', arguments)}."
+            f"AutoModelForCausalLM instead of AutoModel), or drop 'output' from {settings.name('radii')}."
         )
 
 
-def resolve_probe_precision(
-    model: torch.nn.Module, estimator: str, probe_dtype: str, training_dtype: torch.dtype | None, sharded: bool = False
-) -> tuple[str, torch.dtype]:
-    """The probe's estimator and dtype from the settings, the training dtype (default: the first trainable
-    parameter's, float32 without one) and the device (see :mod:`hf_ghosts.settings`).
-
-    Under FSDP2 (``sharded``) the probe is the in-place fp32 ``fd`` one: ``"auto"`` resolves to it, and a 16-bit
-    ``probe_dtype`` is refused (``fd`` in 16 bits is rounding noise).
-    """
-    first = next((p for p in model.parameters() if p.requires_grad), None)
-    param_dtype = torch.float32 if first is None else first.dtype
-    device_type = "cpu" if first is None else first.device.type
-    training = training_dtype or param_dtype
-    try:
-        if sharded:
-            chosen = "fd" if estimator == "auto" else estimator
-            return chosen, resolve_probe_dtype(probe_dtype, "fd", torch.float32, device_type)
-        chosen = resolve_estimator(estimator, probe_dtype, training, device_type)
-        return chosen, resolve_probe_dtype(probe_dtype, chosen, training, device_type)
-    except ValueError as error:
-        raise ValueError(str(error).replace("resolve_probe_dtype.", "RhoController.")) from None
-
-
 def build_probe(
-    model: torch.nn.Module, estimator: str, dtype: torch.dtype, sharded: bool = False, **settings: Any
+    model: torch.nn.Module, settings: RhoSettings, training_dtype: torch.dtype | None = None, sharded: bool = False,
+    **probe_keywords: Any,
 ) -> RadiusProbe | ShardedRadiusProbe:
-    """A :class:`~hf_ghosts.probe.RadiusProbe` of ``model``, or under FSDP2 (``sharded``) a
-    :class:`~hf_ghosts.distributed.ShardedRadiusProbe` (finite differences on the local shards)."""
+    """The probe of ``model`` for ``settings``, resolved once for this run (:meth:`RhoSettings.resolved`): the training
+    dtype (default: the first trainable parameter's, float32 without one) and its device decide ``"auto"``. Under
+    FSDP2 (``sharded``) a :class:`~hf_ghosts.probe.ShardedRadiusProbe` (fp32 finite differences on the local shards)."""
+    first = next((p for p in model.parameters() if p.requires_grad), None)
+    device_type = "cpu" if first is None else first.device.type
+    training = training_dtype or (torch.float32 if first is None else first.dtype)
     probe_cls = ShardedRadiusProbe if sharded else RadiusProbe
-    return probe_cls(model, estimator=estimator, dtype=dtype, **settings)
+    return probe_cls(model, settings=settings.resolved(training, device_type, sharded), **probe_keywords)
 
 
 def measure_along(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hf_ghosts.settings import RADIUS_FIELDS
+from hf_ghosts.settings import RADIUS_FIELDS, RADIUS_TABLE
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -24,13 +24,16 @@ if TYPE_CHECKING:
 __all__ = ["LOGGED_KEYS", "LoggedKey", "MetricWindow", "StepRecord", "define_wandb_metrics"]
 
 
+_RADIUS_FIELD_NAMES = frozenset(RADIUS_FIELDS.values())
+
+
 @dataclass(frozen=True)
 class StepRecord:
     """One optimizer step as the controller saw it (:attr:`RhoController.last`).
 
     ``r = |u| / rho`` of the proposed update, ``r_applied = scale * r``; ``rho`` (the least LIMITING radius) is
     ``None`` until a radius was ever measured (a zero first update); ``target`` is the ``r*`` the step was held to
-    (in ``"set"`` mode ``r_target * lr(t) / peak lr``). The ``rho_*`` radii (limiting and watched),
+    (in ``"set"`` mode ``r_target * lr(t) / peak lr``). ``radii`` (limiting and watched, by field: ``record.rho_out``),
     ``bottleneck`` (the limiting radius that bound), ``would_bind`` (the watched radius below every limiting
     one, if any), ``would_clip`` (``r > r_target``), ``output_tokens`` and ``rho_attn_heads``
     (``[layers, heads]``) only on probed steps. ``skipped`` names what was non-finite (``"gradient"``,
@@ -47,11 +50,8 @@ class StepRecord:
     probed: bool = False
     clipped: bool = False
     skipped: str | None = None
-    rho_out: float | None = None
+    radii: Mapping[str, float] | None = None
     rho_out_bound: float | None = None
-    rho_attn: float | None = None
-    rho_ffn: float | None = None
-    rho_ffn_activation: float | None = None
     bottleneck: str | None = None
     would_bind: str | None = None
     would_clip: bool | None = None
@@ -60,13 +60,23 @@ class StepRecord:
     output_tokens: int | None = None
     rho_attn_heads: torch.Tensor | None = None
 
+    def __getattr__(self, name: str) -> float | None:
+        """``record.rho_out``, ``record.rho_attn``, ...: a measured radius by its field (:data:`RADIUS_TABLE`), or
+        ``None`` when it was not measured on this step."""
+        if name in _RADIUS_FIELD_NAMES:
+            return (self.__dict__.get("radii") or {}).get(name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
     def scalars(self) -> dict[str, Any]:
-        """The fields that are set, without the per-head tensor (JSON-ready)."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if getattr(self, f.name) is not None and f.name != "rho_attn_heads"
-        }
+        """The fields that are set, the radii by their fields, without the per-head tensor (JSON-ready)."""
+        values: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "radii":
+                values.update(value or {})
+            elif value is not None and f.name != "rho_attn_heads":
+                values[f.name] = value
+        return values
 
     def with_report(self, report: RadiusReport, limiting: tuple[str, ...] | None = None) -> StepRecord:
         """This record with what a probe measured: the radii, ``bottleneck`` among the ``limiting`` radii (default:
@@ -81,7 +91,7 @@ class StepRecord:
         bound = None if report.out_radius is None else float(report.rho_out_bound)
         return replace(
             self, bottleneck=report.bottleneck_of(limiting), would_bind=would_bind, output_tokens=tokens,
-            rho_attn_heads=heads, rho_out_bound=bound, **measured,
+            rho_attn_heads=heads, rho_out_bound=bound, radii=measured,
         )
 
 
@@ -103,22 +113,10 @@ LOGGED_KEYS: tuple[LoggedKey, ...] = (
     LoggedKey("ghosts/r", "normalized step of the optimizer's proposed update, `|u| / rho`, before control", "max", "r"),
     LoggedKey("ghosts/r_applied", "normalized step actually applied, `scale * r`", "max", "r_applied"),
     LoggedKey("ghosts/rho", "binding radius, min of the limiting radii (`rho_radii`)", "min", "rho"),
-    LoggedKey(
-        "ghosts/rho_out", "output softmax radius: `pi / max Delta_out`, or with `rho_radius=\"topk_exact\"` the top-k certified "
-        "radius", "min", "rho_out",
-    ),
+    *(LoggedKey(radius.key, radius.meaning, "min", radius.field) for radius in RADIUS_TABLE),
     LoggedKey(
         "ghosts/rho_out_bound", "`pi / max Delta_out`, with `rho_radius=\"topk_exact\"` (how much the exact radius gained)",
         "min", "rho_out_bound",
-    ),
-    LoggedKey("ghosts/rho_attn", "attention radius, min over layers and heads", "min", "rho_attn"),
-    LoggedKey(
-        "ghosts/rho_ffn", "FFN radius (kink proxy, 1% quantile of `|z| / |z'|`, or per `rho_ffn_mode`), when `\"ffn\"` is measured",
-        "min", "rho_ffn",
-    ),
-    LoggedKey(
-        "ghosts/rho_ffn_activation", "FFN activation radius (Appendix B, eq. 21; inf for exact GELU), when `\"ffn_activation\"` "
-        "is measured", "min", "rho_ffn_activation",
     ),
     LoggedKey("ghosts/scale", "factor applied to the update (1.0 when not clipped)", "min", "scale"),
     LoggedKey("ghosts/update_norm", "`|u|` of the proposed update", "max", "update_norm"),

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from hf_ghosts.distributed import any_rank, local_tensor
-from hf_ghosts.settings import spelled
+from hf_ghosts.settings import RhoSettings
 
 __all__ = [
     "check_first_moments",
@@ -25,15 +25,15 @@ __all__ = [
 ]
 
 
-def check_first_moments(optimizer: Any, rescale_moments: bool, arguments: bool) -> None:
+def check_first_moments(optimizer: Any, settings: RhoSettings) -> None:
     """With ``rescale_moments``, refuse an optimizer without Adam's first moment (no ``betas``)."""
     inner = innermost(optimizer)
-    if rescale_moments and "betas" not in inner.defaults:
-        name = spelled("rescale_moments", arguments)
-        raise ValueError(
-            f"RhoController.{name}: {type(inner).__name__} has no first moment (no 'betas'); "
-            f"{name} scales Adam's exp_avg. Use an Adam-family optimizer or set {name}=False"
-        )
+    if settings.rescale_moments and "betas" not in inner.defaults:
+        name = settings.name("rescale_moments")
+        raise settings.error("rescale_moments", (
+            f"{type(inner).__name__} has no first moment (no 'betas'); {name} scales Adam's exp_avg. Use an "
+            f"Adam-family optimizer or set {name}=False"
+        ))
 
 
 def scale_first_moments(optimizer: Any, params: Sequence[torch.Tensor], scale: float) -> None:

@@ -142,7 +142,7 @@ class RhoTrainerMixin:
         if self.is_fsdp_enabled:
             check_fsdp_plugin(self.accelerator.state.fsdp_plugin)  # FSDP2 in fp32 only; FSDP1 is refused
         self.rho_controller = RhoController(
-            self.model, arguments=True, training_dtype=training_dtype(self.args), **self.args.rho_settings()
+            self.model, settings=self.args.rho_settings(), training_dtype=training_dtype(self.args)
         )
         self.rho_controller.peak_lr = self.args.learning_rate  # set mode: r*(t) = rho_target * lr(t) / learning_rate
         self.add_callback(RhoControllerState.bound_to(self.rho_controller))
