@@ -139,7 +139,7 @@ class RhoArgumentsMixin:
     )
 
     rho_ffn_quantile: float = field(
-        default=DEFAULT_FFN_QUANTILE, metadata={"help": "Quantile of the FFN kink proxy |z| / |z'| (paper: 1%), in (0, 1)."},
+        default=DEFAULT_FFN_QUANTILE, metadata={"help": "Quantile of the FFN kink proxy |z| / |z'| (the paper's 0.01), in (0, 1)."},
     )
     rho_vocab_chunk: int = field(
         default=DEFAULT_VOCAB_CHUNK, metadata={"help": "Output-head rows (vocabulary entries) per block of the probe's chunked head."},

@@ -1,4 +1,4 @@
-"""Workarounds for ``transformers`` internals, all in one place.
+"""Workarounds for ``transformers``, ``torch`` and ``accelerate`` internals, all in one place.
 
 Each one names the version it was written for and has a test in ``tests/test_compat.py`` that fails
 with "upstream fixed ...: delete compat.<name>" (or "... moved: update compat.<name>") when the
@@ -13,6 +13,10 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel
+
+# the sdpa pieces the "ghosts" attention delegates to (transformers 5.24): not exported by transformers itself
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 __all__ = ["checkpoint_keys_renamed", "checkpoint_to_model_keys", "is_bare_backbone"]
 
@@ -108,6 +112,53 @@ def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None
         yield
     finally:
         config._attn_implementation = found
+
+
+# ----------------------------------------------------------------------------- sdpa for ghosts (transformers 5.24)
+__all__ += ["repeat_kv", "sdpa_attention_forward", "sdpa_mask"]
+# ``sdpa_attention_forward`` and ``sdpa_mask`` (imported above) are what transformers registers as "sdpa" with
+# ``AttentionInterface`` and ``AttentionMaskInterface``: outside a probe the ghosts attention is exactly sdpa.
+# ``repeat_kv`` (``[b, kv, t, d] -> [b, kv * groups, t, d]``) spreads grouped key/value heads over the query heads.
+
+
+# ----------------------------------------------------------------------------- the eager, unwrapped forward
+__all__ += ["without_autocast_wrapper", "without_compiled_call"]
+
+
+@contextlib.contextmanager
+def without_autocast_wrapper(model: torch.nn.Module) -> Iterator[None]:
+    """While active, ``model.forward`` is the forward Accelerate wrapped in autocast (accelerate 1.15); restored.
+
+    Under mixed precision ``Accelerator.prepare_model`` keeps the forward as ``model._original_forward`` and sets an
+    instance ``forward`` that runs it under autocast and casts the outputs to fp32. A model without both is left alone.
+    """
+    wrapped_forward = model.__dict__.get("forward")
+    original_forward = getattr(model, "_original_forward", None)
+    if wrapped_forward is not None and original_forward is not None:
+        model.forward = original_forward
+    try:
+        yield
+    finally:
+        if wrapped_forward is not None:
+            model.forward = wrapped_forward
+
+
+@contextlib.contextmanager
+def without_compiled_call(model: torch.nn.Module) -> Iterator[None]:
+    """While active, ``model(...)`` runs the eager module even after an in-place ``model.compile()`` (torch 2.13);
+    restored on exit.
+
+    ``nn.Module.compile()`` stores the compiled call as ``model._compiled_call_impl``, which ``__call__`` prefers;
+    forward-mode AD fails inside inductor's ``out=`` kernels.
+    """
+    compiled_call = model.__dict__.get("_compiled_call_impl")
+    if compiled_call is not None:
+        model._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        if compiled_call is not None:
+            model._compiled_call_impl = compiled_call
 
 
 # ----------------------------------------------------------------------------- FSDP2 all-gather dtype (torch 2.11-2.13)

@@ -24,7 +24,6 @@ import torch
 from hf_ghosts.compat import is_bare_backbone
 from hf_ghosts.distributed import (
     FSDP1_ERROR,
-    ShardedRadiusProbe,
     all_reduce_report,
     detect_backend,
     global_norm,
@@ -42,7 +41,7 @@ from hf_ghosts.optimizers import (
     snapshot,
 )
 from hf_ghosts.policy import ProbeSchedule, applied_record, probe_needed, scheduled_target, step_scale
-from hf_ghosts.probe import RadiusProbe, RadiusReport
+from hf_ghosts.probe import RadiusProbe, RadiusReport, ShardedRadiusProbe
 from hf_ghosts.radii import update_norm
 from hf_ghosts.settings import SETTINGS, RhoSettings
 

@@ -47,6 +47,7 @@ __all__ = [
     "RADIUS_FIELDS",
     "RADIUS_KINDS",
     "RADIUS_TABLE",
+    "REDUCTIONS",
     "SETTINGS",
     "Radius",
     "RhoSettings",
@@ -67,7 +68,8 @@ class Radius:
     """One radius: ``name`` (what ``rho_radii`` / ``radii`` take), ``raw`` (the :class:`~hf_ghosts.probe.RadiusReport`
     field the probe fills: a spread ``Delta``, reduced across ranks by MAX, ``rho = pi / Delta``; or a radius, reduced
     by MIN), ``field`` (the ``StepRecord`` field and the ``ghosts/<field>`` key), ``meaning`` (the logged key's row in
-    the README) and ``label`` / ``color`` (plots)."""
+    the README), ``label`` / ``color`` (plots), and ``exact`` (a report field with a tighter radius that replaces
+    ``pi / Delta`` where the probe measured it, reduced by MIN: the output's top-k radius)."""
 
     name: str
     raw: str
@@ -76,6 +78,7 @@ class Radius:
     meaning: str
     label: str
     color: str
+    exact: str | None = None  # a report field holding a tighter radius that replaces pi / spread where measured
 
     @property
     def key(self) -> str:
@@ -86,7 +89,7 @@ RADIUS_TABLE: tuple[Radius, ...] = (
     Radius(
         "output", "out_spread", True, "rho_out",
         "output softmax radius: `pi / max Delta_out`, or with `rho_radius=\"topk_exact\"` the top-k certified radius",
-        "rho_out", "tab:blue",
+        "rho_out", "tab:blue", exact="out_radius",
     ),
     Radius("attention", "attn_spread", True, "rho_attn", "attention radius, min over layers and heads",
            "rho_attn (min over heads)", "tab:orange"),
@@ -107,12 +110,21 @@ RADIUS_TABLE: tuple[Radius, ...] = (
 RADIUS_BY_NAME = {radius.name: radius for radius in RADIUS_TABLE}
 RADII = tuple(RADIUS_BY_NAME)
 RADIUS_FIELDS = {radius.name: radius.field for radius in RADIUS_TABLE}
+#: How each raw field of a report agrees across processes, from the radius table: MAX of spreads, MIN of radii
+#: (and of the exact radii that replace a bound), SUM of the token count.
+REDUCTIONS: dict[str, str] = {
+    **{radius.raw: "max" if radius.spread else "min" for radius in RADIUS_TABLE},
+    **{radius.exact: "min" for radius in RADIUS_TABLE if radius.exact is not None},
+    "output_tokens": "sum",
+}
 
 # ------------------------------------------------------------------------------------------ allowed values, defaults
 MODES = ("clip", "set", "monitor")
 ESTIMATORS = ("jvp", "fd")  # what a RadiusProbe runs
 ESTIMATOR_CHOICES = ("auto", *ESTIMATORS)  # what the controller, the callback and the arguments accept
-PROBE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROBE_DTYPES = {
+    "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
+}
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 FFN_MODES = ("kink", "activation")
 # The output radius: "bound" is pi / max Delta (Theorem 4.6); "topk_exact" the certified exact radii of the topk widest
@@ -325,7 +337,8 @@ class RhoSettings:
         :func:`resolve_probe_dtype`). Under FSDP2 (``sharded``) the probe is the in-place fp32 ``fd`` one: forward AD
         does not pass through FSDP2's all-gathers, so ``"auto"`` and ``"jvp"`` (logged once) both resolve to ``fd``."""
         if sharded:
-            if self.estimator == "jvp":
+            main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+            if self.estimator == "jvp" and main:
                 logger.warning("hf_ghosts: forward-mode AD does not pass through FSDP2's all-gathers; measuring with "
                                "the central finite-difference estimator ('fd', fd_step=%s) instead", self.fd_step)
             estimator, training_dtype = "fd", torch.float32

@@ -36,6 +36,7 @@ from transformers.utils import logging as hf_logging
 from hf_ghosts.plots import save_figure
 from hf_ghosts.presets import MODEL_PRESETS, build_model, lm_blocks, pydoc_splits, train_bpe_tokenizer
 from hf_ghosts.probe import output_positions
+from hf_ghosts.radii import update_norm
 from hf_ghosts.settings import RADII, RADIUS_FIELDS
 
 RADIUS_NAMES = RADII  # one source of truth: hf_ghosts.settings
@@ -169,7 +170,7 @@ def unit_directions(
     model: torch.nn.Module, batch: Mapping[str, torch.Tensor], count: int, seed: int, *, descent: bool = False
 ) -> dict[str, dict[str, torch.Tensor]]:
     """The batch loss's gradient ``g`` and ``count`` Gaussian directions (from ``seed`` only), each scaled to unit length
-    ``|d| = sqrt(sum_i |d_i|^2)`` (float64 sum): ``{"grad": g / |g|, "random i": ...}``, or with ``descent``
+    ``|d| = sqrt(sum_i |d_i|^2)`` (:func:`~hf_ghosts.radii.update_norm`): ``{"grad": g / |g|, "random i": ...}``, or with ``descent``
     ``{"-grad": -g / |g|, ...}``. The gradient is taken under whatever hooks the caller has on (a temperature)."""
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
@@ -183,7 +184,7 @@ def unit_directions(
     for index in range(count):
         found[f"random {index}"] = {name: torch.randn(p.shape, generator=generator) for name, p in trainable.items()}
     for direction in found.values():
-        norm = torch.sqrt(sum(d.double().pow(2).sum() for d in direction.values())).float()
+        norm = update_norm(list(direction.values())).float()
         for name in direction:
             direction[name] /= norm
     return found

@@ -45,7 +45,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, default_da
 
 from hf_ghosts import RadiusProbe
 from hf_ghosts.plots import save_figure
-from hf_ghosts.radii import exact_radius, spread
+from hf_ghosts.radii import check_radius, exact_radius, spread, topk_exact_radius
 from hf_ghosts.settings import DEFAULT_RADIUS, DEFAULT_TOPK, RADIUS_KINDS
 
 
@@ -119,10 +119,12 @@ def exact_vs_bound(logits: torch.Tensor, slopes: torch.Tensor, valid: torch.Tens
     ratio = exact / bound
     next_bound = math.pi / float(per_token[order[tokens]]) if order.numel() > tokens else math.inf
     batch_exact = float(exact.min())
+    # min(certified exact radii of the `tokens` widest, pi / Delta of the next): every class kept exactly (no bins)
+    lower = topk_exact_radius(logits.double(), slopes.double(), tokens, valid, exact_classes=logits.shape[-1])
     return {
         "rho_bound": float(bound.min()),  # pi / max Delta over the batch (eq. 14)
         "rho_exact": batch_exact,  # nearest zero over the top tokens: the batch's exact radius is at most this ...
-        "rho_exact_lower": min(batch_exact, next_bound),  # ... and at least this (every other token's bound)
+        "rho_exact_lower": float(lower),  # ... and at least this (every other token's bound)
         "exact_over_bound": batch_exact / float(bound.min()),
         "token_ratio_min": float(ratio.min()),
         "token_ratio_median": float(ratio.median()),
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, unit in unit_directions(model, batch, spec.random_directions, spec.seed, descent=True).items():
         report = probe.measure(batch, unit)
         radii = {key: float(value) for key, value in report.radii().items()}
-        rho = float(report.rho)
+        rho = check_radius(float(report.rho), "phase_transition")
         logits, slopes = probe.logit_slopes(batch, unit)  # full logits z and a = J v: one forward-mode JVP
         exact = exact_vs_bound(logits, slopes, valid, spec.exact_tokens)
         losses, flipped = [], []

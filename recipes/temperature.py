@@ -51,7 +51,7 @@ from common import load_model, parse_and_load, probe_batch, save_figure, unit_di
 from phase_transition import brief_training, step_outcome
 
 from hf_ghosts import RadiusProbe
-from hf_ghosts.radii import rho_bound, spread
+from hf_ghosts.radii import check_radius, rho_bound, spread
 
 
 @dataclass
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name, unit in unit_directions(model, batch, spec.random_directions, spec.seed).items():
                 _, slopes = probe.logit_slopes(batch, unit)  # slopes a = J v of the scaled logits: one JVP
                 max_delta = float(spread(slopes.float())[valid].max())
-                rho = float(rho_bound(torch.tensor(max_delta)))
+                rho = check_radius(float(rho_bound(torch.tensor(max_delta))), "temperature")  # NaN: NaN/inf slopes
 
                 ratio_at = partial(loss_ratio, model, batch, unit, base_loss)
                 onset_t, ratios = collapse_onset(ratio_at, t_grid, spec.threshold, spec.bisect_steps)

@@ -215,6 +215,22 @@ def turns(logits: np.ndarray, slopes: np.ndarray, radius: float, points: int) ->
     return float(np.angle(np.roll(values, -1) / values).sum() / (2 * np.pi))
 
 
+def polynomial_radius(logits: np.ndarray, powers: np.ndarray) -> float:
+    """Exact radius for integer slopes: with ``x = e^t``, ``F`` is a polynomial; its roots give every zero.
+
+    A root ``x`` gives ``t = log|x| + i (arg x + 2 pi n)``; the nearest is ``n = 0`` (``arg`` in ``(-pi, pi]``).
+    """
+    degree = int(powers.max())
+    coefficients = np.zeros(degree + 1)
+    np.add.at(coefficients, degree - powers, softmax_weights(logits))
+    return min(abs(complex(math.log(abs(x)), np.angle(x))) for x in np.roots(coefficients))
+
+
+def randn64(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    """Seeded float64 Gaussian samples times ``scale``."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+
+
 def float64_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A float64 deep copy in eval mode, for tight comparisons (probe and reference both run on it).
 

@@ -14,8 +14,9 @@ import torch
 from conftest import tiny_causal_lm, token_batch, token_dataset
 from torch import nn
 
-from hf_ghosts import RhoController, RhoTrainer, RhoTrainingArguments, attention
+from hf_ghosts import RhoController, RhoTrainer, RhoTrainingArguments
 from hf_ghosts.presets import spike_loop
+from hf_ghosts.probe import attention
 from hf_ghosts.settings import DEFAULT_TARGETS, DEFAULT_TRIGGER_R
 
 pytestmark = pytest.mark.usefixtures("single_thread")

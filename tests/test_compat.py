@@ -162,3 +162,65 @@ def test_experts_implementation_switches_and_restores() -> None:
     with compat.experts_implementation(model, "eager"):
         assert compat.experts_implementation_of(model) == "eager"
     assert model.get_experts_implementation() == found and compat.experts_implementation_of(model) == found[""]
+
+
+# ----------------------------------------------------------------------------- sdpa for the ghosts attention
+def test_ghosts_attention_delegates_to_what_transformers_registers_as_sdpa() -> None:
+    """Outside a probe the ghosts attention is sdpa bit for bit only if compat's pieces are the registered ones."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    assert AttentionInterface()["sdpa"] is compat.sdpa_attention_forward, (
+        "transformers registers another sdpa attention: update compat.sdpa_attention_forward"
+    )
+    assert AttentionMaskInterface()["sdpa"] is compat.sdpa_mask, (
+        "transformers registers another sdpa mask: update compat.sdpa_mask"
+    )
+    grouped = torch.arange(2 * 3 * 5 * 4, dtype=torch.float32).reshape(2, 3, 5, 4)  # [b, kv heads, t, d]
+    expected = grouped.repeat_interleave(2, dim=1)  # each key/value head serves 2 consecutive query heads
+    assert torch.equal(compat.repeat_kv(grouped, 2), expected), "transformers changed repeat_kv: update compat"
+
+
+# ----------------------------------------------------------------------------- the eager, unwrapped forward
+def test_accelerate_still_wraps_forward_in_autocast_and_the_probe_unwraps_it() -> None:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 8)
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 16)
+    AcceleratorState._reset_state(reset_partial_state=True)  # a Trainer of an earlier test set it up without bf16
+    try:
+        Accelerator(cpu=True, mixed_precision="bf16").prepare_model(model)
+        if "forward" not in model.__dict__ or not hasattr(model, "_original_forward"):
+            pytest.fail("upstream changed: Accelerate no longer wraps forward as _original_forward: update "
+                        "compat.without_autocast_wrapper")
+        wrapper = model.forward
+        with torch.no_grad():
+            assert not torch.equal(model(x), reference(x)), "the wrapper runs in fp32: the test proves nothing"
+            with compat.without_autocast_wrapper(model):
+                torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+        assert model.__dict__["forward"] is wrapper
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    plain = torch.nn.Linear(2, 2)
+    with compat.without_autocast_wrapper(plain):
+        assert "forward" not in plain.__dict__
+    assert "forward" not in plain.__dict__
+
+
+def test_module_compile_still_stores_the_compiled_call_and_the_probe_bypasses_it() -> None:
+    model = torch.nn.Linear(2, 2)
+    model.compile()  # lazy: nothing compiles until a call
+    compiled = model.__dict__.get("_compiled_call_impl")
+    if compiled is None:
+        pytest.fail("upstream changed: nn.Module.compile() no longer sets _compiled_call_impl: "
+                    "update compat.without_compiled_call")
+    tracing: list[bool] = []
+    model.register_forward_pre_hook(lambda module, args: tracing.append(torch.compiler.is_compiling()))
+    with compat.without_compiled_call(model):
+        assert model._compiled_call_impl is None
+        x = torch.randn(3, 2)
+        torch.testing.assert_close(model(x), torch.nn.functional.linear(x, model.weight, model.bias), rtol=0, atol=0)
+    assert tracing == [False], "the forward was traced by dynamo: compat.without_compiled_call no longer bypasses it"
+    assert model._compiled_call_impl is compiled

@@ -439,7 +439,7 @@ def test_ffn_kink_proxy_is_the_one_percent_quantile(family: str) -> None:
         ("gpt_neox", {"hidden_act": "relu"}, lambda z: z.abs()),
         ("gpt_neox", {"hidden_act": "tanh"}, lambda z: torch.sqrt(z**2 + math.pi**2 / 4)),
         ("gpt_neox", {}, lambda z: torch.full_like(z, math.inf)),  # exact gelu: entire
-        ("gpt2", {}, None),  # gelu_new: radii.activation_radius (checked against brute force in test_radii)
+        ("gpt2", {}, None),  # gelu_new: radii.activation_radius (checked against brute force in test_radii_activations)
     ],
 )
 def test_ffn_activation_mode_is_the_minimum_activation_radius(family: str, overrides: dict, distance) -> None:

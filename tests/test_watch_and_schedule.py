@@ -201,6 +201,6 @@ def test_rho_trainer_set_mode_follows_warmup_and_linear_decay(tmp_path, set_sche
 
 def test_set_schedule_is_a_documented_argument() -> None:
     args = RhoTrainingArguments(output_dir="unused", rho_mode="set", rho_set_schedule=False, report_to=[])
-    assert args.rho_settings()["set_schedule"] is False
+    assert args.rho_settings().set_schedule is False
     with pytest.raises(ValueError, match=r"rho_set_schedule: got 'yes'"):
         RhoTrainingArguments(output_dir="unused", rho_set_schedule="yes", report_to=[])

@@ -501,6 +501,7 @@ def diagnose(checkpoint: Checkpoint, batches: Sequence[Mapping[str, torch.Tensor
                 continue
             try:
                 report = probe.measure({k: v.to(proposer.device) for k, v in batch.items()}, proposal.update)
+                rho = radii.check_radius(float(report.rho), "RadiusProbe.measure")  # NaN: NaN or inf in the slopes
             except ValueError as error:
                 if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
                     raise CliError(f"the probe failed on batch {index}: {error}") from error
@@ -508,7 +509,6 @@ def diagnose(checkpoint: Checkpoint, batches: Sequence[Mapping[str, torch.Tensor
                 per_batch.append(entry)
                 heads.append(None)
                 continue
-            rho = float(report.rho)
             r = float(radii.normalized_step(proposal.norm, rho))
             entry.update(
                 r=_finite(r), rho=_finite(rho), bottleneck=report.bottleneck, finite=math.isfinite(r),

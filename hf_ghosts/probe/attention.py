@@ -19,9 +19,8 @@ from enum import StrEnum
 import torch
 import torch.autograd.forward_ad as fwAD
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
 
+from hf_ghosts.compat import repeat_kv, sdpa_attention_forward, sdpa_mask
 from hf_ghosts.radii import spread
 
 __all__ = ["ATTENTION_NAME", "Pass", "ScoreCapture", "capture_scores", "ghosts_attention_forward", "register"]

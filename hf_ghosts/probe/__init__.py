@@ -1,0 +1,35 @@
+"""The measurement: :class:`RadiusProbe` -> :class:`RadiusReport` (and :class:`ShardedRadiusProbe` under FSDP2).
+
+One job per module, read from the bottom up:
+
+=================  ==================================================================================
+``report``         :class:`RadiusReport`, the spreads measured and the radii they imply
+``inputs``         the forward's inputs (:func:`model_inputs`, :func:`forward_kwargs`) and which logits count
+                   (:func:`output_positions`)
+``attention``      the ``"ghosts"`` attention: sdpa outside a probe, eager with score-slope capture inside
+``ffn``            the FFN hooks (:class:`FfnRecorder`)
+``head``           the chunked output head (logit-slope spreads over vocabulary blocks) and its glue
+``core``           the ``jvp`` and ``fd`` measuring paths, fd's step guard, one measurement's session
+``radius_probe``   :class:`RadiusProbe`: construction, ``measure``, ``logit_slopes``
+``sharded``        :class:`ShardedRadiusProbe`: central differences in the FSDP2 shards, in place
+=================  ==================================================================================
+"""
+
+from hf_ghosts.architectures import LINEAR_HEAD_MODELS  # the README names hf_ghosts.probe.LINEAR_HEAD_MODELS
+from hf_ghosts.probe.ffn import FfnRecorder
+from hf_ghosts.probe.inputs import IGNORE_INDEX, forward_kwargs, model_inputs, output_positions
+from hf_ghosts.probe.radius_probe import RadiusProbe
+from hf_ghosts.probe.report import RadiusReport
+from hf_ghosts.probe.sharded import ShardedRadiusProbe
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LINEAR_HEAD_MODELS",
+    "FfnRecorder",
+    "RadiusProbe",
+    "RadiusReport",
+    "ShardedRadiusProbe",
+    "forward_kwargs",
+    "model_inputs",
+    "output_positions",
+]

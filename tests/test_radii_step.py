@@ -1,0 +1,92 @@
+"""hf_ghosts.radii.step: r = |u| / rho, the clip / set scale and |u|, against hand values and invariants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import randn64
+
+from hf_ghosts import radii
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_normalized_step_values() -> None:
+    torch.testing.assert_close(normalized := radii.normalized_step(torch.tensor([0.5, 2.0, 0.0]), torch.tensor([1.0, 0.5, 3.0])), torch.tensor([0.5, 4.0, 0.0]))
+    assert normalized.dtype == torch.float32
+    assert radii.normalized_step(3.0, 1.5).item() == 2.0
+    assert radii.normalized_step(3.0, math.inf).item() == 0.0
+
+
+@pytest.mark.parametrize(("update_norm", "rho"), [(-1.0, 1.0), (1.0, 0.0), (1.0, -2.0), (math.nan, 1.0), (1.0, math.nan)])
+def test_normalized_step_of_invalid_input_is_nan(update_norm: float, rho: float) -> None:
+    assert math.isnan(radii.normalized_step(update_norm, rho).item())
+    for mode in radii.CLIP_MODES:  # never the scale 1 of a zero step: the NaN reaches the caller
+        assert math.isnan(radii.clip_scale(update_norm, rho, mode=mode).item())
+    batch = radii.normalized_step(torch.tensor([update_norm, 2.0]), torch.tensor([rho, 4.0]))
+    assert math.isnan(batch[0].item()) and batch[1].item() == 0.5
+
+
+def test_clip_scale_hand_values() -> None:
+    assert radii.clip_scale(4.0, 1.0).item() == 0.25
+    assert radii.clip_scale(0.5, 1.0).item() == 1.0
+    assert radii.clip_scale(0.5, 1.0, mode="set").item() == 2.0
+    assert radii.clip_scale(4.0, 1.0, r_target=2.0).item() == 0.5
+
+
+def test_clip_scale_invariants() -> None:
+    norms = torch.exp(randn64(200, seed=15, scale=3)).abs()
+    rho = torch.exp(randn64(200, seed=16, scale=3)).abs()
+    for target in (0.25, 1.0, 3.0):
+        scale = radii.clip_scale(norms, rho, r_target=target)
+        applied = radii.normalized_step(norms * scale, rho)
+        assert (scale <= 1).all()
+        assert (applied <= target * (1 + 1e-12)).all()
+        # inside the target the step is untouched; outside it lands exactly on the target
+        inside = radii.normalized_step(norms, rho) <= target
+        assert (scale[inside] == 1).all()
+        torch.testing.assert_close(applied[~inside], torch.full_like(applied[~inside], target), rtol=1e-12, atol=0)
+        # clipping twice changes nothing
+        again = radii.clip_scale(norms * scale, rho, r_target=target)
+        torch.testing.assert_close(again, torch.ones_like(again), rtol=1e-12, atol=0)
+        # "set" gives exactly r_target, whether it shrinks or grows the step
+        exact = radii.normalized_step(norms * radii.clip_scale(norms, rho, r_target=target, mode="set"), rho)
+        torch.testing.assert_close(exact, torch.full_like(exact, target), rtol=1e-12, atol=0)
+
+
+def test_clip_scale_zero_update_and_infinite_radius_give_one() -> None:
+    for mode in radii.CLIP_MODES:
+        assert radii.clip_scale(0.0, 1.0, mode=mode).item() == 1.0
+        assert radii.clip_scale(5.0, math.inf, mode=mode).item() == 1.0
+
+
+def test_clip_scale_validates_mode_and_target() -> None:
+    with pytest.raises(ValueError, match=r"clip_scale: mode must be one of \('clip', 'set'\); got 'clamp'"):
+        radii.clip_scale(1.0, 1.0, mode="clamp")
+    for target in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="r_target"):
+            radii.clip_scale(1.0, 1.0, r_target=target)
+
+
+
+def test_update_norm_is_the_float64_norm_of_the_concatenation() -> None:
+    tensors = [randn64(3, 4, seed=50).float(), randn64(7, seed=51, scale=1e3).float(), torch.zeros(2)]
+    expected = math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
+    norm = radii.update_norm(tensors)
+    assert norm.dtype == torch.float64 and norm.item() == pytest.approx(expected, rel=1e-6)
+    assert radii.update_norm([torch.tensor([3.0]), torch.tensor([4.0])]).item() == 5.0
+    assert radii.update_norm([]).item() == 0.0
+    assert math.isnan(radii.update_norm([torch.tensor([1.0, math.nan])]).item())
+
+
+@pytest.mark.parametrize("rho", [2.0, math.inf, 1e-30])
+def test_check_radius_passes_a_radius(rho: float) -> None:
+    assert radii.check_radius(rho, "caller") == rho
+
+
+@pytest.mark.parametrize("rho", [math.nan, 0.0, -1.0, -math.inf])
+def test_check_radius_names_the_caller_and_the_value(rho: float) -> None:
+    with pytest.raises(ValueError, match=rf"^caller: the measured radius is {rho!r}, .*contain NaN or inf"):
+        radii.check_radius(rho, "caller")
