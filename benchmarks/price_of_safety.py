@@ -69,7 +69,7 @@ RECORD_FIELDS = ("step", "r", "r_applied", "scale", "rho", "rho_out", "rho_out_b
 
 
 class StepLog(StepTimer):
-    """:class:`harness.StepTimer` that also keeps each step's :class:`~hf_ghosts.controller.StepRecord` scalars."""
+    """:class:`harness.StepTimer` that also keeps each step's :class:`~hf_ghosts.metrics.StepRecord` scalars."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

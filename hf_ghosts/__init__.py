@@ -8,11 +8,12 @@ Implements "Ghosts of Softmax" (arXiv 2603.13552) for Hugging Face ``transformer
 
 from hf_ghosts import radii
 from hf_ghosts.architectures import FFN_PREACTIVATIONS, FfnSpec
+from hf_ghosts.arguments import RhoTrainingArguments, rho_arguments
 from hf_ghosts.callback import RhoCallback
 from hf_ghosts.controller import RhoController
 from hf_ghosts.distributed import all_reduce_report
 from hf_ghosts.probe import RadiusProbe, RadiusReport
-from hf_ghosts.trainer import RhoTrainer, RhoTrainingArguments, rho_arguments, rho_trainer
+from hf_ghosts.trainer import RhoTrainer, rho_trainer
 
 __all__ = [
     "FFN_PREACTIVATIONS",

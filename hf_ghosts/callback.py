@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from hf_ghosts.arguments import training_dtype
 from hf_ghosts.controller import RhoController
 from hf_ghosts.metrics import define_wandb_metrics
-from hf_ghosts.settings import DEFAULT_ESTIMATOR, DEFAULT_EVERY, parse_radii, validate
-from hf_ghosts.trainer import training_dtype
+from hf_ghosts.settings import SETTINGS, RhoSettings
 
 __all__ = ["RhoCallback"]
 
@@ -32,28 +32,20 @@ class RhoCallback(TrainerCallback):
     reporting callbacks that run before it do not see the keys.
 
     Args:
-        radii, watch_radii, estimator, every, log_per_head, probe_kwargs: as for
-            :class:`~hf_ghosts.controller.RhoController` (its mode is always ``"monitor"``: it probes every
-            ``every`` steps and when ``|u|`` grows, and never changes the step, NaN and inf gradients included),
-            with the same defaults; ``trigger_growth`` and the probe's settings (``ffn_mode``, ...) pass through
-            ``probe_kwargs``. ``every=1, estimator="jvp"`` measures every step exactly. ``radii`` are those that
-            would limit under ``RhoTrainer`` (``ghosts/rho``, ``ghosts/bottleneck/*``), ``watch_radii`` the others.
+        settings: as for :class:`~hf_ghosts.controller.RhoController` (``radii``, ``watch_radii``, ``estimator``,
+            ``every``, ``log_per_head``, ``trigger_growth``, ``ffn_mode``, ...; defaults in :mod:`hf_ghosts.settings`),
+            validated here, and the probe's model-specific keywords (``ffn_spec``, ``shift_labels``,
+            ``chunked_head``). Its mode is always ``"monitor"``: it probes every ``every`` steps and when ``|u|``
+            grows, and never changes the step, NaN and inf gradients included. ``every=1, estimator="jvp"`` measures
+            every step exactly. ``radii`` are those that would limit under ``RhoTrainer`` (``ghosts/rho``,
+            ``ghosts/bottleneck/*``), ``watch_radii`` the others.
     """
 
-    def __init__(
-        self,
-        radii: tuple[str, ...] | list[str] = ("output", "attention"),
-        estimator: str = DEFAULT_ESTIMATOR,
-        every: int = DEFAULT_EVERY,
-        log_per_head: bool = False,
-        watch_radii: tuple[str, ...] | list[str] = (),
-        **probe_kwargs: Any,
-    ) -> None:
-        self.settings = dict(
-            radii=tuple(radii), watch_radii=tuple(watch_radii), estimator=estimator, every=every, log_per_head=log_per_head,
-            **probe_kwargs,
-        )
-        validate("RhoCallback", {"radii": parse_radii(radii), "watch_radii": parse_radii(watch_radii)})
+    def __init__(self, **settings: Any) -> None:
+        if "mode" in settings or "settings" in settings:
+            raise TypeError("RhoCallback: always monitors (mode='monitor'); to clip or set the step use RhoTrainer")
+        self.probe_keywords = {key: settings.pop(key) for key in list(settings) if key not in SETTINGS}
+        self.settings = RhoSettings.of("RhoCallback", mode="monitor", **settings)
         self.controller: RhoController | None = None
         self._hook: Any = None
         self._wandb_metrics_defined = False
@@ -77,7 +69,9 @@ class RhoCallback(TrainerCallback):
             raise ValueError("RhoCallback: the Trainer passed no model or optimizer to on_train_begin")
         if getattr(args, "deepspeed", None):
             raise ValueError("RhoCallback does not support DeepSpeed: the engine updates the weights outside the optimizer hooks")
-        self.controller = RhoController(model, optimizer, mode="monitor", training_dtype=training_dtype(args), **self.settings)
+        self.controller = RhoController(
+            model, optimizer, settings=self.settings, training_dtype=training_dtype(args), **self.probe_keywords
+        )
         self.controller.attach()
         self._hook = model.register_forward_pre_hook(self._observe, with_kwargs=True)
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -25,138 +25,29 @@ from hf_ghosts.compat import is_bare_backbone
 from hf_ghosts.distributed import (
     FSDP1_ERROR,
     all_reduce_report,
-    any_rank,
     detect_backend,
     global_norm,
     is_main_process,
     local_tensor,
 )
-from hf_ghosts.metrics import MetricWindow
-from hf_ghosts.probe import RadiusProbe, RadiusReport, ShardedRadiusProbe
-from hf_ghosts.radii import check_radius, clip_scale, normalized_step, update_norm
-from hf_ghosts.settings import (
-    DEFAULT_ESTIMATOR,
-    DEFAULT_EVERY,
-    DEFAULT_PROBE_DTYPE,
-    DEFAULT_TRIGGER_GROWTH,
-    DEFAULT_TRIGGER_R,
-    RADIUS_FIELDS,
-    default_target,
-    parse_radii,
-    resolve_estimator,
-    resolve_probe_dtype,
-    spelled,
-    validate,
+from hf_ghosts.metrics import MetricWindow, StepRecord
+from hf_ghosts.optimizers import (
+    check_first_moments,
+    current_lr,
+    has_nonfinite_gradient,
+    peak_lr,
+    register_step_hooks,
+    scale_first_moments,
+    snapshot,
 )
+from hf_ghosts.policy import ProbeSchedule, applied_record, probe_needed, scheduled_target, step_scale
+from hf_ghosts.probe import RadiusProbe, RadiusReport, ShardedRadiusProbe
+from hf_ghosts.radii import update_norm
+from hf_ghosts.settings import SETTINGS, RhoSettings
 
-__all__ = [
-    "ProbeSchedule",
-    "RhoController",
-    "StepRecord",
-    "build_probe",
-    "has_nonfinite_gradient",
-    "probe_due",
-    "probe_needed",
-    "resolve_probe_precision",
-    "scheduled_target",
-    "snapshot",
-    "step_scale",
-]
+__all__ = ["RhoController", "build_probe", "measure_along"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ProbeSchedule:
-    """When a step is measured afresh instead of reusing the last ``rho`` (see :func:`probe_due`)."""
-
-    every: int = DEFAULT_EVERY
-    trigger_r: float = DEFAULT_TRIGGER_R
-    trigger_growth: float = DEFAULT_TRIGGER_GROWTH
-
-
-def probe_due(
-    schedule: ProbeSchedule,
-    steps_since_probe: int | None,
-    growth: float,
-    estimated_r_applied: float,
-    r_target: float,
-    mode: str = "clip",
-) -> bool:
-    """Whether a step must be probed: ``every == 1``, no usable last ``rho`` (``steps_since_probe is None``),
-    ``steps_since_probe >= every``, ``|u| / |u_probe| > trigger_growth``, or (``"clip"`` and ``"set"`` only) the
-    applied ``r`` estimated with the last ``rho`` above ``trigger_r * r_target``. The ``r`` trigger guards the
-    rescale; ``"monitor"`` rescales nothing, so it probes every ``every`` steps and on growth only.
-
-    Example: ``probe_due(ProbeSchedule(every=16), 3, 1.1, 0.2, 1.0)`` is ``False``; with ``growth=2.5`` it is ``True``;
-    ``probe_due(ProbeSchedule(every=16), 3, 1.1, 0.9, 1.0)`` is ``True``, and ``False`` with ``mode="monitor"``.
-    """
-    if schedule.every == 1 or steps_since_probe is None:
-        return True
-    if steps_since_probe >= schedule.every or growth > schedule.trigger_growth:
-        return True
-    return mode != "monitor" and estimated_r_applied > schedule.trigger_r * r_target
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """One optimizer step as the controller saw it (:attr:`RhoController.last`).
-
-    ``r = |u| / rho`` of the proposed update, ``r_applied = scale * r``; ``rho`` (the least LIMITING radius) is
-    ``None`` until a radius was ever measured (a zero first update); ``target`` is the ``r*`` the step was held to
-    (in ``"set"`` mode ``r_target * lr(t) / peak lr``). The ``rho_*`` radii (limiting and watched),
-    ``bottleneck`` (the limiting radius that bound), ``would_bind`` (the watched radius below every limiting
-    one, if any), ``would_clip`` (``r > r_target``), ``output_tokens`` and ``rho_attn_heads``
-    (``[layers, heads]``) only on probed steps. ``skipped`` names what was non-finite (``"gradient"``,
-    ``"update"``) on a step the controller skipped; ``would_skip`` the same in ``"monitor"``
-    mode, which skips nothing.
-    """
-
-    step: int
-    update_norm: float
-    r: float = 0.0
-    r_applied: float = 0.0
-    scale: float = 1.0
-    rho: float | None = None
-    probed: bool = False
-    clipped: bool = False
-    skipped: str | None = None
-    rho_out: float | None = None
-    rho_out_bound: float | None = None
-    rho_attn: float | None = None
-    rho_ffn: float | None = None
-    rho_ffn_activation: float | None = None
-    bottleneck: str | None = None
-    would_bind: str | None = None
-    would_clip: bool | None = None
-    would_skip: str | None = None
-    target: float | None = None
-    output_tokens: int | None = None
-    rho_attn_heads: torch.Tensor | None = None
-
-    def scalars(self) -> dict[str, Any]:
-        """The fields that are set, without the per-head tensor (JSON-ready)."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if getattr(self, f.name) is not None and f.name != "rho_attn_heads"
-        }
-
-    def with_report(self, report: RadiusReport, limiting: tuple[str, ...] | None = None) -> StepRecord:
-        """This record with what a probe measured: the radii, ``bottleneck`` among the ``limiting`` radii (default:
-        all measured), ``would_bind`` (a watched radius below them), ``output_tokens``, per-head radii."""
-        radii = report.radii()
-        measured = {RADIUS_FIELDS[name]: float(value) for name, value in radii.items()}
-        limiting = tuple(radii) if limiting is None else limiting
-        least = report.bottleneck_of()
-        would_bind = least if least not in limiting and least != "none" else None
-        heads = None if report.attn_spread is None else report.rho_attn.float().cpu()
-        tokens = None if report.output_tokens is None else int(report.output_tokens)
-        bound = None if report.out_radius is None else float(report.rho_out_bound)
-        return replace(
-            self, bottleneck=report.bottleneck_of(limiting), would_bind=would_bind, output_tokens=tokens,
-            rho_attn_heads=heads, rho_out_bound=bound, **measured,
-        )
 
 
 class RhoController:
@@ -173,39 +64,24 @@ class RhoController:
         model: the unwrapped model (not the DDP wrapper) whose trainable parameters the optimizer updates.
         optimizer: the optimizer proposing the update (any ``torch.optim.Optimizer``, or a wrapper with
             ``.optimizer``). Needed by :meth:`attach` and :meth:`step`.
-        mode: ``"clip"`` (scale ``min(1, r_target rho / |u|)``), ``"set"`` (scale ``r_target rho / |u|``)
-            or ``"monitor"`` (measure and log; the update is never changed).
-        r_target: the target normalized step ``r*``; ``None``: the mode's default
-            (:data:`~hf_ghosts.settings.DEFAULT_TARGETS`: clip 2 in units of ``pi / max Delta``, set 1). In ``"set"`` mode with ``set_schedule`` it follows the
-            learning-rate schedule: ``r*(t) = r_target * lr(t) / peak_lr``, ``lr(t)`` the largest ``lr`` of the
-            optimizer's param groups when the step runs, ``peak_lr`` the largest ``initial_lr`` that torch's
-            schedulers store in the groups, else the largest ``lr`` when the controller got the optimizer
-            (construction or :meth:`attach`). ``RhoTrainer`` sets :attr:`peak_lr` to ``args.learning_rate``.
-        radii: radii that limit the step (names of :data:`~hf_ghosts.settings.RADII`).
-        watch_radii: radii that are only measured and logged, never scale the update (none in ``radii``).
-        set_schedule: ``"set"`` mode follows the schedule as above; ``False``: ``r*`` is ``r_target`` throughout.
-        rescale_moments: when a step is scaled by ``s``, scale the optimizer's first moment too
-            (``exp_avg <- s * exp_avg``), so its momentum carries the step actually taken (an Adam-family optimizer:
-            :meth:`attach` refuses one without ``betas``).
-        estimator: ``"auto"`` (default: ``"jvp"`` where the probe runs in 16 bits on CUDA, else ``"fd"``; see
-            :func:`~hf_ghosts.settings.resolve_estimator`), ``"fd"`` (central differences) or ``"jvp"`` (exact).
-        probe_dtype: ``"auto"`` (default: ``training_dtype`` when it is 16-bit on CUDA and the estimator is
-            ``"jvp"``, else float32; :func:`~hf_ghosts.settings.resolve_probe_dtype`), ``"float32"``,
-            ``"bfloat16"`` or ``"float16"`` (16 bits need ``"jvp"``). Under FSDP2 the probe is fp32 ``fd``.
+        settings: a :class:`~hf_ghosts.settings.RhoSettings` (what ``RhoTrainingArguments.rho_settings()`` builds);
+            or leave it out and pass the settings as keywords, validated here (``mode``, ``r_target``, ``radii``,
+            ``watch_radii``, ``estimator``, ``probe_dtype``, ``every``, ``trigger_r``, ``trigger_growth``,
+            ``log_per_head``, ``set_schedule``, ``rescale_moments``, ``fd_step``, ``ffn_mode``, ...; allowed values and
+            defaults in :mod:`hf_ghosts.settings`). In short: ``"clip"`` scales ``min(1, r* rho / |u|)``, ``"set"``
+            ``r* rho / |u|`` (with ``set_schedule``, ``r*(t) = r_target * lr(t) / peak_lr``: ``lr(t)`` the largest
+            ``lr`` of the param groups, ``peak_lr`` the largest ``initial_lr`` torch's schedulers store, else the
+            largest ``lr`` when the controller got the optimizer; ``RhoTrainer`` sets :attr:`peak_lr` to
+            ``args.learning_rate``), ``"monitor"`` only measures; ``radii`` limit the step, ``watch_radii`` are only
+            logged; ``estimator``/``probe_dtype`` ``"auto"`` resolve once per model (:meth:`RhoSettings.resolved`);
+            ``every``, ``trigger_r`` and ``trigger_growth`` schedule the probes (:func:`~hf_ghosts.policy.probe_due`);
+            ``rescale_moments`` scales Adam's first moment with the step (:meth:`attach` refuses an optimizer without
+            ``betas``).
         training_dtype: the dtype training computes in, for ``"auto"`` (``RhoTrainer`` passes bf16/fp16 from its
             arguments); default: the trainable parameters' dtype.
-        every: probe at least every k-th optimizer step; in between, a step reuses the last measured
-            ``rho`` unless a trigger fires (``every=1``: probe every step).
-        trigger_r: probe at once when the step's applied ``r`` estimated with the last ``rho``
-            (``scale * |u| / rho_last``) exceeds ``trigger_r * r_target``. With ``trigger_r <= 1`` every
-            clipped step (and in ``"set"`` mode every step) is measured fresh; ``inf`` turns it off. ``"monitor"``
-            has no ``r`` trigger (it changes no step): it probes every ``every`` steps and on growth.
-        trigger_growth: probe at once when ``|u|`` exceeds ``trigger_growth`` times ``|u|`` at the last
-            probe (``inf``: off).
-        log_per_head: also report ``ghosts/rho_attn/layer_{l}/head_{h}``.
-        arguments: name settings in errors as the Trainer's arguments spell them (``rho_radii``, not ``radii``).
         reduce: how reports agree across processes (default :func:`all_reduce_report`).
-        probe_kwargs: passed to :class:`~hf_ghosts.probe.RadiusProbe` (``fd_step``, ``ffn_mode``, ...).
+        probe_keywords: the probe's model-specific keywords (``ffn_spec``, ``shift_labels``, ``chunked_head``), and,
+            without ``settings``, the settings above.
     """
 
     def __init__(
@@ -213,43 +89,27 @@ class RhoController:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         *,
-        mode: str = "clip",
-        r_target: float | None = None,
-        radii: tuple[str, ...] | list[str] = ("output", "attention"),
-        watch_radii: tuple[str, ...] | list[str] = (),
-        estimator: str = DEFAULT_ESTIMATOR,
-        probe_dtype: str = DEFAULT_PROBE_DTYPE,
+        settings: RhoSettings | None = None,
         training_dtype: torch.dtype | None = None,
-        every: int = DEFAULT_EVERY,
-        trigger_r: float = DEFAULT_TRIGGER_R,
-        trigger_growth: float = DEFAULT_TRIGGER_GROWTH,
-        log_per_head: bool = False,
-        set_schedule: bool = True,
-        rescale_moments: bool = False,
         reduce: Callable[[RadiusReport], RadiusReport] = all_reduce_report,
-        arguments: bool = False,
-        **probe_kwargs: Any,
+        **probe_keywords: Any,
     ) -> None:
-        radii, watch_radii = parse_radii(radii), parse_radii(watch_radii)
-        settings = dict(mode=mode, r_target=r_target, radii=radii, watch_radii=watch_radii, estimator=estimator, every=every,
-                        trigger_r=trigger_r, trigger_growth=trigger_growth, log_per_head=log_per_head,
-                        probe_dtype=probe_dtype, set_schedule=set_schedule, rescale_moments=rescale_moments)
-        validate("RhoTrainingArguments" if arguments else "RhoController", settings, arguments=arguments)
-        self.model, self.optimizer, self.mode = model, optimizer, mode
-        self.r_target = default_target(mode) if r_target is None else float(r_target)
-        self.radii, self.watch_radii, self.set_schedule = radii, watch_radii, set_schedule
-        self.rescale_moments, self._arguments = rescale_moments, arguments
+        given = {key: probe_keywords.pop(key) for key in list(probe_keywords) if key in SETTINGS}
+        if settings is None:
+            settings = RhoSettings.of("RhoController", **given)
+        elif given:
+            raise TypeError(f"RhoController: pass the settings either as settings= or as keywords, not both ({sorted(given)})")
+        self.settings, self.model, self.optimizer, self.mode = settings, model, optimizer, settings.mode
+        self.r_target, self.radii, self.watch_radii = settings.target, settings.radii, settings.watch_radii
         if optimizer is not None:
-            _check_first_moments(optimizer, rescale_moments, arguments)
-        self.peak_lr: float | None = None if optimizer is None else _peak_lr(optimizer)
+            check_first_moments(optimizer, settings)
+        self.peak_lr: float | None = None if optimizer is None else peak_lr(optimizer)
         self._lr: float | None = None  # the learning rate of the step in flight
-        self.schedule = ProbeSchedule(every=every, trigger_r=float(trigger_r), trigger_growth=float(trigger_growth))
+        self.schedule = ProbeSchedule(settings.every, float(settings.trigger_r), float(settings.trigger_growth))
         self.reduce = reduce
-        _require_logits(model, radii + watch_radii, arguments)
-        self._probe_settings = dict(radii=radii + watch_radii, arguments=arguments, **probe_kwargs)
-        self.estimator_setting, self.probe_dtype_setting, self.training_dtype = estimator, probe_dtype, training_dtype
+        _require_logits(model, settings)
+        self._probe_keywords, self.training_dtype = probe_keywords, training_dtype
         self.rebind(model)
-        self._log_per_head = log_per_head
         self.reset()
         self._handles: list[Any] = []
 
@@ -262,7 +122,7 @@ class RhoController:
         self._probe_step: int | None = None  # step and |u| of the last probe; None: the next step probes
         self._probe_norm = 0.0
         self.last: StepRecord | None = None
-        self.window = MetricWindow(per_head=self._log_per_head, radii=self.radii, watch_radii=self.watch_radii)
+        self.window = MetricWindow(per_head=self.settings.log_per_head, radii=self.radii, watch_radii=self.watch_radii)
         self._old: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------- wiring
@@ -275,11 +135,11 @@ class RhoController:
         optimizer = optimizer if optimizer is not None else self.optimizer
         if optimizer is None:
             raise ValueError("RhoController.attach: no optimizer to attach to")
-        _check_first_moments(optimizer, self.rescale_moments, self._arguments)
+        check_first_moments(optimizer, self.settings)
         self.detach()
         self.optimizer = optimizer
-        self.peak_lr = _peak_lr(optimizer) if self.peak_lr is None else self.peak_lr
-        self._handles = _register_step_hooks(optimizer, self.before_step, self.after_step)
+        self.peak_lr = peak_lr(optimizer) if self.peak_lr is None else self.peak_lr
+        self._handles = register_step_hooks(optimizer, self.before_step, self.after_step)
 
     def rebind(self, model: torch.nn.Module) -> None:
         """Measure ``model`` from now on, e.g. once FSDP has sharded it; settings, counters and hooks are kept.
@@ -292,9 +152,7 @@ class RhoController:
             raise ValueError(f"RhoController: {FSDP1_ERROR}")
         self.sharded = self.backend == "fsdp2"
         self.model = model
-        requested = self.estimator_setting, self.probe_dtype_setting, self.training_dtype
-        precision = resolve_probe_precision(model, *requested, sharded=self.sharded)
-        self.probe = build_probe(model, *precision, sharded=self.sharded, **self._probe_settings)
+        self.probe = build_probe(model, self.settings, self.training_dtype, self.sharded, **self._probe_keywords)
         self.names = list(self.probe.trainable)
         self.params = [self.probe.trainable[name] for name in self.names]
         self._old = None
@@ -327,7 +185,7 @@ class RhoController:
     def before_step(self) -> None:
         """Snapshot the weights and the step's learning rate; drop non-finite gradients so the optimizer leaves
         weights and moments alone (``"monitor"``: kept, and the step runs as it would without the controller)."""
-        self._lr = None if self.optimizer is None else _current_lr(self.optimizer)
+        self._lr = None if self.optimizer is None else current_lr(self.optimizer)
         self._nonfinite_reason = "gradient" if has_nonfinite_gradient(self.params, self.sharded) else None
         if self._nonfinite_reason is not None and self.mode != "monitor":
             for p in self.params:
@@ -354,22 +212,24 @@ class RhoController:
         since_probe = None if self._probe_step is None else self.steps - self._probe_step
         if probe_needed(self.schedule, self.mode, norm, self.target(), self.last_rho, since_probe, self._probe_norm):
             report = self.reduce(measure_along(self.probe, self.batch, self.names, update, self._old))
-            # host sync; the limiting radii only. NaN (NaN or inf in the slopes) raises, as the radii used to
-            rho = check_radius(float(report.rho_of(self.radii)), "RhoController")
+            rho = float(report.rho_of(self.radii))  # host sync; the limiting radii only
+            if math.isnan(rho):
+                self._skip(norm, "radius")
+                return
             self.last_rho, self.probes, self._probe_step, self._probe_norm = rho, self.probes + 1, self.steps, norm
         target = self.target()
         scale = step_scale(norm, self.last_rho, target, self.mode)
         record = applied_record(self.steps, norm, self.last_rho, scale, target, self.r_target, probed=report is not None)
         if scale != 1.0:
             torch._foreach_lerp_(current, self._old, 1.0 - scale)
-            if self.rescale_moments:
+            if self.settings.rescale_moments:
                 scale_first_moments(self.optimizer, self.params, scale)
         self._finish(record, report)
 
     def target(self) -> float:
         """The ``r*`` of the step in flight: :func:`scheduled_target` of its ``lr`` in ``"set"`` mode with
         ``set_schedule``, else ``r_target``."""
-        follows_schedule = self.mode == "set" and self.set_schedule
+        follows_schedule = self.mode == "set" and self.settings.set_schedule
         return scheduled_target(self.r_target, self._lr if follows_schedule else None, self.peak_lr)
 
     def _skip(self, norm: float, reason: str) -> None:
@@ -410,116 +270,32 @@ class RhoController:
         self.window.load_state_dict(state["window"])
 
 
-def _require_logits(model: torch.nn.Module, radii: tuple[str, ...], arguments: bool = False) -> None:
-    """With ``"output"`` among ``radii``, refuse a bare ``transformers`` backbone (what ``AutoModel`` loads): it returns
-    hidden states, not logits.
+def _require_logits(model: torch.nn.Module, settings: RhoSettings) -> None:
+    """With ``"output"`` among the measured radii, refuse a bare ``transformers`` backbone (what ``AutoModel`` loads):
+    it returns hidden states, not logits.
 
     Checked at construction so the error comes before training starts, not at the first probe.
     """
-    if "output" in radii and is_bare_backbone(model):
+    if "output" in settings.measured and is_bare_backbone(model):
         raise ValueError(
             f"RhoController: {type(model).__name__} is the bare {model.config.model_type!r} backbone: it returns hidden "
             "states, not logits, and the output radius needs logits. Load a model with a head (for example "
-            f"AutoModelForCausalLM instead of AutoModel), or drop 'output' from {spelled('radii', arguments)}."
+            f"AutoModelForCausalLM instead of AutoModel), or drop 'output' from {settings.name('radii')}."
         )
-
-
-def _check_first_moments(optimizer: Any, rescale_moments: bool, arguments: bool) -> None:
-    """With ``rescale_moments``, refuse an optimizer without Adam's first moment (no ``betas``)."""
-    inner = _innermost(optimizer)
-    if rescale_moments and "betas" not in inner.defaults:
-        name = spelled("rescale_moments", arguments)
-        raise ValueError(
-            f"RhoController.{name}: {type(inner).__name__} has no first moment (no 'betas'); "
-            f"{name} scales Adam's exp_avg. Use an Adam-family optimizer or set {name}=False"
-        )
-
-
-def scale_first_moments(optimizer: Any, params: Sequence[torch.Tensor], scale: float) -> None:
-    """``exp_avg <- scale * exp_avg`` for ``params`` (those with state): the momentum of the step as applied."""
-    state = _innermost(optimizer).state
-    moments = [state[p]["exp_avg"] for p in params if "exp_avg" in state.get(p, {})]
-    if moments:
-        torch._foreach_mul_(moments, scale)
-
-
-def _register_step_hooks(
-    optimizer: Any, before: Callable[[], None], after: Callable[[], None]
-) -> list[torch.utils.hooks.RemovableHandle]:
-    """Hooks calling ``before()`` and ``after()`` around each ``step`` of the torch optimizer inside ``optimizer``."""
-    inner = _innermost(optimizer)
-    return [inner.register_step_pre_hook(lambda *_: before()), inner.register_step_post_hook(lambda *_: after())]
-
-
-def _innermost(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside Accelerate's (or any) ``.optimizer`` wrapper."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"RhoController: expected a torch.optim.Optimizer (or a wrapper of one); got {type(optimizer).__name__}")
-    return optimizer
-
-
-def _groups(optimizer: Any) -> list[dict[str, Any]]:
-    return _innermost(optimizer).param_groups
-
-
-def _current_lr(optimizer: Any) -> float:
-    """The largest ``lr`` of the param groups now (what the scheduler set for the step about to run)."""
-    return max(float(group["lr"]) for group in _groups(optimizer))
-
-
-def _peak_lr(optimizer: Any) -> float:
-    """The largest ``initial_lr`` (stored by torch's schedulers), else the largest ``lr``, over the param groups."""
-    return max(float(group.get("initial_lr", group["lr"])) for group in _groups(optimizer))
-
-
-def resolve_probe_precision(
-    model: torch.nn.Module, estimator: str, probe_dtype: str, training_dtype: torch.dtype | None, sharded: bool = False
-) -> tuple[str, torch.dtype]:
-    """The probe's estimator and dtype from the settings, the training dtype (default: the first trainable
-    parameter's, float32 without one) and the device (see :mod:`hf_ghosts.settings`).
-
-    Under FSDP2 (``sharded``) the probe is the in-place fp32 ``fd`` one: ``"auto"`` resolves to it, and a 16-bit
-    ``probe_dtype`` is refused (``fd`` in 16 bits is rounding noise).
-    """
-    first = next((p for p in model.parameters() if p.requires_grad), None)
-    param_dtype = torch.float32 if first is None else first.dtype
-    device_type = "cpu" if first is None else first.device.type
-    training = training_dtype or param_dtype
-    try:
-        if sharded:
-            chosen = "fd" if estimator == "auto" else estimator
-            return chosen, resolve_probe_dtype(probe_dtype, "fd", torch.float32, device_type)
-        chosen = resolve_estimator(estimator, probe_dtype, training, device_type)
-        return chosen, resolve_probe_dtype(probe_dtype, chosen, training, device_type)
-    except ValueError as error:
-        raise ValueError(str(error).replace("resolve_probe_dtype.", "RhoController.")) from None
 
 
 def build_probe(
-    model: torch.nn.Module, estimator: str, dtype: torch.dtype, sharded: bool = False, **settings: Any
+    model: torch.nn.Module, settings: RhoSettings, training_dtype: torch.dtype | None = None, sharded: bool = False,
+    **probe_keywords: Any,
 ) -> RadiusProbe | ShardedRadiusProbe:
-    """A :class:`~hf_ghosts.probe.RadiusProbe` of ``model``, or under FSDP2 (``sharded``) a
-    :class:`~hf_ghosts.probe.ShardedRadiusProbe` (finite differences on the local shards)."""
+    """The probe of ``model`` for ``settings``, resolved once for this run (:meth:`RhoSettings.resolved`): the training
+    dtype (default: the first trainable parameter's, float32 without one) and its device decide ``"auto"``. Under
+    FSDP2 (``sharded``) a :class:`~hf_ghosts.probe.ShardedRadiusProbe` (fp32 finite differences on the local shards)."""
+    first = next((p for p in model.parameters() if p.requires_grad), None)
+    device_type = "cpu" if first is None else first.device.type
+    training = training_dtype or (torch.float32 if first is None else first.dtype)
     probe_cls = ShardedRadiusProbe if sharded else RadiusProbe
-    return probe_cls(model, estimator=estimator, dtype=dtype, **settings)
-
-
-def has_nonfinite_gradient(params: list[torch.Tensor], sharded: bool = False) -> bool:
-    """Whether some gradient holds a NaN or inf (``|g|`` not finite). Under FSDP2 (``sharded``) each rank sees only
-    its shards, so the answer is OR-reduced over the ranks (a collective: all ranks call it, and all skip together)."""
-    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
-    nonfinite = bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())  # host sync
-    return any_rank(nonfinite) if sharded else nonfinite
-
-
-def snapshot(tensors: list[torch.Tensor], into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """Copies of ``tensors``: written in place into ``into`` when given (no new memory), else fresh clones."""
-    if into is None:
-        return [t.clone() for t in tensors]
-    torch._foreach_copy_(into, tensors)
-    return into
+    return probe_cls(model, settings=settings.resolved(training, device_type, sharded), **probe_keywords)
 
 
 def measure_along(
@@ -532,62 +308,6 @@ def measure_along(
         raise RuntimeError("RhoController: no batch observed before the optimizer step; call observe(batch)")
     direction = dict(zip(names, update, strict=True))
     return probe.measure(batch, direction, params=dict(zip(names, old, strict=True)))
-
-
-def scheduled_target(r_target: float, lr: float | None, peak_lr: float | None) -> float:
-    """``r*(t) = r_target * lr(t) / peak_lr``: warm-up and decay shape the step length; ``r_target`` when ``lr`` is
-    unknown (``None``) or the peak unknown or zero.
-
-    Example: ``scheduled_target(1.0, 1e-4, 2e-4)`` is ``0.5``; ``scheduled_target(1.0, None, 2e-4)`` is ``1.0``.
-    """
-    if lr is None or not peak_lr:
-        return r_target
-    return r_target * lr / peak_lr
-
-
-def probe_needed(
-    schedule: ProbeSchedule, mode: str, norm: float, target: float, last_rho: float | None,
-    steps_since_probe: int | None, probe_norm: float,
-) -> bool:
-    """:func:`probe_due` for a step of length ``|u| = norm`` given the last probe (``steps_since_probe`` ago, at
-    ``|u_probe| = probe_norm``, measuring ``last_rho``): ``growth = |u| / |u_probe|`` (inf when 0) and the applied
-    ``r`` estimated as ``step_scale(|u|, last_rho, target, mode) * |u| / last_rho``. No probe yet (``None``) or a
-    non-finite ``last_rho``: ``True``.
-
-    So a step reuses the last ``rho`` only while its applied ``r`` estimated with that ``rho`` is at most
-    ``trigger_r * r_target`` (in ``"clip"`` mode it then passes unchanged), ``|u|`` is within ``trigger_growth`` of
-    ``|u|`` at the last probe, and fewer than ``every`` steps have passed.
-    """
-    if steps_since_probe is None or last_rho is None or not math.isfinite(last_rho):
-        return True
-    estimated = step_scale(norm, last_rho, target, mode) * float(normalized_step(norm, last_rho))
-    growth = norm / probe_norm if probe_norm > 0 else math.inf
-    return probe_due(schedule, steps_since_probe, growth, estimated, target, mode)
-
-
-def step_scale(norm: float, rho: float, target: float, mode: str) -> float:
-    """``clip_scale(|u|, rho, r*, mode)``; 1 in ``"monitor"`` mode. A target ``r* <= 0`` or non-finite (``lr = 0`` in
-    warm-up) gives 0 in ``"set"`` mode (no step) and 1 in ``"clip"`` mode.
-
-    Example: ``step_scale(4.0, 1.0, 1.0, "clip")`` is ``0.25``; ``step_scale(4.0, 1.0, 0.0, "set")`` is ``0.0``.
-    """
-    if mode == "monitor":
-        return 1.0
-    if target <= 0 or not math.isfinite(target):
-        return 0.0 if mode == "set" else 1.0
-    return float(clip_scale(norm, rho, target, mode))
-
-
-def applied_record(
-    step: int, norm: float, rho: float, scale: float, target: float, r_target: float, probed: bool
-) -> StepRecord:
-    """The record of a step of length ``|u| = norm`` applied with ``scale``: ``r = |u| / rho``, ``r_applied = scale * r``;
-    ``would_clip = r > r_target`` on probed steps only."""
-    r = float(normalized_step(norm, rho))
-    return StepRecord(
-        step=step, update_norm=norm, r=r, r_applied=r * scale, scale=scale, rho=rho, probed=probed,
-        clipped=scale < 1.0, target=target, would_clip=r > r_target if probed else None,
-    )
 
 
 def _warn_nonfinite(step: int, reason: str, norm: float, monitoring: bool) -> None:

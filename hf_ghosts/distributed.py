@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from hf_ghosts.settings import REDUCTIONS
+
 if TYPE_CHECKING:  # the probe imports this module (its collectives); a report is only handed in
     from hf_ghosts.probe.report import RadiusReport
 
@@ -135,39 +137,23 @@ def all_reduce_report(report: RadiusReport, group: Any = None) -> RadiusReport:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return report
-    parts = [t.reshape(-1).float() for t in (report.out_spread, report.attn_spread) if t is not None]
-    for radius in (report.ffn_radius, report.ffn_activation_radius, report.out_radius):
-        if radius is not None:
-            parts.append(-radius.reshape(-1).float())
+    extrema = {name: 1.0 if how == "max" else -1.0 for name, how in REDUCTIONS.items() if how != "sum"}
+    present = {name: getattr(report, name) for name in extrema if getattr(report, name) is not None}
     # A NaN (NaN or inf slopes on some rank) travels as +inf, which MAX keeps (a collective's MAX may drop a NaN,
     # depending on rank order), and comes back as NaN: no spread is +inf (spread gives NaN), no negated radius is.
-    packed = torch.cat(parts)
+    packed = torch.cat([extrema[name] * t.reshape(-1).float() for name, t in present.items()])
     packed = packed.masked_fill(packed.isnan(), float("inf"))
     dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
     packed = packed.masked_fill(packed == float("inf"), float("nan"))
+    reduced: dict[str, torch.Tensor] = {}
     offset = 0
-
-    def take(tensor: torch.Tensor | None, sign: float = 1.0) -> torch.Tensor | None:
-        nonlocal offset
-        if tensor is None:
-            return None
-        value = packed[offset : offset + tensor.numel()].reshape(tensor.shape) * sign
+    for name, tensor in present.items():  # one all_reduce(MAX) carried the spreads and the negated radii together
+        reduced[name] = packed[offset : offset + tensor.numel()].reshape(tensor.shape) * extrema[name]
         offset += tensor.numel()
-        return value
-
-    out_spread = take(report.out_spread)
-    attn_spread = take(report.attn_spread)
-    ffn_radius = take(report.ffn_radius, -1.0)
-    ffn_activation_radius = take(report.ffn_activation_radius, -1.0)
-    out_radius = take(report.out_radius, -1.0)
-    tokens = report.output_tokens
-    if tokens is not None:
-        tokens = tokens.clone()
-        dist.all_reduce(tokens, op=dist.ReduceOp.SUM, group=group)
-    return replace(
-        report, out_spread=out_spread, attn_spread=attn_spread, ffn_radius=ffn_radius, output_tokens=tokens,
-        ffn_activation_radius=ffn_activation_radius, out_radius=out_radius,
-    )
+    for name in (name for name, how in REDUCTIONS.items() if how == "sum" and getattr(report, name) is not None):
+        reduced[name] = getattr(report, name).clone()
+        dist.all_reduce(reduced[name], op=dist.ReduceOp.SUM, group=group)
+    return replace(report, **reduced)
 
 
 def _collective_device() -> torch.device:

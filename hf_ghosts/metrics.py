@@ -1,7 +1,7 @@
 """The logged ``ghosts/*`` keys: one table, their aggregation between two logs, the W&B step metric.
 
 :data:`LOGGED_KEYS` is the table (the README's "Logged keys" is tested against it). A
-:class:`MetricWindow` takes the controller's per-step records (:class:`~hf_ghosts.controller.StepRecord`)
+:class:`MetricWindow` takes the controller's per-step records (:class:`StepRecord`)
 and reduces them as the table says; :meth:`MetricWindow.pop` is what ``Trainer.log`` receives.
 """
 
@@ -9,24 +9,97 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hf_ghosts.settings import RADIUS_FIELDS, RADIUS_TABLE
+
 if TYPE_CHECKING:
     from transformers import TrainingArguments
 
-    from hf_ghosts.controller import StepRecord
+    from hf_ghosts.probe import RadiusReport
 
-__all__ = ["LOGGED_KEYS", "LoggedKey", "MetricWindow", "define_wandb_metrics"]
+__all__ = ["LOGGED_KEYS", "LoggedKey", "MetricWindow", "StepRecord", "define_wandb_metrics"]
+
+
+_RADIUS_FIELD_NAMES = frozenset(RADIUS_FIELDS.values())
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimizer step as the controller saw it (:attr:`RhoController.last`).
+
+    ``r = |u| / rho`` of the proposed update, ``r_applied = scale * r``; ``rho`` (the least LIMITING radius) is
+    ``None`` until a radius was ever measured (a zero first update); ``target`` is the ``r*`` the step was held to
+    (in ``"set"`` mode ``r_target * lr(t) / peak lr``). ``radii`` (limiting and watched, by field: ``record.rho_out``),
+    ``bottleneck`` (the limiting radius that bound), ``would_bind`` (the watched radius below every limiting
+    one, if any), ``would_clip`` (``r > r_target``), ``output_tokens`` and ``rho_attn_heads``
+    (``[layers, heads]``) only on probed steps. ``skipped`` names what was non-finite (``"gradient"``,
+    ``"update"``, ``"radius"``) on a step the controller skipped; ``would_skip`` the same in ``"monitor"``
+    mode, which skips nothing.
+    """
+
+    step: int
+    update_norm: float
+    r: float = 0.0
+    r_applied: float = 0.0
+    scale: float = 1.0
+    rho: float | None = None
+    probed: bool = False
+    clipped: bool = False
+    skipped: str | None = None
+    radii: Mapping[str, float] | None = None
+    rho_out_bound: float | None = None
+    bottleneck: str | None = None
+    would_bind: str | None = None
+    would_clip: bool | None = None
+    would_skip: str | None = None
+    target: float | None = None
+    output_tokens: int | None = None
+    rho_attn_heads: torch.Tensor | None = None
+
+    def __getattr__(self, name: str) -> float | None:
+        """``record.rho_out``, ``record.rho_attn``, ...: a measured radius by its field (:data:`RADIUS_TABLE`), or
+        ``None`` when it was not measured on this step."""
+        if name in _RADIUS_FIELD_NAMES:
+            return (self.__dict__.get("radii") or {}).get(name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def scalars(self) -> dict[str, Any]:
+        """The fields that are set, the radii by their fields, without the per-head tensor (JSON-ready)."""
+        values: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "radii":
+                values.update(value or {})
+            elif value is not None and f.name != "rho_attn_heads":
+                values[f.name] = value
+        return values
+
+    def with_report(self, report: RadiusReport, limiting: tuple[str, ...] | None = None) -> StepRecord:
+        """This record with what a probe measured: the radii, ``bottleneck`` among the ``limiting`` radii (default:
+        all measured), ``would_bind`` (a watched radius below them), ``output_tokens``, per-head radii."""
+        radii = report.radii()
+        measured = {RADIUS_FIELDS[name]: float(value) for name, value in radii.items()}
+        limiting = tuple(radii) if limiting is None else limiting
+        least = report.bottleneck_of()
+        would_bind = least if least not in limiting and least != "none" else None
+        heads = None if report.attn_spread is None else report.rho_attn.float().cpu()
+        tokens = None if report.output_tokens is None else int(report.output_tokens)
+        bound = None if report.out_radius is None else float(report.rho_out_bound)
+        return replace(
+            self, bottleneck=report.bottleneck_of(limiting), would_bind=would_bind, output_tokens=tokens,
+            rho_attn_heads=heads, rho_out_bound=bound, radii=measured,
+        )
 
 
 @dataclass(frozen=True)
 class LoggedKey:
     """One logged key: its name, meaning and aggregation as the README shows them.
 
-    ``field``: the :class:`~hf_ghosts.controller.StepRecord` field that ``"max"`` / ``"min"`` reduce over
+    ``field``: the :class:`StepRecord` field that ``"max"`` / ``"min"`` reduce over
     the steps where it is set; ``None`` for the keys counted by :class:`MetricWindow` itself.
     """
 
@@ -40,22 +113,10 @@ LOGGED_KEYS: tuple[LoggedKey, ...] = (
     LoggedKey("ghosts/r", "normalized step of the optimizer's proposed update, `|u| / rho`, before control", "max", "r"),
     LoggedKey("ghosts/r_applied", "normalized step actually applied, `scale * r`", "max", "r_applied"),
     LoggedKey("ghosts/rho", "binding radius, min of the limiting radii (`rho_radii`)", "min", "rho"),
-    LoggedKey(
-        "ghosts/rho_out", "output softmax radius: `pi / max Delta_out`, or with `rho_radius=\"topk_exact\"` the top-k certified "
-        "radius", "min", "rho_out",
-    ),
+    *(LoggedKey(radius.key, radius.meaning, "min", radius.field) for radius in RADIUS_TABLE),
     LoggedKey(
         "ghosts/rho_out_bound", "`pi / max Delta_out`, with `rho_radius=\"topk_exact\"` (how much the exact radius gained)",
         "min", "rho_out_bound",
-    ),
-    LoggedKey("ghosts/rho_attn", "attention radius, min over layers and heads", "min", "rho_attn"),
-    LoggedKey(
-        "ghosts/rho_ffn", "FFN radius (kink proxy, 1% quantile of `|z| / |z'|`, or per `rho_ffn_mode`), when `\"ffn\"` is measured",
-        "min", "rho_ffn",
-    ),
-    LoggedKey(
-        "ghosts/rho_ffn_activation", "FFN activation radius (Appendix B, eq. 21; inf for exact GELU), when `\"ffn_activation\"` "
-        "is measured", "min", "rho_ffn_activation",
     ),
     LoggedKey("ghosts/scale", "factor applied to the update (1.0 when not clipped)", "min", "scale"),
     LoggedKey("ghosts/update_norm", "`|u|` of the proposed update", "max", "update_norm"),

@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from hf_ghosts.settings import RADIUS_TABLE
+
 __all__ = ["HISTORY_KEYS", "checkpoints_figure", "head_radii_heatmap", "history_figure", "save_figure"]
 
 #: The ``ghosts/*`` keys :func:`history_figure` draws: ``(key, label, color, panel)``; panel 0 is ``r``, 1 the radii.
@@ -25,10 +27,7 @@ HISTORY_KEYS = (
     ("ghosts/r", "r = |u| / rho (proposed)", "black", 0),
     ("ghosts/r_applied", "r applied", "tab:red", 0),
     ("ghosts/rho", "rho (binding)", "black", 1),
-    ("ghosts/rho_out", "rho_out", "tab:blue", 1),
-    ("ghosts/rho_attn", "rho_attn (min over heads)", "tab:orange", 1),
-    ("ghosts/rho_ffn", "rho_ffn (kink proxy)", "tab:green", 1),
-    ("ghosts/rho_ffn_activation", "rho_ffn_activation (Appendix B)", "tab:olive", 1),
+    *((radius.key, radius.label, radius.color, 1) for radius in RADIUS_TABLE),
     ("ghosts/update_norm", "|u| proposed", "gray", 1),
 )
 

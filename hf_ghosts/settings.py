@@ -1,24 +1,27 @@
-"""Every setting of the probe and the controller: allowed values, defaults, one validator.
+"""Every setting of the probe and the controller, resolved once; the one table of radii.
 
-Two settings are resolved against the run before the probe is built, by pure functions:
-:func:`resolve_estimator` (``"auto"``: ``"jvp"`` when the probe runs in a 16-bit dtype on CUDA, else ``"fd"``)
-and :func:`resolve_probe_dtype` (``"auto"``: the 16-bit training dtype with ``jvp`` on CUDA, else float32).
-Why: on tensor-core GPUs an fp32 matmul runs ~10-15x slower than a bf16 one, so an fp32 probe of a bf16 run
-costs several training steps; a bf16 JVP is within 0.1-0.4% of the fp32 one, while bf16 central differences
-are 8-12% off (rounding, ``~ eps_bf16 |z| / h``), so a 16-bit probe dtype requires ``jvp``. On CPU, and in
-fp32 training, ``"auto"`` keeps the fp32 ``fd`` probe.
+:class:`RhoSettings` is the one frozen settings object. Whoever the user talks to builds it from the user's own
+spelling and validates it in its ``__post_init__``: ``RhoTrainingArguments`` (``rho_radii``), ``RhoController`` /
+``RhoCallback`` (``radii``) or ``RadiusProbe`` (``radii``, ``dtype``). Everything below takes it as it is, and names a
+setting in an error the way its caller spelled it (:meth:`RhoSettings.name`).
 
-``RadiusProbe``, ``RhoController``, ``RhoCallback`` and ``RhoTrainingArguments`` all check their
-settings with :func:`validate`, so a bad value gets the same message everywhere, naming the
-setting as that caller spells it: ``radii`` for the probe and the controller, ``rho_radii`` for
-the Trainer's arguments (:attr:`Setting.argument`).
+Two settings depend on the run and are resolved once, by :meth:`RhoSettings.resolved`: ``estimator="auto"`` is
+``"jvp"`` where the probe runs in 16 bits on CUDA, else ``"fd"``; ``probe_dtype="auto"`` is the 16-bit training
+dtype with ``jvp`` on CUDA, else float32; under FSDP2 the probe is always the fp32 ``fd`` one. Why: on tensor-core
+GPUs an fp32 matmul runs ~10-15x slower than a bf16 one; a bf16 JVP is within 0.1-0.4% of the fp32 one, while bf16
+central differences are 8-12% off (rounding, ``~ eps_bf16 |z| / h``), so a 16-bit probe dtype requires ``jvp``.
+
+:data:`RADIUS_TABLE` is the one table of radii: the name ``rho_radii`` takes, the report field the probe fills and
+how it reduces across ranks, the ``StepRecord`` field and logged key, and the plot label. Adding a radius means a row
+here and the code that measures it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -28,6 +31,7 @@ __all__ = [
     "DEFAULT_EVERY",
     "DEFAULT_FD_STEP",
     "DEFAULT_PROBE_DTYPE",
+    "DEFAULT_RADII",
     "DEFAULT_RADIUS",
     "DEFAULT_TARGETS",
     "DEFAULT_TOPK",
@@ -39,50 +43,113 @@ __all__ = [
     "MODES",
     "PROBE_DTYPES",
     "RADII",
+    "RADIUS_BY_NAME",
     "RADIUS_FIELDS",
     "RADIUS_KINDS",
+    "RADIUS_TABLE",
+    "REDUCTIONS",
     "SETTINGS",
+    "Radius",
+    "RhoSettings",
     "Setting",
-    "check_probe_dtype",
     "default_target",
+    "defaults_text",
     "parse_radii",
     "resolve_estimator",
     "resolve_probe_dtype",
-    "spelled",
-    "validate",
 ]
 
-MODES = ("clip", "set", "monitor")
-# The radii, by the name rho_radii / rho_watch_radii take, and the StepRecord field (and ghosts/<field> key) of each.
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ the radius table
+@dataclass(frozen=True)
+class Radius:
+    """One radius: ``name`` (what ``rho_radii`` / ``radii`` take), ``raw`` (the :class:`~hf_ghosts.probe.RadiusReport`
+    field the probe fills: a spread ``Delta``, reduced across ranks by MAX, ``rho = pi / Delta``; or a radius, reduced
+    by MIN), ``field`` (the ``StepRecord`` field and the ``ghosts/<field>`` key), ``meaning`` (the logged key's row in
+    the README), ``label`` / ``color`` (plots), and ``exact`` (a report field with a tighter radius that replaces
+    ``pi / Delta`` where the probe measured it, reduced by MIN: the output's top-k radius)."""
+
+    name: str
+    raw: str
+    spread: bool
+    field: str
+    meaning: str
+    label: str
+    color: str
+    exact: str | None = None  # a report field holding a tighter radius that replaces pi / spread where measured
+
+    @property
+    def key(self) -> str:
+        return f"ghosts/{self.field}"
+
+
+RADIUS_TABLE: tuple[Radius, ...] = (
+    Radius(
+        "output", "out_spread", True, "rho_out",
+        "output softmax radius: `pi / max Delta_out`, or with `rho_radius=\"topk_exact\"` the top-k certified radius",
+        "rho_out", "tab:blue", exact="out_radius",
+    ),
+    Radius("attention", "attn_spread", True, "rho_attn", "attention radius, min over layers and heads",
+           "rho_attn (min over heads)", "tab:orange"),
+    Radius(
+        "ffn", "ffn_radius", False, "rho_ffn",
+        "FFN radius (kink proxy, 1% quantile of `|z| / |z'|`, or per `rho_ffn_mode`), when `\"ffn\"` is measured",
+        "rho_ffn (kink proxy)", "tab:green",
+    ),
+    Radius(
+        "ffn_activation", "ffn_activation_radius", False, "rho_ffn_activation",
+        "FFN activation radius (Appendix B, eq. 21; inf for exact GELU), when `\"ffn_activation\"` is measured",
+        "rho_ffn_activation (Appendix B)", "tab:olive",
+    ),
+)
 # "ffn" is the FFN radius in the form rho_ffn_mode picks (default "kink": the paper's 1% quantile of |z| / |z'|);
 # "ffn_activation" is always Appendix B's activation radius (eq. 21; inf for exact GELU), so that one probe can watch
 # both forms. With ffn_mode="activation" the two names measure the same thing.
-RADIUS_FIELDS = {"output": "rho_out", "attention": "rho_attn", "ffn": "rho_ffn", "ffn_activation": "rho_ffn_activation"}
-RADII = tuple(RADIUS_FIELDS)
+RADIUS_BY_NAME = {radius.name: radius for radius in RADIUS_TABLE}
+RADII = tuple(RADIUS_BY_NAME)
+RADIUS_FIELDS = {radius.name: radius.field for radius in RADIUS_TABLE}
+#: How each raw field of a report agrees across processes, from the radius table: MAX of spreads, MIN of radii
+#: (and of the exact radii that replace a bound), SUM of the token count.
+REDUCTIONS: dict[str, str] = {
+    **{radius.raw: "max" if radius.spread else "min" for radius in RADIUS_TABLE},
+    **{radius.exact: "min" for radius in RADIUS_TABLE if radius.exact is not None},
+    "output_tokens": "sum",
+}
+
+# ------------------------------------------------------------------------------------------ allowed values, defaults
+MODES = ("clip", "set", "monitor")
 ESTIMATORS = ("jvp", "fd")  # what a RadiusProbe runs
 ESTIMATOR_CHOICES = ("auto", *ESTIMATORS)  # what the controller, the callback and the arguments accept
-PROBE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROBE_DTYPES = {
+    "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
+}
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 FFN_MODES = ("kink", "activation")
 # The output radius: "bound" is pi / max Delta (Theorem 4.6); "topk_exact" the certified exact radii of the topk widest
 # tokens, capped by pi / Delta of the next one (hf_ghosts.radii.topk_radius): still a lower bound, never smaller.
 RADIUS_KINDS = ("bound", "topk_exact")
 
+DEFAULT_RADII = ("output", "attention")
 # Probing defaults, chosen with benchmarks/overhead.py: central differences on CPU / fp32 (cheaper than the JVP,
-# within 0.5% of it there), a bf16 JVP on CUDA in 16-bit training (fp32 there is ~13x slower), a probe at least every DEFAULT_EVERY steps; in between, a step reuses the last rho only
-# while its applied r estimated with it stays at most DEFAULT_TRIGGER_R * r_target and |u| stays within
-# DEFAULT_TRIGGER_GROWTH of |u| at the last probe.
+# within 0.5% of it there), a bf16 JVP on CUDA in 16-bit training (fp32 there is ~13x slower), a probe at least every
+# DEFAULT_EVERY steps; in between, a step reuses the last rho only while its applied r estimated with it stays at most
+# DEFAULT_TRIGGER_R * r_target and |u| stays within DEFAULT_TRIGGER_GROWTH of |u| at the last probe.
 DEFAULT_ESTIMATOR = "auto"  # fd in fp32 on CPU and in fp32 training; jvp in the 16-bit dtype on CUDA
 DEFAULT_PROBE_DTYPE = "auto"
 DEFAULT_EVERY = 16
 DEFAULT_TRIGGER_R = 0.5
 DEFAULT_TRIGGER_GROWTH = 2.0
 DEFAULT_FD_STEP = 1e-2
+DEFAULT_FFN_MODE = "kink"
+DEFAULT_FFN_QUANTILE = 0.01
+DEFAULT_VOCAB_CHUNK = 8192
 DEFAULT_RADIUS = "bound"
 DEFAULT_TOPK = 8
 # r* when rho_target / r_target is None, by mode. clip: 2 in units of pi / max Delta, chosen with
-# benchmarks/price_of_safety.py and recipes/spike_test.py (README, "The price of safety"): on the 42M run it costs
-# 1.3% eval loss at 60 steps against 2.2% at r* = 1, and it survived every spike x10 ... x10,000 on GPT-NeoX and
+# benchmarks/price_of_safety.py and recipes/spike_test.py (docs/cost.md, "The price of safety"): on the 42M run it
+# costs 1.3% eval loss at 60 steps against 2.2% at r* = 1, and it survived every spike x10 ... x10,000 on GPT-NeoX and
 # Llama, also spiked at step 3 of a barely trained model, where r* = 3 and 4 collapsed Llama. monitor: would_clip
 # against clip's default. set: the step length itself, r* = 1.
 DEFAULT_TARGETS = {"clip": 2.0, "set": 1.0, "monitor": 2.0}
@@ -140,21 +207,19 @@ SETTINGS: dict[str, Setting] = {
         Setting("trigger_r", "rho_trigger_r", "a number > 0 (inf: off)", lambda v: _is_number(v) and v > 0),
         Setting("trigger_growth", "rho_trigger_growth", "a number >= 1 (inf: off)", lambda v: _is_number(v) and v >= 1),
         Setting("log_per_head", "rho_log_per_head", "True or False", lambda v: isinstance(v, bool)),
+        Setting("set_schedule", "rho_set_schedule", "True or False", lambda v: isinstance(v, bool)),
+        Setting("rescale_moments", "rho_rescale_moments", "True or False", lambda v: isinstance(v, bool)),
         Setting("fd_step", "rho_fd_step", "a finite number > 0", lambda v: _is_number(v) and 0 < v < math.inf, finite=True),
         Setting("ffn_mode", "rho_ffn_mode", f"one of {list(FFN_MODES)}", lambda v: v in FFN_MODES),
         Setting("ffn_quantile", "rho_ffn_quantile", "a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1),
         Setting("vocab_chunk", "rho_vocab_chunk", "a positive integer", lambda v: _is_int(v) and v >= 1),
         Setting("radius", "rho_radius", f"one of {list(RADIUS_KINDS)}", lambda v: v in RADIUS_KINDS),
         Setting("topk", "rho_topk", "an integer >= 1", lambda v: _is_int(v) and v >= 1),
-        Setting("rescale_moments", "rho_rescale_moments", "True or False", lambda v: isinstance(v, bool)),
-        Setting("set_schedule", "rho_set_schedule", "True or False", lambda v: isinstance(v, bool)),
     )
 }
-
-
-def spelled(keyword: str, arguments: bool = False) -> str:
-    """The setting ``keyword`` as the caller knows it: the keyword itself, or its ``rho_*`` argument name."""
-    return SETTINGS[keyword].argument if arguments else keyword
+# How each caller spells a setting: the keyword itself, the Trainer's rho_* field, or RadiusProbe's keyword.
+SPELLINGS = ("keyword", "argument", "probe")
+_PROBE_KEYWORDS = {"probe_dtype": "dtype"}
 
 
 def parse_radii(value: str | Iterable[str]) -> tuple[str, ...]:
@@ -163,28 +228,130 @@ def parse_radii(value: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(name.strip() for item in items for name in str(item).split(",") if name.strip())
 
 
-def validate(caller: str, values: Mapping[str, Any], *, arguments: bool = False) -> None:
-    """Raise ``ValueError`` naming the first setting in ``values`` whose value is not allowed.
+def _shown(setting: Setting, value: Any) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "nan (not a number)"
+    if setting.finite and _is_number(value) and not math.isfinite(value):
+        return f"{value!r} (not finite)"
+    return repr(value)
 
-    Args:
-        caller: who checks, for the message (``"RadiusProbe"``, ``"RhoTrainingArguments"``, ...).
-        values: ``{keyword: value}``; keywords are those of :data:`SETTINGS` (radii already a tuple).
-        arguments: name the settings by their ``RhoTrainingArguments`` fields (``rho_*``).
+
+# ------------------------------------------------------------------------------------------ the settings object
+@dataclass(frozen=True)
+class RhoSettings:
+    """Every setting of the controller and the probe, validated once at construction (defaults: the module's
+    ``DEFAULT_*``; allowed values: :data:`SETTINGS`). ``caller`` and ``spelling`` say who built it and how that caller
+    names the settings (``"keyword"``: ``radii``; ``"argument"``: ``rho_radii``; ``"probe"``: ``dtype``), so an error
+    raised anywhere below speaks the user's words.
+
+    Example: ``RhoSettings(radii="output,ffn").radii`` is ``("output", "ffn")``; ``RhoSettings(every=0)`` raises
+    ``ValueError: RhoController.every: got 0; expected an integer >= 1``.
     """
-    for keyword, value in values.items():
-        setting = SETTINGS[keyword]
-        if setting.check(value):
-            continue
-        shown = f"{value!r} (not finite)" if setting.finite and _is_number(value) and not math.isfinite(value) else repr(value)
-        if isinstance(value, float) and math.isnan(value):
-            shown = "nan (not a number)"
-        raise ValueError(f"{caller}.{spelled(keyword, arguments)}: got {shown}; expected {setting.allowed}")
-    both = [name for name in values.get("radii", ()) if name in values.get("watch_radii", ())]
-    if both:
-        raise ValueError(
-            f"{caller}: {both} in both {spelled('radii', arguments)} and {spelled('watch_radii', arguments)}; a radius "
-            f"either limits the step ({spelled('radii', arguments)}) or is only watched ({spelled('watch_radii', arguments)})"
-        )
+
+    mode: str = "clip"
+    r_target: float | None = None
+    radii: tuple[str, ...] = DEFAULT_RADII
+    watch_radii: tuple[str, ...] = ()
+    estimator: str = DEFAULT_ESTIMATOR
+    probe_dtype: str = DEFAULT_PROBE_DTYPE
+    every: int = DEFAULT_EVERY
+    trigger_r: float = DEFAULT_TRIGGER_R
+    trigger_growth: float = DEFAULT_TRIGGER_GROWTH
+    log_per_head: bool = False
+    set_schedule: bool = True
+    rescale_moments: bool = False
+    fd_step: float = DEFAULT_FD_STEP
+    ffn_mode: str = DEFAULT_FFN_MODE
+    ffn_quantile: float = DEFAULT_FFN_QUANTILE
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK
+    radius: str = DEFAULT_RADIUS
+    topk: int = DEFAULT_TOPK
+    caller: str = field(default="RhoController", compare=False)
+    spelling: str = field(default="keyword", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.spelling not in SPELLINGS:
+            raise ValueError(f"RhoSettings.spelling: got {self.spelling!r}; expected one of {list(SPELLINGS)}")
+        for keyword in ("radii", "watch_radii"):
+            object.__setattr__(self, keyword, parse_radii(getattr(self, keyword)))
+        for keyword, setting in SETTINGS.items():
+            value = getattr(self, keyword)
+            if not setting.check(value):
+                raise self.error(keyword, f"got {_shown(setting, value)}; expected {setting.allowed}")
+        both = [name for name in self.radii if name in self.watch_radii]
+        if both:
+            radii, watch = self.name("radii"), self.name("watch_radii")
+            raise ValueError(
+                f"{self.caller}: {both} in both {radii} and {watch}; a radius either limits the step ({radii}) or is "
+                f"only watched ({watch})"
+            )
+        if self.estimator == "fd":
+            self.refuse_fd_in_16_bits(PROBE_DTYPES[self.probe_dtype])
+
+    @classmethod
+    def of(cls, caller: str, spelling: str = "keyword", **values: Any) -> RhoSettings:
+        """Settings from ``values`` (keywords of :data:`SETTINGS`; unknown ones are a ``TypeError`` naming ``caller``)."""
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"{caller}: unknown setting(s) {unknown}; known: {sorted(SETTINGS)}")
+        return cls(**values, caller=caller, spelling=spelling)
+
+    def name(self, keyword: str) -> str:
+        """The setting ``keyword`` as this settings' caller spells it (``radii``, ``rho_radii``, ``dtype``)."""
+        if self.spelling == "argument":
+            return SETTINGS[keyword].argument
+        return _PROBE_KEYWORDS.get(keyword, keyword) if self.spelling == "probe" else keyword
+
+    def error(self, keyword: str, message: str) -> ValueError:
+        """``ValueError("<caller>.<name>: <message>")``, the setting named as the caller spells it."""
+        return ValueError(f"{self.caller}.{self.name(keyword)}: {message}")
+
+    @property
+    def target(self) -> float:
+        """``r*``: ``r_target``, or the mode's default (:data:`DEFAULT_TARGETS`) when it is ``None``."""
+        return default_target(self.mode) if self.r_target is None else float(self.r_target)
+
+    @property
+    def measured(self) -> tuple[str, ...]:
+        """The radii a probe measures: the limiting ones, then the watched ones."""
+        return self.radii + self.watch_radii
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The probe's dtype (``None`` while ``probe_dtype`` is ``"auto"``)."""
+        return PROBE_DTYPES[self.probe_dtype]
+
+    def refuse_fd_in_16_bits(self, dtype: torch.dtype | None) -> None:
+        """Refuse ``fd`` with a 16-bit probe dtype: the central difference ``(z+ - z-) / 2h`` has a rounding error
+        ``~ eps |z| / h`` (bf16: ``eps = 2^-8``, so ~40% of ``|z|`` at ``h = 1e-2``), 8-12% off on the radius."""
+        if dtype in SIXTEEN_BIT:
+            name = self.name("probe_dtype")
+            raise self.error("probe_dtype", (
+                f"{dtype} with the 'fd' estimator: central differences in 16 bits are swamped by rounding (error ~ "
+                "eps * |z| / h with eps = 2^-8 for bf16; measured 8-12% off the radius). Use estimator 'jvp' (within "
+                f"0.4% in bf16), or {name}='float32'"
+            ))
+
+    def resolved(self, training_dtype: torch.dtype, device_type: str, sharded: bool = False) -> RhoSettings:
+        """These settings with ``estimator`` and ``probe_dtype`` resolved for the run (:func:`resolve_estimator`,
+        :func:`resolve_probe_dtype`). Under FSDP2 (``sharded``) the probe is the in-place fp32 ``fd`` one: forward AD
+        does not pass through FSDP2's all-gathers, so ``"auto"`` and ``"jvp"`` (logged once) both resolve to ``fd``."""
+        if sharded:
+            main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+            if self.estimator == "jvp" and main:
+                logger.warning("hf_ghosts: forward-mode AD does not pass through FSDP2's all-gathers; measuring with "
+                               "the central finite-difference estimator ('fd', fd_step=%s) instead", self.fd_step)
+            estimator, training_dtype = "fd", torch.float32
+        else:
+            estimator = resolve_estimator(self.estimator, self.probe_dtype, training_dtype, device_type)
+        dtype = resolve_probe_dtype(self.probe_dtype, estimator, training_dtype, device_type)
+        if estimator == "fd":
+            self.refuse_fd_in_16_bits(dtype)
+        return replace(self, estimator=estimator, probe_dtype=_dtype_name(dtype))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in PROBE_DTYPES.items() if value == dtype)
 
 
 def resolve_estimator(setting: str, probe_dtype: str, training_dtype: torch.dtype, device_type: str) -> str:
@@ -204,35 +371,22 @@ def resolve_estimator(setting: str, probe_dtype: str, training_dtype: torch.dtyp
     return "jvp" if sixteen else "fd"
 
 
-def check_probe_dtype(caller: str, estimator: str, dtype: torch.dtype, *, arguments: bool = False, name: str = "") -> None:
-    """Refuse ``fd`` with a 16-bit probe dtype: the central difference ``(z+ - z-) / 2h`` has a rounding error
-    ``~ eps |z| / h`` (bf16: ``eps = 2^-8``, so ~40% of ``|z|`` at ``h = 1e-2``), 8-12% off on the radius."""
-    if estimator == "fd" and dtype in SIXTEEN_BIT:
-        name = name or spelled("probe_dtype", arguments)
-        raise ValueError(
-            f"{caller}.{name}: {dtype} with the 'fd' estimator: central differences in 16 bits are swamped by "
-            "rounding (error ~ eps * |z| / h with eps = 2^-8 for bf16; measured 8-12% off the radius). Use "
-            f"estimator 'jvp' (within 0.4% in bf16), or {name}='float32'"
-        )
-
-
 def resolve_probe_dtype(setting: str, estimator: str, training_dtype: torch.dtype, device_type: str) -> torch.dtype:
     """The probe's dtype: ``setting`` itself, or for ``"auto"`` the training dtype where that is 16-bit on CUDA and
-    ``estimator`` (already resolved) is ``"jvp"``, else float32. A 16-bit dtype with ``"fd"`` raises ``ValueError``.
-
-    Args:
-        setting: one of :data:`PROBE_DTYPES` (``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"``).
-        estimator: ``"jvp"`` or ``"fd"``.
-        training_dtype: the dtype training computes in (bf16/fp16 under mixed precision, else the parameters').
-        device_type: ``"cuda"``, ``"cpu"``, ...
+    ``estimator`` (already resolved) is ``"jvp"``, else float32. (A 16-bit dtype with ``"fd"`` is refused by
+    :meth:`RhoSettings.refuse_fd_in_16_bits`.)
 
     Example: ``resolve_probe_dtype("auto", "jvp", torch.bfloat16, "cuda")`` is ``torch.bfloat16``;
     on ``"cpu"``, or with ``"fd"``, it is ``torch.float32``.
     """
-    validate("resolve_probe_dtype", {"probe_dtype": setting})
     dtype = PROBE_DTYPES[setting]
     if dtype is None:
         cuda_16 = device_type == "cuda" and training_dtype in SIXTEEN_BIT
         dtype = training_dtype if cuda_16 and estimator == "jvp" else torch.float32
-    check_probe_dtype("resolve_probe_dtype", estimator, dtype)
     return dtype
+
+
+def defaults_text(spelling: str = "keyword") -> str:
+    """Every setting's default as ``name=value`` (spelled per ``spelling``), for docstrings: one source, no copies."""
+    defaults = RhoSettings(spelling=spelling)
+    return ", ".join(f"``{defaults.name(k)}={getattr(defaults, k)!r}``" for k in SETTINGS)

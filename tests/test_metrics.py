@@ -11,9 +11,8 @@ import torch
 from conftest import rho_args, tiny_causal_lm, token_dataset
 
 from hf_ghosts import RhoTrainer
-from hf_ghosts.controller import StepRecord
-from hf_ghosts.metrics import LOGGED_KEYS, MetricWindow
-from hf_ghosts.settings import RADII
+from hf_ghosts.metrics import LOGGED_KEYS, MetricWindow, StepRecord
+from hf_ghosts.settings import RADII, RADIUS_FIELDS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -70,7 +69,12 @@ def test_a_training_run_logs_exactly_the_documented_keys(tmp_path) -> None:
 
 
 def test_table_fields_are_step_record_fields() -> None:
-    fields = set(StepRecord.__dataclass_fields__)
+    """Every key's field is a StepRecord field, or a radius of the one radius table (``record.rho_out``)."""
+    fields = set(StepRecord.__dataclass_fields__) | set(RADIUS_FIELDS.values())
+    record = StepRecord(step=1, update_norm=1.0, radii={"rho_attn": 0.5})
+    assert (record.rho_attn, record.rho_out) == (0.5, None)
+    with pytest.raises(AttributeError):
+        record.rho_typo  # noqa: B018
     assert [key.field for key in LOGGED_KEYS if key.field is not None and key.field not in fields] == []
     assert all(key.aggregation in ("max", "min") for key in LOGGED_KEYS if key.field is not None)
 
@@ -82,11 +86,11 @@ def records() -> list[StepRecord]:
     """Four steps: probed and clipped, reused, skipped, probed on a batch without labels."""
     return [
         StepRecord(step=1, update_norm=2.0, r=4.0, r_applied=1.0, scale=0.25, rho=0.5, probed=True, clipped=True,
-                   rho_out=0.5, rho_attn=0.75, output_tokens=10, rho_attn_heads=torch.tensor([[0.75, 1.0], [2.0, 3.0]])),
+                   radii={"rho_out": 0.5, "rho_attn": 0.75}, output_tokens=10, rho_attn_heads=torch.tensor([[0.75, 1.0], [2.0, 3.0]])),
         StepRecord(step=2, update_norm=0.25, r=0.5, r_applied=0.5, scale=1.0, rho=0.5),
         StepRecord(step=3, update_norm=math.nan, skipped="gradient"),
         StepRecord(step=4, update_norm=1.0, r=0.0, r_applied=0.0, scale=1.0, rho=math.inf, probed=True,
-                   rho_out=math.inf, rho_attn=1.5, output_tokens=0, rho_attn_heads=torch.tensor([[1.5, 0.5], [4.0, 2.5]])),
+                   radii={"rho_out": math.inf, "rho_attn": 1.5}, output_tokens=0, rho_attn_heads=torch.tensor([[1.5, 0.5], [4.0, 2.5]])),
     ]
 
 

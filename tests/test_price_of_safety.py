@@ -43,8 +43,8 @@ def test_rescale_moments_refuses_an_optimizer_without_first_moment(tmp_path) -> 
     with pytest.raises(ValueError, match=r"RhoController.rescale_moments: SGD has no first moment"):
         RhoController(model, sgd, rescale_moments=True)
     args = RhoTrainingArguments(output_dir=str(tmp_path), rho_rescale_moments=True, report_to=[])
-    controller = RhoController(model, **args.rho_settings(), arguments=True)
-    with pytest.raises(ValueError, match=r"RhoController.rho_rescale_moments: SGD has no first moment"):
+    controller = RhoController(model, settings=args.rho_settings())
+    with pytest.raises(ValueError, match=r"RhoTrainingArguments.rho_rescale_moments: SGD has no first moment"):
         controller.attach(sgd)
     with pytest.raises(ValueError, match=r"RhoTrainingArguments.rho_rescale_moments: got 1; expected True or False"):
         RhoTrainingArguments(output_dir=str(tmp_path), rho_rescale_moments=1, report_to=[])
@@ -108,4 +108,4 @@ def test_each_mode_has_its_default_target(tmp_path) -> None:
     assert targets == {"clip": 2.0, "set": 1.0, "monitor": 2.0}
     assert RhoController(model, mode="set", r_target=0.5).r_target == 0.5
     args = RhoTrainingArguments(output_dir=str(tmp_path), rho_mode="set", report_to=[])
-    assert args.rho_target is None and RhoController(model, **args.rho_settings(), arguments=True).r_target == 1.0
+    assert args.rho_target is None and RhoController(model, settings=args.rho_settings()).r_target == 1.0

@@ -24,7 +24,7 @@ from conftest import (
 )
 
 from hf_ghosts import RadiusProbe, RhoController, RhoTrainer, RhoTrainingArguments
-from hf_ghosts.settings import resolve_estimator, resolve_probe_dtype
+from hf_ghosts.settings import RhoSettings, resolve_estimator, resolve_probe_dtype
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -63,8 +63,10 @@ def test_resolution_table(estimator, probe_dtype, training, device, want_estimat
 @pytest.mark.parametrize("probe_dtype", ["bfloat16", "float16"])
 def test_fd_in_16_bits_is_refused_with_the_reason(tmp_path, probe_dtype: str) -> None:
     reason = r"fd.*rounding \(error ~ eps \* \|z\| / h"
-    with pytest.raises(ValueError, match=reason):
-        resolve_probe_dtype(probe_dtype, "fd", FP32, "cuda")
+    with pytest.raises(ValueError, match=r"^RhoController\.probe_dtype: .*" + reason):
+        RhoSettings(estimator="fd", probe_dtype=probe_dtype)
+    with pytest.raises(ValueError, match=r"^RhoController\.probe_dtype: .*" + reason):  # "auto" that resolves to fd
+        RhoSettings(estimator="fd").resolved(FP32, "cuda").refuse_fd_in_16_bits(getattr(torch, probe_dtype))
     with pytest.raises(ValueError, match=r"^RadiusProbe\.dtype: .*" + reason):
         RadiusProbe(tiny_causal_lm("gpt_neox"), ("output",), "fd", dtype=probe_dtype)
     with pytest.raises(ValueError, match=r"^RadiusProbe\.dtype: .*" + reason):

@@ -7,6 +7,7 @@ slopes give a NaN radius on the device, and the caller checks the one scalar it 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Callable
@@ -107,16 +108,26 @@ def test_probe_report_holds_the_nan() -> None:
 
 
 @pytest.mark.parametrize("mode", ["clip", "monitor"])
-def test_controller_still_refuses_nan_slopes_with_a_value_error(mode: str) -> None:
-    """As before, when ``spread`` raised inside the probe: a ValueError out of the step, in every mode."""
+def test_controller_skips_a_step_whose_radius_is_nan(mode: str) -> None:
+    """The controller reads one scalar per probed step; a NaN limiting radius (NaN slopes) skips the step like a NaN
+    gradient: ``clip`` puts the old weights back (``skipped="radius"``), ``monitor`` lets AdamW's step stand."""
     model = NanSlopeClassifier()
+    twin = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     controller = RhoController(model, optimizer, radii=("output",), mode=mode, estimator="jvp")
     batch = {"x": torch.randn(16, 8, generator=torch.Generator().manual_seed(4)), "labels": torch.arange(16) % 5}
-    F.cross_entropy(model(batch["x"]), batch["labels"]).backward()
+    old = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for net in (model, twin):
+        F.cross_entropy(net(batch["x"]), batch["labels"]).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-    with pytest.raises(ValueError, match=r"^RhoController: the measured radius is nan, .*contain NaN or inf"):
-        controller.step(batch)
+    record = controller.step(batch)
+    plain = torch.optim.AdamW(twin.parameters(), lr=0.1)
+    plain.step()
+    expected = old if mode == "clip" else dict(twin.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name].detach(), rtol=0, atol=0)
+    assert (record.skipped, record.would_skip) == (("radius", None) if mode == "clip" else (None, "radius"))
+    assert controller.pop_metrics()["ghosts/" + ("skipped_nonfinite" if mode == "clip" else "would_skip")] == 1.0
 
 
 def test_diagnose_still_reports_a_nan_measurement(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,7 +28,7 @@ from conftest import (
 from transformers import Trainer, TrainerCallback
 
 from hf_ghosts import RhoCallback, RhoController, RhoTrainer, RhoTrainingArguments
-from hf_ghosts.controller import ProbeSchedule, probe_due
+from hf_ghosts.policy import ProbeSchedule, probe_due
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -212,6 +212,6 @@ def test_rho_trainer_set_mode_follows_warmup_and_linear_decay(tmp_path, set_sche
 
 def test_set_schedule_is_a_documented_argument() -> None:
     args = RhoTrainingArguments(output_dir="unused", rho_mode="set", rho_set_schedule=False, report_to=[])
-    assert args.rho_settings()["set_schedule"] is False
+    assert args.rho_settings().set_schedule is False
     with pytest.raises(ValueError, match=r"rho_set_schedule: got 'yes'"):
         RhoTrainingArguments(output_dir="unused", rho_set_schedule="yes", report_to=[])

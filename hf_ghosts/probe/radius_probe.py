@@ -42,45 +42,43 @@ from hf_ghosts.probe.ffn import FfnTargets
 from hf_ghosts.probe.head import HeadReached, LinearHead, output_spread, stopping_at, topk_output_radius
 from hf_ghosts.probe.inputs import forward_kwargs, logits_of, output_positions, shifts_labels
 from hf_ghosts.probe.report import RadiusReport
-from hf_ghosts.settings import (
-    DEFAULT_RADIUS,
-    DEFAULT_TOPK,
-    ESTIMATORS,
-    PROBE_DTYPES,
-    check_probe_dtype,
-    parse_radii,
-    spelled,
-    validate,
-)
+from hf_ghosts.settings import DEFAULT_RADII, ESTIMATORS, PROBE_DTYPES, RhoSettings
 
 __all__ = ["RadiusProbe"]
 
 
-def _checked_settings(caller: str, settings: dict[str, object], dtype: torch.dtype | str, arguments: bool) -> torch.dtype:
-    """:class:`RadiusProbe`'s settings validated (``estimator`` first: ``"auto"`` is the controller's to resolve);
-    returns the probe's dtype, a name in :data:`~hf_ghosts.settings.PROBE_DTYPES` resolved."""
-    estimator = settings["estimator"]
-    if estimator not in ESTIMATORS:
-        hint = " (resolve 'auto' with hf_ghosts.settings.resolve_estimator)" if estimator == "auto" else ""
-        raise ValueError(f"RadiusProbe.estimator: got {estimator!r}; expected one of {list(ESTIMATORS)}{hint}")
-    validate(caller, settings, arguments=arguments)
-    if isinstance(dtype, str):
-        if PROBE_DTYPES.get(dtype) is None:
-            raise ValueError(f"RadiusProbe.dtype: got {dtype!r}; expected a torch dtype or one of "
+def probe_settings(
+    caller: str, settings: RhoSettings | None, radii: tuple[str, ...] | list[str] | str, estimator: str,
+    dtype: torch.dtype | str, keywords: dict[str, object],
+) -> RhoSettings:
+    """The probe's settings: ``settings`` as the controller resolved them (:meth:`RhoSettings.resolved`), or built
+    here, once, from the probe's own keywords (``radii``, ``estimator``, ``dtype``, ``fd_step``, ...). Either way the
+    estimator and the dtype must be resolved: ``"auto"`` is the controller's to decide."""
+    if settings is None:
+        if estimator not in ESTIMATORS:  # "auto" is the controller's to resolve
+            hint = " (resolve 'auto' with hf_ghosts.settings.RhoSettings.resolved)" if estimator == "auto" else ""
+            raise ValueError(f"{caller}.estimator: got {estimator!r}; expected one of {list(ESTIMATORS)}{hint}")
+        name = dtype if isinstance(dtype, str) else next((k for k, v in PROBE_DTYPES.items() if v == dtype), str(dtype))
+        settings = RhoSettings.of(caller, "probe", radii=radii, estimator=estimator, probe_dtype=name, **keywords)
+    elif keywords:
+        raise TypeError(f"{caller}: pass the settings either as settings= or as keywords, not both ({sorted(keywords)})")
+    if settings.estimator not in ESTIMATORS:
+        raise settings.error("estimator", f"got {settings.estimator!r}; resolve it first (RhoSettings.resolved)")
+    if settings.dtype is None:
+        raise settings.error("probe_dtype", f"got {settings.probe_dtype!r}; expected a torch dtype or one of "
                              f"{[name for name, value in PROBE_DTYPES.items() if value is not None]}")
-        dtype = PROBE_DTYPES[dtype]
-    check_probe_dtype("RadiusProbe", estimator, dtype, name="dtype")
-    return dtype
+    return settings
 
 
-def _check_attention_routed(model: torch.nn.Module, radii: tuple[str, ...], caller: str, arguments: bool) -> None:
-    """Refuse ``"attention"`` in ``radii`` for a model whose attention bypasses ``AttentionInterface``."""
+def _check_attention_routed(model: torch.nn.Module, settings: RhoSettings) -> None:
+    """Refuse ``"attention"`` among the measured radii for a model whose attention bypasses ``AttentionInterface``."""
+    radii = settings.measured
     if "attention" in radii and (blocker := attention_blocker(model)) is not None:
         rest = tuple(r for r in radii if r != "attention") or ("output",)
-        shown = list(rest) if arguments else rest
+        shown = list(rest) if settings.spelling == "argument" else rest
         raise ValueError(
-            f"{caller}: the attention radius needs attention routed through transformers' AttentionInterface; "
-            f"{blocker}. Set {spelled('radii', arguments)}={shown!r}."
+            f"{settings.caller}: the attention radius needs attention routed through transformers' AttentionInterface; "
+            f"{blocker}. Set {settings.name('radii')}={shown!r}."
         )
 
 
@@ -113,72 +111,62 @@ class RadiusProbe:
             ``"ffn_activation"`` is always Appendix B's activation radius (both from one FFN recording).
         estimator: ``"jvp"`` (forward-mode AD, exact) or ``"fd"`` (central difference
             ``(z(theta + h v) - z(theta - h v)) / 2h``, no forward AD needed; error ``O(h^2)``).
-        fd_step: ``h`` for ``"fd"``, a length in parameter space along the unit direction.
-        ffn_mode: ``"kink"`` (the paper's proxy, the ``ffn_quantile`` quantile of ``|z| / |z'|``)
-            or ``"activation"`` (min over neurons of :func:`~hf_ghosts.radii.activation_radius`
-            with the model's configured activation).
-        ffn_quantile: quantile of the kink proxy (paper: 1%).
+        settings: a :class:`~hf_ghosts.settings.RhoSettings` with ``estimator`` and ``probe_dtype`` resolved (what
+            the controller passes); or leave it out and pass ``radii``, ``estimator``, ``dtype`` and the other settings
+            as keywords (``fd_step``: ``h`` for ``"fd"``, a length along the unit direction; ``ffn_mode``: ``"kink"``,
+            the ``ffn_quantile`` quantile of ``|z| / |z'|``, or ``"activation"``, Appendix B; ``vocab_chunk``: head
+            rows per block of the chunked head; ``radius``: ``"bound"``, ``pi / max Delta``, or ``"topk_exact"``,
+            the certified exact radii of the ``topk`` widest positions capped by ``pi / Delta`` of the next, a lower
+            bound never below the bound). Defaults and allowed values: :mod:`hf_ghosts.settings`.
         ffn_spec: where the FFN pre-activations live, for a ``model_type`` not in
             :data:`~hf_ghosts.architectures.ARCHITECTURES`.
         shift_labels: whether logits at position ``t`` predict ``labels[t + 1]`` (causal LM).
             ``None``: True for generative models, False otherwise.
-        dtype: dtype of the probe's forward (default float32; or ``"float32"``, ``"bfloat16"``, ``"float16"``). A
-            16-bit dtype needs ``estimator="jvp"`` (bf16 JVP: within 0.4% of fp32; bf16 central differences are
-            8-12% off, so ``"fd"`` with a 16-bit dtype raises ``ValueError``).
+        dtype: dtype of the probe's forward (default float32; or ``"float32"``, ``"bfloat16"``, ``"float16"``,
+            ``"float64"``). A 16-bit dtype needs ``estimator="jvp"`` (bf16 JVP: within 0.4% of fp32; bf16 central
+            differences are 8-12% off, so ``"fd"`` with a 16-bit dtype raises ``ValueError``).
         chunked_head: stop the forward at the output head's input ``x`` and compute the logit slopes
             ``a = x' W^T + x W'^T + b'`` (``"fd"``: ``(x+ (W + hW')^T - x- (W - hW')^T) / 2h``, biases
             likewise) over ``vocab_chunk`` rows of the head at a time (:mod:`hf_ghosts.probe.head`): the
             ``[batch, seq, vocab]`` logits are never built. ``None``: whenever that is provably the same
             computation (:func:`~hf_ghosts.architectures.chunked_head_blocker` finds nothing against it);
             ``True``: require it (ValueError saying why not); ``False``: always run the full head.
-        vocab_chunk: head rows (vocabulary entries) per block of the chunked head.
-        radius: the output radius: ``"bound"`` (``pi / max Delta``, Theorem 4.6) or ``"topk_exact"``
-            (:func:`~hf_ghosts.radii.topk_radius`: the certified exact radii of the ``topk`` valid positions of
-            largest spread, capped by ``pi / Delta`` of the next; a lower bound on the batch radius, never below
-            the bound). Only those ``topk`` rows of logits and slopes are built (the chunked head included).
-        topk: positions given an exact radius with ``radius="topk_exact"``.
-        arguments: name settings in errors as the Trainer's arguments spell them (``rho_radii``, not ``radii``).
 
     The model may be wrapped by ``torch.compile`` (its ``_orig_mod`` is measured) or PEFT; it is called with its
     forward's inputs only (:func:`~hf_ghosts.probe.inputs.model_inputs`). A model whose attention is not routed through
     ``AttentionInterface`` (Mamba, Falcon) with ``"attention"`` in ``radii``, or an unknown FFN with ``"ffn"``, is
     refused here. MoE experts on ``_grouped_mm`` run eagerly inside a jvp probe (forward AD), then are restored.
 
-    Settings are checked by :func:`hf_ghosts.settings.validate` (``RadiusProbe.<name>: got ...; expected ...``).
+    Settings are checked once, by :class:`~hf_ghosts.settings.RhoSettings` (``RadiusProbe.<name>: got ...; expected ...``).
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        radii: tuple[str, ...] | list[str] | str = ("output", "attention"),
+        radii: tuple[str, ...] | list[str] | str = DEFAULT_RADII,
         estimator: str = "jvp",
         *,
-        fd_step: float = 1e-2,
-        ffn_mode: str = "kink",
-        ffn_quantile: float = 0.01,
+        dtype: torch.dtype | str = torch.float32,
+        settings: RhoSettings | None = None,
         ffn_spec: FfnSpec | None = None,
         shift_labels: bool | None = None,
-        dtype: torch.dtype | str = torch.float32,
         chunked_head: bool | None = None,
-        vocab_chunk: int = 8192,
-        radius: str = DEFAULT_RADIUS,
-        topk: int = DEFAULT_TOPK,
-        arguments: bool = False,
+        **keywords: object,
     ) -> None:
-        radii = parse_radii(radii)
-        caller = "RhoTrainingArguments" if arguments else "RadiusProbe"
-        settings = dict(radii=radii, estimator=estimator, fd_step=fd_step, ffn_mode=ffn_mode, ffn_quantile=ffn_quantile,
-                        vocab_chunk=vocab_chunk, radius=radius, topk=topk)
-        dtype = _checked_settings(caller, settings, dtype, arguments)
+        settings = probe_settings(type(self).__name__, settings, radii, estimator, dtype, keywords)
         model = original_module(model)  # torch.compile(model): measure the eager module (same parameters)
-        self.model, self.radii, self.estimator, self.fd_step = model, radii, estimator, fd_step
-        self.ffn_mode, self.ffn_quantile, self.dtype = ffn_mode, ffn_quantile, dtype
-        self.shift_labels, self.vocab_chunk, self.radius, self.topk = shift_labels, vocab_chunk, radius, topk
-        _check_attention_routed(model, radii, caller, arguments)
-        self._ffn = FfnTargets.of(model, radii, ffn_mode, ffn_spec, spelled("radii", arguments))
+        self.settings, self.model, self.radii, self.estimator = settings, model, settings.measured, settings.estimator
+        self.fd_step, self.ffn_mode, self.ffn_quantile, self.dtype = (
+            settings.fd_step, settings.ffn_mode, settings.ffn_quantile, settings.dtype
+        )
+        self.shift_labels, self.vocab_chunk, self.radius, self.topk = (
+            shift_labels, settings.vocab_chunk, settings.radius, settings.topk
+        )
+        _check_attention_routed(model, settings)
+        self._ffn = FfnTargets.of(model, self.radii, self.ffn_mode, ffn_spec, settings.name("radii"))
         self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self._head = LinearHead.of(model, chunked_head)
-        self._eager_experts = needs_eager_experts(model, estimator)
+        self._eager_experts = needs_eager_experts(model, self.estimator)
 
     # ----------------------------------------------------------------------------------- direction and weights
     def _check_direction(self, direction: Mapping[str, torch.Tensor]) -> None:

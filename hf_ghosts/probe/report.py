@@ -9,16 +9,18 @@ from dataclasses import dataclass, replace
 import torch
 
 from hf_ghosts.radii import rho_bound
+from hf_ghosts.settings import RADIUS_TABLE, REDUCTIONS, Radius
 
 __all__ = ["RadiusReport"]
+
 
 
 @dataclass(frozen=True)
 class RadiusReport:
     """Spreads measured along a unit direction, and the radii they imply.
 
-    The raw fields reduce across processes: ``out_spread`` and ``attn_spread`` with MAX,
-    ``ffn_radius``, ``ffn_activation_radius`` and ``out_radius`` with MIN, ``output_tokens`` with SUM.
+    The raw fields reduce across processes as :data:`~hf_ghosts.settings.REDUCTIONS` says: spreads (``out_spread``, ``attn_spread``) with
+    MAX, radii (``ffn_radius``, ``ffn_activation_radius``, ``out_radius``) with MIN, ``output_tokens`` with SUM.
 
     Attributes:
         out_spread: scalar, max over valid positions of the logit-slope spread (0 if none).
@@ -58,18 +60,30 @@ class RadiusReport:
         """The FFN radius (kink proxy or activation-aware), as measured."""
         return self.ffn_radius
 
+    def radius(self, radius: Radius) -> torch.Tensor | None:
+        """The radius ``radius`` (a row of :data:`~hf_ghosts.settings.RADIUS_TABLE`) as measured: its exact field
+        where set, else ``pi / spread`` or the radius itself, per element (``[layers, heads]`` for attention)."""
+        raw = getattr(self, radius.raw)
+        if raw is None:
+            return None
+        exact = None if radius.exact is None else getattr(self, radius.exact)
+        if exact is not None:
+            return exact
+        return rho_bound(raw) if radius.spread else raw
+
+    @property
+    def rho_ffn_activation(self) -> torch.Tensor | None:
+        """The FFN activation radius (Appendix B), as measured."""
+        return self.ffn_activation_radius
+
     def radii(self) -> dict[str, torch.Tensor]:
-        """Each measured radius as a scalar tensor, by name (:data:`~hf_ghosts.settings.RADII`):
-        ``{"output": ..., "attention": min over heads, "ffn": ..., "ffn_activation": ...}``."""
+        """Each measured radius as a scalar tensor (min over its elements; inf over none), by name
+        (:data:`~hf_ghosts.settings.RADII`): ``{"output": ..., "attention": min over heads, "ffn": ..., ...}``."""
         found: dict[str, torch.Tensor] = {}
-        if self.out_spread is not None:
-            found["output"] = self.rho_out
-        if self.attn_spread is not None:
-            found["attention"] = self.rho_attn.amin() if self.attn_spread.numel() else torch.tensor(math.inf)
-        if self.ffn_radius is not None:
-            found["ffn"] = self.ffn_radius
-        if self.ffn_activation_radius is not None:
-            found["ffn_activation"] = self.ffn_activation_radius
+        for radius in RADIUS_TABLE:
+            value = self.radius(radius)
+            if value is not None:
+                found[radius.name] = value.amin() if value.numel() else torch.tensor(math.inf)
         return found
 
     def rho_of(self, names: Sequence[str] | None = None) -> torch.Tensor:
@@ -102,13 +116,8 @@ class RadiusReport:
         return self.bottleneck_of()
 
     def map(self, fn_max, fn_min, fn_sum) -> RadiusReport:
-        """Apply reductions field-wise (MAX to spreads, MIN to the FFN radius, SUM to counts)."""
-        return replace(
-            self,
-            out_spread=None if self.out_spread is None else fn_max(self.out_spread),
-            attn_spread=None if self.attn_spread is None else fn_max(self.attn_spread),
-            ffn_radius=None if self.ffn_radius is None else fn_min(self.ffn_radius),
-            output_tokens=None if self.output_tokens is None else fn_sum(self.output_tokens),
-            ffn_activation_radius=None if self.ffn_activation_radius is None else fn_min(self.ffn_activation_radius),
-            out_radius=None if self.out_radius is None else fn_min(self.out_radius),
-        )
+        """Apply reductions field-wise as :data:`~hf_ghosts.settings.REDUCTIONS` says (MAX to spreads, MIN to radii, SUM to counts)."""
+        reduce = {"max": fn_max, "min": fn_min, "sum": fn_sum}
+        return replace(self, **{
+            name: None if getattr(self, name) is None else reduce[how](getattr(self, name)) for name, how in REDUCTIONS.items()
+        })

@@ -12,20 +12,19 @@ back, bit for bit. The backends and the reductions across ranks are :mod:`hf_gho
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
 from hf_ghosts import compat
-from hf_ghosts.distributed import FSDPModule, global_norm, is_main_process, local_tensor
+from hf_ghosts.distributed import FSDPModule, global_norm, local_tensor
 from hf_ghosts.probe.inputs import forward_kwargs, logits_of
-from hf_ghosts.probe.radius_probe import RadiusProbe
+from hf_ghosts.probe.radius_probe import RadiusProbe, probe_settings
+from hf_ghosts.settings import DEFAULT_RADII, SETTINGS, RhoSettings
 
 __all__ = ["ShardedRadiusProbe"]
 
-logger = logging.getLogger(__name__)
 
 
 class ShardedRadiusProbe(RadiusProbe):
@@ -50,19 +49,17 @@ class ShardedRadiusProbe(RadiusProbe):
     def __init__(
         self,
         model: torch.nn.Module,
-        radii: tuple[str, ...] | list[str] = ("output", "attention"),
+        radii: tuple[str, ...] | list[str] | str = DEFAULT_RADII,
         estimator: str = "fd",
-        **kwargs: Any,
+        *,
+        dtype: torch.dtype | str = torch.float32,
+        settings: RhoSettings | None = None,
+        **keywords: Any,
     ) -> None:
-        if estimator == "jvp":
-            if is_main_process():
-                logger.warning(
-                    "hf_ghosts: forward-mode AD does not pass through FSDP2's all-gathers; measuring with the "
-                    "central finite-difference estimator ('fd', fd_step=%s) instead",
-                    kwargs.get("fd_step", 1e-2),
-                )
-            estimator = "fd"
-        super().__init__(model, radii, estimator, **kwargs)
+        given = {key: keywords.pop(key) for key in list(keywords) if key in SETTINGS}
+        settings = probe_settings(type(self).__name__, settings, radii, estimator, dtype, given)
+        # FSDP2 means the fp32 fd probe: decided by RhoSettings.resolved, as for the controller ("jvp" is logged)
+        super().__init__(model, settings=settings.resolved(torch.float32, "cpu", sharded=True), **keywords)
         self._saved: dict[str, torch.Tensor] = {}
         self._fsdp_modules = [m for m in model.modules() if FSDPModule is not None and isinstance(m, FSDPModule)]
         wrong = sorted({str(p.dtype) for p in self.trainable.values() if p.dtype != self.dtype})

@@ -1,0 +1,105 @@
+"""The controller's policy as pure functions: when to probe, the step's target ``r*`` and its scale.
+
+``scale = clip_scale(|u|, rho, r*, mode)`` (eq. 19), ``r*(t) = r_target * lr(t) / peak_lr`` in ``"set"`` mode, and a
+probe whenever the last ``rho`` cannot be trusted for this step (:func:`probe_due`). No state, no tensors kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from hf_ghosts.metrics import StepRecord
+from hf_ghosts.radii import clip_scale, normalized_step
+from hf_ghosts.settings import DEFAULT_EVERY, DEFAULT_TRIGGER_GROWTH, DEFAULT_TRIGGER_R
+
+__all__ = ["ProbeSchedule", "applied_record", "probe_due", "probe_needed", "scheduled_target", "step_scale"]
+
+
+@dataclass(frozen=True)
+class ProbeSchedule:
+    """When a step is measured afresh instead of reusing the last ``rho`` (see :func:`probe_due`)."""
+
+    every: int = DEFAULT_EVERY
+    trigger_r: float = DEFAULT_TRIGGER_R
+    trigger_growth: float = DEFAULT_TRIGGER_GROWTH
+
+
+def probe_due(
+    schedule: ProbeSchedule,
+    steps_since_probe: int | None,
+    growth: float,
+    estimated_r_applied: float,
+    r_target: float,
+    mode: str = "clip",
+) -> bool:
+    """Whether a step must be probed: ``every == 1``, no usable last ``rho`` (``steps_since_probe is None``),
+    ``steps_since_probe >= every``, ``|u| / |u_probe| > trigger_growth``, or (``"clip"`` and ``"set"`` only) the
+    applied ``r`` estimated with the last ``rho`` above ``trigger_r * r_target``. The ``r`` trigger guards the
+    rescale; ``"monitor"`` rescales nothing, so it probes every ``every`` steps and on growth only.
+
+    Example: ``probe_due(ProbeSchedule(every=16), 3, 1.1, 0.2, 1.0)`` is ``False``; with ``growth=2.5`` it is ``True``;
+    ``probe_due(ProbeSchedule(every=16), 3, 1.1, 0.9, 1.0)`` is ``True``, and ``False`` with ``mode="monitor"``.
+    """
+    if schedule.every == 1 or steps_since_probe is None:
+        return True
+    if steps_since_probe >= schedule.every or growth > schedule.trigger_growth:
+        return True
+    return mode != "monitor" and estimated_r_applied > schedule.trigger_r * r_target
+
+
+
+def scheduled_target(r_target: float, lr: float | None, peak_lr: float | None) -> float:
+    """``r*(t) = r_target * lr(t) / peak_lr``: warm-up and decay shape the step length; ``r_target`` when ``lr`` is
+    unknown (``None``) or the peak unknown or zero.
+
+    Example: ``scheduled_target(1.0, 1e-4, 2e-4)`` is ``0.5``; ``scheduled_target(1.0, None, 2e-4)`` is ``1.0``.
+    """
+    if lr is None or not peak_lr:
+        return r_target
+    return r_target * lr / peak_lr
+
+
+def probe_needed(
+    schedule: ProbeSchedule, mode: str, norm: float, target: float, last_rho: float | None,
+    steps_since_probe: int | None, probe_norm: float,
+) -> bool:
+    """:func:`probe_due` for a step of length ``|u| = norm`` given the last probe (``steps_since_probe`` ago, at
+    ``|u_probe| = probe_norm``, measuring ``last_rho``): ``growth = |u| / |u_probe|`` (inf when 0) and the applied
+    ``r`` estimated as ``step_scale(|u|, last_rho, target, mode) * |u| / last_rho``. No probe yet (``None``) or a
+    non-finite ``last_rho``: ``True``.
+
+    So a step reuses the last ``rho`` only while its applied ``r`` estimated with that ``rho`` is at most
+    ``trigger_r * r_target`` (in ``"clip"`` mode it then passes unchanged), ``|u|`` is within ``trigger_growth`` of
+    ``|u|`` at the last probe, and fewer than ``every`` steps have passed.
+    """
+    if steps_since_probe is None or last_rho is None or not math.isfinite(last_rho):
+        return True
+    estimated = step_scale(norm, last_rho, target, mode) * float(normalized_step(norm, last_rho))
+    growth = norm / probe_norm if probe_norm > 0 else math.inf
+    return probe_due(schedule, steps_since_probe, growth, estimated, target, mode)
+
+
+def step_scale(norm: float, rho: float, target: float, mode: str) -> float:
+    """``clip_scale(|u|, rho, r*, mode)``; 1 in ``"monitor"`` mode. A target ``r* <= 0`` or non-finite (``lr = 0`` in
+    warm-up) gives 0 in ``"set"`` mode (no step) and 1 in ``"clip"`` mode.
+
+    Example: ``step_scale(4.0, 1.0, 1.0, "clip")`` is ``0.25``; ``step_scale(4.0, 1.0, 0.0, "set")`` is ``0.0``.
+    """
+    if mode == "monitor":
+        return 1.0
+    if target <= 0 or not math.isfinite(target):
+        return 0.0 if mode == "set" else 1.0
+    return float(clip_scale(norm, rho, target, mode))
+
+
+def applied_record(
+    step: int, norm: float, rho: float, scale: float, target: float, r_target: float, probed: bool
+) -> StepRecord:
+    """The record of a step of length ``|u| = norm`` applied with ``scale``: ``r = |u| / rho``, ``r_applied = scale * r``;
+    ``would_clip = r > r_target`` on probed steps only."""
+    r = float(normalized_step(norm, rho))
+    return StepRecord(
+        step=step, update_norm=norm, r=r, r_applied=r * scale, scale=scale, rho=rho, probed=probed,
+        clipped=scale < 1.0, target=target, would_clip=r > r_target if probed else None,
+    )
