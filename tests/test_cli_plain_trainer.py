@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import statistics
@@ -157,3 +158,34 @@ def test_training_args_with_a_payload_is_not_unpickled(plain, capsys, tmp_path) 
     reference = diagnose(capsys, clean, tmp_path / "clean", plain["text"], "--batches", "1")
     for key in ("r", "rho", "update_norm", "learning_rate", "safe_learning_rate"):
         assert result[key] == pytest.approx(reference[key], rel=1e-12), key
+
+
+@pytest.mark.parametrize("kind", ["TrainingArguments", "RhoTrainingArguments", "RhoSFTConfig"])
+def test_training_args_fields_are_read_without_constructing_them(kind, tmp_path) -> None:
+    """The fields of TrainingArguments, RhoTrainingArguments and rho_arguments(SFTConfig) are read as they were
+    saved (a FieldRecord: none of the classes is built); a payload beside them is named and not run."""
+    from hf_ghosts import RhoTrainingArguments, rho_arguments
+    from hf_ghosts.cli.checkpoint import FieldRecord, read_training_args
+
+    if kind == "RhoSFTConfig":
+        from trl import SFTConfig
+
+        cls = rho_arguments(SFTConfig)
+    else:
+        cls = {"TrainingArguments": TrainingArguments, "RhoTrainingArguments": RhoTrainingArguments}[kind]
+    saved = cls(output_dir=str(tmp_path / "out"), max_grad_norm=0.25, weight_decay=0.03, optim="adamw_torch",
+                per_device_train_batch_size=3, gradient_accumulation_steps=5, lr_scheduler_type="cosine",
+                report_to=[], use_cpu=True)
+    path = tmp_path / "training_args.bin"
+    torch.save(saved, path)
+    record = read_training_args(str(path))
+    assert type(record) is FieldRecord
+    for name in ("max_grad_norm", "weight_decay", "per_device_train_batch_size", "gradient_accumulation_steps"):
+        assert getattr(record, name) == getattr(saved, name), name
+    assert record.optim == "adamw_torch" and record.lr_scheduler_type == "cosine"
+    marker = tmp_path / "payload-ran"
+    saved.run_name = Payload(str(marker))
+    torch.save(saved, path)
+    with pytest.raises(pickle.UnpicklingError, match=r"io\.open"):
+        read_training_args(str(path))
+    assert not marker.exists()

@@ -24,6 +24,7 @@ from hf_ghosts.cli.errors import CliError
 
 __all__ = [
     "ARGUMENT_CLASSES",
+    "ARGUMENT_PATTERN",
     "ENUMS",
     "Checkpoint",
     "FieldRecord",
@@ -31,20 +32,22 @@ __all__ = [
     "has_model",
     "load_checkpoint",
     "read_training_args",
+    "stand_in",
 ]
 
 MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 # Files of which a saved tokenizer has at least one (fast, slow BPE, SentencePiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-# The dataclasses a training_args.bin of TrainingArguments (or RhoTrainingArguments) holds, by pickled path.
+# The dataclasses a training_args.bin of TrainingArguments holds, by pickled path; and, by pattern, the arguments
+# classes of hf_ghosts (RhoTrainingArguments, rho_arguments(SFTConfig) -> hf_ghosts.trainer.RhoSFTConfig) and TRL.
 ARGUMENT_CLASSES = (
     "transformers.training_args.TrainingArguments",
     "transformers.training_args_seq2seq.Seq2SeqTrainingArguments",
-    "hf_ghosts.trainer.RhoTrainingArguments",
     "transformers.trainer_pt_utils.AcceleratorConfig",
     "accelerate.state.PartialState",
 )
+ARGUMENT_PATTERN = re.compile(r"^(hf_ghosts(\.\w+)+\.Rho\w+|trl(\.\w+)+\.\w+Config)$")
 # The enums it holds; each is read as its value (a string).
 ENUMS = (
     "transformers.trainer_utils.IntervalStrategy",
@@ -75,11 +78,11 @@ def _enum_value(value: Any) -> Any:
     return value
 
 
-def _stand_ins() -> list[tuple[Any, str]]:
-    from hf_ghosts import RhoTrainingArguments
-
-    own = f"{RhoTrainingArguments.__module__}.{RhoTrainingArguments.__qualname__}"  # wherever it lives now
-    return [(FieldRecord, path) for path in {*ARGUMENT_CLASSES, own}] + [(_enum_value, path) for path in ENUMS]
+def stand_in(path: str) -> Any:
+    """What the global ``path`` is read as: :class:`FieldRecord`, an enum's value, or ``None`` (refused)."""
+    if path in ARGUMENT_CLASSES or ARGUMENT_PATTERN.match(path):
+        return FieldRecord
+    return _enum_value if path in ENUMS else None
 
 
 def read_training_args(path: str, trust: bool = False) -> Any:
@@ -91,11 +94,11 @@ def read_training_args(path: str, trust: bool = False) -> Any:
     """
     if trust:
         return torch.load(path, map_location="cpu", weights_only=False)
-    stand_ins = _stand_ins()
-    refused = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - {name for _, name in stand_ins})
+    stand_ins = {name: stand_in(name) for name in torch.serialization.get_unsafe_globals_in_checkpoint(path)}
+    refused = sorted(name for name, reader in stand_ins.items() if reader is None)
     if refused:
         raise pickle.UnpicklingError(f"it names {', '.join(refused)}")
-    with torch.serialization.safe_globals(stand_ins):
+    with torch.serialization.safe_globals([(reader, name) for name, reader in stand_ins.items()]):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 

@@ -51,7 +51,8 @@ def token_table(probe: RadiusProbe, batch: Mapping[str, torch.Tensor], direction
     rows = int(batch["input_ids"].shape[0])
     spreads, margins, predicted = [], [], []
     for row in range(rows):
-        inputs = {key: value[row : row + 1] for key, value in batch.items()}
+        inputs = {key: value[row : row + 1] if torch.is_tensor(value) and value.dim() else value
+                  for key, value in batch.items()}
         logits, slopes = probe.logit_slopes(inputs, direction)
         spreads.append(radii.spread(slopes.float(), dim=-1)[0])
         top = logits[0].float().topk(2, dim=-1)
