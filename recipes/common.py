@@ -40,7 +40,6 @@ from hf_ghosts.radii import update_norm
 from hf_ghosts.settings import RADII, RADIUS_FIELDS
 
 RADIUS_NAMES = RADII  # one source of truth: hf_ghosts.settings
-RADIUS_KEYS = RADIUS_FIELDS
 COLORS = {"output": "tab:blue", "attention": "tab:orange", "ffn": "tab:green", "ffn_activation": "tab:olive", "r": "black",
           "r_applied": "tab:red"}
 
@@ -305,7 +304,7 @@ def plot_training_radii(records: Sequence[Mapping[str, Any]], path: str, title: 
     top.legend(loc="best", fontsize=8)
     top.set_title(title)
     for name in RADIUS_NAMES:
-        key = RADIUS_KEYS[name]
+        key = RADIUS_FIELDS[name]
         probed = [rec for rec in records if key in rec]
         if probed:
             values = np.array([rec[key] for rec in probed], dtype=float)

@@ -63,7 +63,7 @@ from typing import Any
 
 import numpy as np
 from common import (
-    RADIUS_KEYS,
+    RADIUS_FIELDS,
     RADIUS_NAMES,
     DataArguments,
     ModelArguments,
@@ -265,7 +265,7 @@ def summarize(
         "bottleneck_counts": dict(Counter(rec["bottleneck"] for rec in probed if "bottleneck" in rec)),
         "would_bind_counts": dict(Counter(rec["would_bind"] for rec in probed if rec.get("would_bind"))),
         "would_clip_fraction": float(np.mean([rec.get("would_clip", False) for rec in probed])) if probed else math.nan,
-        "watched_min": {name: _number(min((rec[RADIUS_KEYS[name]] for rec in probed if RADIUS_KEYS[name] in rec),
+        "watched_min": {name: _number(min((rec[RADIUS_FIELDS[name]] for rec in probed if RADIUS_FIELDS[name] in rec),
                                           default=math.nan)) for name in trainer.args.rho_watch_radii},
         "bottleneck_by_thirds": bottleneck_by_thirds(probed, total, trainer.args.rho_watch_radii),
         "train_seconds": seconds,

@@ -1,14 +1,17 @@
-"""The ``hf-ghosts`` command: ``diagnose`` agrees with RhoTrainer, is linear in the LR, sees a spike; ``plot``; bad input.
+"""The ``hf-ghosts`` command: ``diagnose`` agrees with RhoTrainer, is linear in the LR, sees a spike, its per-token
+spreads are float64 central differences; ``plot``; bad input.
 
 One tiny run serves every test: a Pythia-style GPT-NeoX (dropout off) trained by RhoTrainer in monitor mode
 (plain AdamW steps, every step probed with jvp) for 3 steps on one batch of 4 x 16 tokens, weight decay 0.1, the
 learning rate x1000 from step 3 on, a checkpoint after every step. ``checkpoint-1``'s next step runs at the base
-rate, ``checkpoint-2``'s at the spiked one.
+rate, ``checkpoint-2``'s at the spiked one. Every batch of the text after the first differs from the one the run
+saw, so the tests that compare with the run measure one batch (``--batches 1``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import runpy
 import shutil
@@ -17,12 +20,18 @@ import tomllib
 
 import pytest
 import torch
+from conftest import causal_output_positions, float64_copy, forward_logits, reference_output_spreads
 from datasets import load_dataset
 from transformers import BloomConfig, BloomForCausalLM, default_data_collator
 
 from hf_ghosts import RhoTrainer, RhoTrainingArguments
 from hf_ghosts.cli import main
+from hf_ghosts.cli.checkpoint import load_checkpoint
+from hf_ghosts.cli.diagnose import diagnose as diagnose_batches
+from hf_ghosts.cli.diagnose import token_table
+from hf_ghosts.cli.proposal import StepProposer
 from hf_ghosts.presets import build_model, lm_blocks, pydoc_corpus, train_bpe_tokenizer
+from hf_ghosts.probe import RadiusProbe
 
 BASE_LR = 1e-3
 SPIKE = 1000.0
@@ -76,9 +85,11 @@ def run(tmp_path_factory):
 
 
 def diagnose(capsys, checkpoint, output_dir, *extra: str, run=None) -> dict:
-    """Run ``hf-ghosts diagnose`` in-process on the run's text; return diagnosis.json (and check the exit status)."""
+    """Run ``hf-ghosts diagnose`` in-process on the run's text (one batch unless ``extra`` says otherwise); return
+    diagnosis.json (and check the exit status)."""
+    batches = () if "--batches" in extra else ("--batches", "1")
     argv = ["diagnose", str(checkpoint), "--train_file", run["text"], "--block_size", str(BLOCK), "--batch_size",
-            str(BATCH), "--output_dir", str(output_dir), *extra]
+            str(BATCH), "--output_dir", str(output_dir), *batches, *extra]
     assert main(argv) == 0, capsys.readouterr().err
     with open(os.path.join(output_dir, "diagnosis.json")) as handle:
         return json.load(handle)
@@ -99,7 +110,7 @@ def all_checkpoints(run):
     """``hf-ghosts diagnose RUN --all``: ``(diagnosis_all.json, output directory)``."""
     output = run["root"] / "all"
     argv = ["diagnose", str(run["dir"]), "--all", "--train_file", run["text"], "--block_size", str(BLOCK),
-            "--batch_size", str(BATCH), "--output_dir", str(output)]
+            "--batch_size", str(BATCH), "--batches", "1", "--output_dir", str(output)]
     assert main(argv) == 0
     with open(output / "diagnosis_all.json") as handle:
         return json.load(handle), output
@@ -123,10 +134,16 @@ def test_diagnose_agrees_with_a_resumed_rho_trainer(run, all_checkpoints, tmp_pa
 
 
 def test_r_is_linear_in_the_learning_rate(run, capsys, tmp_path) -> None:
+    """On every one of 3 batches r triples with the rate and rho stays; the summary is the worst batch's."""
     checkpoint = run["dir"] / "checkpoint-1"
-    low = diagnose(capsys, checkpoint, tmp_path / "low", "--learning_rate", "1e-4", run=run)
-    high = diagnose(capsys, checkpoint, tmp_path / "high", "--learning_rate", "3e-4", run=run)
+    low = diagnose(capsys, checkpoint, tmp_path / "low", "--learning_rate", "1e-4", "--batches", "3", run=run)
+    high = diagnose(capsys, checkpoint, tmp_path / "high", "--learning_rate", "3e-4", "--batches", "3", run=run)
     assert low["learning_rate_source"] == "--learning_rate"
+    assert low["measured_learning_rate"] == 1e-4 and low["measured_learning_rate_why"] is None
+    for slow, fast in zip(low["per_batch"], high["per_batch"], strict=True):
+        assert fast["r"] == pytest.approx(3 * slow["r"], rel=1e-4)
+        assert fast["rho"] == pytest.approx(slow["rho"], rel=1e-4)
+    assert low["r"] == max(e["r"] for e in low["per_batch"])
     assert high["r"] == pytest.approx(3 * low["r"], rel=1e-4)
     assert high["rho"] == pytest.approx(low["rho"], rel=1e-4)
     assert high["safe_learning_rate"] == pytest.approx(low["safe_learning_rate"], rel=1e-4)
@@ -147,17 +164,15 @@ def test_a_learning_rate_spike_shows_as_r_above_one(all_checkpoints) -> None:
 
 
 def test_report_contents_and_fragile_tokens_match_the_probe(all_checkpoints) -> None:
-    """The per-token spreads (own JVP) peak at the probe's out_spread; the report holds the table, heads and tokens."""
+    """The most fragile token's radius pi / Delta is the probe's rho_out; the report holds the table, heads and tokens."""
     _, output = all_checkpoints
     with open(output / "checkpoint-2" / "diagnosis.json") as handle:
         result = json.load(handle)
-    batch = result["per_batch"][0]
-    assert batch["max_token_spread"] == pytest.approx(batch["out_spread"], rel=1e-5)
     tokens = result["fragile_tokens"]
     assert len(tokens) == 10
     assert [t["spread"] for t in tokens] == sorted((t["spread"] for t in tokens), reverse=True)
-    assert tokens[0]["spread"] == pytest.approx(batch["out_spread"], rel=1e-5)
     assert tokens[0]["radius"] == pytest.approx(result["rho_out"], rel=1e-5)
+    assert all(t["radius"] == pytest.approx(math.pi / t["spread"], rel=1e-6) for t in tokens)
     assert all(t["margin"] >= 0 and t["context"] for t in tokens)
     heads = torch.tensor(result["rho_attn_heads"])
     assert heads.shape == (2, 4)
@@ -169,11 +184,28 @@ def test_report_contents_and_fragile_tokens_match_the_probe(all_checkpoints) -> 
     assert "The 10 most fragile tokens" in markdown
 
 
+def test_token_spreads_are_float64_central_differences(run) -> None:
+    """Every position's spread Delta of the logit slopes along the proposed step, its radius pi / Delta and its margin,
+    against central differences (h = 1e-4) and logits of a float64 copy of the model."""
+    checkpoint = load_checkpoint(str(run["dir"] / "checkpoint-2"))
+    batch = default_data_collator([run["data"][i] for i in range(BATCH)])
+    batch["labels"][0, 5] = -100  # a position that predicts no label is no softmax sample
+    proposer = StepProposer(checkpoint, None, None, "cpu", seed=0)
+    update = proposer.propose(batch).update
+    proposer.close()
+    table = token_table(RadiusProbe(checkpoint.model, ("output",), shift_labels=True), batch, update)
+    model64 = float64_copy(checkpoint.model)
+    spreads = reference_output_spreads(model64, batch, {name: u.double() for name, u in update.items()})
+    logits = forward_logits(model64, batch).topk(2, dim=-1).values
+    valid = causal_output_positions(batch["labels"])
+    assert torch.equal(table["valid"], valid) and not valid[0, 4]
+    torch.testing.assert_close(table["spread"].double(), spreads, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(table["radius"].double(), math.pi / spreads, rtol=1e-4, atol=0)
+    torch.testing.assert_close(table["margin"].double(), logits[..., 0] - logits[..., 1], rtol=0, atol=1e-5)
+
+
 def test_every_batch_starts_from_the_saved_state_and_nothing_is_applied(run) -> None:
     """Two identical batches propose identical steps (the moments are reloaded), and the weights are left unchanged."""
-    from hf_ghosts.cli.diagnose import diagnose as diagnose_batches
-    from hf_ghosts.cli.diagnose import load_checkpoint
-
     checkpoint = load_checkpoint(str(run["dir"] / "checkpoint-1"))
     before = {name: p.detach().clone() for name, p in checkpoint.model.named_parameters()}
     batch = default_data_collator([run["data"][i] for i in range(BATCH)])
@@ -230,7 +262,9 @@ def test_checkpoint_without_a_tokenizer_names_the_tokenizer_option(run, capsys, 
     err = fails(capsys, ["diagnose", str(checkpoint), "--train_file", run["text"], "--block_size", str(BLOCK)])
     assert "holds no tokenizer" in err and "--tokenizer" in err
     result = diagnose(capsys, checkpoint, tmp_path / "out", "--tokenizer", str(run["dir"] / "checkpoint-1"), run=run)
-    assert result["r"] > 0
+    reference = diagnose(capsys, run["dir"] / "checkpoint-1", tmp_path / "reference", run=run)  # its own tokenizer
+    for key in ("r", "rho", "update_norm"):
+        assert result[key] == pytest.approx(reference[key], rel=1e-12), key
 
 
 def test_directory_that_is_not_a_checkpoint(run, capsys, tmp_path) -> None:

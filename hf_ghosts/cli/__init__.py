@@ -15,21 +15,21 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from hf_ghosts.cli.data import DEFAULT_BATCHES
 from hf_ghosts.cli.errors import CliError
-from hf_ghosts.settings import RADII  # what RadiusProbe measures (it validates them again)
+from hf_ghosts.settings import ESTIMATORS, SETTINGS, RhoSettings
 
 __all__ = ["CliError", "build_parser", "main"]
 
-ESTIMATORS = ("jvp", "fd")
-
 
 def _radii(value: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in value.split(",") if name.strip())
-    unknown = [name for name in names if name not in RADII]
-    if not names or unknown or len(set(names)) != len(names):
+    """``--radii output,attention`` -> ``("output", "attention")``, checked as ``RadiusProbe`` checks ``radii``."""
+    try:
+        names = RhoSettings.of("hf-ghosts diagnose", radii=value).radii
+    except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{value!r}: expected distinct names from {', '.join(RADII)}, comma-separated (e.g. output,attention)"
-        )
+            f"{value!r}: expected {SETTINGS['radii'].allowed}, comma-separated (e.g. output,attention)"
+        ) from None
     return names
 
 
@@ -90,17 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--batch_size", type=_positive_int, default=None,
                       help="sequences per batch (default: the checkpoint's per_device_train_batch_size x "
                       "gradient_accumulation_steps, else 8)")
-    data.add_argument("--batches", type=_positive_int, default=1, help="batches to measure, each one candidate next step")
+    data.add_argument("--batches", type=_positive_int, default=DEFAULT_BATCHES,
+                      help="batches to measure, each one candidate next step; the verdict and the safe learning rate "
+                      f"come from the worst (default: {DEFAULT_BATCHES})")
     step = diagnose.add_argument_group("the step")
     step.add_argument("--learning_rate", type=_positive_float, default=None,
-                      help="learning rate of the step (default: the one the saved scheduler set for the next step); "
-                      "required without optimizer state")
+                      help="learning rate of the step (default: the one the saved scheduler set for the next step; "
+                      "where that is 0, the update is measured at the last non-zero rate); required without optimizer "
+                      "state")
     step.add_argument("--max_grad_norm", type=float, default=None,
                       help="gradient clipping before the step (default: the checkpoint's training_args.bin, else 1.0; "
                       "0 disables)")
     step.add_argument("--ignore_optimizer", action="store_true",
                       help="diagnose along the gradient with SGD at --learning_rate even if optimizer.pt exists")
     step.add_argument("--tokenizer", help="tokenizer directory or hub name (default: the checkpoint's)")
+    step.add_argument("--trust_checkpoint", action="store_true",
+                      help="unpickle training_args.bin whatever it holds (a pickle can run code: only for checkpoints "
+                      "you trust); by default it is read with torch.load(weights_only=True) and an allow-list of "
+                      "TrainingArguments types")
     measure = diagnose.add_argument_group("the measurement")
     measure.add_argument("--radii", type=_radii, default=("output", "attention"),
                          help="comma-separated radii: output, attention, ffn (default: output,attention)")
