@@ -12,7 +12,8 @@ qk-layernorm) and output logit divergence (mitigated by a z-loss of 1e-4). Both 
 this project's terms (the attention radius and the output radius). Every method below trains the
 same data, in the same order, from the same initial weights (one per seed), on the main job's
 schedule (``recipes/pythia_finetune.py``: 8 x 128 tokens per step, 20 warm-up steps, cosine to 10%),
-with no gradient-norm clipping unless the method says so:
+with no gradient-norm clipping unless the method says so (the main job itself keeps Trainer's
+``max_grad_norm=1``, so its AdamW is this recipe's ``adamw+clip``):
 
 =================  ===============================================================================================
 method             what differs
@@ -46,9 +47,15 @@ the binding radius (the one that bound most often), from the logged ``ghosts/*``
     python recipes/lr_sensitivity.py --methods adamw rho qk-norm+zloss rho+qk-norm --presets llama-tiny
     python recipes/lr_sensitivity.py --replot                 # tables and figures again from the run files
 
-Measured wall time per 300-step run on this machine's 2 shared CPU cores (``OMP_NUM_THREADS=1``,
-training + evaluations + logit samples): see ``RUN_SECONDS`` below; the default grid is 234 tiny runs
-(pythia-tiny: 6 methods x 6 rates x 3 seeds, llama-tiny: 7 x 6 x 3) and 78 runs at 14m (one seed).
+Measured wall time of one 300-step run at lr 0.1 (training + 4 evaluations + 31 logit samples), one thread
+(``OMP_NUM_THREADS=1``) on this 2-core machine while shared (load average ~6): pythia-tiny AdamW 76 s,
+RhoTrainer 158 s (99.7% of steps probed, 90% clipped); llama-tiny 48 s and 120 s; pythia-14m 236 s and
+438 s (RhoTrainer's cost falls at lower rates, where fewer steps are probed). From these, the default grid
+takes at most ~3.5 h for pythia-tiny (54 AdamW-like + 54 RhoTrainer runs), ~2.8 h for llama-tiny (72 + 54),
+~3.4 h for pythia-14m (18 + 18) and ~3.7 h for llama-14m (24 + 18, timed as pythia-14m): ~13 h in all on
+the loaded machine; the issue's 1-2 min per 14m run on idle cores suggests about a third of that there.
+Presets can run as parallel processes into one ``--output_dir`` (one run file each); then ``--replot``
+with every preset rebuilds the joint tables.
 
 Defaults per preset: ``*-tiny`` sweeps 1e-3 ... 3e-1 over seeds 0, 1, 2; the others 3e-4 ... 1e-1, seed 0
 (``--learning_rates`` and ``--seeds`` override both). The sweep is resumable: each run is written to
