@@ -1,0 +1,682 @@
+"""Does RhoTrainer make a bad learning rate safe? Learning-rate sensitivity and the two small-scale instabilities.
+
+Wortsman et al. (2023), "Small-scale proxies for large-scale Transformer training instabilities"
+(arXiv 2309.14322), summarize a method by its learning-rate sensitivity over a sweep ``LR`` spanning
+orders of magnitude (their Section 3.1)::
+
+    sensitivity = mean_{lr in LR} min(loss(lr), loss_0)  -  min_{lr in LR} loss(lr)
+
+with ``loss_0`` the loss at initialization (a diverged run counts as ``loss_0``), and show two
+instabilities of small transformers at high learning rates: attention logit growth (mitigated by
+qk-layernorm) and output logit divergence (mitigated by a z-loss of 1e-4). Both are softmax radii in
+this project's terms (the attention radius and the output radius). Every method below trains the
+same data, in the same order, from the same initial weights (one per seed), on the main job's
+schedule (``recipes/pythia_finetune.py``: 8 x 128 tokens per step, 20 warm-up steps, cosine to 10%),
+with no gradient-norm clipping unless the method says so (the main job itself keeps Trainer's
+``max_grad_norm=1``, so its AdamW is this recipe's ``adamw+clip``):
+
+=================  ===============================================================================================
+method             what differs
+=================  ===============================================================================================
+``adamw``          plain AdamW (``max_grad_norm=0``)
+``adamw+clip``     AdamW with ``max_grad_norm`` (``--max_grad_norm``, default 1)
+``adamw+zloss``    AdamW, loss + ``--z_loss`` (1e-4) x mean over predicted tokens of ``logsumexp(z)^2``
+``qk-norm``        AdamW on Qwen3 at the Llama preset's shape: Llama plus per-head RMSNorm on q and k, the
+                   shared weights bit-identical at initialization (Llama presets only)
+``qk-norm+zloss``  both of Wortsman's mitigations (Llama presets only; not in the default list)
+``rho``            ``RhoTrainer`` at its defaults (clip, r* = 2, output and attention radii)
+``rho+zloss``      ``RhoTrainer`` at its defaults, plus the z-loss
+``rho+qk-norm``    ``RhoTrainer`` at its defaults on the qk-norm model (Llama presets only; not in the default list)
+``rho-best``       ``RhoTrainer`` with ``--best_rho_target``, ``--best_rho_radius``, ``--best_rho_radii``,
+                   ``--best_rho_every`` (placeholder values until a sweep on one preset picks them)
+=================  ===============================================================================================
+
+Recorded per run: the final eval loss (and the initial one, ``loss_0``), ``diverged`` (final loss not
+finite or above ``loss_0``), the largest training loss, the max attention logit (max over layers,
+heads, queries and allowed keys of ``|q k^T| / sqrt(d)`` before the softmax) and the max output logit
+(``max |z|`` over predicting positions), both over training: measured every ``--logit_every`` steps
+(and at steps 0 and the last) on the first ``--logit_blocks`` evaluation blocks with an eager attention
+that records the scores; for ``RhoTrainer`` the fractions of steps probed and of probed steps clipped and
+the binding radius (the one that bound most often), from the logged ``ghosts/*`` keys.
+
+    python recipes/lr_sensitivity.py                          # the full grid: 4 presets, 7 methods, 6 rates (hours)
+    python recipes/lr_sensitivity.py --presets pythia-tiny llama-tiny                 # 234 runs
+    python recipes/lr_sensitivity.py --presets pythia-14m llama-14m --seeds 0         # 78 runs
+    python recipes/lr_sensitivity.py --presets llama-tiny --methods rho-best --best_rho_target 1 \\
+        --best_rho_radius topk_exact --output_dir outputs/lr_sensitivity_best         # try a RhoTrainer setting
+    python recipes/lr_sensitivity.py --methods adamw rho qk-norm+zloss rho+qk-norm --presets llama-tiny
+    python recipes/lr_sensitivity.py --replot                 # tables and figures again from the run files
+
+Measured wall time of one 300-step run at lr 0.1 (training + 4 evaluations + 31 logit samples), one thread
+(``OMP_NUM_THREADS=1``) on this 2-core machine while shared (load average ~6): pythia-tiny AdamW 76 s,
+RhoTrainer 158 s (99.7% of steps probed, 90% clipped); llama-tiny 48 s and 120 s; pythia-14m 236 s and
+438 s (RhoTrainer's cost falls at lower rates, where fewer steps are probed). From these, the default grid
+takes at most ~3.5 h for pythia-tiny (54 AdamW-like + 54 RhoTrainer runs), ~2.8 h for llama-tiny (72 + 54),
+~3.4 h for pythia-14m (18 + 18) and ~3.7 h for llama-14m (24 + 18, timed as pythia-14m): ~13 h in all on
+the loaded machine; the issue's 1-2 min per 14m run on idle cores suggests about a third of that there.
+Presets can run as parallel processes into one ``--output_dir`` (one run file each); then ``--replot``
+with every preset rebuilds the joint tables.
+
+Defaults per preset: ``*-tiny`` sweeps 1e-3 ... 3e-1 over seeds 0, 1, 2; the others 3e-4 ... 1e-1, seed 0
+(``--learning_rates`` and ``--seeds`` override both). The sweep is resumable: each run is written to
+``<output_dir>/runs/<preset>/<method>/lr<lr>-seed<seed>.json`` as soon as it finishes and is read back,
+not rerun, next time (with the same settings; other settings raise an error: use another ``--output_dir``).
+Writes ``lr_sensitivity_runs.csv`` / ``.md`` (one row per run), ``lr_sensitivity_table.csv`` / ``.md``
+(per preset and method: sensitivity mean ± std over seeds (ddof=1), best loss, ratios to AdamW, diverged
+runs, max logits, clipping), ``lr_sensitivity_losses.md`` (final loss, method x learning rate),
+``lr_sensitivity.png`` (final loss against the learning rate per preset, the paper's Figure 1),
+``lr_sensitivity_logits.png`` (max attention and output logit against the learning rate) and
+``summary.json``. W&B stays off unless ``--report_to wandb`` (offline without ``WANDB_API_KEY``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from common import (
+    DataArguments,
+    finish_wandb,
+    load_data,
+    probe_batch,
+    wandb_offline_unless_logged_in,
+    write_json,
+    write_table,
+)
+from lr_free import spread
+from pythia_finetune import FinetuneArguments
+from transformers import (
+    AttentionInterface,
+    HfArgumentParser,
+    PreTrainedModel,
+    PrinterCallback,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+    default_data_collator,
+)
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from hf_ghosts import RhoTrainer
+from hf_ghosts.compat import attention_implementation
+from hf_ghosts.plots import save_figure
+from hf_ghosts.presets import MODEL_PRESETS, build_model, preset_config
+from hf_ghosts.probe import output_positions
+from hf_ghosts.settings import DEFAULT_EVERY, RADII, RADIUS_KINDS
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of the sweep: the trainer (``rho``: None for AdamW, ``"default"`` or ``"best"``), z-loss, qk-norm
+    architecture, gradient-norm clipping."""
+
+    description: str
+    rho: str | None = None
+    z_loss: bool = False
+    qk_norm: bool = False
+    clip: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "adamw": Method("AdamW"),
+    "adamw+clip": Method("AdamW + max_grad_norm", clip=True),
+    "adamw+zloss": Method("AdamW + z-loss", z_loss=True),
+    "qk-norm": Method("AdamW, qk-norm (Qwen3)", qk_norm=True),
+    "qk-norm+zloss": Method("AdamW, qk-norm + z-loss", z_loss=True, qk_norm=True),
+    "rho": Method("RhoTrainer (defaults)", rho="default"),
+    "rho+zloss": Method("RhoTrainer + z-loss", rho="default", z_loss=True),
+    "rho+qk-norm": Method("RhoTrainer, qk-norm", rho="default", qk_norm=True),
+    "rho-best": Method("RhoTrainer (best setting)", rho="best"),
+}
+DEFAULT_METHODS = ["adamw", "adamw+clip", "adamw+zloss", "qk-norm", "rho", "rho+zloss", "rho-best"]
+STYLES = {
+    "adamw": ("tab:red", "-"), "adamw+clip": ("tab:orange", "--"), "adamw+zloss": ("tab:purple", "-."),
+    "qk-norm": ("tab:green", "-"), "qk-norm+zloss": ("tab:olive", "-."), "rho": ("tab:blue", "-"),
+    "rho+zloss": ("tab:cyan", "-."), "rho+qk-norm": ("navy", "--"), "rho-best": ("black", "-"),
+}
+TINY_LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
+LARGER_LRS = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+
+
+@dataclass
+class SensitivityArguments:
+    """The sweep: presets, methods, learning rates, seeds, steps, the measurements, and the best RhoTrainer setting."""
+
+    output_dir: str = field(default="outputs/lr_sensitivity", metadata={"help": "Where the run files, tables and figures go."})
+    presets: list[str] = field(
+        default_factory=lambda: ["pythia-tiny", "llama-tiny", "pythia-14m", "llama-14m"],
+        metadata={"help": "Model presets (family and size).", "choices": list(MODEL_PRESETS)},
+    )
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS),
+                               metadata={"help": "Methods (qk-norm ones run on Llama presets only).", "choices": list(METHODS)})
+    learning_rates: list[float] = field(
+        default_factory=list, metadata={"help": f"Peak learning rates (default: {TINY_LRS} on *-tiny, {LARGER_LRS} else)."}
+    )
+    seeds: list[int] = field(default_factory=list, metadata={"help": "Seeds of weights and data order (default: 0 1 2 on "
+                                                                      "*-tiny, 0 else)."})
+    max_steps: int = field(default=300, metadata={"help": "Optimizer steps per run."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per step (of --block_size tokens)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm bound of 'adamw+clip'."})
+    z_loss: float = field(default=1e-4, metadata={"help": "Weight of the z-loss of the '+zloss' methods."})
+    logit_every: int = field(default=10, metadata={"help": "Measure the max attention and output logits every k steps."})
+    logit_blocks: int = field(default=4, metadata={"help": "Evaluation blocks the logits are measured on."})
+    best_rho_target: float | None = field(default=1.0, metadata={"help": "'rho-best': rho_target (None: clip's default)."})
+    best_rho_radius: str = field(default="bound", metadata={"help": "'rho-best': rho_radius.", "choices": list(RADIUS_KINDS)})
+    best_rho_radii: list[str] = field(default_factory=lambda: ["output", "attention"],
+                                      metadata={"help": "'rho-best': rho_radii (the limiting radii).", "choices": list(RADII)})
+    best_rho_every: int = field(default=DEFAULT_EVERY, metadata={"help": "'rho-best': rho_every."})
+    report_to: list[str] = field(default_factory=list, metadata={"help": "Trainer's report_to (default: none)."})
+    replot: bool = field(default=False, metadata={"help": "No training: tables and figures from the run files found."})
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.logit_every < 1 or self.logit_blocks < 1 or self.batch_size < 1:
+            raise ValueError("--max_steps, --logit_every, --logit_blocks and --batch_size must be >= 1; got "
+                             f"{self.max_steps}, {self.logit_every}, {self.logit_blocks}, {self.batch_size}")
+        if any(not (lr > 0 and math.isfinite(lr)) for lr in self.learning_rates):
+            raise ValueError(f"--learning_rates must be finite numbers > 0; got {self.learning_rates}")
+
+    def learning_rates_of(self, preset: str) -> list[float]:
+        return list(self.learning_rates) or (TINY_LRS if preset.endswith("-tiny") else LARGER_LRS)
+
+    def seeds_of(self, preset: str) -> list[int]:
+        return list(self.seeds) or ([0, 1, 2] if preset.endswith("-tiny") else [0])
+
+
+def applies(preset: str, method: str) -> bool:
+    """qk-norm methods need a Llama preset (Qwen3 is Llama plus qk-norm); every other method runs everywhere."""
+    return not METHODS[method].qk_norm or MODEL_PRESETS[preset][0] == "llama"
+
+
+def grid(spec: SensitivityArguments) -> Iterator[tuple[str, str, float, int]]:
+    """Every ``(preset, method, learning rate, seed)``: by preset, seed, rate, then method (a partial sweep compares)."""
+    for preset in spec.presets:
+        for seed in spec.seeds_of(preset):
+            for lr in spec.learning_rates_of(preset):
+                for method in spec.methods:
+                    if applies(preset, method):
+                        yield preset, method, lr, seed
+
+
+# --------------------------------------------------------------------------------------------- the measures
+def lr_sensitivity(losses: Sequence[float], initial_loss: float) -> float:
+    """Wortsman et al. (2023), Section 3.1: ``mean_lr min(loss(lr), loss_0) - min_lr loss(lr)``.
+
+    A loss that is not finite counts as ``loss_0`` in the mean and is left out of the minimum (NaN if none is
+    finite). Example: ``lr_sensitivity([3.0, 2.0, nan, 6.0], 5.0) = (3 + 2 + 5 + 5) / 4 - 2 = 1.75``.
+    """
+    values = np.asarray(losses, dtype=float)
+    if values.size == 0:
+        raise ValueError("lr_sensitivity: expects at least one loss; got none")
+    finite = np.isfinite(values)
+    capped = np.where(finite, np.minimum(values, initial_loss), initial_loss)
+    return float(capped.mean() - values[finite].min()) if finite.any() else math.nan
+
+
+def z_loss(logits: torch.Tensor, labels: torch.Tensor, num_items: torch.Tensor | int | None = None) -> torch.Tensor:
+    """``sum_t logsumexp(z_t)^2 / N`` over the positions ``t`` that predict a label (``labels[t + 1] != -100``).
+
+    ``N``: ``num_items`` (the Trainer's count of predicted labels, so that gradient accumulation weighs it as the
+    cross-entropy) or, without it, the number of those positions (the mean). The z-loss of PaLM and Wortsman et al.
+    """
+    mask = output_positions({"labels": labels}, logits.shape[:2], shift_labels=True, device=logits.device)
+    lse = torch.logsumexp(logits[mask].float(), dim=-1)
+    count = mask.sum() if num_items is None else num_items
+    return lse.pow(2).sum() / count
+
+
+class ZLoss:
+    """A trainer mixin: the training loss plus ``z_loss_weight * z_loss`` (evaluation keeps the plain loss)."""
+
+    def __init__(self, *args: Any, z_loss_weight: float = 0.0, **kwargs: Any) -> None:
+        self.z_loss_weight = z_loss_weight
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if self.z_loss_weight and model.training:
+            loss = loss + self.z_loss_weight * z_loss(outputs.logits, inputs["labels"], num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+
+class SweepTrainer(ZLoss, Trainer):
+    pass
+
+
+class SweepRhoTrainer(ZLoss, RhoTrainer):
+    pass
+
+
+LOGIT_ATTENTION = "lr_sensitivity_logits"
+_ATTENTION_MAXIMA: list[torch.Tensor] = []
+
+
+def _logit_recording_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                               **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Eager attention (``eager_mask``'s additive mask) that appends ``max |q k^T| * scaling`` over allowed keys."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(2, 3)).float() * scaling
+    allowed = torch.ones_like(scores, dtype=torch.bool) if attention_mask is None else attention_mask[..., : key.shape[2]] == 0
+    _ATTENTION_MAXIMA.append(scores.abs().masked_fill(~allowed, 0.0).amax())
+    probs = torch.softmax(scores.masked_fill(~allowed, -math.inf), dim=-1).to(value.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(LOGIT_ATTENTION, _logit_recording_attention)
+AttentionMaskInterface.register(LOGIT_ATTENTION, eager_mask)
+
+
+@torch.no_grad()
+def max_logits(model: PreTrainedModel, batch: Mapping[str, torch.Tensor], predicting: torch.Tensor) -> tuple[float, float]:
+    """``(max attention logit, max |output logit|)`` of one eval-mode forward of ``batch`` (Wortsman et al.'s two
+    instabilities): attention over layers, heads, queries and allowed keys; output over the ``predicting`` positions.
+    The model is left in the mode it was found in."""
+    device = next(model.parameters()).device
+    inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask") if key in batch}
+    was_training = model.training
+    model.eval()
+    _ATTENTION_MAXIMA.clear()
+    try:
+        with attention_implementation(model, LOGIT_ATTENTION):
+            logits = model(**inputs).logits
+        attention = float(torch.stack(_ATTENTION_MAXIMA).max()) if _ATTENTION_MAXIMA else math.nan
+    finally:
+        _ATTENTION_MAXIMA.clear()
+        model.train(was_training)
+    return attention, float(logits[predicting.to(device)].abs().max())
+
+
+class LogitSampler(TrainerCallback):
+    """Records :func:`max_logits` of a fixed batch at step 0, every ``every`` steps and at the last step (no state
+    changes: a no-grad forward, the training mode restored)."""
+
+    def __init__(self, batch: Mapping[str, torch.Tensor], predicting: torch.Tensor, every: int) -> None:
+        self.batch, self.predicting, self.every = batch, predicting, every
+        self.samples: list[tuple[int, float, float]] = []  # (step, max attention logit, max output logit)
+
+    def _sample(self, model: PreTrainedModel, step: int) -> None:
+        self.samples.append((step, *max_logits(model, self.batch, self.predicting)))
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._sample(kwargs["model"], state.global_step)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self._sample(kwargs["model"], state.global_step)
+
+
+def ghosts_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """From the ``ghosts/*`` entries of a ``log_history``: ``probed_fraction`` (probed / measured steps),
+    ``clipped_fraction`` (clipped / probed), ``binding_radius`` (the limiting radius that bound most probed steps),
+    ``bottleneck_counts``, ``skipped_steps``, ``r_max`` and ``rho_min``; NaN / ``""`` for a run without them.
+
+    Each log covers the steps since the previous one; its fractions are of the steps that were not skipped
+    (``ghosts/skipped_nonfinite``, ``ghosts/would_skip``), as :class:`hf_ghosts.metrics.MetricWindow` reduces them.
+    """
+    previous, measured, probed, clipped, skipped = 0, 0, 0, 0, 0
+    bottleneck: Counter[str] = Counter()
+    r_max, rho_min = -math.inf, math.inf
+    for entry in history:
+        if "ghosts/skipped_nonfinite" not in entry:
+            continue
+        window = entry["step"] - previous
+        previous = entry["step"]
+        lost = int(entry["ghosts/skipped_nonfinite"] + entry.get("ghosts/would_skip", 0.0))
+        skipped += lost
+        measured += window - lost
+        here = round(entry.get("ghosts/probed", 0.0) * (window - lost))
+        probed += here
+        clipped += round(entry.get("ghosts/clipped", 0.0) * here)
+        for key, value in entry.items():
+            if key.startswith("ghosts/bottleneck/"):
+                bottleneck[key.removeprefix("ghosts/bottleneck/")] += int(value)
+        r_max = max(r_max, entry.get("ghosts/r", -math.inf))
+        rho_min = min(rho_min, entry.get("ghosts/rho", math.inf))
+    if not previous:
+        return {"probed_fraction": math.nan, "clipped_fraction": math.nan, "binding_radius": "", "bottleneck_counts": {},
+                "skipped_steps": math.nan, "r_max": math.nan, "rho_min": math.nan}
+    return {
+        "probed_fraction": probed / measured if measured else math.nan,
+        "clipped_fraction": clipped / probed if probed else math.nan,
+        "binding_radius": max(bottleneck, key=bottleneck.get) if sum(bottleneck.values()) else "none",
+        "bottleneck_counts": dict(bottleneck), "skipped_steps": skipped,
+        "r_max": r_max if math.isfinite(r_max) else math.nan, "rho_min": rho_min if math.isfinite(rho_min) else math.nan,
+    }
+
+
+# --------------------------------------------------------------------------------------------- one run
+def qk_norm_model(preset: str, vocab_size: int, seed: int) -> PreTrainedModel:
+    """Qwen3 at Llama preset ``preset``'s shape, rotary and norm settings: Llama plus per-head RMSNorm on q and k.
+
+    Built from ``torch.manual_seed(seed)`` like :func:`~hf_ghosts.presets.build_model`: the weights it shares with
+    the Llama are identical, the q/k norms start at one.
+    """
+    llama = preset_config(preset, vocab_size)
+    if llama.model_type != "llama":
+        raise ValueError(f"qk_norm_model: the qk-norm model is the Llama's twin; preset {preset!r} is a {llama.model_type}")
+    config = Qwen3Config(**{**MODEL_PRESETS[preset][1], "vocab_size": vocab_size, "head_dim": llama.head_dim,
+                            "rope_parameters": llama.rope_parameters, "rms_norm_eps": llama.rms_norm_eps,
+                            "attention_bias": llama.attention_bias})
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config)
+
+
+def run_settings(spec: SensitivityArguments, data_args: DataArguments, method: str) -> dict[str, Any]:
+    """What a run file must match to be reused: the training settings and the method's own."""
+    settings = {"max_steps": spec.max_steps, "batch_size": spec.batch_size, "logit_every": spec.logit_every,
+                "logit_blocks": spec.logit_blocks, "block_size": data_args.block_size,
+                "max_train_blocks": data_args.max_train_blocks, "max_eval_blocks": data_args.max_eval_blocks,
+                "tokenizer_vocab_size": data_args.tokenizer_vocab_size, "dataset_name": data_args.dataset_name,
+                "train_file": data_args.train_file}
+    chosen = METHODS[method]
+    if chosen.clip:
+        settings["max_grad_norm"] = spec.max_grad_norm
+    if chosen.z_loss:
+        settings["z_loss"] = spec.z_loss
+    if chosen.rho == "best":
+        settings.update(rho_target=spec.best_rho_target, rho_radius=spec.best_rho_radius, rho_radii=list(spec.best_rho_radii),
+                        rho_every=spec.best_rho_every)
+    return settings
+
+
+def training_arguments(spec: SensitivityArguments, method: str, lr: float, seed: int, output_dir: str) -> FinetuneArguments:
+    """The main job's arguments (schedule, evaluation) at ``lr`` and ``seed``; the method's clipping and ``rho_*``."""
+    chosen = METHODS[method]
+    rho: dict[str, Any] = {"rho_watch_radii": []}  # watching only logs: no cost spent on it here
+    if chosen.rho == "best":
+        rho.update(rho_target=spec.best_rho_target, rho_radius=spec.best_rho_radius, rho_radii=list(spec.best_rho_radii),
+                   rho_every=spec.best_rho_every)
+    return FinetuneArguments(
+        output_dir=output_dir, max_steps=spec.max_steps, learning_rate=lr, per_device_train_batch_size=spec.batch_size,
+        max_grad_norm=spec.max_grad_norm if chosen.clip else 0.0, logging_steps=1, logging_nan_inf_filter=False,
+        dataloader_pin_memory=False,
+        report_to=spec.report_to, disable_tqdm=True, seed=seed, data_seed=seed, run_name=f"{method} lr={lr:g} seed {seed}",
+        **rho,
+    )
+
+
+def train_run(spec: SensitivityArguments, preset: str, method: str, lr: float, seed: int, data: dict[str, Any],
+              scratch: str) -> dict[str, Any]:
+    """Train one run from the seed's initial weights; return its record (losses, logits, clipping, curves)."""
+    chosen = METHODS[method]
+    model = (qk_norm_model if chosen.qk_norm else build_model)(preset, data["vocab"], seed)
+    args = training_arguments(spec, method, lr, seed, os.path.join(scratch, f"{preset}-{method}-{lr:g}-{seed}"))
+    trainer_cls = SweepRhoTrainer if chosen.rho else SweepTrainer
+    trainer = trainer_cls(model=model, args=args, train_dataset=data["train"], eval_dataset=data["eval"],
+                          data_collator=default_data_collator, z_loss_weight=spec.z_loss if chosen.z_loss else 0.0)
+    trainer.remove_callback(PrinterCallback)
+    sampler = LogitSampler(*data["logit_batch"], spec.logit_every)
+    trainer.add_callback(sampler)
+    started = time.perf_counter()
+    trainer.train()
+    history = trainer.state.log_history
+    curve = [(h["step"], float(h["eval_loss"])) for h in history if "eval_loss" in h]
+    if curve[-1][0] != trainer.state.global_step:
+        curve.append((trainer.state.global_step, float(trainer.evaluate()["eval_loss"])))
+    seconds = time.perf_counter() - started
+    if "wandb" in spec.report_to:
+        finish_wandb()
+    eval_seconds = sum(h["eval_runtime"] for h in trainer.state.log_history if "eval_runtime" in h)
+    initial, final = curve[0][1], curve[-1][1]
+    train_losses = [float(h["loss"]) for h in history if "loss" in h]
+    return {
+        "preset": preset, "method": method, "learning_rate": lr, "seed": seed,
+        "initial_eval_loss": initial, "final_eval_loss": final,
+        "diverged": not math.isfinite(final) or final > initial,
+        "max_train_loss": max(train_losses, key=lambda x: x if math.isfinite(x) else math.inf, default=math.nan),
+        "max_attention_logit": max(s[1] for s in sampler.samples), "max_output_logit": max(s[2] for s in sampler.samples),
+        **ghosts_summary(history),
+        "train_seconds": round(seconds - eval_seconds, 2), "eval_seconds": round(eval_seconds, 2),
+        "eval_curve": curve, "logit_samples": sampler.samples, "train_losses": train_losses,
+    }
+
+
+def run_path(spec: SensitivityArguments, preset: str, method: str, lr: float, seed: int) -> str:
+    return os.path.join(spec.output_dir, "runs", preset, method, f"lr{lr:g}-seed{seed}.json")
+
+
+def read_run(path: str, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A run file; with ``settings``, an error unless it was made with them (JSON ``null`` back to NaN)."""
+    with open(path) as handle:
+        stored = json.load(handle)
+    if settings is not None and stored["settings"] != json.loads(json.dumps(dict(settings))):
+        differ = sorted(k for k in {*stored["settings"], *settings} if stored["settings"].get(k) != settings.get(k))
+        raise ValueError(f"{path} was made with other settings ({', '.join(differ)}); rerun with another --output_dir")
+    row = stored["run"]
+    for key, value in row.items():
+        if value is None:
+            row[key] = math.nan
+    return row
+
+
+def train_all(spec: SensitivityArguments, data_args: DataArguments) -> None:
+    """Train every run of the grid that has no run file yet; write each file as soon as its run ends."""
+    todo = [(p, m, lr, s) for p, m, lr, s in grid(spec) if not os.path.exists(run_path(spec, p, m, lr, s))]
+    for preset, method, lr, seed in grid(spec):
+        if (preset, method, lr, seed) not in todo:
+            read_run(run_path(spec, preset, method, lr, seed), run_settings(spec, data_args, method))
+    print(f"{len(todo)} run(s) to train, {sum(1 for _ in grid(spec)) - len(todo)} found in {spec.output_dir}/runs", flush=True)
+    if not todo:
+        return
+    wandb_offline_unless_logged_in(spec.report_to, spec.output_dir)
+    tokenizer, train, evaluation = load_data(data_args)
+    # 8 sequences x 128 tokens = 1,024 tokens per optimizer step by default
+    data = {"train": train, "eval": evaluation, "vocab": len(tokenizer), "logit_batch": probe_batch(evaluation, spec.logit_blocks)}
+    with tempfile.TemporaryDirectory() as scratch:
+        for preset, method, lr, seed in todo:
+            row = train_run(spec, preset, method, lr, seed, data, scratch)
+            path = run_path(spec, preset, method, lr, seed)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_json(path, {"settings": run_settings(spec, data_args, method), "run": row})
+            clipped = f", clipped {row['clipped_fraction']:.0%}" if math.isfinite(row["clipped_fraction"]) else ""
+            print(f"{preset:>12} {method:>13} lr {lr:<7g} seed {seed}: eval loss {row['initial_eval_loss']:.3f} -> "
+                  f"{row['final_eval_loss']:.4f}{'  DIVERGED' if row['diverged'] else ''}, max logits attention "
+                  f"{row['max_attention_logit']:.3g} output {row['max_output_logit']:.3g}{clipped} "
+                  f"({row['train_seconds']:.1f} s train, {row['eval_seconds']:.1f} s eval)", flush=True)
+
+
+def read_runs(spec: SensitivityArguments) -> list[dict[str, Any]]:
+    """The run files of the grid that exist, in grid order."""
+    paths = [run_path(spec, *key) for key in grid(spec)]
+    return [read_run(path) for path in paths if os.path.exists(path)]
+
+
+# --------------------------------------------------------------------------------------------- tables and figures
+def summarize(rows: list[dict[str, Any]], spec: SensitivityArguments) -> list[dict[str, Any]]:
+    """Per (preset, method): the sensitivity of each seed's sweep (its ``loss_0``: the mean initial eval loss of the
+    seed's runs, identical weights), mean ± std (ddof=1) over seeds; the seed-mean best loss and its rate; ratios
+    to AdamW's; diverged runs; the largest logits; mean clipped and probed fractions."""
+    table = []
+    for preset in spec.presets:
+        for method in spec.methods:
+            mine = [r for r in rows if (r["preset"], r["method"]) == (preset, method)]
+            if not mine:
+                continue
+            seeds = sorted({r["seed"] for r in mine})
+            per_seed = [[r for r in mine if r["seed"] == seed] for seed in seeds]
+            values = [lr_sensitivity([r["final_eval_loss"] for r in runs], float(np.mean([r["initial_eval_loss"] for r in runs])))
+                      for runs in per_seed]
+            best = [_finite_min([r["final_eval_loss"] for r in runs]) for runs in per_seed]
+            lrs = sorted({r["learning_rate"] for r in mine})
+            mean_loss = {lr: float(np.mean([r["final_eval_loss"] for r in mine if r["learning_rate"] == lr])) for lr in lrs}
+            sensitivity = spread(values)
+            table.append({
+                "preset": preset, "method": method, "seeds": len(seeds), "learning_rates": len(lrs),
+                "sensitivity_mean": sensitivity["mean"], "sensitivity_std": sensitivity["std"],
+                "best_loss_mean": float(np.mean(best)),
+                "best_lr": min(lrs, key=lambda lr: mean_loss[lr] if math.isfinite(mean_loss[lr]) else math.inf),
+                "diverged_runs": sum(bool(r["diverged"]) for r in mine), "runs": len(mine),
+                "max_attention_logit": float(np.nanmax([r["max_attention_logit"] for r in mine])),
+                "max_output_logit": float(np.nanmax([r["max_output_logit"] for r in mine])),
+                "clipped_fraction": float(np.mean([r["clipped_fraction"] for r in mine])),
+                "probed_fraction": float(np.mean([r["probed_fraction"] for r in mine])),
+                "train_seconds": float(np.mean([r["train_seconds"] for r in mine])),
+            })
+    for row in table:
+        adamw = next((r for r in table if (r["preset"], r["method"]) == (row["preset"], "adamw")), None)
+        row["sensitivity_vs_adamw"] = _ratio(row["sensitivity_mean"], adamw["sensitivity_mean"]) if adamw else math.nan
+        row["best_vs_adamw"] = _ratio(row["best_loss_mean"], adamw["best_loss_mean"]) - 1 if adamw else math.nan
+    return table
+
+
+def _finite_min(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return min(finite) if finite else math.nan
+
+
+def _ratio(top: float, bottom: float) -> float:
+    return top / bottom if bottom != 0 and math.isfinite(bottom) else math.nan
+
+
+def losses_markdown(rows: list[dict[str, Any]], spec: SensitivityArguments) -> str:
+    """Per preset, method x learning rate: final eval loss, seed mean ± std (diverged runs counted)."""
+    parts = []
+    for preset in spec.presets:
+        lrs = spec.learning_rates_of(preset)
+        lines = [f"**{preset}**: final eval loss after {spec.max_steps} steps, mean ± std over seeds (diverged runs: D)",
+                 "", "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+        for method in spec.methods:
+            cells = []
+            for lr in lrs:
+                runs = [r for r in rows if (r["preset"], r["method"], r["learning_rate"]) == (preset, method, lr)]
+                if not runs:
+                    cells.append("-")
+                    continue
+                loss = spread([r["final_eval_loss"] for r in runs])
+                diverged = sum(bool(r["diverged"]) for r in runs)
+                cells.append(f"{loss['mean']:.3f} ± {loss['std']:.3f}" + (f" ({diverged} D)" if diverged else ""))
+            if any(cell != "-" for cell in cells):
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def _by_lr(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Learning rates, and per rate the seed mean, min and max of ``key``."""
+    lrs = np.array(sorted({r["learning_rate"] for r in rows}))
+    values = [np.array([r[key] for r in rows if r["learning_rate"] == lr], dtype=float) for lr in lrs]
+    return lrs, *(np.array([f(v) for v in values]) for f in (np.mean, np.min, np.max))
+
+
+def _capped(values: np.ndarray, ceiling: float) -> np.ndarray:
+    return np.where(np.isfinite(values), np.minimum(values, ceiling), ceiling)
+
+
+def plot_losses(rows: list[dict[str, Any]], table: list[dict[str, Any]], spec: SensitivityArguments, path: str) -> str:
+    """Per preset: final eval loss against the learning rate (log x), seed mean and min-max band per method, the
+    initial loss dotted; a seed mean above it or not finite is drawn as x at the ceiling (Wortsman et al.'s Figure 1)."""
+    presets = [p for p in spec.presets if any(r["preset"] == p for r in rows)]
+    figure, axes = plt.subplots(1, len(presets), figsize=(5.5 * len(presets), 4.5), squeeze=False)
+    for axis, preset in zip(axes[0], presets, strict=True):
+        mine = [r for r in rows if r["preset"] == preset]
+        initial = float(np.mean([r["initial_eval_loss"] for r in mine]))
+        ceiling = initial * 1.02
+        for method in spec.methods:
+            runs = [r for r in mine if r["method"] == method]
+            if not runs:
+                continue
+            lrs, mean, low, high = _by_lr(runs, "final_eval_loss")
+            color, style = STYLES[method]
+            row = next(t for t in table if (t["preset"], t["method"]) == (preset, method))
+            axis.plot(lrs, _capped(mean, ceiling), color=color, ls=style, marker="o", ms=3,
+                      label=f"{method} (LR sens. {row['sensitivity_mean']:.3f})")
+            axis.fill_between(lrs, _capped(low, ceiling), _capped(high, ceiling), color=color, alpha=0.12)
+            above = ~np.isfinite(mean) | (mean > initial)
+            axis.plot(lrs[above], np.full(above.sum(), ceiling), "x", color=color, ms=9, mew=2)
+        axis.axhline(initial, color="gray", ls=":", lw=1, label=f"loss at initialization ({initial:.2f})")
+        axis.set_xscale("log")
+        axis.set_xlabel("peak learning rate")
+        axis.set_ylabel("final eval loss (seed mean, min-max band; x: above loss_0)")
+        axis.set_title(f"{preset}, {spec.max_steps} steps")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    return save_figure(figure, path)
+
+
+def plot_logits(rows: list[dict[str, Any]], spec: SensitivityArguments, path: str) -> str:
+    """Top: max attention logit; bottom: max output logit; against the learning rate, per preset (log-log)."""
+    presets = [p for p in spec.presets if any(r["preset"] == p for r in rows)]
+    figure, axes = plt.subplots(2, len(presets), figsize=(5.5 * len(presets), 8), squeeze=False)
+    for column, preset in enumerate(presets):
+        for row_index, (key, label) in enumerate((("max_attention_logit", "max attention logit"),
+                                                  ("max_output_logit", "max |output logit|"))):
+            axis = axes[row_index, column]
+            for method in spec.methods:
+                runs = [r for r in rows if (r["preset"], r["method"]) == (preset, method)]
+                if runs:
+                    lrs, mean, low, high = _by_lr(runs, key)
+                    color, style = STYLES[method]
+                    axis.plot(lrs, mean, color=color, ls=style, marker="o", ms=3, label=method)
+                    axis.fill_between(lrs, low, high, color=color, alpha=0.12)
+            axis.set_xscale("log")
+            axis.set_yscale("log")
+            axis.set_xlabel("peak learning rate")
+            axis.set_ylabel(f"{label} over training")
+            axis.set_title(f"{preset}: {label}")
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
+    return save_figure(figure, path)
+
+
+RUN_COLUMNS = ["preset", "method", "learning_rate", "seed", "initial_eval_loss", "final_eval_loss", "diverged",
+               "max_train_loss", "max_attention_logit", "max_output_logit", "probed_fraction", "clipped_fraction",
+               "binding_radius", "r_max", "rho_min", "skipped_steps", "train_seconds", "eval_seconds"]
+TABLE_COLUMNS = ["preset", "method", "seeds", "learning_rates", "sensitivity_mean", "sensitivity_std", "sensitivity_vs_adamw",
+                 "best_loss_mean", "best_vs_adamw", "best_lr", "diverged_runs", "runs", "max_attention_logit",
+                 "max_output_logit", "clipped_fraction", "probed_fraction", "train_seconds"]
+
+
+def report(rows: list[dict[str, Any]], spec: SensitivityArguments) -> dict[str, Any]:
+    """Write the run table, the sensitivity table, the loss pivot, both figures and the summary; return the summary."""
+    expected = sum(1 for _ in grid(spec))
+    summary: dict[str, Any] = {"runs": len(rows), "missing_runs": expected - len(rows), "settings": dataclasses.asdict(spec)}
+    if not rows:
+        write_json(os.path.join(spec.output_dir, "summary.json"), summary)
+        print(f"no run files under {spec.output_dir}/runs for this grid")
+        return summary
+    out = os.path.join(spec.output_dir, "lr_sensitivity")
+    write_table(rows, f"{out}_runs", RUN_COLUMNS)
+    table = summarize(rows, spec)
+    markdown = write_table(table, f"{out}_table", TABLE_COLUMNS)
+    losses = losses_markdown(rows, spec)
+    with open(f"{out}_losses.md", "w") as handle:
+        handle.write(losses)
+    summary.update(table=table, train_seconds=float(sum(r["train_seconds"] + r["eval_seconds"] for r in rows)),
+                   figures=[plot_losses(rows, table, spec, f"{out}.png"), plot_logits(rows, spec, f"{out}_logits.png")])
+    write_json(os.path.join(spec.output_dir, "summary.json"), summary)
+    print("\n" + losses + "\n" + markdown)
+    print(f"wrote {spec.output_dir}/: lr_sensitivity_runs.csv/.md, lr_sensitivity_table.csv/.md, lr_sensitivity_losses.md, "
+          f"lr_sensitivity.png, lr_sensitivity_logits.png, summary.json ({len(rows)} of {expected} runs)")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train the runs of the grid not yet on disk (unless ``--replot``); write the tables and figures from the run files."""
+    spec, data_args = HfArgumentParser((SensitivityArguments, DataArguments)).parse_args_into_dataclasses(args=argv)
+    os.makedirs(spec.output_dir, exist_ok=True)
+    if not spec.replot:
+        train_all(spec, data_args)
+    return report(read_runs(spec), spec)
+
+
+if __name__ == "__main__":
+    main()
