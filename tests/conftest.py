@@ -14,6 +14,7 @@ import types
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -547,3 +548,24 @@ def read_wandb_records() -> Callable[[Path], list]:
         return records
 
     return read
+
+
+# ------------------------------------------------------------------------------------------ recipes
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Small data for every run: 48 training blocks of 128 tokens, 8 evaluation blocks, a 512-token vocabulary.
+SMALL_DATA = ["--max_train_blocks", "48", "--max_eval_blocks", "8", "--tokenizer_vocab_size", "512"]
+
+
+
+def recipe(name: str) -> ModuleType:
+    """Import ``recipes/<name>.py`` the way ``python recipes/<name>.py`` sees its siblings."""
+    if str(RECIPES) not in sys.path:
+        sys.path.insert(0, str(RECIPES))
+    return importlib.import_module(name)
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5_000, (path, len(data))

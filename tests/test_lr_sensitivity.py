@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import recorded_scores
-from test_recipes import SMALL_DATA, assert_png, recipe
+from conftest import SMALL_DATA, assert_png, recipe, recorded_scores
 from transformers import TrainingArguments
 
 from hf_ghosts.presets import build_model

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import math
 import sys
 import types
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from conftest import SMALL_DATA, assert_png, recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_ghosts.presets import (
@@ -27,26 +26,7 @@ from hf_ghosts.presets import (
     train_bpe_tokenizer,
 )
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# Small data for every run: 48 training blocks of 128 tokens, 8 evaluation blocks, a 512-token vocabulary.
-SMALL_DATA = ["--max_train_blocks", "48", "--max_eval_blocks", "8", "--tokenizer_vocab_size", "512"]
-
-
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: a second thread buys nothing
-
-
-def recipe(name: str) -> ModuleType:
-    """Import ``recipes/<name>.py`` the way ``python recipes/<name>.py`` sees its siblings."""
-    if str(RECIPES) not in sys.path:
-        sys.path.insert(0, str(RECIPES))
-    return importlib.import_module(name)
-
-
-def assert_png(path: Path) -> None:
-    assert path.is_file(), path
-    data = path.read_bytes()
-    assert data.startswith(PNG_MAGIC) and len(data) > 5_000, (path, len(data))
 
 
 def finite_numbers(value: object) -> list[float]:
