@@ -412,7 +412,7 @@ class AdamWReplay:
 
 
 # ----------------------------------------------------------------------------- a plain-loop classifier
-# (test_controller, test_watch_and_schedule: RhoController on a non-transformers nn.Module)
+# (test_controller, test_controller_watch: RhoController on a non-transformers nn.Module)
 FEATURES, CLASSES = 8, 5
 
 

@@ -1,7 +1,7 @@
 """The family sweep: jvp, fd and a float64 reference for the output and attention radii on tiny models of each
 family, and the README's family table generated from it and :data:`~hf_ghosts.architectures.ARCHITECTURES`.
 
-Regenerate the README table with ``python tests/test_families.py`` (prints it).
+Regenerate the README table with ``python tests/test_probe_families.py`` (prints it).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def test_jvp_and_fd_match_the_float64_reference_on_every_family(rows: list[Row])
 
 @pytest.mark.slow
 def test_readme_family_table_is_generated_from_the_sweep(rows: list[Row]) -> None:
-    assert table(rows) in README.read_text(), f"regenerate with `python tests/test_families.py`:\n{table(rows)}"
+    assert table(rows) in README.read_text(), f"regenerate with `python tests/test_probe_families.py`:\n{table(rows)}"
 
 
 if __name__ == "__main__":
