@@ -9,12 +9,11 @@ linear head's output unchanged as the logits (what the probe's chunked head reli
 
 from __future__ import annotations
 
-import functools
-import inspect
-import sys
 from dataclasses import dataclass
 
 import torch
+
+from hf_ghosts import compat
 
 try:  # torch >= 2.6
     from torch.distributed.tensor import DTensor
@@ -141,8 +140,8 @@ def find_ffn_modules(model: torch.nn.Module, spec: FfnSpec) -> dict[str, torch.n
 def original_module(model: torch.nn.Module) -> torch.nn.Module:
     """The module ``torch.compile(model)`` wraps (``_orig_mod``), else ``model``: forward AD does not pass through
     inductor's ``out=`` kernels, and the probe's functional forwards need the eager module."""
-    while isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-        model = model._orig_mod
+    while (inner := compat.compiled_original(model)) is not None:
+        model = inner
     return model
 
 
@@ -157,15 +156,6 @@ def base_model_of(model: torch.nn.Module) -> torch.nn.Module:
     return original_module(model.get_base_model()) if is_peft_model(model) else model
 
 
-@functools.cache
-def _module_routes_attention(module_name: str) -> bool:
-    source = sys.modules.get(module_name)
-    try:
-        return source is not None and "ALL_ATTENTION_FUNCTIONS.get_interface(" in inspect.getsource(source)
-    except (OSError, TypeError):
-        return False
-
-
 def attention_blocker(model: torch.nn.Module) -> str | None:
     """Why the attention of ``model`` cannot be measured (not routed through ``AttentionInterface``); ``None`` if it can.
 
@@ -175,10 +165,9 @@ def attention_blocker(model: torch.nn.Module) -> str | None:
     """
     base = base_model_of(model)
     model_type = _model_type(base) or type(base).__name__
-    can_set = getattr(base, "_can_set_attn_implementation", None)
-    if not (callable(can_set) and can_set()):
+    if not compat.can_set_attention(base):
         return f"model_type {model_type!r} ({type(base).__name__}) does not route its attention through AttentionInterface"
-    if not any(_module_routes_attention(type(m).__module__) for m in base.modules()):
+    if not any(compat.module_routes_attention(type(m).__module__) for m in base.modules()):
         return f"model_type {model_type!r} ({type(base).__name__}) has no attention layer routed through AttentionInterface"
     return None
 

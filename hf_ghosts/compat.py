@@ -8,6 +8,9 @@ installed ``transformers`` no longer needs it (or no longer has what it uses).
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -247,3 +250,31 @@ def experts_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
         yield
     finally:
         model.set_experts_implementation(found)
+
+
+# ------------------------------------------------------------------------------------------ what a model wraps and routes
+__all__ += ["can_set_attention", "compiled_original", "module_routes_attention"]
+
+
+def compiled_original(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The eager module ``torch.compile(model)`` wraps (``OptimizedModule._orig_mod``, torch 2.13), else ``None``."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) else None
+
+
+def can_set_attention(model: torch.nn.Module) -> bool:
+    """Whether transformers says ``model`` can switch its attention implementation
+    (``PreTrainedModel._can_set_attn_implementation``, private in transformers 5.24; it answers yes for Mamba too)."""
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    return bool(callable(can_set) and can_set())
+
+
+@functools.cache
+def module_routes_attention(module_name: str) -> bool:
+    """Whether the source of module ``module_name`` dispatches attention through ``ALL_ATTENTION_FUNCTIONS``
+    (``ALL_ATTENTION_FUNCTIONS.get_interface(...)``, the modeling files' idiom in transformers 5.24)."""
+    source = sys.modules.get(module_name)
+    try:
+        return source is not None and "ALL_ATTENTION_FUNCTIONS.get_interface(" in inspect.getsource(source)
+    except (OSError, TypeError):
+        return False

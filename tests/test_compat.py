@@ -224,3 +224,23 @@ def test_module_compile_still_stores_the_compiled_call_and_the_probe_bypasses_it
         torch.testing.assert_close(model(x), torch.nn.functional.linear(x, model.weight, model.bias), rtol=0, atol=0)
     assert tracing == [False], "the forward was traced by dynamo: compat.without_compiled_call no longer bypasses it"
     assert model._compiled_call_impl is compiled
+
+
+# ----------------------------------------------------------------------------- what a model wraps and routes
+def test_compile_still_wraps_the_eager_module_as_orig_mod() -> None:
+    """Upstream renamed ``OptimizedModule._orig_mod``: update compat.compiled_original."""
+    model = tiny_causal_lm("llama")
+    compiled = torch.compile(model)
+    assert compat.compiled_original(compiled) is model and compat.compiled_original(model) is None
+
+
+def test_can_set_attn_implementation_still_answers_yes_for_a_model_without_attention() -> None:
+    """transformers' private ``_can_set_attn_implementation``: yes for Llama, and (why the source check exists) yes for
+    Mamba, which has no attention; the source check tells them apart. A failure says which of the two changed."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    llama = tiny_causal_lm("llama")
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, state_size=4))
+    assert compat.can_set_attention(llama) and compat.can_set_attention(mamba)
+    assert any(compat.module_routes_attention(type(m).__module__) for m in llama.modules())
+    assert not any(compat.module_routes_attention(type(m).__module__) for m in mamba.modules())
