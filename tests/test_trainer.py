@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import logging
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +26,8 @@ from transformers import (
 
 from hf_ghosts import RadiusProbe, RhoTrainer, RhoTrainingArguments
 from hf_ghosts.settings import DEFAULT_TARGETS
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -438,6 +443,13 @@ def test_comma_separated_radii_are_split(tmp_path) -> None:
     assert args.rho_radii == ["output", "ffn"]
 
 
+def readme_argument_defaults() -> dict[str, object]:
+    """``{field: default}`` of the README's RhoTrainer table (rows ``| `rho_x` | `default` | ... |``)."""
+    section = README.read_text().split("### RhoTrainer: control every step", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(r"^\| `(rho_\w+)` \| `([^`]*)` \|", section, flags=re.MULTILINE)
+    return {name: ast.literal_eval(default) for name, default in rows}
+
+
 def test_plain_training_arguments_are_upgraded(tmp_path) -> None:
     plain = TrainingArguments(
         output_dir=str(tmp_path), learning_rate=0.123, per_device_train_batch_size=3, warmup_steps=2,
@@ -445,11 +457,9 @@ def test_plain_training_arguments_are_upgraded(tmp_path) -> None:
     )
     trainer = RhoTrainer(model=tiny_causal_lm("gpt_neox"), args=plain, train_dataset=token_dataset())
     assert isinstance(trainer.args, RhoTrainingArguments)
-    documented = {  # the README's RhoTrainer table
-        "rho_mode": "clip", "rho_target": None, "rho_radii": ["output", "attention"], "rho_estimator": "auto", "rho_every": 16,
-        "rho_trigger_r": 0.5, "rho_trigger_growth": 2.0, "rho_log_per_head": False, "rho_fd_step": 0.01,
-        "rho_probe_dtype": "auto",
-    }
+    documented = readme_argument_defaults()
+    rho_fields = sorted(f.name for f in dataclasses.fields(RhoTrainingArguments) if f.name.startswith("rho_"))
+    assert sorted(documented) == rho_fields, "the README's RhoTrainer table and the rho_* fields differ"
     assert {name: getattr(trainer.args, name) for name in documented} == documented
     mismatched = {
         name: (getattr(plain, name), getattr(trainer.args, name))
