@@ -215,5 +215,5 @@ def rho_arguments(args_cls: type[TrainingArguments] = TrainingArguments) -> type
     return register_built("arguments", args_cls, dataclass(type(name, (RhoArgumentsMixin, args_cls), namespace)))
 
 
-RhoTrainingArguments = rho_arguments(TrainingArguments)
 RhoArgumentsMixin.__doc__ += "\n    Defaults: " + defaults_text("argument") + "\n"
+RhoTrainingArguments = rho_arguments(TrainingArguments)
