@@ -13,6 +13,7 @@ from hf_ghosts.callback import RhoCallback
 from hf_ghosts.controller import RhoController
 from hf_ghosts.distributed import all_reduce_report
 from hf_ghosts.probe import RadiusProbe, RadiusReport
+from hf_ghosts.settings import RhoSettings
 from hf_ghosts.trainer import RhoTrainer, rho_trainer
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "RadiusReport",
     "RhoCallback",
     "RhoController",
+    "RhoSettings",
     "RhoTrainer",
     "RhoTrainingArguments",
     "all_reduce_report",

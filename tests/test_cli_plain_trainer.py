@@ -29,13 +29,7 @@ STEPS = 20
 BLOCK, BATCH = 16, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: a second thread buys nothing
 
 
 @pytest.fixture(scope="module")
