@@ -128,7 +128,7 @@ class RhoArgumentsMixin:
         default=DEFAULT_FD_STEP,
         metadata={"help": "Widest step h of the 'fd' estimator along the unit direction: its error check (first probe, "
                   "every 8th, and when the direction's make-up changes) shrinks h until the spreads' estimated relative "
-                  "error is <= 0.3%, and measures by jvp where no step reaches 1%."},
+                  "error is at most 3e-3, and measures by jvp where no step reaches 1e-2."},
     )
     rho_radius: str = field(
         default=DEFAULT_RADIUS,

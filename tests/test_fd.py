@@ -113,7 +113,7 @@ def test_where_fd_cannot_reach_its_limit_jvp_measures_instead_and_says_so(monkey
     assert [r.message.count("measuring by JVP") for r in caplog.records] == [1]  # warned once
     assert probe.estimator == "fd"
     without = RadiusProbe(model, RADII, "fd")  # as under FSDP2: no forward-mode AD to fall back on
-    without._fd.forward_ad = False
+    without.fd_control.forward_ad = False
     with caplog.at_level(logging.WARNING, logger="hf_ghosts.probe.fd"):
         report = without.measure(batch, direction)
     assert float(report.fd_fallback) == 0.0 and float(report.fd_error) > 1e-9

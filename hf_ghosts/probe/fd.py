@@ -180,6 +180,23 @@ class FdStepControl:
             fd_fallback=torch.tensor(float(self.fallback), device=device),
         )
 
+    def reset(self) -> None:
+        """The state of a fresh run: the next probe checks from ``ceiling``."""
+        self.step, self.error, self.since_check, self.fallback, self.makeup, self.warned = None, None, 0, False, None, False
+
+    def state_dict(self) -> dict[str, object]:
+        """The control's state, JSON-ready (saved with the controller: a resumed run checks when it would have)."""
+        names, shares = self.makeup if self.makeup is not None else ((), None)
+        return {"step": self.step, "error": self.error, "since_check": self.since_check, "fallback": self.fallback,
+                "warned": self.warned, "names": list(names), "shares": None if shares is None else shares.tolist()}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.step, self.error, self.since_check = state["step"], state["error"], int(state["since_check"])
+        self.fallback, self.warned = bool(state["fallback"]), bool(state["warned"])
+        shares = state["shares"]
+        self.makeup = None if shares is None else (tuple(state["names"]), torch.tensor(shares, dtype=torch.float64))
+
     def _due(self, pieces: Tensors) -> bool:
         """Whether this probe checks the step: the first, every ``FD_CHECK_EVERY``-th, or a changed make-up."""
         names = tuple(pieces)

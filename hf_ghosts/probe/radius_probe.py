@@ -168,7 +168,7 @@ class RadiusProbe:
         self._head = LinearHead.of(model, chunked_head)
         self._eager_experts = needs_eager_experts(model, self.estimator)
         # fd: the step that keeps its estimated error small, and a fallback to jvp where none does (hf_ghosts.probe.fd)
-        self._fd = FdStepControl(self.fd_step, self.forward_ad, self._agree) if self.estimator == "fd" else None
+        self.fd_control = FdStepControl(self.fd_step, self.forward_ad, self._agree) if self.estimator == "fd" else None
 
     forward_ad = True  # whether a jvp can stand in where fd cannot reach its error limit (not under FSDP2)
 
@@ -253,10 +253,10 @@ class RadiusProbe:
         with self._intact():
             pieces, norm = self._direction_and_norm(direction)
             weights = self._weights(params)
-            if self._fd is None:
+            if self.fd_control is None:
                 return self._measure_once(inputs, weights, pieces, norm)[0]
             at = functools.partial(self._fd_at, inputs, weights, pieces, norm)
-            return self._fd.measure(at, functools.partial(self._jvp_instead, inputs, weights, pieces, norm), pieces)
+            return self.fd_control.measure(at, functools.partial(self._jvp_instead, inputs, weights, pieces, norm), pieces)
 
     def _fd_at(self, inputs: Tensors, weights: Tensors, pieces: Tensors, norm: float, step: float):
         """fd's report at the step ``step``, and the rounding guard's wider step (``None``: none needed)."""
