@@ -110,10 +110,11 @@ class RadiusProbe:
             "ffn", "ffn_activation")`` (or ``"output,ffn"``). ``"ffn"`` is the FFN radius in the ``ffn_mode`` form;
             ``"ffn_activation"`` is always Appendix B's activation radius (both from one FFN recording).
         estimator: ``"jvp"`` (forward-mode AD, exact) or ``"fd"`` (central difference
-            ``(z(theta + h v) - z(theta - h v)) / 2h``, no forward AD needed; error ``O(h^2)``).
+            ``(z(theta + h v) - z(theta - h v)) / 2h``, no forward AD needed; error ``O(h^2)``, estimated and kept
+            under 0.3% by :class:`~hf_ghosts.probe.fd.FdStepControl`, jvp where 1% is out of reach).
         settings: a :class:`~hf_ghosts.settings.RhoSettings` with ``estimator`` and ``probe_dtype`` resolved (what
             the controller passes); or leave it out and pass ``radii``, ``estimator``, ``dtype`` and the other settings
-            as keywords (``fd_step``: ``h`` for ``"fd"``, a length along the unit direction; ``ffn_mode``: ``"kink"``,
+            as keywords (``fd_step``: the widest ``h`` for ``"fd"``, a length along the unit direction; ``ffn_mode``: ``"kink"``,
             the ``ffn_quantile`` quantile of ``|z| / |z'|``, or ``"activation"``, Appendix B; ``vocab_chunk``: head
             rows per block of the chunked head; ``radius``: ``"bound"``, ``pi / max Delta``, or ``"topk_exact"``,
             the certified exact radii of the ``topk`` widest positions capped by ``pi / Delta`` of the next, a lower
