@@ -124,6 +124,8 @@ class RhoController:
         self.last: StepRecord | None = None
         self.window = MetricWindow(per_head=self.settings.log_per_head, radii=self.radii, watch_radii=self.watch_radii)
         self._old: list[torch.Tensor] | None = None
+        if self.probe.fd_control is not None:
+            self.probe.fd_control.reset()
 
     # ------------------------------------------------------------------------- wiring
     def observe(self, batch: Mapping[str, torch.Tensor]) -> None:
@@ -257,6 +259,7 @@ class RhoController:
             "steps": self.steps, "probes": self.probes, "last_rho": self.last_rho,
             "probe_step": self._probe_step, "probe_norm": self._probe_norm, "peak_lr": self.peak_lr,
             "window": self.window.state_dict(),
+            "fd": None if self.probe.fd_control is None else self.probe.fd_control.state_dict(),
             "config": {"mode": self.mode, "r_target": self.r_target, **asdict(self.schedule)},
         }
 
@@ -268,6 +271,8 @@ class RhoController:
         self._probe_norm = float(state.get("probe_norm", 0.0))
         self.peak_lr = state.get("peak_lr", self.peak_lr)
         self.window.load_state_dict(state["window"])
+        if state.get("fd") is not None and self.probe.fd_control is not None:  # absent in older states
+            self.probe.fd_control.load_state_dict(state["fd"])
 
 
 def _require_logits(model: torch.nn.Module, settings: RhoSettings) -> None:

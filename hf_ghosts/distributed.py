@@ -29,6 +29,7 @@ the local shards in place; why ``fd`` there: :mod:`hf_ghosts.probe.sharded`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,7 @@ __all__ = [
     "global_norm",
     "is_main_process",
     "local_tensor",
+    "max_over_ranks",
 ]
 
 BACKENDS = ("single", "ddp", "fsdp2", "fsdp1")
@@ -126,6 +128,17 @@ def any_rank(flag: bool) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], dtype=torch.float32, device=_collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())  # host sync
+
+
+def max_over_ranks(value: float) -> float:
+    """The maximum of a finite or NaN ``value`` over all ranks (an all-reduce MAX; ``value`` itself without a process
+    group); NaN if NaN on any rank (it travels as inf, which MAX keeps)."""
+    if not _initialized() or dist.get_world_size() == 1:
+        return value
+    packed = torch.tensor([math.inf if math.isnan(value) else value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    result = float(packed.item())  # host sync
+    return math.nan if result == math.inf else result
 
 
 def all_reduce_report(report: RadiusReport, group: Any = None) -> RadiusReport:

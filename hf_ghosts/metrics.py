@@ -38,7 +38,9 @@ class StepRecord:
     one, if any), ``would_clip`` (``r > r_target``), ``output_tokens`` and ``rho_attn_heads``
     (``[layers, heads]``) only on probed steps. ``skipped`` names what was non-finite (``"gradient"``,
     ``"update"``, ``"radius"``) on a step the controller skipped; ``would_skip`` the same in ``"monitor"``
-    mode, which skips nothing.
+    mode, which skips nothing. ``ffn_tokens`` counts the positions the FFN radii were taken over (0: not measured, and
+    left out of ``radii``); ``fd_step``, ``fd_error`` and ``fd_fallback`` are fd's step, its estimated relative error
+    and whether jvp stood in for it (:class:`~hf_ghosts.probe.fd.FdStepControl`), on probed fd steps.
     """
 
     step: int
@@ -59,6 +61,10 @@ class StepRecord:
     target: float | None = None
     output_tokens: int | None = None
     rho_attn_heads: torch.Tensor | None = None
+    ffn_tokens: int | None = None
+    fd_step: float | None = None
+    fd_error: float | None = None
+    fd_fallback: bool | None = None
 
     def __getattr__(self, name: str) -> float | None:
         """``record.rho_out``, ``record.rho_attn``, ...: a measured radius by its field (:data:`RADIUS_TABLE`), or
@@ -80,18 +86,23 @@ class StepRecord:
 
     def with_report(self, report: RadiusReport, limiting: tuple[str, ...] | None = None) -> StepRecord:
         """This record with what a probe measured: the radii, ``bottleneck`` among the ``limiting`` radii (default:
-        all measured), ``would_bind`` (a watched radius below them), ``output_tokens``, per-head radii."""
-        radii = report.radii()
-        measured = {RADIUS_FIELDS[name]: float(value) for name, value in radii.items()}
+        all measured), ``would_bind`` (a watched radius below them), ``output_tokens``, per-head radii, the FFN
+        positions (a radius over none is left out), fd's step, error and fallback."""
+        radii, unmeasured = report.radii(), report.unmeasured()
+        measured = {RADIUS_FIELDS[name]: float(value) for name, value in radii.items() if name not in unmeasured}
         limiting = tuple(radii) if limiting is None else limiting
         least = report.bottleneck_of()
         would_bind = least if least not in limiting and least != "none" else None
         heads = None if report.attn_spread is None else report.rho_attn.float().cpu()
         tokens = None if report.output_tokens is None else int(report.output_tokens)
         bound = None if report.out_radius is None else float(report.rho_out_bound)
+        fd = {name: None if getattr(report, name) is None else float(getattr(report, name))
+              for name in ("ffn_tokens", "fd_step", "fd_error", "fd_fallback")}
         return replace(
             self, bottleneck=report.bottleneck_of(limiting), would_bind=would_bind, output_tokens=tokens,
             rho_attn_heads=heads, rho_out_bound=bound, radii=measured,
+            ffn_tokens=None if fd["ffn_tokens"] is None else int(fd["ffn_tokens"]), fd_step=fd["fd_step"],
+            fd_error=fd["fd_error"], fd_fallback=None if fd["fd_fallback"] is None else fd["fd_fallback"] > 0,
         )
 
 
@@ -136,6 +147,20 @@ LOGGED_KEYS: tuple[LoggedKey, ...] = (
     LoggedKey(
         "ghosts/no_output_tokens", "probed steps whose batch had no label other than `-100` (output radius inf)", "count, when > 0"
     ),
+    LoggedKey(
+        "ghosts/no_ffn_tokens", "probed steps whose batch had no unmasked position (FFN radii not measured: not logged, "
+        "not limiting)", "count, when > 0",
+    ),
+    LoggedKey(
+        "ghosts/fd_step", "step `h` of fd's central differences as its error check chose it (at most `rho_fd_step`, "
+        "unless the rounding guard widened it)", "min", "fd_step",
+    ),
+    LoggedKey("ghosts/fd_error", "fd's estimated relative error of the spreads at that step (from its last check)", "max",
+              "fd_error"),
+    LoggedKey(
+        "ghosts/fd_fallback", "probed steps measured by jvp because fd's estimated error exceeded 1% (warned once)",
+        "count, with fd",
+    ),
     LoggedKey("ghosts/rho_attn/layer_{l}/head_{h}", "per-head radius, with `rho_log_per_head`", "min"),
 )
 
@@ -165,6 +190,9 @@ class MetricWindow:
         self.clipped = 0
         self.skipped_nonfinite = 0
         self.no_output_tokens = 0
+        self.no_ffn_tokens = 0
+        self.fd_probed = 0
+        self.fd_fallback = 0
         self.would_skip = 0
         self.would_clip = 0
         self.bottleneck: dict[str, int] = {}
@@ -198,6 +226,11 @@ class MetricWindow:
             self.would_bind[record.would_bind] = self.would_bind.get(record.would_bind, 0) + 1
         if record.output_tokens == 0:
             self.no_output_tokens += 1
+        if record.ffn_tokens == 0:
+            self.no_ffn_tokens += 1
+        if record.fd_step is not None:
+            self.fd_probed += 1
+            self.fd_fallback += int(bool(record.fd_fallback))
         heads = record.rho_attn_heads
         if heads is not None:
             self.head_minima = heads if self.head_minima is None else torch.minimum(self.head_minima, heads)
@@ -222,6 +255,10 @@ class MetricWindow:
         metrics["ghosts/would_skip"] = float(self.would_skip)
         if self.no_output_tokens:
             metrics["ghosts/no_output_tokens"] = float(self.no_output_tokens)
+        if self.no_ffn_tokens:
+            metrics["ghosts/no_ffn_tokens"] = float(self.no_ffn_tokens)
+        if self.fd_probed:
+            metrics["ghosts/fd_fallback"] = float(self.fd_fallback)
         if self.per_head and self.head_minima is not None:
             for layer, row in enumerate(self.head_minima.tolist()):
                 for head, value in enumerate(row):
@@ -240,6 +277,9 @@ class MetricWindow:
             "clipped": self.clipped,
             "skipped_nonfinite": self.skipped_nonfinite,
             "no_output_tokens": self.no_output_tokens,
+            "no_ffn_tokens": self.no_ffn_tokens,
+            "fd_probed": self.fd_probed,
+            "fd_fallback": self.fd_fallback,
             "would_skip": self.would_skip,
             "would_clip": self.would_clip,
             "bottleneck": dict(self.bottleneck),
@@ -257,6 +297,8 @@ class MetricWindow:
         self.clipped = state["clipped"]
         self.skipped_nonfinite = state["skipped_nonfinite"]
         self.no_output_tokens = state["no_output_tokens"]
+        self.no_ffn_tokens = state.get("no_ffn_tokens", 0)  # absent in older states
+        self.fd_probed, self.fd_fallback = state.get("fd_probed", 0), state.get("fd_fallback", 0)
         self.would_skip = state.get("would_skip", 0)  # absent in older states
         self.would_clip = state.get("would_clip", 0)
         self.bottleneck = dict(state.get("bottleneck", {}))

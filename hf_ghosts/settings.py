@@ -69,7 +69,9 @@ class Radius:
     field the probe fills: a spread ``Delta``, reduced across ranks by MAX, ``rho = pi / Delta``; or a radius, reduced
     by MIN), ``field`` (the ``StepRecord`` field and the ``ghosts/<field>`` key), ``meaning`` (the logged key's row in
     the README), ``label`` / ``color`` (plots), and ``exact`` (a report field with a tighter radius that replaces
-    ``pi / Delta`` where the probe measured it, reduced by MIN: the output's top-k radius)."""
+    ``pi / Delta`` where the probe measured it, reduced by MIN: the output's top-k radius), and ``tokens`` (a report
+    field counting the positions the radius was taken over, reduced by SUM: over none it is not measured, NaN in the
+    report, left out of the record, not limiting, and counted under ``ghosts/no_<tokens>``)."""
 
     name: str
     raw: str
@@ -79,6 +81,7 @@ class Radius:
     label: str
     color: str
     exact: str | None = None  # a report field holding a tighter radius that replaces pi / spread where measured
+    tokens: str | None = None  # a report field counting the positions measured; 0: the radius was not measured
 
     @property
     def key(self) -> str:
@@ -96,12 +99,12 @@ RADIUS_TABLE: tuple[Radius, ...] = (
     Radius(
         "ffn", "ffn_radius", False, "rho_ffn",
         "FFN radius (kink proxy, 1% quantile of `|z| / |z'|`, or per `rho_ffn_mode`), when `\"ffn\"` is measured",
-        "rho_ffn (kink proxy)", "tab:green",
+        "rho_ffn (kink proxy)", "tab:green", tokens="ffn_tokens",
     ),
     Radius(
         "ffn_activation", "ffn_activation_radius", False, "rho_ffn_activation",
         "FFN activation radius (Appendix B, eq. 21; inf for exact GELU), when `\"ffn_activation\"` is measured",
-        "rho_ffn_activation (Appendix B)", "tab:olive",
+        "rho_ffn_activation (Appendix B)", "tab:olive", tokens="ffn_tokens",
     ),
 )
 # "ffn" is the FFN radius in the form rho_ffn_mode picks (default "kink": the paper's 1% quantile of |z| / |z'|);
@@ -111,11 +114,16 @@ RADIUS_BY_NAME = {radius.name: radius for radius in RADIUS_TABLE}
 RADII = tuple(RADIUS_BY_NAME)
 RADIUS_FIELDS = {radius.name: radius.field for radius in RADIUS_TABLE}
 #: How each raw field of a report agrees across processes, from the radius table: MAX of spreads, MIN of radii
-#: (and of the exact radii that replace a bound), SUM of the token count.
+#: (and of the exact radii that replace a bound), SUM of the token counts; fd's step control: MIN of the step, MAX
+#: of its estimated error and of the JVP fallback flag.
 REDUCTIONS: dict[str, str] = {
     **{radius.raw: "max" if radius.spread else "min" for radius in RADIUS_TABLE},
     **{radius.exact: "min" for radius in RADIUS_TABLE if radius.exact is not None},
     "output_tokens": "sum",
+    **{radius.tokens: "sum" for radius in RADIUS_TABLE if radius.tokens is not None},
+    "fd_step": "min",
+    "fd_error": "max",
+    "fd_fallback": "max",
 }
 
 # ------------------------------------------------------------------------------------------ allowed values, defaults
@@ -141,7 +149,7 @@ DEFAULT_PROBE_DTYPE = "auto"
 DEFAULT_EVERY = 16
 DEFAULT_TRIGGER_R = 0.5
 DEFAULT_TRIGGER_GROWTH = 2.0
-DEFAULT_FD_STEP = 1e-2
+DEFAULT_FD_STEP = 1e-2  # the widest fd step: hf_ghosts.probe.fd.FdStepControl shrinks it where its error estimate says
 DEFAULT_FFN_MODE = "kink"
 DEFAULT_FFN_QUANTILE = 0.01
 DEFAULT_VOCAB_CHUNK = 8192

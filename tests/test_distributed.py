@@ -230,7 +230,7 @@ def test_fsdp2_bf16_loop_probes_in_fp32_and_matches_the_unsharded_probe(fsdp_mix
     assert first["train_dtypes"] == [torch.bfloat16]  # the policy really acts in training
     probe = first["probes"][0]
     assert (probe["backend"], probe["estimator"], probe["dtype"]) == ("fsdp2", "fd", torch.float32)
-    assert probe["probe_dtypes"] == [torch.float32, torch.float32]  # both fd forwards gathered fp32 weights
+    assert probe["probe_dtypes"] == [torch.float32] * 4  # every fd forward (at h and h / 2: its step check) gathered fp32
     union = union_probe(probe, second["probes"][0], "fd", radii=("output", "attention"))
     torch.testing.assert_close(union.out_spread, probe["reduced"]["out_spread"], rtol=1e-4, atol=0)
     torch.testing.assert_close(union.attn_spread, probe["reduced"]["attn_spread"], rtol=1e-4, atol=1e-7)

@@ -47,10 +47,14 @@ def test_readme_table_is_the_metrics_table() -> None:
 
 
 def test_a_training_run_logs_exactly_the_documented_keys(tmp_path) -> None:
-    """All three radii, per-head radii, and a probed batch without labels (rows 2-3: step 2), all in one log."""
+    """All three radii, per-head radii, and a probed batch without labels or unmasked positions (rows 2-3: step 2),
+    all in one log."""
     data = token_dataset(rows=8)
-    labels = data["labels"]
+    labels, mask = data["labels"], data["attention_mask"]
     data = data.remove_columns("labels").add_column("labels", [[-100] * len(row) if i in (2, 3) else row for i, row in enumerate(labels)])
+    data = data.remove_columns("attention_mask").add_column(
+        "attention_mask", [[0] * len(row) if i in (2, 3) else row for i, row in enumerate(mask)]
+    )
     args = rho_args(
         tmp_path, per_device_train_batch_size=2, train_sampling_strategy="sequential", max_steps=3, logging_steps=3,
         learning_rate=0.05, rho_radii=["output", "attention", "ffn"], rho_log_per_head=True, rho_every=1,
@@ -65,7 +69,8 @@ def test_a_training_run_logs_exactly_the_documented_keys(tmp_path) -> None:
     never_logged = [key for key, pattern in patterns.items() if not any(pattern.fullmatch(key) for key in logged)]
     assert undocumented == [] and never_logged == []
     assert len([key for key in logged if "/layer_" in key]) == 2 * 4  # layers x heads of the tiny GPT-NeoX
-    assert entry["ghosts/no_output_tokens"] == 1.0 and entry["ghosts/probed"] == 1.0
+    assert entry["ghosts/no_output_tokens"] == 1.0 and entry["ghosts/no_ffn_tokens"] == 1.0 and entry["ghosts/probed"] == 1.0
+    assert entry["ghosts/fd_fallback"] == 0.0 and 0 < entry["ghosts/fd_error"] < 1e-2 and entry["ghosts/fd_step"] == 1e-2
 
 
 def test_table_fields_are_step_record_fields() -> None:

@@ -104,7 +104,7 @@ def test_chunked_head_reports_what_the_full_head_reports(family: str, estimator:
     chunked = f64_probe(model, measurable(model), estimator, chunked_head=True, vocab_chunk=CHUNK).measure(batch, direction)
     assert linear_calls[head] == 0
     full = f64_probe(model, measurable(model), estimator, chunked_head=False).measure(batch, direction)
-    assert linear_calls[head] == (1 if estimator == "jvp" else 2)
+    assert linear_calls[head] == (1 if estimator == "jvp" else 4)  # fd's first probe checks its step: h and h/2
     assert_same_report(chunked, full)
     assert chunked.out_spread.dtype == full.out_spread.dtype == torch.float32
 
@@ -215,7 +215,7 @@ def test_model_code_catching_exception_does_not_swallow_the_stop_at_the_head(mon
         chunked, full = chunked_and_full(model, batch, direction, ("output", "attention"), estimator)
         assert fallbacks == []
         assert_same_report(chunked, full)
-    assert linear_calls[model.lm_head] == 1 + 2  # the full head's forwards only (jvp: one, fd: two)
+    assert linear_calls[model.lm_head] == 1 + 4  # the full head's forwards only (jvp: one, fd: two at h and at h/2)
 
 
 # ------------------------------------------------------------------------------- hf_ghosts.probe.head, tensors only
@@ -417,7 +417,8 @@ def test_auto_mode_skips_the_head_and_leaves_no_hook(estimator: str, linear_call
         assert linear_calls[head] == 0
         assert not head._forward_pre_hooks and not head._forward_hooks
         full = RadiusProbe(model, radii_, estimator, chunked_head=False).measure(batch, direction)
-        assert linear_calls.pop(head) == (1 if estimator == "jvp" else 2)
+        # fd: two forwards at h and two at h/2 (its step check), where a spread is measured to check on
+        assert linear_calls.pop(head) == (1 if estimator == "jvp" else 2 if radii_ == ("ffn",) else 4)
         assert_same_report(auto, full, rtol=1e-5 if estimator == "jvp" else 1e-4)
     assert all(torch.equal(value, weights[name]) for name, value in model.state_dict().items())
 
@@ -500,7 +501,7 @@ def test_softcapped_logits_fall_back_to_the_full_head(estimator: str, linear_cal
     batch = token_batch(batch=2, pad_right=2)
     direction = random_direction(model)
     report = f64_probe(model, ("output", "attention"), estimator, fd_step=1e-4).measure(batch, direction)
-    assert linear_calls[model.lm_head] == (1 if estimator == "jvp" else 2)
+    assert linear_calls[model.lm_head] == (1 if estimator == "jvp" else 4)  # fd: its step check, h and h/2
     assert_same_report(report, f64_probe(model, ("output", "attention"), estimator, chunked_head=False, fd_step=1e-4).measure(batch, direction))
     # the softcap is measured (Gemma2's eager softmax rounds to float32: a coarser reference step and tolerance) ...
     valid = causal_output_positions(batch["labels"])

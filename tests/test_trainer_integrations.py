@@ -173,7 +173,7 @@ def test_lora_chunked_head_equals_the_full_head_in_float64(estimator: str, linea
     report = chunked.measure(batch, direction)
     assert linear_calls[head] == 0
     full = RadiusProbe(model, ("output", "attention"), estimator, dtype=F64, chunked_head=False).measure(batch, direction)
-    assert linear_calls[head] == (1 if estimator == "jvp" else 2)
+    assert linear_calls[head] == (1 if estimator == "jvp" else 4)  # fd's first probe checks its step: h and h / 2
     torch.testing.assert_close(report.out_spread, full.out_spread, rtol=1e-6, atol=0)
     torch.testing.assert_close(report.attn_spread, full.attn_spread, rtol=1e-6, atol=0)
 
@@ -343,7 +343,8 @@ def test_fd_on_saturated_softcapped_logits_stays_within_one_percent_of_jvp(norm_
     probe.model.register_forward_pre_hook(lambda *_: forwards.append(1))
     fd = probe.measure(batch, direction)
     torch.testing.assert_close(fd.rho_out, jvp.rho_out, rtol=1e-2, atol=0)
-    assert len(forwards) == 4  # the guard fired: a second pair of forwards at the wider step
+    # the guard fired: a second pair of forwards at the wider step w, then the step check's pair at w / 2
+    assert len(forwards) == 6 and float(fd.fd_step) > 2 * probe.fd_step
 
 
 def test_fd_rounding_guard_costs_nothing_on_ordinary_logits() -> None:
@@ -352,4 +353,4 @@ def test_fd_rounding_guard_costs_nothing_on_ordinary_logits() -> None:
     forwards = []
     probe.model.register_forward_pre_hook(lambda *_: forwards.append(1))
     probe.measure(token_batch(length=10), random_direction(model))
-    assert len(forwards) == 2
+    assert len(forwards) == 4  # the step check's pairs at h and h / 2, nothing from the guard

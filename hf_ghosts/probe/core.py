@@ -2,15 +2,13 @@
 
 A measurement runs in :func:`probe_mode` (eval, fp32 eager forward, ghosts attention, eager MoE experts) with a
 :class:`Session` (the attention capture, the FFN recorder, the head's inputs). :func:`jvp_spreads` takes the
-logit slopes ``a = J v`` from one forward-mode pass at ``theta + v eps``; :func:`fd_spreads` takes
-``a = (z(theta + h v) - z(theta - h v)) / 2h`` from two forwards, and :func:`fd_wider_step` says when rounding
-swamps the differences (the probe then measures once more at a wider ``h``).
+logit slopes ``a = J v`` from one forward-mode pass at ``theta + v eps``; the ``fd`` path (central differences, its rounding
+guard and its step control) is :mod:`hf_ghosts.probe.fd`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -21,19 +19,14 @@ from hf_ghosts import compat
 from hf_ghosts.architectures import _model_type, attention_blocker, base_model_of
 from hf_ghosts.probe.attention import ATTENTION_NAME, Pass, ScoreCapture
 from hf_ghosts.probe.ffn import FfnRecorder
-from hf_ghosts.probe.head import LinearHead, fd_head_rows, fd_spread, full_rows, jvp_head_rows, jvp_spread
+from hf_ghosts.probe.head import LinearHead, full_rows, jvp_head_rows, jvp_spread
 from hf_ghosts.radii import spread
 
 __all__ = [
-    "FD_MAX_STEP_RADII",
-    "FD_ROUNDING",
-    "FD_ROUNDING_TOLERANCE",
     "Session",
     "Tensors",
     "attention_spread",
     "dual_weights",
-    "fd_spreads",
-    "fd_wider_step",
     "full_logit_slopes",
     "jvp_spreads",
     "needs_eager_experts",
@@ -43,11 +36,6 @@ __all__ = [
     "tangent_of",
 ]
 
-# fd's rounding guard (fd_wider_step): rounding of the logits in units of eps |z|, the share of the
-# largest spread it may take, and the widest step as a share of the radius measured.
-FD_ROUNDING = 4.0
-FD_ROUNDING_TOLERANCE = 1e-3
-FD_MAX_STEP_RADII = 0.1
 Tensors = Mapping[str, torch.Tensor]  # a batch, weights or a direction, by name
 
 
@@ -132,27 +120,6 @@ def shifted_weights(weights: Tensors, direction: Tensors, scale: float) -> dict[
     return {name: torch.add(w, direction[name], alpha=scale) if name in direction else w for name, w in weights.items()}
 
 
-def fd_wider_step(plus: torch.Tensor, minus: torch.Tensor, per_position: torch.Tensor, fd_step: float) -> float | None:
-    """A wider fd step ``h`` (``fd_step``) when rounding dominates the full head's logit differences; ``None``: keep it.
-
-    The logits carry rounding of ~``FD_ROUNDING eps |z|`` (``eps`` of the forward's dtype), so a slope ``(z+ - z-) / 2h`` carries
-    ``FD_ROUNDING eps max|z| / h``. Where that exceeds ``FD_ROUNDING_TOLERANCE`` of the largest spread (saturated
-    softcapped logits: slopes tiny next to ``|z|``), ``h`` grows to bring it there, at most to
-    ``FD_MAX_STEP_RADII`` of the radius just measured (the truncation error grows as ``(h / rho)^2``). One host
-    sync; two more forwards only when it fires.
-    """
-    eps = torch.finfo(plus.dtype).eps
-    largest = float(per_position.amax()) if per_position.numel() else 0.0  # host sync
-    if not largest > 0:
-        return None
-    magnitude = float(torch.maximum(plus.abs().amax(), minus.abs().amax()))
-    noise = FD_ROUNDING * eps * magnitude / fd_step
-    if noise <= FD_ROUNDING_TOLERANCE * largest:
-        return None
-    wider = min(fd_step * noise / (FD_ROUNDING_TOLERANCE * largest), FD_MAX_STEP_RADII * math.pi / largest)
-    return wider if wider > 2 * fd_step else None
-
-
 def attention_spread(capture: ScoreCapture, model: torch.nn.Module) -> torch.Tensor:
     """The captured per-head score spreads, ``[layers, heads]`` in layer order; an error if none were captured."""
     if not capture.spreads:
@@ -189,34 +156,6 @@ def jvp_spreads(
         weight, weight_slope, bias, bias_slope = linear_head.tensors(weights, unit)
         session.offer_rows(jvp_head_rows(hidden, hidden_slope, weight, weight_slope, bias, bias_slope))
         return jvp_spread(hidden, hidden_slope, weight, weight_slope, bias_slope, chunk=chunk)
-
-
-def fd_spreads(
-    run: Callable[[Tensors], torch.Tensor | None], session: Session, weights: Tensors, pieces: Tensors, norm: float,
-    *, output: bool, linear_head: LinearHead | None, chunk: int, fd_step: float,
-) -> torch.Tensor | None:
-    """Per position, the spread of ``(z(theta + h v) - z(theta - h v)) / 2h`` (None: no output radius).
-
-    Arguments as :func:`jvp_spreads`; ``fd_step`` is ``h``. With the full head, ``session.wider_step`` is set
-    where rounding swamps the differences (:func:`fd_wider_step`).
-    """
-    scale = fd_step / norm  # theta +- h v = theta +- (h / |d|) d; one copy of the weights alive at a time
-    plus = run(shifted_weights(weights, pieces, scale))
-    session.begin(Pass.FD_MINUS)
-    minus = run(shifted_weights(weights, pieces, -scale))
-    if not output:
-        return None
-    if linear_head is None:  # difference in the forward's dtype: rounding to fp32 first costs eps / h
-        slopes = (plus - minus) / (2 * fd_step)
-        session.offer_rows(full_rows(slopes, plus, minus))
-        per_position = spread(slopes.float(), dim=-1)
-        session.wider_step = fd_wider_step(plus, minus, per_position, fd_step)
-        return per_position
-    weight, weight_step, bias, bias_step = linear_head.tensors(weights, pieces)
-    session.offer_rows(fd_head_rows(*session.head_inputs, weight, bias, weight_step, bias_step, scale, fd_step))
-    return fd_spread(
-        *session.head_inputs, weight, bias, weight_step, bias_step, scale=scale, fd_step=fd_step, chunk=chunk,
-    )
 
 
 def full_logit_slopes(

@@ -30,7 +30,8 @@ class FfnRecorder:
     keeps each module's minimum of :func:`~hf_ghosts.radii.activation_radius` and ``radius("activation")`` is
     the smallest. Both forms come from the same ``z`` and ``z'`` (one probe).
     ``Pass.JVP`` reads ``z'`` from the output's tangent; ``Pass.FD_PLUS`` stores ``z+``, and ``Pass.FD_MINUS``
-    forms ``z' = (z+ - z-) / 2h`` and ``z = (z+ + z-) / 2``.
+    forms ``z' = (z+ - z-) / 2h`` and ``z = (z+ + z-) / 2``. :meth:`tokens` counts the positions recorded: with
+    none (no unmasked token) the radii are inf, and the report calls them not measured.
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class FfnRecorder:
         self.current = Pass.JVP
         self.values: dict[str, list[torch.Tensor]] = {form: [] for form in self.forms}
         self._plus: dict[str, torch.Tensor] = {}
+        self.positions = 0  # the most real-token positions one module's output had
 
     @contextlib.contextmanager
     def attached(self, token_mask: torch.Tensor | None, current: Pass) -> Iterator[FfnRecorder]:
@@ -77,16 +79,24 @@ class FfnRecorder:
         if self.token_mask is not None and self.token_mask.shape == primal.shape[:2]:
             keep = self.token_mask.bool()
             primal, tangent = primal[keep], tangent[keep]
+        self.positions = max(self.positions, primal.shape[:-1].numel())
         if "activation" in self.values:
-            least = activation_radius(primal, tangent, self.activation).amin() if primal.numel() else torch.tensor(math.inf)
+            least = activation_radius(primal, tangent, self.activation).amin() if primal.numel() else primal.new_full((), math.inf)
             self.values["activation"].append(least.reshape(1))
         if "kink" in self.values:
             magnitude = tangent.abs()
             ratio = torch.where(magnitude > 0, primal.abs() / magnitude, torch.full_like(magnitude, math.inf))
             self.values["kink"].append(ratio.reshape(-1))
 
+    def tokens(self, device: torch.device | None = None) -> torch.Tensor:
+        """The number of real-token positions the radii were taken over (0: not measured)."""
+        return torch.tensor(self.positions, device=device)
+
     def radius(self, form: str) -> torch.Tensor:
-        """``activation``: the least radius; ``kink``: the ``ceil(quantile n)``-th smallest ratio, inf if none."""
+        """``activation``: the least radius; ``kink``: the ``ceil(quantile n)``-th smallest ratio, inf if none (see
+        :meth:`tokens`)."""
+        if not self.values[form]:  # no module ran
+            return torch.tensor(math.inf)
         values = torch.cat(self.values[form])
         if form == "activation":
             return values.amin()

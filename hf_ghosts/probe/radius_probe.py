@@ -31,13 +31,13 @@ from hf_ghosts.probe.core import (
     Session,
     Tensors,
     attention_spread,
-    fd_spreads,
     full_logit_slopes,
     jvp_spreads,
     needs_eager_experts,
     probe_mode,
     routes_through_ghosts,
 )
+from hf_ghosts.probe.fd import FdStepControl, fd_spreads
 from hf_ghosts.probe.ffn import FfnTargets
 from hf_ghosts.probe.head import HeadReached, LinearHead, output_spread, stopping_at, topk_output_radius
 from hf_ghosts.probe.inputs import forward_kwargs, logits_of, output_positions, shifts_labels
@@ -110,10 +110,11 @@ class RadiusProbe:
             "ffn", "ffn_activation")`` (or ``"output,ffn"``). ``"ffn"`` is the FFN radius in the ``ffn_mode`` form;
             ``"ffn_activation"`` is always Appendix B's activation radius (both from one FFN recording).
         estimator: ``"jvp"`` (forward-mode AD, exact) or ``"fd"`` (central difference
-            ``(z(theta + h v) - z(theta - h v)) / 2h``, no forward AD needed; error ``O(h^2)``).
+            ``(z(theta + h v) - z(theta - h v)) / 2h``, no forward AD needed; error ``O(h^2)``, estimated and kept
+            under 0.3% by :class:`~hf_ghosts.probe.fd.FdStepControl`, jvp where 1% is out of reach).
         settings: a :class:`~hf_ghosts.settings.RhoSettings` with ``estimator`` and ``probe_dtype`` resolved (what
             the controller passes); or leave it out and pass ``radii``, ``estimator``, ``dtype`` and the other settings
-            as keywords (``fd_step``: ``h`` for ``"fd"``, a length along the unit direction; ``ffn_mode``: ``"kink"``,
+            as keywords (``fd_step``: the widest ``h`` for ``"fd"``, a length along the unit direction; ``ffn_mode``: ``"kink"``,
             the ``ffn_quantile`` quantile of ``|z| / |z'|``, or ``"activation"``, Appendix B; ``vocab_chunk``: head
             rows per block of the chunked head; ``radius``: ``"bound"``, ``pi / max Delta``, or ``"topk_exact"``,
             the certified exact radii of the ``topk`` widest positions capped by ``pi / Delta`` of the next, a lower
@@ -167,6 +168,14 @@ class RadiusProbe:
         self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self._head = LinearHead.of(model, chunked_head)
         self._eager_experts = needs_eager_experts(model, self.estimator)
+        # fd: the step that keeps its estimated error small, and a fallback to jvp where none does (hf_ghosts.probe.fd)
+        self.fd_control = FdStepControl(self.fd_step, self.forward_ad, self._agree) if self.estimator == "fd" else None
+
+    forward_ad = True  # whether a jvp can stand in where fd cannot reach its error limit (not under FSDP2)
+
+    def _agree(self, value: float) -> float:
+        """``value`` made the same on every process that measures together (one process: itself)."""
+        return value
 
     # ----------------------------------------------------------------------------------- direction and weights
     def _check_direction(self, direction: Mapping[str, torch.Tensor]) -> None:
@@ -245,14 +254,27 @@ class RadiusProbe:
         with self._intact():
             pieces, norm = self._direction_and_norm(direction)
             weights = self._weights(params)
-            report, wider_step = self._measure_once(inputs, weights, pieces, norm)
-            if wider_step is not None:  # fd: the differences were mostly rounding; once more at a wider step
-                step, self.fd_step = self.fd_step, wider_step
-                try:
-                    report, _ = self._measure_once(inputs, weights, pieces, norm)
-                finally:
-                    self.fd_step = step
-            return report
+            if self.fd_control is None:
+                return self._measure_once(inputs, weights, pieces, norm)[0]
+            at = functools.partial(self._fd_at, inputs, weights, pieces, norm)
+            return self.fd_control.measure(at, functools.partial(self._jvp_instead, inputs, weights, pieces, norm), pieces)
+
+    def _fd_at(self, inputs: Tensors, weights: Tensors, pieces: Tensors, norm: float, step: float):
+        """fd's report at the step ``step``, and the rounding guard's wider step (``None``: none needed)."""
+        saved, self.fd_step = self.fd_step, step
+        try:
+            return self._measure_once(inputs, weights, pieces, norm)
+        finally:
+            self.fd_step = saved
+
+    def _jvp_instead(self, inputs: Tensors, weights: Tensors, pieces: Tensors, norm: float) -> RadiusReport:
+        """The report measured by jvp, where fd cannot reach its error limit (:class:`~hf_ghosts.probe.fd.FdStepControl`)."""
+        saved = self.estimator, self._eager_experts
+        self.estimator, self._eager_experts = "jvp", needs_eager_experts(self.model, "jvp")
+        try:
+            return self._measure_once(inputs, weights, pieces, norm)[0]
+        finally:
+            self.estimator, self._eager_experts = saved
 
     def _measure_once(
         self, inputs: Tensors, weights: Tensors, pieces: Tensors, norm: float
@@ -303,4 +325,5 @@ class RadiusProbe:
         return RadiusReport(
             out_spread=out_spread, attn_spread=attn, ffn_radius=ffn.get("ffn"), output_tokens=output_tokens,
             ffn_activation_radius=ffn.get("ffn_activation"), out_radius=out_radius,
+            ffn_tokens=session.ffn.tokens(next(iter(ffn.values())).device) if ffn else None,
         )

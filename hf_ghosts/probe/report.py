@@ -9,10 +9,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from hf_ghosts.radii import rho_bound
-from hf_ghosts.settings import RADIUS_TABLE, REDUCTIONS, Radius
+from hf_ghosts.settings import RADIUS_BY_NAME, RADIUS_TABLE, REDUCTIONS, Radius
 
 __all__ = ["RadiusReport"]
-
 
 
 @dataclass(frozen=True)
@@ -20,7 +19,8 @@ class RadiusReport:
     """Spreads measured along a unit direction, and the radii they imply.
 
     The raw fields reduce across processes as :data:`~hf_ghosts.settings.REDUCTIONS` says: spreads (``out_spread``, ``attn_spread``) with
-    MAX, radii (``ffn_radius``, ``ffn_activation_radius``, ``out_radius``) with MIN, ``output_tokens`` with SUM.
+    MAX, radii (``ffn_radius``, ``ffn_activation_radius``, ``out_radius``) with MIN, ``output_tokens`` and
+    ``ffn_tokens`` with SUM, ``fd_step`` with MIN, ``fd_error`` and ``fd_fallback`` with MAX.
 
     Attributes:
         out_spread: scalar, max over valid positions of the logit-slope spread (0 if none).
@@ -30,6 +30,13 @@ class RadiusReport:
         ffn_activation_radius: scalar, the ``"ffn_activation"`` radius (Appendix B, always activation-aware).
         out_radius: scalar, the ``radius="topk_exact"`` output radius (:func:`~hf_ghosts.radii.topk_radius`; at
             least ``pi / out_spread``); ``None`` with ``radius="bound"``.
+        ffn_tokens: scalar count of positions the FFN radii were taken over; with none, ``ffn_radius`` and
+            ``ffn_activation_radius`` hold inf (so that MIN across ranks ignores them) and :meth:`radius` gives NaN:
+            not measured, and not limiting (:meth:`rho_of`).
+        fd_step: scalar, the step ``h`` of fd's central differences (``None``: jvp).
+        fd_error: scalar, the estimated relative error of fd's spreads at ``fd_step`` (from the last step check,
+            :class:`~hf_ghosts.probe.fd.FdStepControl`).
+        fd_fallback: scalar, 1 where fd could not reach 1% and the spreads were measured by JVP instead, else 0.
     """
 
     out_spread: torch.Tensor | None = None
@@ -38,6 +45,10 @@ class RadiusReport:
     output_tokens: torch.Tensor | None = None
     ffn_activation_radius: torch.Tensor | None = None
     out_radius: torch.Tensor | None = None
+    ffn_tokens: torch.Tensor | None = None
+    fd_step: torch.Tensor | None = None
+    fd_error: torch.Tensor | None = None
+    fd_fallback: torch.Tensor | None = None
 
     @property
     def rho_out(self) -> torch.Tensor | None:
@@ -57,38 +68,51 @@ class RadiusReport:
 
     @property
     def rho_ffn(self) -> torch.Tensor | None:
-        """The FFN radius (kink proxy or activation-aware), as measured."""
-        return self.ffn_radius
+        """The FFN radius (kink proxy or activation-aware), as measured (NaN: no position to measure it on)."""
+        return self.radius(RADIUS_BY_NAME["ffn"])
 
-    def radius(self, radius: Radius) -> torch.Tensor | None:
+    def radius(self, radius: Radius, unmeasured: float = math.nan) -> torch.Tensor | None:
         """The radius ``radius`` (a row of :data:`~hf_ghosts.settings.RADIUS_TABLE`) as measured: its exact field
-        where set, else ``pi / spread`` or the radius itself, per element (``[layers, heads]`` for attention)."""
+        where set, else ``pi / spread`` or the radius itself, per element (``[layers, heads]`` for attention);
+        ``unmeasured`` (NaN) where its ``tokens`` count is 0."""
         raw = getattr(self, radius.raw)
         if raw is None:
             return None
         exact = None if radius.exact is None else getattr(self, radius.exact)
         if exact is not None:
             return exact
-        return rho_bound(raw) if radius.spread else raw
+        value = rho_bound(raw) if radius.spread else raw
+        tokens = None if radius.tokens is None else getattr(self, radius.tokens)
+        return value if tokens is None else torch.where(tokens > 0, value, torch.full_like(value, unmeasured))
 
     @property
     def rho_ffn_activation(self) -> torch.Tensor | None:
-        """The FFN activation radius (Appendix B), as measured."""
-        return self.ffn_activation_radius
+        """The FFN activation radius (Appendix B), as measured (NaN: no position to measure it on)."""
+        return self.radius(RADIUS_BY_NAME["ffn_activation"])
 
-    def radii(self) -> dict[str, torch.Tensor]:
+    def radii(self, unmeasured: float = math.nan) -> dict[str, torch.Tensor]:
         """Each measured radius as a scalar tensor (min over its elements; inf over none), by name
-        (:data:`~hf_ghosts.settings.RADII`): ``{"output": ..., "attention": min over heads, "ffn": ..., ...}``."""
+        (:data:`~hf_ghosts.settings.RADII`): ``{"output": ..., "attention": min over heads, "ffn": ..., ...}``;
+        ``unmeasured`` (NaN) for a radius over no position (:meth:`unmeasured`)."""
         found: dict[str, torch.Tensor] = {}
         for radius in RADIUS_TABLE:
-            value = self.radius(radius)
+            value = self.radius(radius, unmeasured)
             if value is not None:
                 found[radius.name] = value.amin() if value.numel() else torch.tensor(math.inf)
         return found
 
+    def unmeasured(self) -> tuple[str, ...]:
+        """The radii taken over no position (an FFN radius of a batch without an unmasked token). Host syncs."""
+        return tuple(
+            radius.name for radius in RADIUS_TABLE
+            if radius.tokens is not None and getattr(self, radius.raw) is not None
+            and getattr(self, radius.tokens) is not None and int(getattr(self, radius.tokens)) == 0
+        )
+
     def rho_of(self, names: Sequence[str] | None = None) -> torch.Tensor:
-        """The minimum of the radii ``names`` (default: all measured); inf for an empty ``names``."""
-        radii = self.radii()
+        """The minimum of the radii ``names`` (default: all measured; one over no position counts as inf: it does
+        not limit); inf for an empty ``names``."""
+        radii = self.radii(unmeasured=math.inf)
         if not radii:
             raise ValueError("RadiusReport: no radius was measured")
         values = [radii[name] for name in (radii if names is None else names)]
@@ -98,7 +122,7 @@ class RadiusReport:
 
     def bottleneck_of(self, names: Sequence[str] | None = None) -> str:
         """Name of the least of the radii ``names`` (default: all measured); ``"none"`` if all are inf."""
-        radii = self.radii()
+        radii = self.radii(unmeasured=math.inf)
         chosen = [(name, float(radii[name])) for name in (radii if names is None else names)]
         if not chosen:
             return "none"

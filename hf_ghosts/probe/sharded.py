@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from hf_ghosts import compat
-from hf_ghosts.distributed import FSDPModule, global_norm, local_tensor
+from hf_ghosts.distributed import FSDPModule, global_norm, local_tensor, max_over_ranks
 from hf_ghosts.probe.inputs import forward_kwargs, logits_of
 from hf_ghosts.probe.radius_probe import RadiusProbe, probe_settings
 from hf_ghosts.settings import DEFAULT_RADII, SETTINGS, RhoSettings
@@ -68,6 +68,12 @@ class ShardedRadiusProbe(RadiusProbe):
                 f"ShardedRadiusProbe: the trainable parameters are {wrong}, the probe's dtype is {self.dtype}; the "
                 "in-place finite-difference probe needs them equal (load the model in fp32 for FSDP2 training)"
             )
+
+    forward_ad = False  # fd only: where its error exceeds the limit, the report says so (hf_ghosts.probe.fd)
+
+    def _agree(self, value: float) -> float:
+        """The step control's numbers, the same on every rank (its forwards are collective): MAX over ranks."""
+        return max_over_ranks(value)
 
     def _locals(self) -> dict[str, torch.Tensor]:
         return {name: local_tensor(p.detach()) for name, p in self.trainable.items()}
