@@ -128,7 +128,7 @@ def test_grouped_query_attention(kv_heads: int) -> None:
     assert_matches(result, reference(q, k, v, tq, tk, tv, allowed, scaling=0.3), reduce=False)
     # a per-head mask ([B, H, Tq, Tk]) is grouped the same way as the heads
     per_head = allowed.clone()
-    per_head[:, 3, :, 0] = False
+    per_head[:, 1, :, 0] = False  # head 1 is group 0's second head: (kv, g) order, not (g, kv)
     result = attention_jvp(q, k, v, tq, tk, tv, scaling=0.3, attention_mask=per_head, block_size=4, reduce=False)
     assert_matches(result, reference(q, k, v, tq, tk, tv, per_head, scaling=0.3), reduce=False)
 
@@ -171,7 +171,7 @@ def test_missing_tangents_are_zero(missing: str) -> None:
 
 
 def test_bfloat16_against_float32_reference() -> None:
-    """bf16 blocks (fp32 softmax) stay within 2% of the largest magnitude of an fp32 reference."""
+    """bf16 blocks (fp32 softmax) stay within 1% of the largest magnitude of an fp32 reference (seen: <= 0.7%)."""
     q, k, v, tq, tk, tv = inputs(batch=2, heads=4, kv_heads=2, q_len=40, dim=16)
     allowed = reference_allowed(2, 4, 40, 40)
     expected = reference(q.float(), k.float(), v.float(), tq.float(), tk.float(), tv.float(), allowed, scaling=0.25)
@@ -181,7 +181,7 @@ def test_bfloat16_against_float32_reference() -> None:
     for got, want in zip(result, expected, strict=True):
         want = want.float()
         error = (got.float() - want).abs().max() / want.abs().max()
-        assert error < 0.02, error
+        assert error < 0.01, error
 
 
 class _Recorder(TorchDispatchMode):
