@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hf_ghosts.attention_jvp import attention_jvp, query_blocks
+from hf_ghosts.probe.attention_jvp import attention_jvp, query_blocks
 
 
 def reference_allowed(batch, heads, q_len, k_len, *, causal=True, window=None, key_padding=None, query_rows=None):

@@ -21,8 +21,8 @@ import pytest
 import torch
 from test_attention_jvp import inputs, reference, reference_allowed
 
-from hf_ghosts.attention_jvp import attention_jvp
-from hf_ghosts.attention_triton import attention_jvp_triton, triton_available
+from hf_ghosts.probe.attention_jvp import attention_jvp
+from hf_ghosts.probe.attention_triton import attention_jvp_triton, triton_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -132,7 +132,7 @@ def test_package_imports_without_triton() -> None:
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
-        "from hf_ghosts.attention_triton import triton_available\n"
+        "from hf_ghosts.probe.attention_triton import triton_available\n"
         "assert not triton_available(torch.zeros(1, 1, 2, 8))\n"
         "print('ok')\n"
     )

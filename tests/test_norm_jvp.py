@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from hf_ghosts.norm_jvp import layer_norm_jvp, rms_norm_jvp
+from hf_ghosts.probe.norm_jvp import layer_norm_jvp, rms_norm_jvp
 
 D = 12
 

@@ -8,7 +8,7 @@ allowed keys and ``O = P v``::
     tP  = P * (tS - rowsum(P * tS)),   tO = tP v + P tv = P tv + (P * tS) v - rowsum(P * tS) O.
 
 The spread of a query row is ``max_k tS - min_k tS`` over its allowed keys (Section 6.6): the
-slopes of the scores *after* softcapping, as the eager capture of :mod:`hf_ghosts.attention`
+slopes of the scores *after* softcapping, as the eager capture of :mod:`hf_ghosts.probe.attention`
 records them. Nothing of size ``[B, H, Tq, Tk]`` is built: queries go ``block_size`` rows at a
 time (in the input dtype, softmax in fp32 for half inputs, like the eager path), causal and
 sliding-window blocks only see their key range, and grouped-query heads are views

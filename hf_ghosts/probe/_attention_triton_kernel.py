@@ -1,5 +1,5 @@
 # ruff: noqa: N803  (Triton style: pointers and constexpr arguments in capitals)
-"""The Triton kernel behind :mod:`hf_ghosts.attention_triton` (imported only when it runs: needs ``triton``).
+"""The Triton kernel behind :mod:`hf_ghosts.probe.attention_triton` (imported only when it runs: needs ``triton``).
 
 One program per (query block, batch x head); it streams the key blocks its queries can see
 (flash-attention style, online softmax) and keeps, per query row::

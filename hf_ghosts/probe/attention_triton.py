@@ -1,9 +1,9 @@
 """A fused Triton attention JVP on CUDA: output, tangent and score-slope spread in one pass over the keys.
 
-Same quantities and semantics as :func:`hf_ghosts.attention_jvp.attention_jvp` (see there), computed
+Same quantities and semantics as :func:`hf_ghosts.probe.attention_jvp.attention_jvp` (see there), computed
 flash-attention style: per query block, an online softmax over key blocks that also carries the
 tangent accumulators and the running max / min of ``tS`` (``tS = scaling (tq k^T + q tk^T)``);
-see :mod:`hf_ghosts._attention_triton_kernel`. Nothing of size ``T x T`` is ever stored.
+see :mod:`hf_ghosts.probe._attention_triton_kernel`. Nothing of size ``T x T`` is ever stored.
 
 Supported: causal or not, sliding window (causal), key padding ``[B, Tk]``, a query mask for the
 spread, GQA (``H = g Hkv``), fp16 / bf16 / fp32 (fp32 dots in IEEE precision). Not supported: softcap
@@ -19,7 +19,7 @@ from functools import cache
 
 import torch
 
-from hf_ghosts.attention_jvp import AttentionJvp, validate_attention_inputs
+from hf_ghosts.probe.attention_jvp import AttentionJvp, validate_attention_inputs
 
 __all__ = ["attention_jvp_triton", "triton_available"]
 
@@ -78,7 +78,7 @@ def attention_jvp_triton(
     ``block_m`` / ``block_n``: query / key rows per tile (powers of two, ``>= 16``). The spread is
     written per row (``[B, H, Tq]`` fp32) and reduced over rows on the device (no host sync).
     """
-    from hf_ghosts._attention_triton_kernel import attention_jvp_kernel  # needs triton
+    from hf_ghosts.probe._attention_triton_kernel import attention_jvp_kernel  # needs triton
 
     validate_attention_inputs(q, k, v, tq, tk, tv, None, key_padding, query_mask, block_m)
     for name, block in (("block_m", block_m), ("block_n", block_n)):
