@@ -165,20 +165,20 @@ def attention_spread(capture: ScoreCapture, model: torch.nn.Module) -> torch.Ten
 
 
 def jvp_spreads(
-    run: Callable[[Tensors], torch.Tensor | None], session: Session, weights: Tensors, pieces: Tensors, norm: float,
+    run: Callable[[Tensors], torch.Tensor | None], session: Session, weights: Tensors, tangent: Tensors,
     *, output: bool, linear_head: LinearHead | None, chunk: int,
 ) -> torch.Tensor | None:
-    """Per position, the spread of the logit slopes along ``v = d / |d|``: one forward-mode pass.
+    """Per position, the spread of the logit slopes ``J d`` along ``d`` (``tangent``, not normalized: ``J`` is
+    linear, the caller divides by ``|d|``): one forward-mode pass.
 
     Args:
         run: ``weights -> logits`` of the batch (``None``: stopped at the head, whose input is in ``session``).
-        session: the measurement's recorders; pieces: the direction ``d``; norm: ``|d|``.
+        session: the measurement's recorders; tangent: the direction ``d`` the weights move along.
         output: whether the output radius is measured (``False``: the forward only records; ``None`` returned).
         linear_head: the chunked head (``None``: the full head ran); chunk: its classes per block.
     """
-    unit = {name: d / norm for name, d in pieces.items()}  # the tangent v = d / |d|
     with fwAD.dual_level():
-        logits = run(dual_weights(weights, unit))
+        logits = run(dual_weights(weights, tangent))
         if not output:
             return None
         if linear_head is None:
@@ -186,7 +186,7 @@ def jvp_spreads(
             session.offer_rows(full_rows(slopes, primal))
             return spread(slopes.float(), dim=-1)
         hidden, hidden_slope = fwAD.unpack_dual(session.head_inputs[0])
-        weight, weight_slope, bias, bias_slope = linear_head.tensors(weights, unit)
+        weight, weight_slope, bias, bias_slope = linear_head.tensors(weights, tangent)
         session.offer_rows(jvp_head_rows(hidden, hidden_slope, weight, weight_slope, bias, bias_slope))
         return jvp_spread(hidden, hidden_slope, weight, weight_slope, bias_slope, chunk=chunk)
 

@@ -172,13 +172,18 @@ class RadiusProbe:
     def _check_direction(self, direction: Mapping[str, torch.Tensor]) -> None:
         _check_direction(type(self).__name__, direction, self.trainable)
 
-    def _direction_and_norm(self, direction: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+    def _direction_and_norm(
+        self, direction: Mapping[str, torch.Tensor], norm: float | torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], float | torch.Tensor]:
         """The direction's tensors in the probe's dtype (no copy if they are in it already) and ``|d|``.
 
-        ``|d| = sqrt(sum_i |d_i|^2)``, per-tensor norms by ``torch._foreach_norm``, summed in float64.
+        ``norm``: ``|d|`` as the caller has it (the controller: no host sync here); ``None``: ``|d| = sqrt(sum_i
+        |d_i|^2)``, per-tensor norms by ``torch._foreach_norm`` summed in float64, checked finite and non-zero.
         """
         self._check_direction(direction)
         pieces = {name: d.detach().to(self.dtype) for name, d in direction.items()}
+        if norm is not None:
+            return pieces, norm
         norms = torch.stack(torch._foreach_norm(list(pieces.values()))).double()
         return pieces, self._checked_norm(float(torch.linalg.vector_norm(norms)))  # host sync
 
@@ -231,6 +236,8 @@ class RadiusProbe:
         inputs: Mapping[str, torch.Tensor],
         direction: Mapping[str, torch.Tensor],
         params: Mapping[str, torch.Tensor] | None = None,
+        *,
+        norm: float | torch.Tensor | None = None,
     ) -> RadiusReport:
         """Radii of the loss along ``direction / |direction|`` at ``params`` (default: the model's weights).
 
@@ -238,12 +245,16 @@ class RadiusProbe:
             inputs: a batch as the Trainer passes it (``input_ids``, ``attention_mask``, ``labels``, ...).
             direction: ``{parameter name: tensor}`` over trainable parameters; missing names are 0.
             params: weights to linearize at, ``{name: tensor}``; names not given use the model's own.
+            norm: ``|direction|`` where the caller has it (finite, non-zero; a float or a 0-dim tensor): then a
+                ``"jvp"`` probe makes no host sync. ``None``: computed and checked here (one host sync).
 
         Returns:
-            A :class:`RadiusReport` (tensors on the model's device, no host sync).
+            A :class:`RadiusReport` (tensors on the model's device). ``"jvp"`` measures along ``direction`` itself,
+            never normalizing it (``J`` is linear), and rescales the report by ``|direction|``
+            (:meth:`RadiusReport.along_unit`).
         """
         with self._intact():
-            pieces, norm = self._direction_and_norm(direction)
+            pieces, norm = self._direction_and_norm(direction, norm)
             weights = self._weights(params)
             report, wider_step = self._measure_once(inputs, weights, pieces, norm)
             if wider_step is not None:  # fd: the differences were mostly rounding; once more at a wider step
@@ -255,16 +266,16 @@ class RadiusProbe:
             return report
 
     def _measure_once(
-        self, inputs: Tensors, weights: Tensors, pieces: Tensors, norm: float
+        self, inputs: Tensors, weights: Tensors, pieces: Tensors, norm: float | torch.Tensor
     ) -> tuple[RadiusReport, float | None]:
         """The report, and fd's wider step where rounding swamped the differences (``None``: none needed)."""
         run = functools.partial(self._run, inputs=inputs)
         path = dict(output="output" in self.radii, linear_head=self._head, chunk=self.vocab_chunk)
         with self._measuring(inputs, record=True) as session:
-            if self.estimator == "jvp":
-                per_position = jvp_spreads(run, session, weights, pieces, norm, **path)
-            else:
-                per_position = fd_spreads(run, session, weights, pieces, norm, fd_step=self.fd_step, **path)
+            if self.estimator == "jvp":  # along d itself: J d = |d| J v
+                per_position = jvp_spreads(run, session, weights, pieces, **path)
+                return self._report(per_position, inputs, session).along_unit(norm), None
+            per_position = fd_spreads(run, session, weights, pieces, float(norm), fd_step=self.fd_step, **path)
         return self._report(per_position, inputs, session), session.wider_step
 
     def logit_slopes(
