@@ -99,11 +99,14 @@ def _sync(device: str) -> Callable[[], None]:
 
 # --------------------------------------------------------------------------------------------- overhead
 def run_overhead(name: str, size: Size, settings: Sequence[Setting], steps: int, warmup: int, bf16: bool,
-                 workdir: str) -> dict[str, Any]:
-    base = size.model()
+                 workdir: str, base: torch.nn.Module | None = None, data: Blocks | None = None,
+                 lr: float | None = None) -> dict[str, Any]:
+    """Plain ``Trainer`` and one ``RhoTrainer`` per setting, interleaved step by step, from ``base`` (default: the
+    size's fresh model) on ``data`` (default: pydoc blocks) at ``lr`` (default: the size's)."""
+    base = size.model() if base is None else base
     params = sum(p.numel() for p in base.parameters())
     total = warmup + steps
-    data = Blocks(token_blocks(size.batch * total, size.seq))
+    data = Blocks(token_blocks(size.batch * total, size.seq)) if data is None else data
     entries: list[tuple[str, Setting | None]] = [("plain", None), *((s.name, s) for s in settings)]
     turns = RoundRobin([entry for entry, _ in entries])
     trainers: dict[str, Trainer] = {}
@@ -111,7 +114,7 @@ def run_overhead(name: str, size: Size, settings: Sequence[Setting], steps: int,
     for entry, setting in entries:
         common = dict(
             output_dir=f"{workdir}/{len(trainers)}", per_device_train_batch_size=size.batch, max_steps=total,
-            learning_rate=size.lr, lr_scheduler_type="constant", logging_strategy="no", save_strategy="no",
+            learning_rate=size.lr if lr is None else lr, lr_scheduler_type="constant", logging_strategy="no", save_strategy="no",
             report_to=[], disable_tqdm=True, seed=0, data_seed=0, dataloader_num_workers=0,
             use_cpu=size.device == "cpu", bf16=bf16,
         )

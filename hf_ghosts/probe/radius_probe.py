@@ -167,6 +167,8 @@ class RadiusProbe:
         self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self._head = LinearHead.of(model, chunked_head)
         self._eager_experts = needs_eager_experts(model, self.estimator)
+        # the attention JVPs the last measurement ran ("triton", "blocked"; empty: none ran, e.g. fd)
+        self.attention_kernels: tuple[str, ...] = ()
 
     # ----------------------------------------------------------------------------------- direction and weights
     def _check_direction(self, direction: Mapping[str, torch.Tensor]) -> None:
@@ -274,6 +276,7 @@ class RadiusProbe:
         with self._measuring(inputs, record=True) as session:
             if self.estimator == "jvp":  # along d itself: J d = |d| J v
                 per_position = jvp_spreads(run, session, weights, pieces, **path)
+                self.attention_kernels = tuple(sorted(kernel.value for kernel in session.capture.kernels))
                 return self._report(per_position, inputs, session).along_unit(norm), None
             per_position = fd_spreads(run, session, weights, pieces, float(norm), fd_step=self.fd_step, **path)
         return self._report(per_position, inputs, session), session.wider_step
