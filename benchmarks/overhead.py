@@ -172,6 +172,7 @@ def run_breakdown(name: str, size: Size, repeats: int) -> dict[str, Any]:
 
     old = [p.detach().clone() for p in params]
     direction = {n: torch.randn_like(p) for n, p in zip(names, params, strict=True)}
+    norm = float(update_norm(list(direction.values())))
     probes = {est: RadiusProbe(model, radii=("output", "attention"), estimator=est) for est in ESTIMATORS}
     features = {key: value for key, value in batch.items() if key != "labels"}
 
@@ -191,8 +192,9 @@ def run_breakdown(name: str, size: Size, repeats: int) -> dict[str, Any]:
         "update and its norm": lambda: update_norm(torch._foreach_sub([p.detach() for p in params], old)),
         "forward without tangents, sdpa": forward("sdpa"),
         "forward without tangents, eager attention": forward("eager"),
-        "probe, jvp": lambda: probes["jvp"].measure(batch, direction),
-        "probe, fd": lambda: probes["fd"].measure(batch, direction),
+        # as the controller calls it: |u| given (a jvp probe then makes no host sync)
+        "probe, jvp": lambda: probes["jvp"].measure(batch, direction, norm=norm),
+        "probe, fd": lambda: probes["fd"].measure(batch, direction, norm=norm),
     }
     results = {piece: median_time(fn, repeats, _sync(size.device)) for piece, fn in pieces.items()}
     step = results["plain step (forward, backward, AdamW)"]

@@ -94,3 +94,64 @@ def test_scale_invariance_and_bad_arguments() -> None:
         rms_norm_jvp(x, tx, w, style="t5")
     with pytest.raises(ValueError, match="layer_norm_jvp: `weight` must have shape"):
         layer_norm_jvp(x, tx, w[:3])
+
+
+# ----------------------------------------------------------------------------- fused_norm_jvps: the modules patched
+def norm_modules() -> list[tuple[str, torch.nn.Module]]:
+    """One module of each class in NORM_STYLES that transformers still has (a class that moved fails here)."""
+    import importlib
+
+    from hf_ghosts.architectures import NORM_STYLES
+
+    built = [("LayerNorm", torch.nn.LayerNorm(D))]
+    for name in sorted(set(NORM_STYLES) - {"LayerNorm"}):
+        model_type = {"Qwen2MoeRMSNorm": "qwen2_moe"}.get(name, name.removesuffix("RMSNorm").lower())
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        built.append((name, getattr(module, name)(D)))
+    return built
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norm_jvps_match_autograd_through_every_listed_class(dtype) -> None:
+    """Every class of NORM_STYLES: under forward AD the patched forward gives the module's own output bit for bit
+    and autograd's tangent to rounding; the model's forwards come back after."""
+    import torch.autograd.forward_ad as fwAD
+
+    from hf_ghosts.probe.norm_jvp import fused_norm_jvps
+
+    x, tx, w, tw, b, tb = draws(dtype)
+    for name, module in norm_modules():
+        module = module.to(dtype)
+        with torch.no_grad():
+            module.weight.copy_(w)
+            if getattr(module, "bias", None) is not None:
+                module.bias.copy_(b)
+        tangents = {"weight": tw, **({"bias": tb} if getattr(module, "bias", None) is not None else {})}
+
+        def run(module=module, tangents=tangents):
+            with fwAD.dual_level():
+                params = {n: fwAD.make_dual(p.detach(), tangents[n]) for n, p in module.named_parameters()}
+                out = torch.func.functional_call(module, params, (fwAD.make_dual(x, tx),))
+                return fwAD.unpack_dual(out)
+
+        expected = run()
+        with fused_norm_jvps(module) as patched:
+            assert patched == 1, name
+            got = run()
+        assert "forward" not in module.__dict__, name
+        assert torch.equal(got.primal, expected.primal), name
+        tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.tangent, expected.tangent, **tol, msg=name)
+
+
+def test_fused_norm_jvps_leave_an_instance_forward_and_unknown_norms_alone() -> None:
+    from hf_ghosts.probe.norm_jvp import fused_norm_jvps
+
+    own = LlamaRMSNorm(D)
+    mine = own.forward
+    own.forward = mine  # an instance-level forward, as a user or a test may set
+    model = torch.nn.Sequential(own, torch.nn.LayerNorm((3, D)), torch.nn.GroupNorm(1, D), LlamaRMSNorm(D))
+    with fused_norm_jvps(model) as patched:
+        assert patched == 1  # only the last: the instance forward, a 2-D LayerNorm and GroupNorm are not touched
+        assert model[0].forward is mine
+    assert model[0].forward is mine and "forward" not in model[3].__dict__

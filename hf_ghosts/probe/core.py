@@ -22,6 +22,7 @@ from hf_ghosts.architectures import _model_type, attention_blocker, base_model_o
 from hf_ghosts.probe.attention import ATTENTION_NAME, Pass, ScoreCapture
 from hf_ghosts.probe.ffn import FfnRecorder
 from hf_ghosts.probe.head import LinearHead, fd_head_rows, fd_spread, full_rows, jvp_head_rows, jvp_spread
+from hf_ghosts.probe.norm_jvp import fused_norm_jvps
 from hf_ghosts.radii import spread
 
 __all__ = [
@@ -83,9 +84,12 @@ class Session:
 
 
 @contextlib.contextmanager
-def probe_mode(model: torch.nn.Module, ghosts: bool, eager_experts: bool = False) -> Iterator[None]:
+def probe_mode(
+    model: torch.nn.Module, ghosts: bool, eager_experts: bool = False, fused_norms: bool = False
+) -> Iterator[None]:
     """Eval mode, fp32 forward without Accelerate's autocast wrapper, not through ``model.compile()``'s compiled
-    call, ghosts attention (if ``ghosts``), eager MoE experts (if ``eager_experts``); all restored."""
+    call, ghosts attention (if ``ghosts``), eager MoE experts (if ``eager_experts``), norm tangents in closed form
+    (if ``fused_norms``: :func:`~hf_ghosts.probe.norm_jvp.fused_norm_jvps`); all restored."""
     training = {module: module.training for module in model.modules()}
     model.eval()
     try:
@@ -93,9 +97,10 @@ def probe_mode(model: torch.nn.Module, ghosts: bool, eager_experts: bool = False
         base = base_model_of(model)
         switch = compat.attention_implementation(base, ATTENTION_NAME) if ghosts else contextlib.nullcontext()
         experts = compat.experts_implementation(base, "eager") if eager_experts else contextlib.nullcontext()
+        norms = fused_norm_jvps(model) if fused_norms else contextlib.nullcontext()
         # model.compile() in place: forward AD fails in inductor's out= kernels
         with compat.without_autocast_wrapper(model), compat.without_compiled_call(model):
-            with switch, experts, torch.no_grad(), torch.autocast(device_type, enabled=False):
+            with switch, experts, norms, torch.no_grad(), torch.autocast(device_type, enabled=False):
                 yield
     finally:
         for module, flag in training.items():

@@ -227,7 +227,7 @@ class RadiusProbe:
                 stack.enter_context(session.ffn.attached(token_mask, first))
             if record and self._head is not None:
                 stack.enter_context(stopping_at(self._head.module, session.head_inputs))
-            stack.enter_context(probe_mode(self.model, ghosts, self._eager_experts))
+            stack.enter_context(probe_mode(self.model, ghosts, self._eager_experts, self.estimator == "jvp"))
             if ghosts:
                 stack.enter_context(capture_scores(session.capture))
             yield session
