@@ -131,3 +131,36 @@ def test_a_zero_tangent_gives_zero_spreads_and_nan_propagates() -> None:
         second.layer_idx = 1
         _jvp_capture(capture, second, query, fwAD.make_dual(key, broken), value, None, None, None)
     assert torch.isnan(capture.spreads[1][1]) and capture.spreads[1][0] == 0
+
+
+def test_flat_buffer_casts_like_to_and_keeps_its_storage() -> None:
+    from hf_ghosts.probe.buffers import FlatBuffer
+
+    generator = torch.Generator().manual_seed(3)
+    tensors = {"a": torch.randn(4, 5, generator=generator), "b": torch.randn(7, generator=generator)}
+    buffer = FlatBuffer(torch.bfloat16)
+    first = buffer.fill(tensors)
+    assert all(torch.equal(first[name], t.to(torch.bfloat16)) for name, t in tensors.items())
+    pointer = first["a"].untyped_storage().data_ptr()
+    assert first["b"].untyped_storage().data_ptr() == pointer  # one buffer
+    moved = {name: t + 1 for name, t in tensors.items()}
+    second = buffer.fill(moved)  # refilled in place: no new allocation
+    assert second["a"].untyped_storage().data_ptr() == pointer
+    assert all(torch.equal(second[name], t.to(torch.bfloat16)) for name, t in moved.items())
+    other = buffer.fill({"c": torch.ones(3)})  # another layout: a buffer of its own
+    assert other["c"].untyped_storage().data_ptr() != pointer and torch.equal(other["c"], torch.ones(3, dtype=torch.bfloat16))
+
+
+def test_a_bf16_probe_reads_fp32_weights_and_direction_from_two_flat_buffers() -> None:
+    model = tiny_causal_lm("llama")
+    probe = RadiusProbe(model, ("output", "attention"), "jvp", dtype="bfloat16")
+    direction = random_direction(model)
+    weights = probe._weights(None)
+    pieces, _ = probe._direction_and_norm(direction, norm=1.0)
+    for got, source in ((weights, dict(model.named_parameters())), (pieces, direction)):
+        assert len({t.untyped_storage().data_ptr() for t in got.values()}) == 1
+        assert all(torch.equal(got[name], t.detach().to(torch.bfloat16)) for name, t in source.items())
+    # in the parameters' own dtype nothing is copied: the tensors are the caller's
+    same = RadiusProbe(model, ("output",), "jvp")
+    pieces, _ = same._direction_and_norm(direction, norm=1.0)
+    assert all(pieces[name] is direction[name] or pieces[name].data_ptr() == direction[name].data_ptr() for name in direction)

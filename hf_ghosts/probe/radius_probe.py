@@ -27,6 +27,7 @@ from torch.func import functional_call
 
 from hf_ghosts.architectures import FfnSpec, attention_blocker, original_module
 from hf_ghosts.probe.attention import Pass, capture_scores
+from hf_ghosts.probe.buffers import FlatBuffer
 from hf_ghosts.probe.core import (
     Session,
     Tensors,
@@ -167,6 +168,7 @@ class RadiusProbe:
         self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self._head = LinearHead.of(model, chunked_head)
         self._eager_experts = needs_eager_experts(model, self.estimator)
+        self._weight_buffer, self._direction_buffer = FlatBuffer(self.dtype), FlatBuffer(self.dtype)
         # the attention JVPs the last measurement ran ("triton", "blocked"; empty: none ran, e.g. fd)
         self.attention_kernels: tuple[str, ...] = ()
 
@@ -183,18 +185,29 @@ class RadiusProbe:
         |d_i|^2)``, per-tensor norms by ``torch._foreach_norm`` summed in float64, checked finite and non-zero.
         """
         self._check_direction(direction)
-        pieces = {name: d.detach().to(self.dtype) for name, d in direction.items()}
-        if norm is not None:
-            return pieces, norm
-        norms = torch.stack(torch._foreach_norm(list(pieces.values()))).double()
-        return pieces, self._checked_norm(float(torch.linalg.vector_norm(norms)))  # host sync
+        if self.dtype == torch.float16:  # fp16 is subnormal below 6e-5 (an update's entries): cast the unit direction
+            norm = self._norm_of(direction) if norm is None else norm
+            return {name: (d.detach() / norm).to(self.dtype) for name, d in direction.items()}, 1.0
+        pieces = self._in_dtype(direction, self._direction_buffer)
+        return pieces, self._norm_of(pieces) if norm is None else norm
+
+    def _norm_of(self, pieces: Mapping[str, torch.Tensor]) -> float:
+        norms = torch.stack(torch._foreach_norm([d.detach() for d in pieces.values()])).double()
+        return self._checked_norm(float(torch.linalg.vector_norm(norms)))  # host sync
 
     def _checked_norm(self, norm: float) -> float:
         return _checked_norm(type(self).__name__, norm)
 
     def _weights(self, params: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         base = dict(self.trainable) if params is None else {**self.trainable, **params}
-        return {name: t.detach().to(self.dtype) if t.is_floating_point() else t.detach() for name, t in base.items()}
+        return self._in_dtype(base, self._weight_buffer)
+
+    def _in_dtype(self, tensors: Mapping[str, torch.Tensor], buffer: FlatBuffer) -> dict[str, torch.Tensor]:
+        """Floating tensors in the probe's dtype: as they are where they are in it (no copy), else cast into the
+        persistent flat ``buffer`` by one foreach copy (a bf16 probe of fp32 weights)."""
+        kept = {name: t.detach() for name, t in tensors.items()}
+        cast = {name: t for name, t in kept.items() if t.is_floating_point() and t.dtype != self.dtype}
+        return {**kept, **buffer.fill(cast)} if cast else kept
 
     def _intact(self) -> contextlib.AbstractContextManager:
         """Around a whole measurement: what keeps the model's weights as found (nothing: forwards are functional)."""
