@@ -5,7 +5,7 @@
 #
 # On a CUDA GPU (H200: about 5 minutes, under 8) it runs, each part in a process of its own (one part failing
 # keeps the others' numbers; every failure is recorded):
-#   1. tests: the tests marked `gpu`, all in tests/test_gpu.py and tests/test_probe_dtype.py (only those two files
+#   1. tests: the tests marked `gpu` in tests/test_gpu.py, test_probe_dtype.py and test_attention_triton.py (only those
 #      are collected: others import wandb, absent there) (bf16 probe accuracy on CUDA, sdpa training with the ghosts probe, the
 #      chunked head at a 50k vocabulary: equality with the full head and peak memory);
 #   2. overhead, scenario "pretrain": Pythia-160m's shape, bf16, 8 x 1024 tokens, from random init at lr 6e-4: plain
@@ -74,7 +74,7 @@ part env 60 "versions; does importing hf_ghosts import wandb" -- "$PY" benchmark
 
 if [ "$CUDA" = 1 ]; then
     part tests 120 "pytest -m gpu (flash-attn is not installed on the H200 machine: that one test is skipped)" -- \
-        "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs --junitxml "$PARTS/tests.xml" tests/test_gpu.py tests/test_probe_dtype.py
+        "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs --junitxml "$PARTS/tests.xml" tests/test_gpu.py tests/test_probe_dtype.py tests/test_attention_triton.py
     part overhead 150 "scenario pretrain: pythia-160m shape, bf16, 8 x 1024 tokens, 12 timed + 3 warm-up steps" -- \
         "$PY" benchmarks/gpu_check.py overhead --out "$PARTS/overhead.json"
     part finetune 150 "scenario finetune: 300 pretraining steps, then 12 timed + 3 warm-up steps at lr 3e-5" -- \

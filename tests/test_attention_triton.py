@@ -31,7 +31,7 @@ needs_triton = pytest.mark.skipif(
     not KERNEL_RUNS_HERE,
     reason="triton not installed (optional), or on CPU: run by test_kernel_in_the_triton_interpreter in a fresh process",
 )
-KERNEL_TESTS = 7  # the needs_triton tests below, with their parameters
+KERNEL_TESTS = 8  # the needs_triton tests below, with their parameters
 
 
 def run(q, k, v, tq, tk, tv, **kwargs):
@@ -89,6 +89,28 @@ def test_float16_against_float32_reference() -> None:
     assert result[0].dtype == torch.float16 and result[2].dtype == torch.float32
     for got, want in zip(result, expected, strict=True):
         assert (got.double() - want).abs().max() / want.abs().max() < 0.01
+
+
+@needs_triton
+def test_the_probe_through_the_kernel_matches_the_blocked_path(monkeypatch) -> None:
+    """The glue: a jvp probe of a padded tiny llama with the kernel taken wherever it applies (here forced, on CPU
+    under the interpreter) reports what the blocked path reports; the causal & padding mask went in as key padding."""
+    from conftest import random_direction, tiny_causal_lm, token_batch
+
+    import hf_ghosts.probe.attention as ghosts
+    from hf_ghosts import RadiusProbe
+
+    model = tiny_causal_lm("llama").to(DEVICE)
+    batch = {key: value.to(DEVICE) for key, value in token_batch(length=20, pad_left=4).items()}
+    direction = {name: t.to(DEVICE) for name, t in random_direction(model).items()}
+    probe = RadiusProbe(model, ("output", "attention"), "jvp")
+    blocked = probe.measure(batch, direction)
+    assert probe.attention_kernels == ("blocked",) or DEVICE == "cuda"
+    monkeypatch.setattr(ghosts, "triton_available", lambda q, softcap=None, attention_mask=None: attention_mask is None)
+    fused = probe.measure(batch, direction)
+    assert probe.attention_kernels == ("triton",)
+    torch.testing.assert_close(fused.attn_spread, blocked.attn_spread, rtol=1e-5, atol=0)
+    torch.testing.assert_close(fused.out_spread, blocked.out_spread, rtol=1e-5, atol=0)
 
 
 @pytest.mark.gpu
