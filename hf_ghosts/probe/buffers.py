@@ -31,6 +31,8 @@ class FlatBuffer:
     def fill(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{name: tensor.to(dtype)}`` as views of the buffer (one foreach copy); tensors on several devices (a
         model split over devices) are cast one by one instead."""
+        if not tensors:
+            return {}
         devices = {t.device for t in tensors.values()}
         if len(devices) != 1:
             return {name: t.detach().to(self.dtype) for name, t in tensors.items()}

@@ -206,8 +206,7 @@ class RadiusProbe:
         """Floating tensors in the probe's dtype: as they are where they are in it (no copy), else cast into the
         persistent flat ``buffer`` by one foreach copy (a bf16 probe of fp32 weights)."""
         kept = {name: t.detach() for name, t in tensors.items()}
-        cast = {name: t for name, t in kept.items() if t.is_floating_point() and t.dtype != self.dtype}
-        return {**kept, **buffer.fill(cast)} if cast else kept
+        return {**kept, **buffer.fill({n: t for n, t in kept.items() if t.is_floating_point() and t.dtype != self.dtype})}
 
     def _intact(self) -> contextlib.AbstractContextManager:
         """Around a whole measurement: what keeps the model's weights as found (nothing: forwards are functional)."""
@@ -264,9 +263,8 @@ class RadiusProbe:
                 ``"jvp"`` probe makes no host sync. ``None``: computed and checked here (one host sync).
 
         Returns:
-            A :class:`RadiusReport` (tensors on the model's device). ``"jvp"`` measures along ``direction`` itself,
-            never normalizing it (``J`` is linear), and rescales the report by ``|direction|``
-            (:meth:`RadiusReport.along_unit`).
+            A :class:`RadiusReport` (on the model's device). ``"jvp"`` measures along ``direction`` itself (``J`` is
+            linear) and rescales the report by ``|direction|`` (:meth:`RadiusReport.along_unit`).
         """
         with self._intact():
             pieces, norm = self._direction_and_norm(direction, norm)
