@@ -37,6 +37,7 @@ def main() -> None:
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     direction = {n: torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(direction.values()))).double()))
     half = torch.bfloat16 if device == "cuda" else torch.float32
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -67,7 +68,8 @@ def main() -> None:
         "plain step (bf16 autocast: forward, backward, AdamW)": train_step,
         "forward, no tangents, sdpa (bf16 autocast)": forward("sdpa"),
         "forward, no tangents, eager (bf16 autocast)": forward("eager"),
-        **{name: (lambda probe=probe: probe.measure(inputs, direction)) for name, probe in probes.items()},
+        # as the controller calls it: |u| given (no host sync in a jvp probe)
+        **{name: (lambda probe=probe: probe.measure(inputs, direction, norm=norm)) for name, probe in probes.items()},
     }
     rows = []
     plain = None
@@ -84,14 +86,15 @@ def main() -> None:
         print(f"{name:55s} {ms:9.1f} ms  {ms / plain:6.2f} plain steps  peak {peak} MiB", flush=True)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
     with torch.profiler.profile(activities=activities) as profiler:
-        probes["probe jvp bf16, output + attention"].measure(inputs, direction)
+        probes["probe jvp bf16, output + attention"].measure(inputs, direction, norm=norm)
         if device == "cuda":
             torch.cuda.synchronize()
     sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
     table = profiler.key_averages().table(sort_by=sort, row_limit=15)
     print(table)
+    kernels = sorted(probes["probe jvp bf16, output + attention"].attention_kernels)
     result = {"device": device, "preset": preset, "batch": batch, "seq": seq, "vocab": vocab, "rows": rows,
-              "profile_top": table}
+              "attention_kernels": kernels, "profile_top": table}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
 

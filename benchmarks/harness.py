@@ -113,9 +113,11 @@ class Setting:
 
 
 # --------------------------------------------------------------------------------------------- data
-def token_blocks(count: int, length: int, seed: int = 0) -> torch.Tensor:
-    """``[count, length]`` byte-level token ids of the English text that ships with Python, random offsets."""
+def token_blocks(count: int, length: int, seed: int = 0, span: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """``[count, length]`` byte-level token ids of the English text that ships with Python, random offsets within
+    the ``span`` share of it (``(0.0, 0.8)`` and ``(0.8, 1.0)``: text for training and held-out text)."""
     data = torch.frombuffer(bytearray(pydoc_text().encode()), dtype=torch.uint8)
+    data = data[int(span[0] * data.numel()) : int(span[1] * data.numel())]
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, data.numel() - length, (count,), generator=generator)
     return torch.stack([data[s : s + length] for s in starts.tolist()]).long()

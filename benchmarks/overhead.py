@@ -99,11 +99,14 @@ def _sync(device: str) -> Callable[[], None]:
 
 # --------------------------------------------------------------------------------------------- overhead
 def run_overhead(name: str, size: Size, settings: Sequence[Setting], steps: int, warmup: int, bf16: bool,
-                 workdir: str) -> dict[str, Any]:
-    base = size.model()
+                 workdir: str, base: torch.nn.Module | None = None, data: Blocks | None = None,
+                 lr: float | None = None) -> dict[str, Any]:
+    """Plain ``Trainer`` and one ``RhoTrainer`` per setting, interleaved step by step, from ``base`` (default: the
+    size's fresh model) on ``data`` (default: pydoc blocks) at ``lr`` (default: the size's)."""
+    base = size.model() if base is None else base
     params = sum(p.numel() for p in base.parameters())
     total = warmup + steps
-    data = Blocks(token_blocks(size.batch * total, size.seq))
+    data = Blocks(token_blocks(size.batch * total, size.seq)) if data is None else data
     entries: list[tuple[str, Setting | None]] = [("plain", None), *((s.name, s) for s in settings)]
     turns = RoundRobin([entry for entry, _ in entries])
     trainers: dict[str, Trainer] = {}
@@ -111,7 +114,7 @@ def run_overhead(name: str, size: Size, settings: Sequence[Setting], steps: int,
     for entry, setting in entries:
         common = dict(
             output_dir=f"{workdir}/{len(trainers)}", per_device_train_batch_size=size.batch, max_steps=total,
-            learning_rate=size.lr, lr_scheduler_type="constant", logging_strategy="no", save_strategy="no",
+            learning_rate=size.lr if lr is None else lr, lr_scheduler_type="constant", logging_strategy="no", save_strategy="no",
             report_to=[], disable_tqdm=True, seed=0, data_seed=0, dataloader_num_workers=0,
             use_cpu=size.device == "cpu", bf16=bf16,
         )
@@ -169,6 +172,7 @@ def run_breakdown(name: str, size: Size, repeats: int) -> dict[str, Any]:
 
     old = [p.detach().clone() for p in params]
     direction = {n: torch.randn_like(p) for n, p in zip(names, params, strict=True)}
+    norm = float(update_norm(list(direction.values())))
     probes = {est: RadiusProbe(model, radii=("output", "attention"), estimator=est) for est in ESTIMATORS}
     features = {key: value for key, value in batch.items() if key != "labels"}
 
@@ -188,8 +192,9 @@ def run_breakdown(name: str, size: Size, repeats: int) -> dict[str, Any]:
         "update and its norm": lambda: update_norm(torch._foreach_sub([p.detach() for p in params], old)),
         "forward without tangents, sdpa": forward("sdpa"),
         "forward without tangents, eager attention": forward("eager"),
-        "probe, jvp": lambda: probes["jvp"].measure(batch, direction),
-        "probe, fd": lambda: probes["fd"].measure(batch, direction),
+        # as the controller calls it: |u| given (a jvp probe then makes no host sync)
+        "probe, jvp": lambda: probes["jvp"].measure(batch, direction, norm=norm),
+        "probe, fd": lambda: probes["fd"].measure(batch, direction, norm=norm),
     }
     results = {piece: median_time(fn, repeats, _sync(size.device)) for piece, fn in pieces.items()}
     step = results["plain step (forward, backward, AdamW)"]

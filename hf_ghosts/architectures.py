@@ -25,12 +25,14 @@ __all__ = [
     "FFN_PREACTIVATIONS",
     "LINEAR_HEAD_MODELS",
     "LOGIT_RESCALING_ATTRS",
+    "NORM_STYLES",
     "Architecture",
     "FfnSpec",
     "attention_blocker",
     "base_model_of",
     "chunked_head_blocker",
     "find_ffn_modules",
+    "norm_style",
     "original_module",
     "resolve_ffn_activation",
     "resolve_ffn_spec",
@@ -79,6 +81,17 @@ FFN_PREACTIVATIONS: dict[str, FfnSpec] = {name: a.ffn for name, a in ARCHITECTUR
 LINEAR_HEAD_MODELS: dict[str, str] = {
     name: a.linear_head for name, a in ARCHITECTURES.items() if a.linear_head is not None
 }
+# Normalization modules with a closed-form JVP (hf_ghosts.probe.norm_jvp), by class name: (style, epsilon attribute).
+# "layer_norm": torch.nn.LayerNorm over the last dim; "llama": fp32 statistics, w * xhat.to(dtype); "gemma": fp32
+# statistics, (xhat * (1 + w)).to(dtype). tests/test_norm_jvp.py checks each class's forward against its style.
+NORM_STYLES: dict[str, tuple[str, str]] = {
+    "LayerNorm": ("layer_norm", "eps"),
+    **{name: ("llama", "variance_epsilon") for name in (
+        "LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Phi3RMSNorm", "Qwen2MoeRMSNorm", "Qwen2RMSNorm",
+        "Qwen3RMSNorm",
+    )},
+    **{name: ("gemma", "eps") for name in ("Gemma2RMSNorm", "Gemma3RMSNorm", "GemmaRMSNorm")},
+}
 # Config attributes with which transformers models rescale or cap the logits after the head.
 LOGIT_RESCALING_ATTRS = (
     "final_logit_softcapping",
@@ -90,6 +103,23 @@ LOGIT_RESCALING_ATTRS = (
     "logits_mup_width_multiplier",
     "lm_head_multiplier",
 )
+
+
+def norm_style(module: torch.nn.Module) -> tuple[str, float] | None:
+    """``(style, eps)`` of a normalization module in :data:`NORM_STYLES` (``torch.nn.LayerNorm`` itself over one
+    dim, or a ``transformers`` RMSNorm class named there), else ``None``."""
+    cls = type(module)
+    entry = NORM_STYLES.get(cls.__name__)
+    if entry is None:
+        return None
+    style, eps_name = entry
+    if style == "layer_norm":
+        if cls is not torch.nn.LayerNorm or len(module.normalized_shape) != 1:
+            return None
+    elif not cls.__module__.startswith("transformers.") or not hasattr(module, "weight"):
+        return None
+    eps = getattr(module, eps_name, None)
+    return None if eps is None else (style, float(eps))
 
 
 def _model_type(model: torch.nn.Module) -> str | None:

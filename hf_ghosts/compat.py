@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 # the sdpa pieces the "ghosts" attention delegates to (transformers 5.24): not exported by transformers itself
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
 
 __all__ = ["checkpoint_keys_renamed", "checkpoint_to_model_keys", "is_bare_backbone"]
 
@@ -122,6 +122,34 @@ __all__ += ["repeat_kv", "sdpa_attention_forward", "sdpa_mask"]
 # ``sdpa_attention_forward`` and ``sdpa_mask`` (imported above) are what transformers registers as "sdpa" with
 # ``AttentionInterface`` and ``AttentionMaskInterface``: outside a probe the ghosts attention is exactly sdpa.
 # ``repeat_kv`` (``[b, kv, t, d] -> [b, kv * groups, t, d]``) spreads grouped key/value heads over the query heads.
+
+__all__ += ["sdpa_mask_without_sync"]
+_SDPA_MASK_SIGNATURE = inspect.signature(sdpa_mask)
+
+
+def sdpa_mask_without_sync(*args: Any, **kwargs: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """transformers' sdpa mask without reading the padding mask on the host, and the key padding it is made of.
+
+    With a 2-D padding mask, ``sdpa_mask`` asks ``_ignore_causal_mask_sdpa`` whether it can return ``None``, which
+    calls ``fast_all(padding_mask)``: a host sync. Here the mask is then always materialized (boolean
+    ``[B, 1, Tq, Tk]``; the same keys allowed as ``None`` with ``is_causal``). Returns ``(mask, padding)``:
+    ``padding`` is the ``[B, Tk]`` key padding when the mask is exactly ``causal & padding`` (the plain causal mask
+    function, no offsets, no window, ``Tq == Tk``), else ``None``. Without a padding mask nothing is read: as sdpa.
+    """
+    bound = _SDPA_MASK_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    given = bound.arguments
+    if given["attention_mask"] is None:
+        return sdpa_mask(*bound.args, **bound.kwargs), None
+    given["allow_is_causal_skip"] = False
+    mask = sdpa_mask(*bound.args, **bound.kwargs)
+    plain = (
+        given["mask_function"] is causal_mask_function and given["local_size"] is None and not given["use_vmap"]
+        and isinstance(given["q_offset"], int) and isinstance(given["kv_offset"], int)
+        and given["q_offset"] == 0 and given["kv_offset"] == 0 and given["q_length"] == given["kv_length"]
+    )
+    padding = prepare_padding_mask(given["attention_mask"], given["kv_length"], given["kv_offset"]) if plain else None
+    return mask, None if padding is None else padding.to(torch.bool)
 
 
 # ----------------------------------------------------------------------------- the eager, unwrapped forward

@@ -213,7 +213,7 @@ class RhoController:
         report = None
         since_probe = None if self._probe_step is None else self.steps - self._probe_step
         if probe_needed(self.schedule, self.mode, norm, self.target(), self.last_rho, since_probe, self._probe_norm):
-            report = self.reduce(measure_along(self.probe, self.batch, self.names, update, self._old))
+            report = self.reduce(measure_along(self.probe, self.batch, self.names, update, self._old, norm))
             rho = float(report.rho_of(self.radii))  # host sync; the limiting radii only
             if math.isnan(rho):
                 self._skip(norm, "radius")
@@ -305,14 +305,15 @@ def build_probe(
 
 def measure_along(
     probe: RadiusProbe, batch: Mapping[str, torch.Tensor] | None, names: list[str], update: list[torch.Tensor],
-    old: list[torch.Tensor],
+    old: list[torch.Tensor], norm: float | None = None,
 ) -> RadiusReport:
     """The probe's (unreduced) report along the direction ``update`` at the weights ``old``, both listed as ``names``.
-    ``batch`` is what :meth:`RhoController.observe` saw; ``None`` (nothing observed) is an error."""
+    ``batch`` is what :meth:`RhoController.observe` saw; ``None`` (nothing observed) is an error. ``norm``: ``|update|``
+    as the controller has it (the probe then makes no host sync of its own)."""
     if batch is None:
         raise RuntimeError("RhoController: no batch observed before the optimizer step; call observe(batch)")
     direction = dict(zip(names, update, strict=True))
-    return probe.measure(batch, direction, params=dict(zip(names, old, strict=True)))
+    return probe.measure(batch, direction, params=dict(zip(names, old, strict=True)), norm=norm)
 
 
 def _warn_nonfinite(step: int, reason: str, norm: float, monitoring: bool) -> None:

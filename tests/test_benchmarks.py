@@ -154,13 +154,20 @@ def test_gpu_check_script_runs_to_the_end_on_cpu(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "gpu_check.json").read_text()) == result
     parts = result["parts"]
     assert {name: entry["status"] for name, entry in parts.items()} == {
-        "env": "ok", "overhead": "ok", "recipe": "ok", "tests": "skipped"}
+        "env": "ok", "overhead": "ok", "finetune": "ok", "breakdown": "ok", "recipe": "ok", "tests": "skipped"}
     assert parts["env"]["result"]["wandb_imported_by_hf_ghosts"] is False
-    rows = {row["setting"]: row for row in parts["overhead"]["result"]["rows"]}
-    assert list(rows) == ["plain", "default", "jvp-bf16/every1", "fd-fp32/every1"]
-    assert (rows["default"]["probe"], rows["jvp-bf16/every1"]["probe"]) == ("fd/float32", "jvp/bfloat16")
-    assert rows["default"]["default"]
-    assert_step_costs(parts["overhead"]["result"]["rows"], steps=2, params=TINY_PARAMS)
+    for part, scenario in (("overhead", "pretrain"), ("finetune", "finetune")):
+        measured = parts[part]["result"]
+        assert measured["scenario"] == scenario
+        rows = {row["setting"]: row for row in measured["rows"]}
+        assert list(rows) == ["plain", "default", "jvp-bf16/every1", "fd-fp32/every1"]
+        assert (rows["default"]["probe"], rows["jvp-bf16/every1"]["probe"]) == ("fd/float32", "jvp/bfloat16")
+        assert rows["default"]["default"]
+        assert_step_costs(measured["rows"], steps=2, params=TINY_PARAMS)
+    assert parts["finetune"]["result"]["lr"] < parts["finetune"]["result"]["pretrain_lr"]
+    breakdown = {row["piece"]: row for row in parts["breakdown"]["result"]["rows"]}
+    assert breakdown["probe jvp bf16, output + attention"]["plain_steps"] > 0
+    assert "aten::" in parts["breakdown"]["result"]["profile_top"]
     assert parts["recipe"]["result"]["steps"] == 2
     assert not mark.exists(), "something imported wandb with report_to none"
 

@@ -100,3 +100,19 @@ def test_chunked_head_at_50k_vocabulary_on_cuda() -> None:
     assert peaks[False] > logits_bytes, (peaks, logits_bytes)  # the measurement can see a logits tensor
     # chunked: a few [8 x 512, 4096] blocks (67 MB each) and the activations; 0.34x measured on CPU
     assert peaks[True] < 0.5 * logits_bytes, (peaks, logits_bytes)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_bf16_jvp_probe_runs_the_triton_kernel_within_one_percent_of_fp32(family: str) -> None:
+    """On CUDA the ghosts attention's JVP takes the fused kernel (padding included: the probe's causal & padding
+    mask becomes key padding), and a bf16 probe's radii are within 1% of an fp32 probe's on the same batch."""
+    pytest.importorskip("triton")
+    model = tiny_causal_lm(family).cuda()
+    batch = {key: value.cuda() for key, value in token_batch(batch=4, length=64, pad_left=5).items()}
+    direction = {name: t.cuda() for name, t in random_direction(model).items()}
+    half = RadiusProbe(model, ("output", "attention"), "jvp", dtype="bfloat16")
+    reports = {"bf16": half.measure(batch, direction), "fp32": RadiusProbe(model, ("output", "attention"), "jvp").measure(batch, direction)}
+    assert half.attention_kernels == ("triton",)
+    bf16, fp32 = reports["bf16"], reports["fp32"]
+    assert torch.allclose(bf16.rho_out.double(), fp32.rho_out.double(), rtol=0.01)
+    assert torch.allclose(bf16.rho_attn.double(), fp32.rho_attn.double(), rtol=0.01)

@@ -157,7 +157,7 @@ def test_bf16_training_probes_in_float32(tmp_path) -> None:
         assert row["rho"] == pytest.approx(row["fresh_rho"], rel=1e-6)
         bf16_rho = float(bf16_probe.measure(row["batch"], row["u"], params=row["old"]).rho)
         deviations.append(abs(bf16_rho / row["fresh_rho"] - 1))
-    assert max(deviations) > 1e-3, f"a bf16 probe should be visibly off here: {deviations}"
+    assert max(deviations) > 1e-4, f"a bf16 probe should be visibly off here (100x the 1e-6 above): {deviations}"
     assert any(row["clipped"] for row in lockstep.rows)
 
 
@@ -176,9 +176,9 @@ def test_gradient_accumulation_probes_once_per_step_on_the_last_micro_batch(tmp_
     probed: list[torch.Tensor] = []
     measure = trainer.rho_controller.probe.measure
 
-    def spy(inputs, direction, params=None):
+    def spy(inputs, direction, params=None, **keywords):
         probed.append(inputs["input_ids"].clone())
-        return measure(inputs, direction, params)
+        return measure(inputs, direction, params, **keywords)
 
     trainer.rho_controller.probe.measure = spy
     lockstep = Lockstep(trainer)

@@ -1,16 +1,22 @@
-"""The ``"ghosts"`` attention implementation: sdpa outside a probe, eager with score capture inside.
+"""The ``"ghosts"`` attention implementation: sdpa outside a probe, forward-mode or eager with score capture inside.
 
 Registered with both ``transformers.AttentionInterface`` and ``AttentionMaskInterface`` (without
 the mask registration ``masking_utils`` passes ``attention_mask=None`` and attention silently
 turns non-causal). Outside a probe it calls transformers' own ``sdpa_attention_forward`` with the
 sdpa mask, so training is bit-identical to ``attn_implementation="sdpa"``. Inside
-:func:`capture_scores` it computes attention eagerly and records, per layer and head, the spread
-of the pre-softmax score slopes over the keys the mask allows (Section 6.6 of the paper).
+:func:`capture_scores` it records, per layer and head, the spread of the pre-softmax score slopes
+over the keys the mask allows (Section 6.6 of the paper): a forward-mode pass (``Pass.JVP``) runs the
+query-blocked attention JVP (:mod:`~hf_ghosts.probe.attention_jvp`; the fused Triton kernel of
+:mod:`~hf_ghosts.probe.attention_triton` on CUDA where it applies) with the spread on the fly, no
+``[B, H, T, T]`` tensor and no host sync; central differences' forwards run eager attention.
+Inside a probe the mask never reads the padding on the host (:func:`~hf_ghosts.compat.sdpa_mask_without_sync`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,12 +26,18 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from transformers import AttentionInterface, AttentionMaskInterface
 
-from hf_ghosts.compat import repeat_kv, sdpa_attention_forward, sdpa_mask
+from hf_ghosts.compat import repeat_kv, sdpa_attention_forward, sdpa_mask, sdpa_mask_without_sync
+from hf_ghosts.probe.attention_jvp import attention_jvp
+from hf_ghosts.probe.attention_triton import attention_jvp_triton, triton_available
 from hf_ghosts.radii import spread
 
-__all__ = ["ATTENTION_NAME", "Pass", "ScoreCapture", "capture_scores", "ghosts_attention_forward", "register"]
+__all__ = [
+    "ATTENTION_NAME", "Kernel", "Pass", "ScoreCapture", "capture_scores", "ghosts_attention_forward", "ghosts_mask",
+    "register",
+]
 
 ATTENTION_NAME = "ghosts"
+logger = logging.getLogger(__name__)
 
 
 class Pass(StrEnum):
@@ -34,6 +46,13 @@ class Pass(StrEnum):
     JVP = "jvp"  # weights theta + v eps (dual tensors): slopes are the tangents
     FD_PLUS = "fd_plus"  # weights theta + h v: keep what the slopes will be differenced from
     FD_MINUS = "fd_minus"  # weights theta - h v: slopes (plus - minus) / 2h
+
+
+class Kernel(StrEnum):
+    """Which attention JVP ran in a forward-mode pass."""
+
+    TRITON = "triton"  # the fused kernel (CUDA; causal, key padding, window, GQA; no softcap, no other mask)
+    BLOCKED = "blocked"  # the query-blocked pure-torch path (every mask, softcap)
 
 
 @dataclass
@@ -55,6 +74,9 @@ class ScoreCapture:
     plus_scores: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     calls: int = 0
     record: bool = True
+    # masks made inside the capture that are exactly ``causal & key padding``: (mask, [B, Tk] padding)
+    causal_masks: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    kernels: set[Kernel] = field(default_factory=set)  # the attention JVPs that ran
 
     def __post_init__(self) -> None:
         self.mode = Pass(self.mode)
@@ -72,6 +94,7 @@ class ScoreCapture:
 
 
 _STATE = threading.local()
+_LOGGED: set[Kernel] = set()
 
 
 def _active() -> ScoreCapture | None:
@@ -176,6 +199,60 @@ def _eager_capture(
     return torch.matmul(probs, value).transpose(1, 2).contiguous()
 
 
+def _layer_spread(per_batch: torch.Tensor) -> torch.Tensor:
+    """``[B, H]`` spreads (``-inf``: no row counted) -> ``[H]`` as the eager capture reports them: max over the
+    batch, 0 where no row counted, NaN where a slope was NaN or inf (as :func:`~hf_ghosts.radii.spread`)."""
+    per_head = per_batch.amax(0)
+    per_head = torch.where(per_head == -math.inf, torch.zeros_like(per_head), per_head)
+    return torch.where(torch.isfinite(per_head), per_head, math.nan)
+
+
+def _jvp_capture(
+    capture: ScoreCapture,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    softcap: float | None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Attention on dual ``query``, ``key``, ``value``: output ``O + eps tO`` with the score-slope spread recorded.
+
+    Masks as :func:`_allowed_keys`: ``None`` is causal for a causal module (windowed with ``sliding_window``); a mask
+    the probe made as ``causal & padding`` (:func:`ghosts_mask`) runs as causal with key padding (the key ranges a
+    block of queries cannot see are skipped; the Triton kernel applies); any other mask is taken as it is.
+    """
+    (q, tq), (k, tk), (v, tv) = (fwAD.unpack_dual(t) for t in (query, key, value))
+    q_len = q.shape[2]
+    padding = next((pad for mask, pad in capture.causal_masks if mask is attention_mask), None)
+    if attention_mask is None:
+        causal = getattr(module, "is_causal", True) and (q_len > 1 or sliding_window is not None)
+        window = sliding_window if causal else None
+    else:
+        causal, window = padding is not None, None
+    mask = None if padding is not None else attention_mask
+    query_mask = capture.query_mask
+    if query_mask is not None and tuple(query_mask.shape) != (q.shape[0], q_len):
+        query_mask = None
+    options = dict(scaling=scaling, causal=causal, key_padding=padding, query_mask=query_mask, sliding_window=window)
+    if triton_available(q, softcap=softcap, attention_mask=mask) and k.dtype == v.dtype == q.dtype:
+        kernel, result = Kernel.TRITON, attention_jvp_triton(q, k, v, tq, tk, tv, **options)
+    else:
+        kernel, result = Kernel.BLOCKED, attention_jvp(q, k, v, tq, tk, tv, attention_mask=mask, softcap=softcap, **options)
+    if kernel not in _LOGGED:
+        _LOGGED.add(kernel)
+        logger.info("hf_ghosts: the probe's attention JVP runs the %s path", kernel.value)
+    capture.kernels.add(kernel)
+    layer = capture.layer_key(module)
+    if capture.record:
+        capture.spreads[layer] = _layer_spread(result.spread)
+    if tq is None and tk is None and tv is None:
+        return result.out
+    return fwAD.make_dual(result.out, result.tangent)
+
+
 def ghosts_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -186,7 +263,8 @@ def ghosts_attention_forward(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Attention for ``attn_implementation="ghosts"``: sdpa, or eager with capture inside a probe."""
+    """Attention for ``attn_implementation="ghosts"``: sdpa; inside a probe forward-mode (``Pass.JVP``) or eager
+    attention with the capture."""
     capture = _active()
     if capture is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -196,16 +274,29 @@ def ghosts_attention_forward(
                 f"ghosts attention: `{unsupported}` in {type(module).__name__} is not supported by the radius probe; "
                 "measure radii=('output',) for this model"
             )
-    output = _eager_capture(
+    path = _jvp_capture if capture.mode == Pass.JVP else _eager_capture
+    output = path(
         capture, module, query, key, value, attention_mask, scaling, kwargs.get("softcap"), kwargs.get("sliding_window")
     )
     return output, None
 
 
+def ghosts_mask(*args, **kwargs) -> torch.Tensor | None:
+    """The ghosts attention's mask: sdpa's outside a probe; inside, made without a host sync
+    (:func:`~hf_ghosts.compat.sdpa_mask_without_sync`), a ``causal & padding`` mask remembered as such."""
+    capture = _active()
+    if capture is None:
+        return sdpa_mask(*args, **kwargs)
+    mask, padding = sdpa_mask_without_sync(*args, **kwargs)
+    if mask is not None and padding is not None:
+        capture.causal_masks.append((mask, padding))
+    return mask
+
+
 def register() -> None:
     """Register ``"ghosts"`` with transformers' attention and mask interfaces (idempotent)."""
     AttentionInterface.register(ATTENTION_NAME, ghosts_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, ghosts_mask)
 
 
 register()

@@ -20,6 +20,7 @@ from hf_ghosts.architectures import _model_type, attention_blocker, base_model_o
 from hf_ghosts.probe.attention import ATTENTION_NAME, Pass, ScoreCapture
 from hf_ghosts.probe.ffn import FfnRecorder
 from hf_ghosts.probe.head import LinearHead, full_rows, jvp_head_rows, jvp_spread
+from hf_ghosts.probe.norm_jvp import fused_norm_jvps
 from hf_ghosts.radii import spread
 
 __all__ = [
@@ -71,9 +72,12 @@ class Session:
 
 
 @contextlib.contextmanager
-def probe_mode(model: torch.nn.Module, ghosts: bool, eager_experts: bool = False) -> Iterator[None]:
+def probe_mode(
+    model: torch.nn.Module, ghosts: bool, eager_experts: bool = False, fused_norms: bool = False
+) -> Iterator[None]:
     """Eval mode, fp32 forward without Accelerate's autocast wrapper, not through ``model.compile()``'s compiled
-    call, ghosts attention (if ``ghosts``), eager MoE experts (if ``eager_experts``); all restored."""
+    call, ghosts attention (if ``ghosts``), eager MoE experts (if ``eager_experts``), norm tangents in closed form
+    (if ``fused_norms``: :func:`~hf_ghosts.probe.norm_jvp.fused_norm_jvps`); all restored."""
     training = {module: module.training for module in model.modules()}
     model.eval()
     try:
@@ -81,9 +85,10 @@ def probe_mode(model: torch.nn.Module, ghosts: bool, eager_experts: bool = False
         base = base_model_of(model)
         switch = compat.attention_implementation(base, ATTENTION_NAME) if ghosts else contextlib.nullcontext()
         experts = compat.experts_implementation(base, "eager") if eager_experts else contextlib.nullcontext()
+        norms = fused_norm_jvps(model) if fused_norms else contextlib.nullcontext()
         # model.compile() in place: forward AD fails in inductor's out= kernels
         with compat.without_autocast_wrapper(model), compat.without_compiled_call(model):
-            with switch, experts, torch.no_grad(), torch.autocast(device_type, enabled=False):
+            with switch, experts, norms, torch.no_grad(), torch.autocast(device_type, enabled=False):
                 yield
     finally:
         for module, flag in training.items():
@@ -132,20 +137,20 @@ def attention_spread(capture: ScoreCapture, model: torch.nn.Module) -> torch.Ten
 
 
 def jvp_spreads(
-    run: Callable[[Tensors], torch.Tensor | None], session: Session, weights: Tensors, pieces: Tensors, norm: float,
+    run: Callable[[Tensors], torch.Tensor | None], session: Session, weights: Tensors, tangent: Tensors,
     *, output: bool, linear_head: LinearHead | None, chunk: int,
 ) -> torch.Tensor | None:
-    """Per position, the spread of the logit slopes along ``v = d / |d|``: one forward-mode pass.
+    """Per position, the spread of the logit slopes ``J d`` along ``d`` (``tangent``, not normalized: ``J`` is
+    linear, the caller divides by ``|d|``): one forward-mode pass.
 
     Args:
         run: ``weights -> logits`` of the batch (``None``: stopped at the head, whose input is in ``session``).
-        session: the measurement's recorders; pieces: the direction ``d``; norm: ``|d|``.
+        session: the measurement's recorders; tangent: the direction ``d`` the weights move along.
         output: whether the output radius is measured (``False``: the forward only records; ``None`` returned).
         linear_head: the chunked head (``None``: the full head ran); chunk: its classes per block.
     """
-    unit = {name: d / norm for name, d in pieces.items()}  # the tangent v = d / |d|
     with fwAD.dual_level():
-        logits = run(dual_weights(weights, unit))
+        logits = run(dual_weights(weights, tangent))
         if not output:
             return None
         if linear_head is None:
@@ -153,7 +158,7 @@ def jvp_spreads(
             session.offer_rows(full_rows(slopes, primal))
             return spread(slopes.float(), dim=-1)
         hidden, hidden_slope = fwAD.unpack_dual(session.head_inputs[0])
-        weight, weight_slope, bias, bias_slope = linear_head.tensors(weights, unit)
+        weight, weight_slope, bias, bias_slope = linear_head.tensors(weights, tangent)
         session.offer_rows(jvp_head_rows(hidden, hidden_slope, weight, weight_slope, bias, bias_slope))
         return jvp_spread(hidden, hidden_slope, weight, weight_slope, bias_slope, chunk=chunk)
 

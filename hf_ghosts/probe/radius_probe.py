@@ -27,6 +27,7 @@ from torch.func import functional_call
 
 from hf_ghosts.architectures import FfnSpec, attention_blocker, original_module
 from hf_ghosts.probe.attention import Pass, capture_scores
+from hf_ghosts.probe.buffers import FlatBuffer
 from hf_ghosts.probe.core import (
     Session,
     Tensors,
@@ -168,6 +169,9 @@ class RadiusProbe:
         self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self._head = LinearHead.of(model, chunked_head)
         self._eager_experts = needs_eager_experts(model, self.estimator)
+        self._weight_buffer, self._direction_buffer = FlatBuffer(self.dtype), FlatBuffer(self.dtype)
+        # the attention JVPs the last measurement ran ("triton", "blocked"; empty: none ran, e.g. fd)
+        self.attention_kernels: tuple[str, ...] = ()
         # fd: the step that keeps its estimated error small, and a fallback to jvp where none does (hf_ghosts.probe.fd)
         self.fd_control = FdStepControl(self.fd_step, self.forward_ad, self._agree) if self.estimator == "fd" else None
 
@@ -181,22 +185,37 @@ class RadiusProbe:
     def _check_direction(self, direction: Mapping[str, torch.Tensor]) -> None:
         _check_direction(type(self).__name__, direction, self.trainable)
 
-    def _direction_and_norm(self, direction: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+    def _direction_and_norm(
+        self, direction: Mapping[str, torch.Tensor], norm: float | torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], float | torch.Tensor]:
         """The direction's tensors in the probe's dtype (no copy if they are in it already) and ``|d|``.
 
-        ``|d| = sqrt(sum_i |d_i|^2)``, per-tensor norms by ``torch._foreach_norm``, summed in float64.
+        ``norm``: ``|d|`` as the caller has it (the controller: no host sync here); ``None``: ``|d| = sqrt(sum_i
+        |d_i|^2)``, per-tensor norms by ``torch._foreach_norm`` summed in float64, checked finite and non-zero.
         """
         self._check_direction(direction)
-        pieces = {name: d.detach().to(self.dtype) for name, d in direction.items()}
-        norms = torch.stack(torch._foreach_norm(list(pieces.values()))).double()
-        return pieces, self._checked_norm(float(torch.linalg.vector_norm(norms)))  # host sync
+        if self.dtype == torch.float16:  # fp16 is subnormal below 6e-5 (an update's entries): cast the unit direction
+            norm = self._norm_of(direction) if norm is None else norm
+            return {name: (d.detach() / norm).to(self.dtype) for name, d in direction.items()}, 1.0
+        pieces = self._in_dtype(direction, self._direction_buffer)
+        return pieces, self._norm_of(pieces) if norm is None else norm
+
+    def _norm_of(self, pieces: Mapping[str, torch.Tensor]) -> float:
+        norms = torch.stack(torch._foreach_norm([d.detach() for d in pieces.values()])).double()
+        return self._checked_norm(float(torch.linalg.vector_norm(norms)))  # host sync
 
     def _checked_norm(self, norm: float) -> float:
         return _checked_norm(type(self).__name__, norm)
 
     def _weights(self, params: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         base = dict(self.trainable) if params is None else {**self.trainable, **params}
-        return {name: t.detach().to(self.dtype) if t.is_floating_point() else t.detach() for name, t in base.items()}
+        return self._in_dtype(base, self._weight_buffer)
+
+    def _in_dtype(self, tensors: Mapping[str, torch.Tensor], buffer: FlatBuffer) -> dict[str, torch.Tensor]:
+        """Floating tensors in the probe's dtype: as they are where they are in it (no copy), else cast into the
+        persistent flat ``buffer`` by one foreach copy (a bf16 probe of fp32 weights)."""
+        kept = {name: t.detach() for name, t in tensors.items()}
+        return {**kept, **buffer.fill({n: t for n, t in kept.items() if t.is_floating_point() and t.dtype != self.dtype})}
 
     def _intact(self) -> contextlib.AbstractContextManager:
         """Around a whole measurement: what keeps the model's weights as found (nothing: forwards are functional)."""
@@ -229,7 +248,7 @@ class RadiusProbe:
                 stack.enter_context(session.ffn.attached(token_mask, first))
             if record and self._head is not None:
                 stack.enter_context(stopping_at(self._head.module, session.head_inputs))
-            stack.enter_context(probe_mode(self.model, ghosts, self._eager_experts))
+            stack.enter_context(probe_mode(self.model, ghosts, self._eager_experts, self.estimator == "jvp"))
             if ghosts:
                 stack.enter_context(capture_scores(session.capture))
             yield session
@@ -240,6 +259,8 @@ class RadiusProbe:
         inputs: Mapping[str, torch.Tensor],
         direction: Mapping[str, torch.Tensor],
         params: Mapping[str, torch.Tensor] | None = None,
+        *,
+        norm: float | torch.Tensor | None = None,
     ) -> RadiusReport:
         """Radii of the loss along ``direction / |direction|`` at ``params`` (default: the model's weights).
 
@@ -247,12 +268,15 @@ class RadiusProbe:
             inputs: a batch as the Trainer passes it (``input_ids``, ``attention_mask``, ``labels``, ...).
             direction: ``{parameter name: tensor}`` over trainable parameters; missing names are 0.
             params: weights to linearize at, ``{name: tensor}``; names not given use the model's own.
+            norm: ``|direction|`` where the caller has it (finite, non-zero; a float or a 0-dim tensor): then a
+                ``"jvp"`` probe makes no host sync. ``None``: computed and checked here (one host sync).
 
         Returns:
-            A :class:`RadiusReport` (tensors on the model's device, no host sync).
+            A :class:`RadiusReport` (on the model's device). ``"jvp"`` measures along ``direction`` itself (``J`` is
+            linear) and rescales the report by ``|direction|`` (:meth:`RadiusReport.along_unit`).
         """
         with self._intact():
-            pieces, norm = self._direction_and_norm(direction)
+            pieces, norm = self._direction_and_norm(direction, norm)
             weights = self._weights(params)
             if self.fd_control is None:
                 return self._measure_once(inputs, weights, pieces, norm)[0]
@@ -277,16 +301,17 @@ class RadiusProbe:
             self.estimator, self._eager_experts = saved
 
     def _measure_once(
-        self, inputs: Tensors, weights: Tensors, pieces: Tensors, norm: float
+        self, inputs: Tensors, weights: Tensors, pieces: Tensors, norm: float | torch.Tensor
     ) -> tuple[RadiusReport, float | None]:
         """The report, and fd's wider step where rounding swamped the differences (``None``: none needed)."""
         run = functools.partial(self._run, inputs=inputs)
         path = dict(output="output" in self.radii, linear_head=self._head, chunk=self.vocab_chunk)
         with self._measuring(inputs, record=True) as session:
-            if self.estimator == "jvp":
-                per_position = jvp_spreads(run, session, weights, pieces, norm, **path)
-            else:
-                per_position = fd_spreads(run, session, weights, pieces, norm, fd_step=self.fd_step, **path)
+            if self.estimator == "jvp":  # along d itself: J d = |d| J v
+                per_position = jvp_spreads(run, session, weights, pieces, **path)
+                self.attention_kernels = tuple(sorted(kernel.value for kernel in session.capture.kernels))
+                return self._report(per_position, inputs, session).along_unit(norm), None
+            per_position = fd_spreads(run, session, weights, pieces, float(norm), fd_step=self.fd_step, **path)
         return self._report(per_position, inputs, session), session.wider_step
 
     def logit_slopes(

@@ -139,6 +139,19 @@ class RadiusReport:
         """Name of the least radius measured (``"output"``, ``"attention"``, ...); ``"none"`` if all are inf."""
         return self.bottleneck_of()
 
+    def along_unit(self, length: float | torch.Tensor) -> RadiusReport:
+        """The report along ``v = d / |d|`` from one measured along ``d`` itself, ``length = |d|``.
+
+        The slopes are linear in the direction (``J d = |d| J v``): spreads divide by ``|d|``, radii (lengths along
+        the direction) multiply by it, counts stay. On the device, no host sync.
+        """
+
+        def scaled(value: torch.Tensor, power: int) -> torch.Tensor:
+            factor = length.to(value.device, value.dtype) if isinstance(length, torch.Tensor) else length
+            return value / factor if power < 0 else value * factor
+
+        return self.map(lambda s: scaled(s, -1), lambda r: scaled(r, 1), lambda n: n)
+
     def map(self, fn_max, fn_min, fn_sum) -> RadiusReport:
         """Apply reductions field-wise as :data:`~hf_ghosts.settings.REDUCTIONS` says (MAX to spreads, MIN to radii, SUM to counts)."""
         reduce = {"max": fn_max, "min": fn_min, "sum": fn_sum}

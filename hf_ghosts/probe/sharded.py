@@ -82,11 +82,14 @@ class ShardedRadiusProbe(RadiusProbe):
         for module in self._fsdp_modules:
             module.reshard()
 
-    def _direction_and_norm(self, direction: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
-        """This rank's shards of the direction (probe dtype) and its norm over all shards."""
+    def _direction_and_norm(
+        self, direction: Mapping[str, torch.Tensor], norm: float | torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """This rank's shards of the direction (probe dtype) and its norm over all shards (``norm``: as given)."""
         self._check_direction(direction)
         pieces = {name: local_tensor(d.detach()).to(self.dtype) for name, d in direction.items()}
-        norm = global_norm(list(pieces.values()), [self.trainable[name] for name in pieces])
+        if norm is None:
+            norm = global_norm(list(pieces.values()), [self.trainable[name] for name in pieces])
         return pieces, self._checked_norm(float(norm))
 
     @contextlib.contextmanager
