@@ -569,3 +569,52 @@ def assert_png(path: Path) -> None:
     assert path.is_file(), path
     data = path.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 5_000, (path, len(data))
+
+
+# ------------------------------------------------------------------------------------------ attention JVP references
+def reference_allowed(batch, heads, q_len, k_len, *, causal=True, window=None, key_padding=None, query_rows=None):
+    """``[B, H, Tq, Tk]`` bool, from the definition: query i sits at i + Tk - Tq."""
+    allowed = torch.ones(batch, heads, q_len, k_len, dtype=torch.bool)
+    for i in range(q_len):
+        pos = i + k_len - q_len
+        for j in range(k_len):
+            if causal and (j > pos or (window is not None and j <= pos - window)):
+                allowed[:, :, i, j] = False
+    if key_padding is not None:
+        allowed &= key_padding[:, None, None, :]
+    return allowed
+
+
+def attention_reference(q, k, v, tq, tk, tv, allowed, *, scaling, softcap=None, query_mask=None):
+    """float64 eager attention (repeat_interleave for GQA) and torch.func.jvp; spread [B, H, Tq] (-inf: empty)."""
+    q, k, v, tq, tk, tv = (t.double() for t in (q, k, v, tq, tk, tv))
+    groups = q.shape[1] // k.shape[1]
+
+    def forward(q, k, v):
+        kr, vr = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        scores = q @ kr.transpose(-1, -2) * scaling
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        weights = torch.softmax(scores.masked_fill(~allowed, -math.inf), dim=-1)
+        weights = torch.where(allowed.any(-1, keepdim=True), weights, torch.zeros_like(weights))
+        return (weights @ vr).transpose(1, 2), scores
+
+    (out, _), (tangent, slopes) = torch.func.jvp(forward, (q, k, v), (tq, tk, tv))
+    high = slopes.masked_fill(~allowed, -math.inf).amax(-1)
+    low = slopes.masked_fill(~allowed, math.inf).amin(-1)
+    rows = torch.where(allowed.any(-1), high - low, -math.inf)
+    if query_mask is not None:
+        rows = rows.masked_fill(~query_mask[:, None, :], -math.inf)
+    return out, tangent, rows
+
+
+def attention_inputs(batch=2, heads=4, kv_heads=4, q_len=9, k_len=None, dim=8, dtype=torch.float64, seed=0):
+    """q, k, v and their tangents (GQA when ``kv_heads < heads``; v one wider than q and k), float64 draws in ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+    k_len = q_len if k_len is None else k_len
+    shapes = [(batch, heads, q_len, dim), (batch, kv_heads, k_len, dim), (batch, kv_heads, k_len, dim + 2)]
+    primals = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    tangents = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    # [B, H, T, D] as transformers hands it over: a transposed view of [B, T, H, D]
+    primals[0] = primals[0].transpose(1, 2).contiguous().transpose(1, 2)
+    return [t.to(dtype) for t in primals + tangents]

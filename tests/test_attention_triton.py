@@ -5,8 +5,8 @@ Without CUDA the kernel runs in Triton's CPU interpreter. ``TRITON_INTERPRET=1``
 at import), and conftest's transformers import already imports it through ``torch._dynamo``; so on
 CPU ``test_kernel_in_the_triton_interpreter`` reruns this module in a fresh process with the variable
 set, and the kernel tests run there (they are skipped in the outer process only; the launcher
-checks that every one of them passed). ``triton`` is optional (~1 GB installed): the kernel tests
-need it importable; ``triton_available`` and the import without triton are tested everywhere. The
+checks that every one of them passed). ``triton`` is in the ``test`` extra (~1 GB installed; the package runs
+without it): the kernel tests need it importable; ``triton_available`` and the import without triton are tested everywhere. The
 interpreter cannot do bf16 dots (triton-lang/triton#11584), so bf16 is checked on GPU only.
 """
 
@@ -19,7 +19,9 @@ import sys
 
 import pytest
 import torch
-from test_attention_jvp import inputs, reference, reference_allowed
+from conftest import attention_inputs as inputs
+from conftest import attention_reference as reference
+from conftest import reference_allowed
 
 from hf_ghosts.probe.attention_jvp import attention_jvp
 from hf_ghosts.probe.attention_triton import attention_jvp_triton, triton_available
