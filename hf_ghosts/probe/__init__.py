@@ -2,18 +2,6 @@
 
 One job per module, read from the bottom up:
 
-``report``         :class:`RadiusReport`, the spreads measured and the radii they imply
-``inputs``         the forward's inputs (:func:`model_inputs`, :func:`forward_kwargs`) and which logits count
-                   (:func:`output_positions`)
-``attention``      the ``"ghosts"`` attention: sdpa outside a probe, eager with score-slope capture inside
-``ffn``            the FFN hooks (:class:`FfnRecorder`)
-``head``           the chunked output head (logit-slope spreads over vocabulary blocks) and its glue
-``core``           the ``jvp`` measuring path, probe mode, one measurement's session
-``fd``             the ``fd`` path: central differences, the rounding guard, the step control (error check, jvp fallback)
-``radius_probe``   :class:`RadiusProbe`: construction, ``measure``, ``logit_slopes``
-``sharded``        :class:`ShardedRadiusProbe`: central differences in the FSDP2 shards, in place
-=================  ==================================================================================
-=======
 =====================  ==================================================================================
 ``report``             :class:`RadiusReport`, the spreads measured and the radii they imply
 ``inputs``             the forward's inputs (:func:`model_inputs`, :func:`forward_kwargs`) and which logits count
