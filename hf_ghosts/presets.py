@@ -40,6 +40,8 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 __all__ = [
@@ -102,7 +104,8 @@ def _llama(hidden: int, layers: int, heads: int, positions: int) -> tuple[str, d
 #: (the vocabulary is replaced by the tokenizer's in :func:`build_model`); ``pythia-tiny`` is the
 #: same architecture small enough to train for hundreds of steps on two CPU cores in a minute;
 #: ``llama-tiny`` is a Llama (RMSNorm, SwiGLU, grouped-query attention) of the same size, ``llama-14m`` one with
-#: ``pythia-14m``'s hidden size, layers and heads (the second family at the larger size of ``recipes/lr_free.py``).
+#: ``pythia-14m``'s hidden size, layers and heads (the second family at the larger size of ``recipes/lr_free.py``);
+#: ``qwen3-tiny`` a third family (the qk-norm Llama) at ``llama-tiny``'s shape.
 MODEL_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "pythia-14m": _pythia(128, 6, 4),
     "pythia-31m": _pythia(256, 6, 8),
@@ -118,11 +121,14 @@ MODEL_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                                  "intermediate_size": 256, "max_position_embeddings": 512}),
     "llama-tiny": _llama(64, 2, 4, 512),
     "llama-14m": _llama(128, 6, 4, 2048),
+    # a third family: Qwen3 (Llama plus per-head RMSNorm on q and k) at llama-tiny's shape
+    "qwen3-tiny": ("qwen3", {**_llama(64, 2, 4, 512)[1], "head_dim": 16}),
 }
 
 _CONFIGS: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
     "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM),
     "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
 }
 
 

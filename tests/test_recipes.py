@@ -59,6 +59,16 @@ def test_pythia_presets_have_the_real_shapes() -> None:
     assert set(shapes) < set(MODEL_PRESETS)
 
 
+def test_qwen3_tiny_is_llama_tiny_plus_qk_norm() -> None:
+    """The third family: the same parameters as llama-tiny (names and shapes), plus one q and one k RMSNorm per layer."""
+    qwen = dict(build_model("qwen3-tiny", vocab_size=64).named_parameters())
+    llama = dict(build_model("llama-tiny", vocab_size=64).named_parameters())
+    extra = sorted(set(qwen) - set(llama))
+    assert set(llama) < set(qwen) and all(qwen[n].shape == p.shape for n, p in llama.items())
+    assert extra == [f"model.layers.{i}.self_attn.{qk}_norm.weight" for i in range(2) for qk in ("k", "q")]
+    assert all(qwen[n].shape == (16,) for n in extra)  # per head: head_dim 64 / 4 heads
+
+
 def test_tokenizer_corpus_and_blocks() -> None:
     splits = pydoc_splits()
     assert len(splits["train"]) + len(splits["validation"]) == 79
