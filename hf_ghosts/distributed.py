@@ -146,7 +146,7 @@ def all_reduce_report(report: RadiusReport, group: Any = None) -> RadiusReport:
 
     The MIN of per-rank top-k radii is a lower bound on the global batch radius: each is one on its rank's tokens.
     One ``all_reduce(MAX)`` carries the spreads and the negated radii together; a second
-    (SUM) carries the token count. A no-op when ``torch.distributed`` is not initialized.
+    (SUM) carries the position counts. A no-op when ``torch.distributed`` is not initialized.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return report
@@ -163,9 +163,11 @@ def all_reduce_report(report: RadiusReport, group: Any = None) -> RadiusReport:
     for name, tensor in present.items():  # one all_reduce(MAX) carried the spreads and the negated radii together
         reduced[name] = packed[offset : offset + tensor.numel()].reshape(tensor.shape) * extrema[name]
         offset += tensor.numel()
-    for name in (name for name, how in REDUCTIONS.items() if how == "sum" and getattr(report, name) is not None):
-        reduced[name] = getattr(report, name).clone()
-        dist.all_reduce(reduced[name], op=dist.ReduceOp.SUM, group=group)
+    counts = {name: getattr(report, name) for name, how in REDUCTIONS.items() if how == "sum" and getattr(report, name) is not None}
+    if counts:  # one all_reduce(SUM) carries every position count (float64: exact for any count of tokens)
+        summed = torch.stack([t.reshape(()).to(packed.device, torch.float64) for t in counts.values()])
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+        reduced.update({name: summed[i].to(t.device, t.dtype) for i, (name, t) in enumerate(counts.items())})
     return replace(report, **reduced)
 
 

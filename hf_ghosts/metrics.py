@@ -25,6 +25,9 @@ __all__ = ["LOGGED_KEYS", "LoggedKey", "MetricWindow", "StepRecord", "define_wan
 
 
 _RADIUS_FIELD_NAMES = frozenset(RADIUS_FIELDS.values())
+#: The report's position counts (``output_tokens``, ``attention_tokens``, ``ffn_tokens``): 0 means the radii taken
+#: over them were not measured on that step, counted under ``ghosts/no_<count>``.
+TOKEN_COUNTS = tuple(dict.fromkeys(radius.tokens for radius in RADIUS_TABLE if radius.tokens is not None))
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,11 @@ class StepRecord:
     ``None`` until a radius was ever measured (a zero first update); ``target`` is the ``r*`` the step was held to
     (in ``"set"`` mode ``r_target * lr(t) / peak lr``). ``radii`` (limiting and watched, by field: ``record.rho_out``),
     ``bottleneck`` (the limiting radius that bound), ``would_bind`` (the watched radius below every limiting
-    one, if any), ``would_clip`` (``r > r_target``), ``output_tokens`` and ``rho_attn_heads``
+    one, if any), ``would_clip`` (``r > r_target``), the position counts and ``rho_attn_heads``
     (``[layers, heads]``) only on probed steps. ``skipped`` names what was non-finite (``"gradient"``,
     ``"update"``, ``"radius"``) on a step the controller skipped; ``would_skip`` the same in ``"monitor"``
-    mode, which skips nothing. ``ffn_tokens`` counts the positions the FFN radii were taken over (0: not measured, and
-    left out of ``radii``); ``fd_step``, ``fd_error`` and ``fd_fallback`` are fd's step, its estimated relative error
+    mode, which skips nothing. ``output_tokens``, ``attention_tokens`` and ``ffn_tokens`` count the positions the
+    output, attention and FFN radii were taken over (0: not measured, and left out of ``radii``); ``fd_step``, ``fd_error`` and ``fd_fallback`` are fd's step, its estimated relative error
     and whether jvp stood in for it (:class:`~hf_ghosts.probe.fd.FdStepControl`), on probed fd steps.
     """
 
@@ -65,6 +68,7 @@ class StepRecord:
     fd_step: float | None = None
     fd_error: float | None = None
     fd_fallback: bool | None = None
+    attention_tokens: int | None = None
 
     def __getattr__(self, name: str) -> float | None:
         """``record.rho_out``, ``record.rho_attn``, ...: a measured radius by its field (:data:`RADIUS_TABLE`), or
@@ -86,23 +90,24 @@ class StepRecord:
 
     def with_report(self, report: RadiusReport, limiting: tuple[str, ...] | None = None) -> StepRecord:
         """This record with what a probe measured: the radii, ``bottleneck`` among the ``limiting`` radii (default:
-        all measured), ``would_bind`` (a watched radius below them), ``output_tokens``, per-head radii, the FFN
-        positions (a radius over none is left out), fd's step, error and fallback."""
+        all measured), ``would_bind`` (a watched radius below them), the position counts (a radius over none is left
+        out, and so are its per-head radii or bound; ``rho`` is ``None`` when no limiting radius was measured),
+        per-head radii, fd's step, error and fallback."""
         radii, unmeasured = report.radii(), report.unmeasured()
         measured = {RADIUS_FIELDS[name]: float(value) for name, value in radii.items() if name not in unmeasured}
         limiting = tuple(radii) if limiting is None else limiting
         least = report.bottleneck_of()
         would_bind = least if least not in limiting and least != "none" else None
-        heads = None if report.attn_spread is None else report.rho_attn.float().cpu()
-        tokens = None if report.output_tokens is None else int(report.output_tokens)
-        bound = None if report.out_radius is None else float(report.rho_out_bound)
+        heads = None if report.attn_spread is None or "attention" in unmeasured else report.rho_attn.float().cpu()
+        bound = None if report.out_radius is None or "output" in unmeasured else float(report.rho_out_bound)
+        counts = {name: None if getattr(report, name) is None else int(getattr(report, name)) for name in TOKEN_COUNTS}
         fd = {name: None if getattr(report, name) is None else float(getattr(report, name))
-              for name in ("ffn_tokens", "fd_step", "fd_error", "fd_fallback")}
+              for name in ("fd_step", "fd_error", "fd_fallback")}
+        rho = None if all(name in unmeasured for name in limiting) else self.rho  # nothing limiting was measured
         return replace(
-            self, bottleneck=report.bottleneck_of(limiting), would_bind=would_bind, output_tokens=tokens,
-            rho_attn_heads=heads, rho_out_bound=bound, radii=measured,
-            ffn_tokens=None if fd["ffn_tokens"] is None else int(fd["ffn_tokens"]), fd_step=fd["fd_step"],
-            fd_error=fd["fd_error"], fd_fallback=None if fd["fd_fallback"] is None else fd["fd_fallback"] > 0,
+            self, rho=rho, bottleneck=report.bottleneck_of(limiting), would_bind=would_bind, rho_attn_heads=heads,
+            rho_out_bound=bound, radii=measured, **counts, fd_step=fd["fd_step"], fd_error=fd["fd_error"],
+            fd_fallback=None if fd["fd_fallback"] is None else fd["fd_fallback"] > 0,
         )
 
 
@@ -145,7 +150,12 @@ LOGGED_KEYS: tuple[LoggedKey, ...] = (
         "`rho_watch_radii`)", "count",
     ),
     LoggedKey(
-        "ghosts/no_output_tokens", "probed steps whose batch had no label other than `-100` (output radius inf)", "count, when > 0"
+        "ghosts/no_output_tokens", "probed steps whose batch had no label other than `-100` (output radius not measured: "
+        "not logged, not limiting)", "count, when > 0",
+    ),
+    LoggedKey(
+        "ghosts/no_attention_tokens", "probed steps whose batch had no unmasked position (attention radii not measured: "
+        "not logged, not limiting)", "count, when > 0",
     ),
     LoggedKey(
         "ghosts/no_ffn_tokens", "probed steps whose batch had no unmasked position (FFN radii not measured: not logged, "
@@ -189,8 +199,7 @@ class MetricWindow:
         self.probed = 0
         self.clipped = 0
         self.skipped_nonfinite = 0
-        self.no_output_tokens = 0
-        self.no_ffn_tokens = 0
+        self.not_measured = dict.fromkeys(TOKEN_COUNTS, 0)  # probed steps by the position count that was 0
         self.fd_probed = 0
         self.fd_fallback = 0
         self.would_skip = 0
@@ -224,10 +233,8 @@ class MetricWindow:
             self.bottleneck[record.bottleneck] = self.bottleneck.get(record.bottleneck, 0) + 1
         if record.would_bind is not None:
             self.would_bind[record.would_bind] = self.would_bind.get(record.would_bind, 0) + 1
-        if record.output_tokens == 0:
-            self.no_output_tokens += 1
-        if record.ffn_tokens == 0:
-            self.no_ffn_tokens += 1
+        for count in TOKEN_COUNTS:
+            self.not_measured[count] += int(getattr(record, count) == 0)
         if record.fd_step is not None:
             self.fd_probed += 1
             self.fd_fallback += int(bool(record.fd_fallback))
@@ -253,10 +260,9 @@ class MetricWindow:
             metrics["ghosts/probed"] = self.probed / self.steps
         metrics["ghosts/skipped_nonfinite"] = float(self.skipped_nonfinite)
         metrics["ghosts/would_skip"] = float(self.would_skip)
-        if self.no_output_tokens:
-            metrics["ghosts/no_output_tokens"] = float(self.no_output_tokens)
-        if self.no_ffn_tokens:
-            metrics["ghosts/no_ffn_tokens"] = float(self.no_ffn_tokens)
+        for count, steps in self.not_measured.items():
+            if steps:
+                metrics[f"ghosts/no_{count}"] = float(steps)
         if self.fd_probed:
             metrics["ghosts/fd_fallback"] = float(self.fd_fallback)
         if self.per_head and self.head_minima is not None:
@@ -276,8 +282,7 @@ class MetricWindow:
             "probed": self.probed,
             "clipped": self.clipped,
             "skipped_nonfinite": self.skipped_nonfinite,
-            "no_output_tokens": self.no_output_tokens,
-            "no_ffn_tokens": self.no_ffn_tokens,
+            **{f"no_{count}": steps for count, steps in self.not_measured.items()},
             "fd_probed": self.fd_probed,
             "fd_fallback": self.fd_fallback,
             "would_skip": self.would_skip,
@@ -296,8 +301,7 @@ class MetricWindow:
         self.probed = state["probed"]
         self.clipped = state["clipped"]
         self.skipped_nonfinite = state["skipped_nonfinite"]
-        self.no_output_tokens = state["no_output_tokens"]
-        self.no_ffn_tokens = state.get("no_ffn_tokens", 0)  # absent in older states
+        self.not_measured = {count: state.get(f"no_{count}", 0) for count in TOKEN_COUNTS}  # newer counts: absent in older states
         self.fd_probed, self.fd_fallback = state.get("fd_probed", 0), state.get("fd_fallback", 0)
         self.would_skip = state.get("would_skip", 0)  # absent in older states
         self.would_clip = state.get("would_clip", 0)

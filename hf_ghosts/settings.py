@@ -92,10 +92,10 @@ RADIUS_TABLE: tuple[Radius, ...] = (
     Radius(
         "output", "out_spread", True, "rho_out",
         "output softmax radius: `pi / max Delta_out`, or with `rho_radius=\"topk_exact\"` the top-k certified radius",
-        "rho_out", "tab:blue", exact="out_radius",
+        "rho_out", "tab:blue", exact="out_radius", tokens="output_tokens",
     ),
     Radius("attention", "attn_spread", True, "rho_attn", "attention radius, min over layers and heads",
-           "rho_attn (min over heads)", "tab:orange"),
+           "rho_attn (min over heads)", "tab:orange", tokens="attention_tokens"),
     Radius(
         "ffn", "ffn_radius", False, "rho_ffn",
         "FFN radius (kink proxy, 1% quantile of `|z| / |z'|`, or per `rho_ffn_mode`), when `\"ffn\"` is measured",
@@ -119,7 +119,6 @@ RADIUS_FIELDS = {radius.name: radius.field for radius in RADIUS_TABLE}
 REDUCTIONS: dict[str, str] = {
     **{radius.raw: "max" if radius.spread else "min" for radius in RADIUS_TABLE},
     **{radius.exact: "min" for radius in RADIUS_TABLE if radius.exact is not None},
-    "output_tokens": "sum",
     **{radius.tokens: "sum" for radius in RADIUS_TABLE if radius.tokens is not None},
     "fd_step": "min",
     "fd_error": "max",

@@ -171,11 +171,14 @@ def test_batch_without_labelled_positions_has_no_output_radius() -> None:
     u = AdamWReplay(model, optimizer).propose()
     record = controller.step(unlabelled)  # measured on a batch with nothing to predict
     assert record.output_tokens == 0
-    assert record.rho_out == math.inf and record.rho == math.inf
+    assert record.rho_out is None and record.rho is None  # not measured: no radius reported, none limits
     assert record.scale == 1.0 and record.r == 0.0 and not record.clipped
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach() - old[name], u[name], rtol=1e-5, atol=1e-7)
     assert controller.pop_metrics()["ghosts/no_output_tokens"] == 1.0
+    backward(model, batch)
+    again = controller.step(batch)  # nothing was measured, so nothing is reused: the next step probes
+    assert again.probed and again.rho is not None and math.isfinite(again.rho) and again.output_tokens > 0
 
 
 def test_step_is_refused_while_attached_to_the_optimizer_hooks() -> None:

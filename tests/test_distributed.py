@@ -115,6 +115,7 @@ def assert_reduction_is_max(ranks: list[dict]) -> None:
             assert torch.equal(reduced["attn_spread"], torch.maximum(local_a["attn_spread"], local_b["attn_spread"]))
             assert torch.equal(reduced["ffn_radius"], torch.minimum(local_a["ffn_radius"], local_b["ffn_radius"]))
             assert int(reduced["output_tokens"]) == int(local_a["output_tokens"]) + int(local_b["output_tokens"])
+            assert int(reduced["attention_tokens"]) == int(local_a["attention_tokens"]) + int(local_b["attention_tokens"]) > 0
         assert ranks[0]["steps"][step]["rho"] == pytest.approx(expected_rho(a["reduced"]), rel=1e-6)
 
 

@@ -69,7 +69,8 @@ def test_a_training_run_logs_exactly_the_documented_keys(tmp_path) -> None:
     never_logged = [key for key, pattern in patterns.items() if not any(pattern.fullmatch(key) for key in logged)]
     assert undocumented == [] and never_logged == []
     assert len([key for key in logged if "/layer_" in key]) == 2 * 4  # layers x heads of the tiny GPT-NeoX
-    assert entry["ghosts/no_output_tokens"] == 1.0 and entry["ghosts/no_ffn_tokens"] == 1.0 and entry["ghosts/probed"] == 1.0
+    assert entry["ghosts/no_output_tokens"] == entry["ghosts/no_attention_tokens"] == entry["ghosts/no_ffn_tokens"] == 1.0
+    assert entry["ghosts/probed"] == 1.0
     assert entry["ghosts/fd_fallback"] == 0.0 and 0 < entry["ghosts/fd_error"] < 1e-2 and entry["ghosts/fd_step"] == 1e-2
 
 

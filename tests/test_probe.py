@@ -43,6 +43,7 @@ from transformers.masking_utils import sdpa_mask
 from hf_ghosts import FfnSpec, RadiusProbe, RadiusReport, compat, radii
 from hf_ghosts.architectures import FFN_PREACTIVATIONS
 from hf_ghosts.probe import output_positions
+from hf_ghosts.probe.inputs import query_positions
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -118,14 +119,14 @@ def test_ignored_labels_are_excluded(family: str) -> None:
     assert report.output_tokens.item() == valid.sum().item() - 1
 
 
-def test_all_labels_ignored_gives_zero_spread_and_infinite_radius() -> None:
+def test_all_labels_ignored_gives_zero_spread_and_no_output_radius() -> None:
     model = tiny_causal_lm("gpt_neox")
     batch = padded_batch("none")
     batch["labels"] = torch.full_like(batch["labels"], -100)
     report = RadiusProbe(model, ("output",)).measure(batch, random_direction(model))
-    assert report.out_spread.item() == 0.0
-    assert report.rho_out.item() == math.inf
-    assert report.output_tokens.item() == 0
+    assert report.out_spread.item() == 0.0 and report.output_tokens.item() == 0
+    assert math.isnan(report.rho_out.item()) and report.unmeasured() == ("output",)  # not measured, never inf
+    assert report.rho_of().item() == math.inf  # does not limit
 
 
 def test_without_labels_positions_come_from_the_attention_mask() -> None:
@@ -213,6 +214,31 @@ def test_padding_changes_the_attention_spreads(padding: str) -> None:
     torch.testing.assert_close(padded, reference_attention_spreads(model, batch, direction), rtol=1e-6, atol=0)
     unpadded = probe.measure({**batch, "attention_mask": torch.ones_like(batch["attention_mask"])}, direction)
     assert not torch.allclose(unpadded.attn_spread.double(), padded, rtol=1e-3)
+
+
+@pytest.mark.parametrize("estimator", ["jvp", "fd"])
+def test_all_padding_batch_leaves_the_attention_radii_unmeasured(estimator: str) -> None:
+    # No query position to take a score spread over: NaN ("not measured") per head, never inf; it does not limit.
+    model = tiny_causal_lm("llama")
+    batch = padded_batch("left", batch=2)
+    partly = RadiusProbe(model, ("attention",), estimator).measure(batch, random_direction(model))
+    assert partly.attention_tokens.item() == batch["attention_mask"].sum().item() > 0
+    assert partly.unmeasured() == () and torch.isfinite(partly.rho_attn).all()
+    batch["attention_mask"] = torch.zeros_like(batch["attention_mask"])
+    report = RadiusProbe(model, ("attention",), estimator).measure(batch, random_direction(model))
+    assert report.attention_tokens.item() == 0 and report.unmeasured() == ("attention",)
+    assert report.rho_attn.shape == partly.rho_attn.shape and report.rho_attn.isnan().all()
+    assert math.isnan(report.radii()["attention"].item()) and report.rho_of().item() == math.inf
+
+
+def test_query_positions_counts_the_unmasked_queries() -> None:
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    assert query_positions({"input_ids": ids, "attention_mask": mask}).item() == 5
+    assert query_positions({"input_ids": ids, "attention_mask": torch.zeros_like(mask)}).item() == 0
+    assert query_positions({"input_ids": ids}).item() == 6
+    assert query_positions({"inputs_embeds": torch.zeros(4, 5, 8)}).item() == 20
+    assert query_positions({"pixel_values": torch.zeros(1, 3, 4, 4)}) is None  # nothing to count by
 
 
 # ------------------------------------------------------------------------------------------ estimators

@@ -312,13 +312,13 @@ def test_without_labels_the_attention_mask_decides() -> None:
     assert chunked.output_tokens.item() == (real[:, :-1] & real[:, 1:]).sum().item()
 
 
-def test_all_labels_ignored_gives_an_infinite_radius() -> None:
+def test_all_labels_ignored_leaves_the_output_radius_unmeasured() -> None:
     model = tiny_causal_lm("qwen2")
     batch = token_batch()
     batch["labels"] = torch.full_like(batch["labels"], -100)
     report = RadiusProbe(model, ("output",), chunked_head=True, vocab_chunk=CHUNK).measure(batch, random_direction(model))
     assert report.out_spread.item() == 0.0 and report.output_tokens.item() == 0
-    assert report.rho_out.item() == math.inf
+    assert math.isnan(report.rho_out.item()) and report.unmeasured() == ("output",)  # not inf: nothing was measured
 
 
 # ------------------------------------------------------------------------------------------ directions and the head

@@ -23,10 +23,26 @@ __all__ = [
     "logits_of",
     "model_inputs",
     "output_positions",
+    "query_positions",
     "shifts_labels",
 ]
 
 IGNORE_INDEX = -100
+
+
+def query_positions(inputs: Mapping[str, torch.Tensor], device: torch.device | str | None = None) -> torch.Tensor | None:
+    """How many query positions the attention radii are taken over: the ones of ``attention_mask``, else every
+    position of ``input_ids`` / ``inputs_embeds``; ``None`` when the batch has neither (nothing to count by).
+
+    Example: ``attention_mask`` ``[[0, 1, 1], [1, 1, 1]]`` gives 5; all zeros gives 0 (not measured).
+    """
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return mask.to(device).sum()
+    for name, dims in (("input_ids", 2), ("inputs_embeds", 3)):
+        if inputs.get(name) is not None and inputs[name].dim() == dims:
+            return torch.tensor(inputs[name].shape[0] * inputs[name].shape[1], device=device)
+    return None
 
 
 def output_positions(

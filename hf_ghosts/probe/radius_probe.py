@@ -41,7 +41,7 @@ from hf_ghosts.probe.core import (
 from hf_ghosts.probe.fd import FdStepControl, fd_spreads
 from hf_ghosts.probe.ffn import FfnTargets
 from hf_ghosts.probe.head import HeadReached, LinearHead, output_spread, stopping_at, topk_output_radius
-from hf_ghosts.probe.inputs import forward_kwargs, logits_of, output_positions, shifts_labels
+from hf_ghosts.probe.inputs import forward_kwargs, logits_of, output_positions, query_positions, shifts_labels
 from hf_ghosts.probe.report import RadiusReport
 from hf_ghosts.settings import DEFAULT_RADII, ESTIMATORS, PROBE_DTYPES, RhoSettings
 
@@ -344,11 +344,14 @@ class RadiusProbe:
             out_spread, output_tokens = output_spread(per_position, positions)
             if self.radius == "topk_exact":
                 out_radius = topk_output_radius(per_position, positions, session.rows, self.topk)
+        attention_tokens = None
         if "attention" in self.radii:
             attn = attention_spread(session.capture, self.model)
+            attention_tokens = query_positions(inputs, attn.device)
         ffn = {name: session.ffn.radius(form) for name, form in self._ffn.forms.items()}
         return RadiusReport(
             out_spread=out_spread, attn_spread=attn, ffn_radius=ffn.get("ffn"), output_tokens=output_tokens,
             ffn_activation_radius=ffn.get("ffn_activation"), out_radius=out_radius,
             ffn_tokens=session.ffn.tokens(next(iter(ffn.values())).device) if ffn else None,
+            attention_tokens=attention_tokens,
         )

@@ -26,7 +26,8 @@ class RadiusReport:
         out_spread: scalar, max over valid positions of the logit-slope spread (0 if none).
         attn_spread: ``[layers, heads]``, max over batch and query rows of the score-slope spread.
         ffn_radius: scalar, the ``"ffn"`` radius (kink proxy quantile or activation-aware minimum, per ``ffn_mode``).
-        output_tokens: scalar count of positions that entered ``out_spread``.
+        output_tokens: scalar count of positions that entered ``out_spread``; with none, the output radius is NaN
+            (:meth:`radius`): not measured, and not limiting.
         ffn_activation_radius: scalar, the ``"ffn_activation"`` radius (Appendix B, always activation-aware).
         out_radius: scalar, the ``radius="topk_exact"`` output radius (:func:`~hf_ghosts.radii.topk_radius`; at
             least ``pi / out_spread``); ``None`` with ``radius="bound"``.
@@ -37,6 +38,8 @@ class RadiusReport:
         fd_error: scalar, the estimated relative error of fd's spreads at ``fd_step`` (from the last step check,
             :class:`~hf_ghosts.probe.fd.FdStepControl`).
         fd_fallback: scalar, 1 where fd could not reach 1% and the spreads were measured by JVP instead, else 0.
+        attention_tokens: scalar count of the query positions ``attn_spread`` was taken over (the unmasked ones); with
+            none, ``attn_spread`` holds 0 and the attention radii are NaN: not measured, and not limiting.
     """
 
     out_spread: torch.Tensor | None = None
@@ -49,12 +52,13 @@ class RadiusReport:
     fd_step: torch.Tensor | None = None
     fd_error: torch.Tensor | None = None
     fd_fallback: torch.Tensor | None = None
+    attention_tokens: torch.Tensor | None = None
 
     @property
     def rho_out(self) -> torch.Tensor | None:
-        """The output softmax radius: ``out_radius`` where measured, else ``pi / out_spread`` (eq. 14); inf without
-        valid positions."""
-        return self.out_radius if self.out_radius is not None else self.rho_out_bound
+        """The output softmax radius: ``out_radius`` where measured, else ``pi / out_spread`` (eq. 14); NaN without
+        valid positions (not measured)."""
+        return self.radius(RADIUS_BY_NAME["output"])
 
     @property
     def rho_out_bound(self) -> torch.Tensor | None:
@@ -63,8 +67,9 @@ class RadiusReport:
 
     @property
     def rho_attn(self) -> torch.Tensor | None:
-        """``pi / attn_spread``, a ``[layers, heads]`` tensor of per-head attention radii."""
-        return None if self.attn_spread is None else rho_bound(self.attn_spread)
+        """``pi / attn_spread``, a ``[layers, heads]`` tensor of per-head attention radii (NaN without a query
+        position: not measured)."""
+        return self.radius(RADIUS_BY_NAME["attention"])
 
     @property
     def rho_ffn(self) -> torch.Tensor | None:
@@ -79,9 +84,7 @@ class RadiusReport:
         if raw is None:
             return None
         exact = None if radius.exact is None else getattr(self, radius.exact)
-        if exact is not None:
-            return exact
-        value = rho_bound(raw) if radius.spread else raw
+        value = exact if exact is not None else rho_bound(raw) if radius.spread else raw
         tokens = None if radius.tokens is None else getattr(self, radius.tokens)
         return value if tokens is None else torch.where(tokens > 0, value, torch.full_like(value, unmeasured))
 
@@ -102,7 +105,8 @@ class RadiusReport:
         return found
 
     def unmeasured(self) -> tuple[str, ...]:
-        """The radii taken over no position (an FFN radius of a batch without an unmasked token). Host syncs."""
+        """The radii taken over no position (the output radius of a batch whose labels are all ``-100``, the
+        attention and FFN radii of one without an unmasked token). Host syncs."""
         return tuple(
             radius.name for radius in RADIUS_TABLE
             if radius.tokens is not None and getattr(self, radius.raw) is not None

@@ -99,6 +99,7 @@ def report_fields(report: Any) -> dict[str, Any]:
             ("attn_spread", report.attn_spread),
             ("ffn_radius", report.ffn_radius),
             ("output_tokens", report.output_tokens),
+            ("attention_tokens", report.attention_tokens),
         )
     }
 
