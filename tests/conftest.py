@@ -284,6 +284,18 @@ def causal_output_positions(labels: torch.Tensor) -> torch.Tensor:
     return valid
 
 
+def hide_widest_label(spreads: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``labels`` with the label that the widest-spread counted position predicts set to -100, and the positions
+    that still count; asserts that they are all narrower, so that a test can tell whether it was left out."""
+    valid = causal_output_positions(labels)
+    row, position = divmod(int(spreads.masked_fill(~valid, -1).argmax()), spreads.shape[1])
+    hidden = labels.clone()
+    hidden[row, position + 1] = -100
+    others = causal_output_positions(hidden)
+    assert spreads[others].max() < spreads[row, position]  # the test can tell the difference
+    return hidden, others
+
+
 def _recording_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
