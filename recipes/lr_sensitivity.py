@@ -28,7 +28,9 @@ method             what differs
 ``rho+zloss``      ``RhoTrainer`` at its defaults, plus the z-loss
 ``rho+qk-norm``    ``RhoTrainer`` at its defaults on the qk-norm model (Llama presets only; not in the default list)
 ``rho-best``       ``RhoTrainer`` with ``--best_rho_target``, ``--best_rho_radius``, ``--best_rho_radii``,
-                   ``--best_rho_every`` (placeholder values until a sweep on one preset picks them)
+                   ``--best_rho_every``; the defaults (r* = 1, bound, output and attention, every 16) won a
+                   search on llama-tiny, seed 0, against r* = 0.5 and 4, ``topk_exact``, attention alone
+                   and output alone (docs/results.md, "Learning-rate sensitivity")
 =================  ===============================================================================================
 
 Recorded per run: the final eval loss (and the initial one, ``loss_0``), ``diverged`` (final loss not
@@ -47,13 +49,11 @@ the binding radius (the one that bound most often), from the logged ``ghosts/*``
     python recipes/lr_sensitivity.py --methods adamw rho qk-norm+zloss rho+qk-norm --presets llama-tiny
     python recipes/lr_sensitivity.py --replot                 # tables and figures again from the run files
 
-Measured wall time of one 300-step run at lr 0.1 (training + 4 evaluations + 31 logit samples), one thread
-(``OMP_NUM_THREADS=1``) on this 2-core machine while shared (load average ~6): pythia-tiny AdamW 76 s,
-RhoTrainer 158 s (99.7% of steps probed, 90% clipped); llama-tiny 48 s and 120 s; pythia-14m 236 s and
-438 s (RhoTrainer's cost falls at lower rates, where fewer steps are probed). From these, the default grid
-takes at most ~3.5 h for pythia-tiny (54 AdamW-like + 54 RhoTrainer runs), ~2.8 h for llama-tiny (72 + 54),
-~3.4 h for pythia-14m (18 + 18) and ~3.7 h for llama-14m (24 + 18, timed as pythia-14m): ~13 h in all on
-the loaded machine; the issue's 1-2 min per 14m run on idle cores suggests about a third of that there.
+Measured wall time (``train_seconds``, one thread each, two runs at a time on this 2-core machine), mean
+over the rates 3e-3, 3e-2, 3e-1: pythia-tiny AdamW 28 s, RhoTrainer 50 s; llama-tiny 31 s and 53 s; pythia-14m
+87 s and 148 s; llama-14m 77 s and 114 s (plus ~2-5 s of evaluation and the logit samples). The 180 runs of
+docs/results.md (4 presets, 3 rates, 3 seeds on the tiny presets) took 2.8 h of training on one thread each,
+~1.5 h of wall time two at a time; the full default grid (6 rates) about twice that.
 Presets can run as parallel processes into one ``--output_dir`` (one run file each); then ``--replot``
 with every preset rebuilds the joint tables.
 
