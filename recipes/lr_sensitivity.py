@@ -52,8 +52,8 @@ the binding radius (the one that bound most often), from the logged ``ghosts/*``
 Measured wall time (``train_seconds``, one thread each, two runs at a time on this 2-core machine), mean
 over the rates 3e-3, 3e-2, 3e-1: pythia-tiny AdamW 28 s, RhoTrainer 50 s; llama-tiny 31 s and 53 s; pythia-14m
 87 s and 148 s; llama-14m 77 s and 114 s (plus ~2-5 s of evaluation and the logit samples). The 180 runs of
-docs/results.md (4 presets, 3 rates, 3 seeds on the tiny presets) took 2.8 h of training on one thread each,
-~1.5 h of wall time two at a time; the full default grid (6 rates) about twice that.
+docs/results.md (4 presets, 3 rates, 3 seeds on the tiny presets) took 3.0 h of training on one thread each,
+~1.6 h of wall time two at a time; the full default grid (6 rates) about twice that.
 Presets can run as parallel processes into one ``--output_dir`` (one run file each); then ``--replot``
 with every preset rebuilds the joint tables.
 
