@@ -83,7 +83,7 @@ def _check_attention_routed(model: torch.nn.Module, settings: RhoSettings) -> No
         )
 
 
-def _check_direction(owner: str, direction: Mapping[str, torch.Tensor], trainable: Mapping[str, torch.Tensor]) -> None:
+def check_direction(owner: str, direction: Mapping[str, torch.Tensor], trainable: Mapping[str, torch.Tensor]) -> None:
     """Refuse an empty direction, or one naming parameters not in ``trainable``."""
     unknown = sorted(set(direction) - set(trainable))
     if unknown:
@@ -92,7 +92,7 @@ def _check_direction(owner: str, direction: Mapping[str, torch.Tensor], trainabl
         raise ValueError(f"{owner}.measure: the direction is empty")
 
 
-def _checked_norm(owner: str, norm: float) -> float:
+def checked_norm(owner: str, norm: float) -> float:
     """``|d|`` itself if finite and non-zero (a radius is taken along ``d / |d|``), else a ValueError."""
     if not math.isfinite(norm) or norm == 0:
         raise ValueError(
@@ -182,9 +182,6 @@ class RadiusProbe:
         return value
 
     # ----------------------------------------------------------------------------------- direction and weights
-    def _check_direction(self, direction: Mapping[str, torch.Tensor]) -> None:
-        _check_direction(type(self).__name__, direction, self.trainable)
-
     def _direction_and_norm(
         self, direction: Mapping[str, torch.Tensor], norm: float | torch.Tensor | None = None
     ) -> tuple[dict[str, torch.Tensor], float | torch.Tensor]:
@@ -193,7 +190,7 @@ class RadiusProbe:
         ``norm``: ``|d|`` as the caller has it (the controller: no host sync here); ``None``: ``|d| = sqrt(sum_i
         |d_i|^2)``, per-tensor norms by ``torch._foreach_norm`` summed in float64, checked finite and non-zero.
         """
-        self._check_direction(direction)
+        check_direction(type(self).__name__, direction, self.trainable)
         if self.dtype == torch.float16:  # fp16 is subnormal below 6e-5 (an update's entries): cast the unit direction
             norm = self._norm_of(direction) if norm is None else norm
             return {name: (d.detach() / norm).to(self.dtype) for name, d in direction.items()}, 1.0
@@ -202,10 +199,7 @@ class RadiusProbe:
 
     def _norm_of(self, pieces: Mapping[str, torch.Tensor]) -> float:
         norms = torch.stack(torch._foreach_norm([d.detach() for d in pieces.values()])).double()
-        return self._checked_norm(float(torch.linalg.vector_norm(norms)))  # host sync
-
-    def _checked_norm(self, norm: float) -> float:
-        return _checked_norm(type(self).__name__, norm)
+        return checked_norm(type(self).__name__, float(torch.linalg.vector_norm(norms)))  # host sync
 
     def _weights(self, params: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         base = dict(self.trainable) if params is None else {**self.trainable, **params}

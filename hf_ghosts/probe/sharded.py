@@ -20,7 +20,7 @@ import torch
 from hf_ghosts import compat
 from hf_ghosts.distributed import FSDPModule, global_norm, local_tensor, max_over_ranks
 from hf_ghosts.probe.inputs import forward_kwargs, logits_of
-from hf_ghosts.probe.radius_probe import RadiusProbe, probe_settings
+from hf_ghosts.probe.radius_probe import RadiusProbe, check_direction, checked_norm, probe_settings
 from hf_ghosts.settings import DEFAULT_RADII, SETTINGS, RhoSettings
 
 __all__ = ["ShardedRadiusProbe"]
@@ -86,11 +86,11 @@ class ShardedRadiusProbe(RadiusProbe):
         self, direction: Mapping[str, torch.Tensor], norm: float | torch.Tensor | None = None
     ) -> tuple[dict[str, torch.Tensor], float]:
         """This rank's shards of the direction (probe dtype) and its norm over all shards (``norm``: as given)."""
-        self._check_direction(direction)
+        check_direction(type(self).__name__, direction, self.trainable)
         pieces = {name: local_tensor(d.detach()).to(self.dtype) for name, d in direction.items()}
         if norm is None:
             norm = global_norm(list(pieces.values()), [self.trainable[name] for name in pieces])
-        return pieces, self._checked_norm(float(norm))
+        return pieces, checked_norm(type(self).__name__, float(norm))
 
     @contextlib.contextmanager
     def _intact(self) -> Iterator[None]:
