@@ -281,7 +281,28 @@ def experts_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------ what a model wraps and routes
-__all__ += ["can_set_attention", "compiled_original", "module_routes_attention"]
+__all__ += [
+    "ATTENTION_ROUTED_SINCE", "attention_routed_in_installed", "can_set_attention", "compiled_original",
+    "dispatches_attention", "module_routes_attention",
+]
+
+# Families whose attention transformers routes through ``AttentionInterface`` only from a given release on (before it,
+# their own attention code runs and the attention radius is refused). The family table of the README says so;
+# tests/test_compat.py checks each entry against the installed transformers by running the model
+# (:func:`dispatches_attention`), so a wrong version here fails at either end of the tested range.
+ATTENTION_ROUTED_SINCE: dict[str, str] = {"falcon": "5.25.0"}
+
+
+def attention_routed_in_installed(model_type: str) -> bool | None:
+    """Whether the installed transformers routes ``model_type``'s attention, by :data:`ATTENTION_ROUTED_SINCE`;
+    ``None`` for a family not listed there (routed in every supported release, or never)."""
+    since = ATTENTION_ROUTED_SINCE.get(model_type)
+    if since is None:
+        return None
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) >= Version(since)
 
 
 def compiled_original(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -306,3 +327,27 @@ def module_routes_attention(module_name: str) -> bool:
         return source is not None and "ALL_ATTENTION_FUNCTIONS.get_interface(" in inspect.getsource(source)
     except (OSError, TypeError):
         return False
+
+
+def dispatches_attention(model: torch.nn.Module, input_ids: torch.Tensor) -> bool:
+    """Whether ``model``'s forward on ``input_ids`` calls an implementation registered with ``AttentionInterface``:
+    the library asked by running it, not by reading its source (the capability :func:`module_routes_attention`
+    and :func:`can_set_attention` read). The model runs once with a recording implementation (sdpa inside) and is
+    restored; a model that refuses to switch implementations (``_can_set_attn_implementation`` False) does not
+    dispatch."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    if not can_set_attention(model):
+        return False
+    calls = []
+
+    def recording(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        calls.append(type(module).__name__)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    name = "hf_ghosts_dispatch_check"
+    AttentionInterface.register(name, recording)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    with attention_implementation(model, name), torch.no_grad():
+        model(input_ids=input_ids)
+    return bool(calls)

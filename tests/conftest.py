@@ -597,8 +597,9 @@ def reference_allowed(batch, heads, q_len, k_len, *, causal=True, window=None, k
     return allowed
 
 
-def attention_reference(q, k, v, tq, tk, tv, allowed, *, scaling, softcap=None, query_mask=None):
-    """float64 eager attention (repeat_interleave for GQA) and torch.func.jvp; spread [B, H, Tq] (-inf: empty)."""
+def attention_reference(q, k, v, tq, tk, tv, allowed, *, scaling, softcap=None, query_mask=None, bias=None):
+    """float64 eager attention (repeat_interleave for GQA) and torch.func.jvp; spread [B, H, Tq] (-inf: empty).
+    ``bias``: added to the scores after the cap (an additive mask's values, e.g. ALiBi), as sdpa adds it."""
     q, k, v, tq, tk, tv = (t.double() for t in (q, k, v, tq, tk, tv))
     groups = q.shape[1] // k.shape[1]
 
@@ -607,7 +608,8 @@ def attention_reference(q, k, v, tq, tk, tv, allowed, *, scaling, softcap=None, 
         scores = q @ kr.transpose(-1, -2) * scaling
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
-        weights = torch.softmax(scores.masked_fill(~allowed, -math.inf), dim=-1)
+        biased = scores if bias is None else scores + bias.double()
+        weights = torch.softmax(biased.masked_fill(~allowed, -math.inf), dim=-1)
         weights = torch.where(allowed.any(-1, keepdim=True), weights, torch.zeros_like(weights))
         return (weights @ vr).transpose(1, 2), scores
 

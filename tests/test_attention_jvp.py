@@ -64,6 +64,26 @@ def test_padding_and_fully_masked_rows(side: str, form: str) -> None:
     assert torch.isneginf(reduced[1]).all() and torch.isfinite(reduced[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_additive_mask_values_are_added_to_the_scores(kv_heads: int) -> None:
+    """An additive float mask carries a bias (ALiBi: ``-slope_h * distance``) that sdpa adds to the scores: it moves
+    the probabilities, hence the output and its tangent, and not the score slopes."""
+    q, k, v, tq, tk, tv = inputs(batch=2, kv_heads=kv_heads)
+    pad = torch.ones(2, 9, dtype=torch.bool)
+    pad[1, :2] = False
+    allowed = reference_allowed(2, 4, 9, 9, key_padding=pad)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 1.0], dtype=torch.float64)[None, :, None, None]
+    distance = (torch.arange(9)[:, None] - torch.arange(9)[None, :]).clamp_min(0).double()
+    bias = (-slopes * distance).expand(2, 4, 9, 9)
+    mask = bias.masked_fill(~allowed, torch.finfo(torch.float64).min)
+    result = attention_jvp(q, k, v, tq, tk, tv, scaling=0.4, block_size=4, reduce=False, causal=False,
+                           attention_mask=mask)
+    expected = reference(q, k, v, tq, tk, tv, allowed, scaling=0.4, bias=bias)
+    assert_matches(result, expected, reduce=False)
+    unbiased = reference(q, k, v, tq, tk, tv, allowed, scaling=0.4)
+    assert (result.out.double() - unbiased[0]).abs().max() > 1e-2  # the bias matters: the check above can fail
+
+
 @pytest.mark.parametrize("window", [1, 3])
 def test_sliding_window(window: int) -> None:
     q, k, v, tq, tk, tv = inputs(q_len=11)

@@ -244,3 +244,34 @@ def test_can_set_attn_implementation_still_answers_yes_for_a_model_without_atten
     assert compat.can_set_attention(llama) and compat.can_set_attention(mamba)
     assert any(compat.module_routes_attention(type(m).__module__) for m in llama.modules())
     assert not any(compat.module_routes_attention(type(m).__module__) for m in mamba.modules())
+
+
+@pytest.mark.parametrize("model_type", sorted(compat.ATTENTION_ROUTED_SINCE))
+def test_attention_routed_since_matches_the_installed_transformers(model_type: str) -> None:
+    """``ATTENTION_ROUTED_SINCE``: the family dispatches through ``AttentionInterface`` exactly from that release on
+    (checked by running it), and the source checks the probe relies on say the same. Red at either end of the tested
+    range when the release in the table is wrong."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                               num_attention_heads=4)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    routed = compat.dispatches_attention(model, torch.randint(0, 64, (1, 5)))
+    assert routed == compat.attention_routed_in_installed(model_type), (transformers.__version__, routed)
+    assert routed == (compat.can_set_attention(model)
+                      and any(compat.module_routes_attention(type(m).__module__) for m in model.modules()))
+
+
+def test_dispatches_attention_by_running_the_model() -> None:
+    """The behavioural check: Llama dispatches; a model with its own attention code and Mamba (none) do not; the
+    model's implementation is restored."""
+    from own_attention import own_attention_lm
+    from transformers import MambaConfig, MambaForCausalLM
+
+    ids = torch.randint(0, 64, (1, 5))
+    llama = tiny_causal_lm("llama")
+    found = llama.config._attn_implementation
+    assert compat.dispatches_attention(llama, ids) and llama.config._attn_implementation == found
+    assert not compat.dispatches_attention(own_attention_lm(), ids)
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, state_size=4))
+    assert not compat.dispatches_attention(mamba, ids)

@@ -23,7 +23,7 @@ from conftest import (
     token_batch,
 )
 
-from hf_ghosts import RadiusProbe
+from hf_ghosts import RadiusProbe, compat
 from hf_ghosts.architectures import FFN_PREACTIVATIONS, attention_blocker, chunked_head_blocker
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -66,7 +66,8 @@ class Row:
     """What one family supports, and how far jvp and fd (float32, default settings) are from the float64 reference."""
 
     model_type: str
-    attention: bool
+    attention: bool  # the probe measures attention (attention_blocker found nothing against it)
+    dispatches: bool  # transformers calls the AttentionInterface when the model runs (compat.dispatches_attention)
     ffn: bool
     chunked_head: bool
     jvp_error: float  # max over the measured radii of |rho_jvp / rho_ref - 1|
@@ -92,8 +93,18 @@ def sweep_one(model_type: str) -> Row:
     def error(report, against) -> float:
         return max(abs(float(report.radii()[name]) / float(against[name]) - 1) for name in radii)
 
-    return Row(model_type, attention, model_type in FFN_PREACTIVATIONS, chunked_head_blocker(model) is None,
+    dispatches = compat.dispatches_attention(model, batch["input_ids"])
+    return Row(model_type, attention, dispatches, model_type in FFN_PREACTIVATIONS, chunked_head_blocker(model) is None,
                error(jvp, reference), error(fd, reference), error(fd, jvp.radii()))
+
+
+def attention_cell(row: Row) -> str:
+    """The attention column: yes/no, or for a family transformers routes from a given release on, that release
+    (the same text whatever transformers is installed; the sweep checks the installed one against it)."""
+    since = compat.ATTENTION_ROUTED_SINCE.get(row.model_type)
+    if since is not None:
+        return f"yes with transformers >= {since} (no before: its own attention)"
+    return "yes" if row.attention else "no"
 
 
 def table(rows: list[Row]) -> str:
@@ -102,7 +113,7 @@ def table(rows: list[Row]) -> str:
     lines = ["| family (`model_type`) | output | attention | ffn | chunked head | jvp | fd |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         jvp = "yes (experts run eagerly)" if row.model_type in ("mixtral", "qwen2_moe") else "yes"
-        lines.append(f"| `{row.model_type}` | yes | {yes[row.attention]} | {yes[row.ffn]} | {yes[row.chunked_head]} "
+        lines.append(f"| `{row.model_type}` | yes | {attention_cell(row)} | {yes[row.ffn]} | {yes[row.chunked_head]} "
                      f"| {jvp} | yes |")
     return "\n".join(lines)
 
@@ -123,8 +134,44 @@ def test_jvp_and_fd_match_the_float64_reference_on_every_family(rows: list[Row])
         # Gemma's RMSNorm (and Mamba's mixer) compute in float32 in the float64 reference too: rounding in its differences
         assert row.jvp_error < (3e-3 if row.model_type.startswith("gemma") else 5e-4), row
         assert row.fd_error < 1e-2 and row.fd_vs_jvp < 1e-2, row  # fd at its defaults: within 1% of jvp
-    expected = {"falcon": False, "mamba": False}
-    assert {row.model_type: row.attention for row in rows} == {m: expected.get(m, True) for m in FAMILIES}
+    # the probe measures attention exactly where transformers dispatches it (asked by running the model), and the
+    # families that moved to the interface in a given release are routed exactly from that release on
+    assert {row.model_type: row.attention for row in rows} == {row.model_type: row.dispatches for row in rows}
+    for row in rows:
+        routed = compat.attention_routed_in_installed(row.model_type)
+        assert routed is None or row.attention == routed, (row, compat.ATTENTION_ROUTED_SINCE)
+    assert any(row.attention for row in rows) and not all(row.attention for row in rows)  # mamba: no attention at all
+
+
+FALCON = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [
+    dict(), dict(alibi=True), dict(new_decoder_architecture=True, num_kv_heads=2), dict(multi_query=False),
+    dict(parallel_attn=False, bias=True),
+], ids=["rotary-mqa", "alibi", "new-decoder-gqa", "mha", "sequential-bias"])
+def test_falcon_attention_where_transformers_routes_it(variant: dict) -> None:
+    """Falcon's layouts against the float64 reference where transformers routes its attention (ALiBi's bias reaches
+    the probe as an additive float mask), and refused, naming the fix, where it does not."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.FalconForCausalLM(transformers.FalconConfig(**FALCON, **variant))
+    batch, direction = token_batch(batch=2, length=10, pad_right=2), random_direction(model)
+    if not compat.dispatches_attention(model, batch["input_ids"]):
+        assert compat.attention_routed_in_installed("falcon") is False
+        with pytest.raises(ValueError, match=r"does not route its attention.*radii=\('output',\)"):
+            RadiusProbe(model)
+        return
+    reference_model = float64_copy(model)
+    spreads = reference_output_spreads(reference_model, batch, direction)
+    reference = {"output": math.pi / float(spreads[causal_output_positions(batch["labels"])].max()),
+                 "attention": math.pi / float(reference_attention_spreads(reference_model, batch, direction).max())}
+    for estimator, tolerance in (("jvp", 1e-5), ("fd", 1e-3)):
+        radii = RadiusProbe(model, ("output", "attention"), estimator).measure(batch, direction).radii()
+        for name, expected in reference.items():
+            assert abs(float(radii[name]) / expected - 1) < tolerance, (estimator, name, float(radii[name]), expected)
 
 
 @pytest.mark.slow

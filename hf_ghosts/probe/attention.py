@@ -192,7 +192,10 @@ def _eager_capture(
         per_row = spread(slopes.float(), rows, dim=-1)  # [batch, heads, queries]
         capture.spreads[layer] = per_row.amax(dim=(0, 2))
     compute = torch.promote_types(scores.dtype, torch.float32)  # fp32 softmax for half inputs, fp64 kept
-    probs = torch.softmax(scores.to(compute).masked_fill(~allowed, torch.finfo(compute).min), dim=-1)
+    scores = scores.to(compute)
+    if attention_mask is not None and attention_mask.dtype != torch.bool:  # additive (ALiBi): added as sdpa adds it
+        scores = scores + attention_mask[..., : key.shape[2]].to(compute).masked_fill(~allowed, 0.0)
+    probs = torch.softmax(scores.masked_fill(~allowed, torch.finfo(compute).min), dim=-1)
     # A query with no allowed key (left padding) outputs 0, as sdpa does, so the probe's logits at
     # such positions equal the training forward's (a label may still sit there).
     probs = probs.masked_fill(~allowed.any(-1, keepdim=True), 0.0).to(value.dtype)

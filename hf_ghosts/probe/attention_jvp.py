@@ -93,6 +93,18 @@ def _block_allowed(
     return allowed
 
 
+
+def _block_bias(attention_mask: torch.Tensor | None, rows: tuple[int, int], keys: tuple[int, int], heads: int,
+                kv_heads: int) -> torch.Tensor | None:
+    """The additive part of a float mask (ALiBi's position bias, added to the scores as sdpa adds it), broadcastable
+    to ``[B, Hkv, g, rows, keys]``; ``None`` for no mask or a boolean one. Masked-out entries are left to ``allowed``."""
+    if attention_mask is None or attention_mask.dtype == torch.bool:
+        return None
+    (r0, r1), (lo, hi) = rows, keys
+    bias = attention_mask[..., r0:r1, :] if attention_mask.shape[-2] != 1 else attention_mask
+    bias = bias[..., lo:hi]
+    return bias.unflatten(1, (kv_heads, heads // kv_heads)) if bias.shape[1] == heads else bias[:, :, None]
+
 def validate_attention_inputs(q, k, v, tq, tk, tv, attention_mask, key_padding, query_mask, block_size) -> None:
     name = "attention_jvp"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -153,8 +165,9 @@ def attention_jvp(
         scaling: score scale, default ``D ** -0.5``.
         causal: query ``i`` (at position ``i + Tk - Tq``) sees keys up to its position;
             ``sliding_window=w`` keeps the last ``w`` of them (only with ``causal``).
-        attention_mask: bool (True = attend) or additive float (allowed where ``> finfo.min / 2``),
-            ``[B|1, H|1, Tq|1, >=Tk]`` (the eager/sdpa masks of transformers; extra keys are ignored).
+        attention_mask: bool (True = attend) or additive float (allowed where ``> finfo.min / 2``, and added to
+            the scores there, as sdpa adds it: ALiBi's bias), ``[B|1, H|1, Tq|1, >=Tk]`` (the eager/sdpa masks of
+            transformers; extra keys are ignored).
         key_padding: ``[B, Tk]`` bool, True = a real key.
         query_mask: ``[B, Tq]`` bool: rows that count in the spread (the output is computed for all).
         softcap: ``S = softcap * tanh(S0 / softcap)``; the spread is of ``tS`` after the cap.
@@ -234,6 +247,9 @@ def attention_jvp(
 
         scores = scores.to(compute)
         slopes = slopes.to(compute)
+        bias = _block_bias(attention_mask, (r0, r1), (lo, hi), heads, kv_heads)
+        if bias is not None:  # a constant of the weights: it moves the probabilities, not the slopes
+            scores += bias.to(compute) if allowed is None else bias.to(compute).masked_fill(~allowed, 0.0)
         if allowed is not None:
             scores.masked_fill_(~allowed, torch.finfo(compute).min)
             slopes.masked_fill_(~allowed, 0.0)

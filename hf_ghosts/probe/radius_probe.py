@@ -136,7 +136,7 @@ class RadiusProbe:
 
     The model may be wrapped by ``torch.compile`` (its ``_orig_mod`` is measured) or PEFT; it is called with its
     forward's inputs only (:func:`~hf_ghosts.probe.inputs.model_inputs`). A model whose attention is not routed through
-    ``AttentionInterface`` (Mamba, Falcon) with ``"attention"`` in ``radii``, or an unknown FFN with ``"ffn"``, is
+    ``AttentionInterface`` (Mamba, Bloom, Falcon before transformers 5.25) with ``"attention"`` in ``radii``, or an unknown FFN with ``"ffn"``, is
     refused here. MoE experts on ``_grouped_mm`` run eagerly inside a jvp probe (forward AD), then are restored.
 
     Settings are checked once, by :class:`~hf_ghosts.settings.RhoSettings` (``RadiusProbe.<name>: got ...; expected ...``).
