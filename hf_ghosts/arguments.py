@@ -64,7 +64,9 @@ class RhoArgumentsMixin:
     rho_target: float | None = field(
         default=None,
         metadata={"help": "Target normalized step r* = |u| / rho (> 0). None: the mode's default, 2.0 for 'clip' (in units "
-                  "of pi / max Delta; see the README's 'price of safety') and 'monitor', 1.0 for 'set'."},
+                  "of pi / max Delta, which sits 2.4-3.5x below the widest tokens' true radius; see docs/cost.md, 'The "
+                  "price of safety') and 'monitor', 1.0 for 'set'. 1.0 keeps every probed step inside the radius "
+                  "measured, a lower bound on the true one with either rho_radius."},
     )
     rho_radii: list[str] = field(
         default_factory=lambda: list(DEFAULT_RADII),
@@ -73,13 +75,14 @@ class RhoArgumentsMixin:
     )
     rho_watch_radii: list[str] = field(
         default_factory=list,
-        metadata={"help": "Radii that are only measured and logged (ghosts/would_bind/<radius>), never limit the step; "
-                  "none of them in rho_radii."},
+        metadata={"help": "Radii that are only measured and logged (ghosts/rho_*, and ghosts/would_bind/<radius> when "
+                  "one lies below every limiting radius), never limit the step; a radius in both lists is refused."},
     )
     rho_ffn_mode: str = field(
         default=DEFAULT_FFN_MODE,
-        metadata={"help": "Form of the 'ffn' radius: 'kink' (the paper's proxy, the 0.01 quantile of |z|/|z'|) or 'activation' "
-                  "(Appendix B: distance to the activation's singularities; inf for exact GELU).",
+        metadata={"help": "Form of the 'ffn' radius: 'kink' (the paper's proxy, the rho_ffn_quantile quantile of "
+                  "|z|/|z'|) or 'activation' (Appendix B, eq. 21: distance to the activation's complex "
+                  "singularities; SiLU sqrt(z^2 + pi^2), tanh-GELU from its cubic, inf for exact GELU).",
                   "choices": list(FFN_MODES)},
     )
     rho_set_schedule: bool = field(
@@ -90,9 +93,11 @@ class RhoArgumentsMixin:
     rho_estimator: str = field(
         default=DEFAULT_ESTIMATOR,
         metadata={
-            "help": "'auto' ('jvp' where the probe runs in 16 bits on CUDA, i.e. bf16/fp16 training with "
-            "rho_probe_dtype 'auto'; else 'fd'), 'fd' (central finite difference: two forwards, within 1 percent of jvp on every family "
-            "swept) or 'jvp' (forward-mode AD, exact; ~1.4x the cost of 'fd' on CPU).",
+            "help": "'auto' ('jvp' where the probe runs in 16 bits on CUDA: bf16/fp16 training with rho_probe_dtype "
+            "'auto', or a 16-bit rho_probe_dtype; else 'fd', on CPU and in fp32 training), 'fd' (central differences, "
+            "two forwards; a step check on the first probe, every 8th and when the direction's make-up changes keeps "
+            "their estimated error at most 0.3 percent, and where no step gets it under 1 percent jvp measures "
+            "instead, with a warning) or 'jvp' (forward-mode AD, exact; ~1.4x the cost of 'fd' on CPU).",
             "choices": list(ESTIMATOR_CHOICES),
         },
     )
@@ -100,8 +105,10 @@ class RhoArgumentsMixin:
         default=DEFAULT_PROBE_DTYPE,
         metadata={
             "help": "dtype of the probe's forwards: 'auto' (the bf16/fp16 training dtype on CUDA with the 'jvp' "
-            "estimator, else float32), 'float32', 'bfloat16' or 'float16' (16 bits need 'jvp': 'fd' in 16 bits is "
-            "rounding noise).",
+            "estimator, else float32), 'float32', 'bfloat16', 'float16' or 'float64'. 16 bits need 'jvp': central "
+            "differences in bf16 are rounding noise (error ~ eps |z| / h, 8-12 percent off the radius), while a bf16 "
+            "JVP is within 0.4 percent of fp32. Not fp32 on a GPU by default: an fp32 matmul runs ~10-15x slower "
+            "than bf16 on tensor cores.",
             "choices": list(PROBE_DTYPES),
         },
     )
@@ -115,8 +122,9 @@ class RhoArgumentsMixin:
     rho_trigger_r: float = field(
         default=DEFAULT_TRIGGER_R,
         metadata={
-            "help": "With rho_every > 1: probe at once when the step's applied r estimated with the last rho exceeds "
-            "rho_trigger_r * rho_target (> 0; <= 1 measures every clipped step afresh; inf: off)."
+            "help": "With rho_every > 1, in 'clip' and 'set': probe at once when the step's applied r estimated with "
+            "the last rho exceeds rho_trigger_r * rho_target (> 0; <= 1 measures every clipped step afresh; inf: "
+            "off). 'monitor' changes no step: it probes every rho_every steps and on growth only."
         },
     )
     rho_trigger_growth: float = field(
@@ -127,20 +135,27 @@ class RhoArgumentsMixin:
     rho_fd_step: float = field(
         default=DEFAULT_FD_STEP,
         metadata={"help": "Widest step h of the 'fd' estimator along the unit direction: its error check (first probe, "
-                  "every 8th, and when the direction's make-up changes) shrinks h until the spreads' estimated relative "
-                  "error is at most 3e-3, and measures by jvp where no step reaches 1e-2."},
+                  "every 8th, and when the direction's make-up changes) measures at h and h/2 and shrinks h until the "
+                  "spreads' estimated relative error is at most 3e-3, and measures by jvp where no step reaches 1e-2 "
+                  "(logged: ghosts/fd_step, ghosts/fd_error, ghosts/fd_fallback)."},
     )
     rho_radius: str = field(
         default=DEFAULT_RADIUS,
-        metadata={"help": "The output radius: 'bound' (pi / max Delta) or 'topk_exact' (certified exact radii of the rho_topk "
-                  "widest tokens, capped by pi / Delta of the next: still a lower bound, never smaller than 'bound').",
+        metadata={"help": "The output radius: 'bound' (pi / max Delta, Theorem 4.6) or 'topk_exact' (certified exact "
+                  "radii of the rho_topk widest tokens, capped by pi / Delta of the next: still a lower bound, never "
+                  "smaller than 'bound'; its cost: docs/cost.md, 'The price of safety').",
                   "choices": list(RADIUS_KINDS)},
     )
-    rho_topk: int = field(default=DEFAULT_TOPK, metadata={"help": "Tokens given an exact radius with rho_radius='topk_exact' (>= 1)."})
+    rho_topk: int = field(
+        default=DEFAULT_TOPK,
+        metadata={"help": "Tokens given an exact radius with rho_radius='topk_exact' (>= 1; repeated rows, e.g. the "
+                  "first position of sequences that start alike, count once)."},
+    )
     rho_rescale_moments: bool = field(
         default=False,
         metadata={"help": "When a step is scaled by s, scale the optimizer's first moment (exp_avg) by s too, so the "
-                  "momentum carries the step actually taken (Adam-family optimizers only)."},
+                  "momentum carries the step actually taken (Adam-family optimizers only: another optimizer is "
+                  "refused when it is attached)."},
     )
 
     rho_ffn_quantile: float = field(

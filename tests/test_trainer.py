@@ -25,9 +25,9 @@ from transformers import (
 )
 
 from hf_ghosts import RadiusProbe, RhoTrainer, RhoTrainingArguments
-from hf_ghosts.settings import DEFAULT_TARGETS
+from hf_ghosts.settings import DEFAULT_TARGETS, SETTINGS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ARGUMENTS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "arguments.md"
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -443,10 +443,9 @@ def test_comma_separated_radii_are_split(tmp_path) -> None:
     assert args.rho_radii == ["output", "ffn"]
 
 
-def readme_argument_defaults() -> dict[str, object]:
-    """``{field: default}`` of the README's RhoTrainer table (rows ``| `rho_x` | `default` | ... |``)."""
-    section = README.read_text().split("### RhoTrainer: control every step", 1)[1].split("\n### ", 1)[0]
-    rows = re.findall(r"^\| `(rho_\w+)` \| `([^`]*)` \|", section, flags=re.MULTILINE)
+def documented_argument_defaults() -> dict[str, object]:
+    """``{field: default}`` of the table of every field in docs/arguments.md (rows ``| `rho_x` | `default` | ... |``)."""
+    rows = re.findall(r"^\| `(rho_\w+)` \| `([^`]*)` \|", ARGUMENTS_PAGE.read_text(), flags=re.MULTILINE)
     return {name: ast.literal_eval(default) for name, default in rows}
 
 
@@ -457,9 +456,9 @@ def test_plain_training_arguments_are_upgraded(tmp_path) -> None:
     )
     trainer = RhoTrainer(model=tiny_causal_lm("gpt_neox"), args=plain, train_dataset=token_dataset())
     assert isinstance(trainer.args, RhoTrainingArguments)
-    documented = readme_argument_defaults()
+    documented = documented_argument_defaults()
     rho_fields = sorted(f.name for f in dataclasses.fields(RhoTrainingArguments) if f.name.startswith("rho_"))
-    assert sorted(documented) == rho_fields, "the README's RhoTrainer table and the rho_* fields differ"
+    assert sorted(documented) == rho_fields, "docs/arguments.md's table and the rho_* fields differ"
     assert {name: getattr(trainer.args, name) for name in documented} == documented
     mismatched = {
         name: (getattr(plain, name), getattr(trainer.args, name))
@@ -472,11 +471,21 @@ def test_plain_training_arguments_are_upgraded(tmp_path) -> None:
     assert (probe.estimator, probe.dtype) == ("fd", torch.float32)
 
 
+# The 18 settings of the controller and the probe, as the arguments spell them, in declaration order (written out
+# by hand: a field added, dropped or renamed must show here).
+RHO_FIELDS = [
+    "rho_mode", "rho_target", "rho_radii", "rho_watch_radii", "rho_ffn_mode", "rho_set_schedule", "rho_estimator",
+    "rho_probe_dtype", "rho_every", "rho_trigger_r", "rho_trigger_growth", "rho_log_per_head", "rho_fd_step",
+    "rho_radius", "rho_topk", "rho_rescale_moments", "rho_ffn_quantile", "rho_vocab_chunk",
+]
+
+
 def test_argument_parser_shows_and_parses_the_rho_fields(tmp_path) -> None:
     parser = HfArgumentParser(RhoTrainingArguments)
     text = " ".join(parser.format_help().split())
     rho_fields = [f for f in dataclasses.fields(RhoTrainingArguments) if f.name.startswith("rho_")]
-    assert len(rho_fields) >= 7
+    assert [f.name for f in rho_fields] == RHO_FIELDS  # every setting, none lost, none added unseen
+    assert sorted(setting.argument for setting in SETTINGS.values()) == sorted(RHO_FIELDS)
     for f in rho_fields:
         assert f"--{f.name}" in text, f.name
         assert " ".join(f.metadata["help"].split()) in text, f.name
