@@ -216,8 +216,12 @@ def rho_arguments(args_cls: type[TrainingArguments] = TrainingArguments) -> type
     """The arguments dataclass ``args_cls`` plus the ``rho_*`` fields (:class:`RhoArgumentsMixin`), ready for
     ``HfArgumentParser``; named ``Rho<name>`` (``rho_arguments(SFTConfig)`` is ``RhoSFTConfig``), built once per class.
 
-    Example: ``rho_arguments(TrainingArguments) is RhoTrainingArguments``; a class that already has the ``rho_*``
-    fields is returned as it is.
+    Example (a class that already has the ``rho_*`` fields is returned as it is):
+
+    >>> rho_arguments(TrainingArguments) is RhoTrainingArguments, rho_arguments(RhoTrainingArguments) is RhoTrainingArguments
+    (True, True)
+    >>> RhoTrainingArguments(output_dir="out", rho_radii="output,ffn").rho_radii
+    ['output', 'ffn']
     """
     if not (isinstance(args_cls, type) and issubclass(args_cls, TrainingArguments)):
         raise TypeError(f"rho_arguments: expects a TrainingArguments subclass; got {args_cls!r}")

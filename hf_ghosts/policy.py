@@ -38,8 +38,16 @@ def probe_due(
     applied ``r`` estimated with the last ``rho`` above ``trigger_r * r_target``. The ``r`` trigger guards the
     rescale; ``"monitor"`` rescales nothing, so it probes every ``every`` steps and on growth only.
 
-    Example: ``probe_due(ProbeSchedule(every=16), 3, 1.1, 0.2, 1.0)`` is ``False``; with ``growth=2.5`` it is ``True``;
-    ``probe_due(ProbeSchedule(every=16), 3, 1.1, 0.9, 1.0)`` is ``True``, and ``False`` with ``mode="monitor"``.
+    Example (default triggers: ``trigger_r=0.5``, ``trigger_growth=2``):
+
+    >>> probe_due(ProbeSchedule(every=16), 3, 1.1, 0.2, 1.0)
+    False
+    >>> probe_due(ProbeSchedule(every=16), 3, 2.5, 0.2, 1.0)  # |u| grew 2.5x
+    True
+    >>> probe_due(ProbeSchedule(every=16), 3, 1.1, 0.9, 1.0)  # r 0.9 > 0.5 * 1.0
+    True
+    >>> probe_due(ProbeSchedule(every=16), 3, 1.1, 0.9, 1.0, mode="monitor")
+    False
     """
     if schedule.every == 1 or steps_since_probe is None:
         return True
@@ -53,7 +61,12 @@ def scheduled_target(r_target: float, lr: float | None, peak_lr: float | None) -
     """``r*(t) = r_target * lr(t) / peak_lr``: warm-up and decay shape the step length; ``r_target`` when ``lr`` is
     unknown (``None``) or the peak unknown or zero.
 
-    Example: ``scheduled_target(1.0, 1e-4, 2e-4)`` is ``0.5``; ``scheduled_target(1.0, None, 2e-4)`` is ``1.0``.
+    Example:
+
+    >>> scheduled_target(1.0, 1e-4, 2e-4)
+    0.5
+    >>> scheduled_target(1.0, None, 2e-4)
+    1.0
     """
     if lr is None or not peak_lr:
         return r_target
@@ -84,7 +97,12 @@ def step_scale(norm: float, rho: float, target: float, mode: str) -> float:
     """``clip_scale(|u|, rho, r*, mode)``; 1 in ``"monitor"`` mode. A target ``r* <= 0`` or non-finite (``lr = 0`` in
     warm-up) gives 0 in ``"set"`` mode (no step) and 1 in ``"clip"`` mode.
 
-    Example: ``step_scale(4.0, 1.0, 1.0, "clip")`` is ``0.25``; ``step_scale(4.0, 1.0, 0.0, "set")`` is ``0.0``.
+    Example:
+
+    >>> step_scale(4.0, 1.0, 1.0, "clip")
+    0.25
+    >>> step_scale(4.0, 1.0, 0.0, "set")
+    0.0
     """
     if mode == "monitor":
         return 1.0

@@ -13,14 +13,19 @@ blocks whose ``labels`` equal ``input_ids`` (the model shifts them), ready for
 learning-rate spike of the paper's Table 1, shared by ``recipes/spike_test.py``, ``recipes/lr_free.py``,
 ``benchmarks/accuracy.py`` and the tests.
 
-Example::
+Example:
 
-    from hf_ghosts.presets import build_model, lm_blocks, pydoc_splits, train_bpe_tokenizer
-
-    splits = pydoc_splits()                       # DatasetDict(train=..., validation=...)
-    tokenizer = train_bpe_tokenizer(splits["train"]["text"], vocab_size=2048)
-    model = build_model("pythia-14m", vocab_size=len(tokenizer))
-    train = lm_blocks(splits["train"], tokenizer, block_size=128)
+>>> from hf_ghosts.presets import build_model, lm_blocks, pydoc_splits, train_bpe_tokenizer
+>>> splits = pydoc_splits()
+>>> list(splits)
+['train', 'validation']
+>>> tokenizer = train_bpe_tokenizer(splits["train"]["text"], vocab_size=2048)
+>>> model = build_model("pythia-14m", vocab_size=len(tokenizer))
+>>> model.config.model_type, model.config.hidden_size, model.config.vocab_size
+('gpt_neox', 128, 2048)
+>>> train = lm_blocks(splits["train"], tokenizer, block_size=128)
+>>> train.column_names, len(train[0]["input_ids"])
+(['input_ids', 'attention_mask', 'labels'], 128)
 """
 
 from __future__ import annotations
@@ -245,7 +250,14 @@ SPIKE_HOW = ("replace", "multiply")  # what a spike does to a schedule: see :fun
 def spike_multiplier(step: int, start: int, factor: float, stop: int | None = None) -> float:
     """Learning-rate multiplier of optimizer step ``step`` (0-based): ``factor`` on ``[start, stop)``, else 1.
 
-    ``stop=None`` holds the spike to the end. Example: ``spike_multiplier(5, start=4, factor=1000.0)`` is ``1000.0``.
+    ``stop=None`` holds the spike to the end.
+
+    Example:
+
+    >>> spike_multiplier(5, start=4, factor=1000.0), spike_multiplier(3, start=4, factor=1000.0)
+    (1000.0, 1.0)
+    >>> spike_multiplier(6, start=4, factor=1000.0, stop=6)
+    1.0
     """
     return factor if _in_spike(step, start, stop) else 1.0
 
@@ -313,7 +325,14 @@ def spiked(trainer_cls: type) -> type:
     """``trainer_cls`` (``Trainer``, ``RhoTrainer``, ...) with :class:`SpikedSchedule`: ``Spiked<Name>``, whose
     constructor also takes ``spike_start``, ``spike_factor``, ``spike_how`` and ``spike_stop``.
 
-    Example: ``spiked(Trainer)(model=model, args=args, spike_start=30, spike_factor=1000.0, spike_how="replace")``.
+    ``spiked(Trainer)(model=model, args=args, spike_start=30, spike_factor=1000.0, spike_how="replace")`` trains at
+    1000 times the learning rate from step 30 on.
+
+    Example:
+
+    >>> from transformers import Trainer
+    >>> spiked(Trainer).__name__, spiked(Trainer) is spiked(Trainer), issubclass(spiked(Trainer), Trainer)
+    ('SpikedTrainer', True, True)
     """
     return type(f"Spiked{trainer_cls.__name__}", (SpikedSchedule, trainer_cls), {"__module__": __name__})
 

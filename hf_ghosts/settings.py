@@ -253,8 +253,18 @@ class RhoSettings:
     names the settings (``"keyword"``: ``radii``; ``"argument"``: ``rho_radii``; ``"probe"``: ``dtype``), so an error
     raised anywhere below speaks the user's words.
 
-    Example: ``RhoSettings(radii="output,ffn").radii`` is ``("output", "ffn")``; ``RhoSettings(every=0)`` raises
-    ``ValueError: RhoController.every: got 0; expected an integer >= 1``.
+    Example:
+
+    >>> RhoSettings(radii="output,ffn").radii
+    ('output', 'ffn')
+    >>> RhoSettings(every=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: RhoController.every: got 0; expected an integer >= 1
+    >>> RhoSettings.of("RhoTrainingArguments", "argument", every=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: RhoTrainingArguments.rho_every: got 0; expected an integer >= 1
     """
 
     mode: str = "clip"
@@ -369,7 +379,10 @@ def resolve_estimator(setting: str, probe_dtype: str, training_dtype: torch.dtyp
     The probe runs in 16 bits when ``probe_dtype`` says so (``"bfloat16"``, ``"float16"``), or, for
     ``probe_dtype="auto"``, when training is 16-bit on CUDA (see :func:`resolve_probe_dtype`).
 
-    Example: ``resolve_estimator("auto", "auto", torch.bfloat16, "cuda")`` is ``"jvp"``; on ``"cpu"`` it is ``"fd"``.
+    Example:
+
+    >>> resolve_estimator("auto", "auto", torch.bfloat16, "cuda"), resolve_estimator("auto", "auto", torch.bfloat16, "cpu")
+    ('jvp', 'fd')
     """
     if setting != "auto":
         return setting
@@ -385,8 +398,12 @@ def resolve_probe_dtype(setting: str, estimator: str, training_dtype: torch.dtyp
     ``estimator`` (already resolved) is ``"jvp"``, else float32. (A 16-bit dtype with ``"fd"`` is refused by
     :meth:`RhoSettings.refuse_fd_in_16_bits`.)
 
-    Example: ``resolve_probe_dtype("auto", "jvp", torch.bfloat16, "cuda")`` is ``torch.bfloat16``;
-    on ``"cpu"``, or with ``"fd"``, it is ``torch.float32``.
+    Example:
+
+    >>> resolve_probe_dtype("auto", "jvp", torch.bfloat16, "cuda")
+    torch.bfloat16
+    >>> resolve_probe_dtype("auto", "jvp", torch.bfloat16, "cpu"), resolve_probe_dtype("auto", "fd", torch.bfloat16, "cuda")
+    (torch.float32, torch.float32)
     """
     dtype = PROBE_DTYPES[setting]
     if dtype is None:

@@ -191,10 +191,18 @@ def rho_trainer(trainer_cls: type[Trainer] = Trainer) -> type:
     softmax cross-entropy of the model's logits on the training batch (DPO, KTO, GRPO, ...;
     :data:`UNSUPPORTED_TRAINERS`) are refused with the reason.
 
-    Example::
+    ``rho_trainer(SFTTrainer)(model=model, args=rho_arguments(SFTConfig)(output_dir="out", rho_target=1.0),
+    train_dataset=data)`` trains with TRL's SFT and the controller (a plain ``SFTConfig`` works too: it is upgraded).
 
-        RhoSFTTrainer = rho_trainer(SFTTrainer)
-        trainer = RhoSFTTrainer(model=model, args=SFTConfig(output_dir="out", rho_target=1.0), train_dataset=data)
+    Example:
+
+    >>> rho_trainer(Trainer) is RhoTrainer, rho_trainer(RhoTrainer) is RhoTrainer
+    (True, True)
+    >>> class DPOTrainer(Trainer): ...
+    >>> rho_trainer(DPOTrainer)
+    Traceback (most recent call last):
+    ...
+    ValueError: rho_trainer(DPOTrainer): the radius controller does not apply to DPOTrainer: its loss is a logistic ...
     """
     if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, Trainer)):
         raise TypeError(f"rho_trainer: expects transformers.Trainer or a subclass of it; got {trainer_cls!r}")
@@ -205,8 +213,8 @@ def rho_trainer(trainer_cls: type[Trainer] = Trainer) -> type:
     for base in trainer_cls.__mro__:
         if base.__name__ in UNSUPPORTED_TRAINERS:
             raise ValueError(
-                f"rho_trainer({trainer_cls.__name__}): the radius controller does not apply: "
-                f"{base.__name__}'s {UNSUPPORTED_TRAINERS[base.__name__]}. Use SFTTrainer or Trainer (token cross-entropy)."
+                f"rho_trainer({trainer_cls.__name__}): the radius controller does not apply to {base.__name__}: "
+                f"{UNSUPPORTED_TRAINERS[base.__name__]}. Use SFTTrainer or Trainer (token cross-entropy)."
             )
     name = "RhoTrainer" if trainer_cls is Trainer else f"Rho{trainer_cls.__name__}"
     arguments = rho_arguments(_arguments_class_of(trainer_cls))

@@ -140,7 +140,7 @@ def test_dpo_trainer_is_refused_with_the_reason() -> None:
     with pytest.raises(ValueError, match=r"rho_trainer\(DPOTrainer\).*logistic loss.*not a softmax cross-entropy"):
         rho_trainer(DPOTrainer)
     subclass = type("MyDPO", (DPOTrainer,), {})
-    with pytest.raises(ValueError, match="DPOTrainer's its loss"):
+    with pytest.raises(ValueError, match=r"rho_trainer\(MyDPO\): the radius controller does not apply to DPOTrainer: its loss"):
         rho_trainer(subclass)
 
 

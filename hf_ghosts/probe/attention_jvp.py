@@ -182,8 +182,12 @@ def attention_jvp(
     Returns:
         :class:`AttentionJvp` ``(out, tangent, spread)``.
 
-    Example: for ``q = k`` of one query and two keys with ``tq = 0`` and ``tk = [[0], [1]]`` (D = 1,
-    scaling 1, causal=False), ``tS = q tk^T = [0, q]``, so the spread is ``|q|``.
+    Example: one query ``q = 3`` and two keys with ``tq = 0`` and ``tk = [[0], [1]]`` (D = 1, scaling 1,
+    ``causal=False``): ``tS = q tk^T = [0, q]``, so the spread is ``|q|``.
+
+    >>> q, k, v = torch.tensor([[[[3.0]]]]), torch.tensor([[[[3.0], [1.0]]]]), torch.ones(1, 1, 2, 1)
+    >>> attention_jvp(q, k, v, None, torch.tensor([[[[0.0], [1.0]]]]), None, scaling=1.0, causal=False).spread
+    tensor([[3.]])
     """
     validate_attention_inputs(q, k, v, tq, tk, tv, attention_mask, key_padding, query_mask, block_size)
     batch, heads, q_len, dim = q.shape

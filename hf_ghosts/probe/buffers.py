@@ -20,7 +20,11 @@ class FlatBuffer:
     Reallocated only when the names, shapes or device change. What :meth:`fill` returns is overwritten by the
     next fill: a measurement's weights and direction live only while it runs.
 
-    Example: ``FlatBuffer(torch.bfloat16).fill({"w": torch.ones(2, 3)})["w"]`` is a bf16 ``[2, 3]`` view of ones.
+    Example (a bf16 ``[2, 3]`` view of ones):
+
+    >>> FlatBuffer(torch.bfloat16).fill({"w": torch.ones(2, 3)})["w"]
+    tensor([[1., 1., 1.],
+            [1., 1., 1.]], dtype=torch.bfloat16)
     """
 
     def __init__(self, dtype: torch.dtype) -> None:

@@ -63,7 +63,10 @@ def blockwise_spread(classes: int, block: Callable[[slice], torch.Tensor], chunk
     Returns:
         ``a``'s spread per position, float32 (NaN where ``a`` holds NaN or inf, as :func:`~hf_ghosts.radii.spread`).
 
-    Example: ``blockwise_spread(3, lambda rows: torch.tensor([[1.0, 4.0, -2.0]])[:, rows], 2)`` is ``tensor([6.])``.
+    Example:
+
+    >>> blockwise_spread(3, lambda rows: torch.tensor([[1.0, 4.0, -2.0]])[:, rows], 2)
+    tensor([6.])
     """
     high = low = None
     for start in range(0, classes, chunk):

@@ -34,7 +34,12 @@ def query_positions(inputs: Mapping[str, torch.Tensor], device: torch.device | s
     """How many query positions the attention radii are taken over: the ones of ``attention_mask``, else every
     position of ``input_ids`` / ``inputs_embeds``; ``None`` when the batch has neither (nothing to count by).
 
-    Example: ``attention_mask`` ``[[0, 1, 1], [1, 1, 1]]`` gives 5; all zeros gives 0 (not measured).
+    Example (all zeros: 0, not measured):
+
+    >>> query_positions({"attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])})
+    tensor(5)
+    >>> query_positions({"attention_mask": torch.zeros(2, 3, dtype=torch.long)})
+    tensor(0)
     """
     mask = inputs.get("attention_mask")
     if mask is not None and mask.dim() == 2:
@@ -60,7 +65,10 @@ def output_positions(
     used as it is. Without labels, ``t`` counts where the ``attention_mask`` is 1 at ``t`` and ``t + 1``.
     A 1-d ``shape`` (one output per sample) takes 1-d labels, else every sample.
 
-    Example: labels ``[[5, -100, 7, 8]]``, shifted: ``[[False, True, True, False]]``.
+    Example:
+
+    >>> output_positions({"labels": torch.tensor([[5, -100, 7, 8]])}, (1, 4), shift_labels=True)
+    tensor([[False,  True,  True, False]])
     """
     shape = torch.Size(shape)
     labels = inputs.get("labels")

@@ -66,7 +66,14 @@ def layer_norm_jvp(
 
     ``t_weight`` / ``t_bias`` None: the parameter does not move (or is absent). Outputs in ``x.dtype``.
 
-    Example: ``layer_norm_jvp(x, x, eps=0.0)[1]`` is 0: scaling the input leaves the output unchanged.
+    Example (scaling the input leaves the output unchanged: the tangent along ``x`` itself is 0, up to rounding):
+
+    >>> x = torch.tensor([[1.0, 2.0, 4.0]])
+    >>> y, ty = layer_norm_jvp(x, x, eps=0.0)
+    >>> y
+    tensor([[-1.0690, -0.2673,  1.3363]])
+    >>> bool(ty.abs().max() < 1e-6)
+    True
     """
     _check("layer_norm_jvp", x, tx, weight=weight, t_weight=t_weight, bias=bias, t_bias=t_bias)
     compute = _compute_dtype(x)
@@ -103,7 +110,14 @@ def rms_norm_jvp(
     ``compute``: the statistics' dtype (default: fp32 for half inputs, the input's otherwise; transformers' RMSNorms
     use fp32 whatever the input).
 
-    Example: ``rms_norm_jvp(x, 2 * x)[1]`` is 0 up to ``eps``: the norm forgets the input's scale.
+    Example (the norm forgets the input's scale: the tangent along ``x`` is 0, up to ``eps`` and rounding):
+
+    >>> x = torch.tensor([[1.0, 2.0, 2.0]])
+    >>> y, ty = rms_norm_jvp(x, 2 * x, eps=0.0)
+    >>> y
+    tensor([[0.5774, 1.1547, 1.1547]])
+    >>> bool(ty.abs().max() < 1e-6)
+    True
     """
     if style not in tuple(RmsNormStyle):
         raise ValueError(f"rms_norm_jvp: style must be one of {[s.value for s in RmsNormStyle]}; got {style!r}")

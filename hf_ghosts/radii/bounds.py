@@ -38,7 +38,10 @@ def spread(slopes: torch.Tensor, mask: torch.Tensor | None = None, dim: int = -1
         ``slopes`` reduced over ``dim``: the spread, ``>= 0``; NaN where a counted entry is NaN or inf
         (or the difference overflows).
 
-    Example: ``spread(torch.tensor([1.0, -2.0, 0.5]))`` is ``tensor(3.)``.
+    Example:
+
+    >>> spread(torch.tensor([1.0, -2.0, 0.5]))
+    tensor(3.)
     """
     if not slopes.is_floating_point():
         raise TypeError(f"spread: expects floating-point slopes; got dtype {slopes.dtype}")
@@ -56,7 +59,10 @@ def rho_bound(spread: torch.Tensor) -> torch.Tensor:
     A zero spread means the loss does not bend along the step: the radius is ``inf``
     (never a large finite number). A spread that is no spread (negative, NaN, inf) gives NaN.
 
-    Example: ``rho_bound(torch.tensor([pi, 0.0]))`` is ``tensor([1., inf])``.
+    Example:
+
+    >>> rho_bound(torch.tensor([math.pi, 0.0]))
+    tensor([1., inf])
     """
     radius = torch.where(spread == 0, math.inf, PI / spread)
     return torch.where((spread >= 0) & (radius > 0), radius, math.nan)
@@ -68,7 +74,10 @@ def binary_radius(logit_gap: torch.Tensor, slope_gap: torch.Tensor) -> torch.Ten
     The zeros of ``w_1 e^{a_1 t} + w_2 e^{a_2 t}`` sit at ``t = (-delta + i pi (2n + 1)) / (a_1 - a_2)``
     with ``delta = z_1 - z_2``; ``inf`` where the slopes are equal, NaN where an input is NaN or inf.
 
-    Example: ``binary_radius(torch.tensor(0.0), torch.tensor(2.0))`` is ``pi / 2``.
+    Example (``pi / 2``):
+
+    >>> binary_radius(torch.tensor(0.0), torch.tensor(2.0))
+    tensor(1.5708)
     """
     logit_gap, slope_gap = torch.broadcast_tensors(logit_gap, slope_gap)
     numerator = torch.sqrt(logit_gap**2 + PI**2)

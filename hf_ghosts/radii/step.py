@@ -22,7 +22,16 @@ def check_radius(rho: float, caller: str) -> float:
     """``rho`` itself if it is a radius (``> 0``, ``inf`` allowed), else a ``ValueError`` naming ``caller``.
 
     The radii propagate NaN and inf inputs as NaN instead of checking them (a check is a host sync);
-    the caller checks the one float it has read. Example: ``check_radius(2.0, "me")`` is ``2.0``.
+    the caller checks the one float it has read.
+
+    Example:
+
+    >>> check_radius(2.0, "me")
+    2.0
+    >>> check_radius(float("nan"), "me")
+    Traceback (most recent call last):
+    ...
+    ValueError: me: the measured radius is nan, and a radius is > 0 (inf allowed); NaN means ...
     """
     if not rho > 0:
         raise ValueError(
@@ -56,7 +65,12 @@ def clip_scale(
     A zero update, or ``rho = inf`` (nothing bends along the step), gives scale 1; an invalid
     ``|u|`` or ``rho`` (see :func:`normalized_step`) gives NaN.
 
-    Example: ``clip_scale(4.0, 1.0)`` is ``0.25``; ``clip_scale(0.5, 1.0, mode="set")`` is ``2.0``.
+    Example:
+
+    >>> clip_scale(4.0, 1.0)
+    tensor(0.2500, dtype=torch.float64)
+    >>> clip_scale(0.5, 1.0, mode="set")
+    tensor(2., dtype=torch.float64)
     """
     if mode not in CLIP_MODES:
         raise ValueError(f"clip_scale: mode must be one of {CLIP_MODES}; got {mode!r}")
@@ -72,7 +86,10 @@ def clip_scale(
 def update_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``|u| = sqrt(sum_i |u_i|^2)`` over a list of tensors, accumulated in float64 (0 for an empty list).
 
-    Example: ``update_norm([torch.tensor([3.0]), torch.tensor([4.0])])`` is ``tensor(5., dtype=torch.float64)``.
+    Example:
+
+    >>> update_norm([torch.tensor([3.0]), torch.tensor([4.0])])
+    tensor(5., dtype=torch.float64)
     """
     if not tensors:
         return torch.zeros((), dtype=torch.float64)
