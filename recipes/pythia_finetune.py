@@ -1,10 +1,11 @@
-"""Pythia-style causal-LM training with every step kept inside the convergence radius (the README's main job).
+"""Pythia-style causal-LM training with every step kept inside the convergence radius (the README's quick start).
 
 With no arguments it runs offline: a Pythia-shaped GPT-NeoX (``--preset``, default ``pythia-tiny``;
 ``pythia-14m`` ... ``pythia-12b`` have the real shapes), a byte-level BPE tokenizer trained on the
 spot, and the English text that ships with Python (``pydoc_data.topics``), split by document into
 train and validation. ``RhoTrainer`` limits the AdamW update on the output and attention radii,
-clipping it to ``r = |u| / rho <= 1``, and WATCHES the FFN radius in both forms (``--rho_watch_radii ffn
+clipping it to ``r = |u| / rho <= 2`` (the default ``rho_target``, in units of the bound ``pi / max Delta``,
+which sits 2.4-3.5x below the true radius of the widest tokens), and WATCHES the FFN radius in both forms (``--rho_watch_radii ffn
 ffn_activation``: the paper's kink proxy and Appendix B's activation radius, infinite for Pythia's exact
 GELU): they are measured, logged and counted as "would bind", never applied. Default probing: central
 differences in fp32 (``rho_estimator="auto"``; with ``--bf16`` on a GPU a bf16 JVP instead), at least every
@@ -27,15 +28,15 @@ with the last radius exceeds half the target or ``|u|`` doubled since the last p
 
 Batch arithmetic of the default: 8 sequences x 128 tokens = 1,024 tokens per step; 300 steps =
 307k tokens, ~2.6 epochs of the 118k-token training split. Cost: a probed step also runs the
-probe (two fp32 forwards with eager attention), about twice a plain step on CPU (the README's
-"Cost"). ``--rho_estimator jvp --rho_every 1`` measures every step exactly, as in the paper.
+probe (two fp32 forwards with eager attention), about 1.8 plain steps on CPU (docs/cost.md,
+"Overhead on CPU"). ``--rho_estimator jvp --rho_every 1`` measures every step exactly, as in the paper.
 Every ``--<field>`` of ``TrainingArguments`` and ``RhoTrainingArguments`` works (``--rho_mode set``,
 ``--rho_radii output attention``, ``--rho_every 4``, ``--report_to none``, ...). A radius named in
 ``--rho_radii`` leaves the default watch list (so ``--rho_radii output attention ffn`` limits on the FFN
 proxy and still watches ``ffn_activation``). Without ``WANDB_API_KEY`` W&B logs offline under the
 output directory and prints how to upload the run (``wandb sync <dir>``).
 
-The figures of these runs are in the README ("Main job on the default").
+The numbers and figures of these runs are in docs/results.md ("Main job").
 
 Writes to ``--output_dir`` (default ``outputs/pythia_finetune``): the model and tokenizer
 (``save_pretrained``), ``radii.png`` (r and the radii over training, log scale, r = 1 drawn),
