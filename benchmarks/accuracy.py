@@ -1,7 +1,7 @@
 """How accurate RhoTrainer's cheaper settings are, and who survives a learning-rate spike.
 
     python benchmarks/accuracy.py                                            # tiny, 90 steps; a few minutes on CPU
-    python benchmarks/accuracy.py --spike-size 5m --spike-steps 60 --spike-lr 6e-4     # the README's table
+    python benchmarks/accuracy.py --spike-size 5m --spike-steps 60 --spike-lr 6e-4     # docs/cost.md's table
     python benchmarks/accuracy.py --spike-steps 6 --out /tmp/accuracy.json   # smoke run, seconds
 
 (``python benchmarks/overhead.py --parts accuracy ...`` runs the same with the same options.)

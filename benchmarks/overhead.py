@@ -2,7 +2,7 @@
 
     python benchmarks/overhead.py                             # CPU: tiny, 5m, 40m; ~50 min on 2 cores
     python benchmarks/overhead.py --sizes tiny --steps 2 --warmup 1 --spike-steps 6   # smoke run (tests/test_benchmarks.py)
-    python benchmarks/overhead.py --sizes 4m --parts probe --threads 1                 # the README's probe-cost table
+    python benchmarks/overhead.py --sizes 4m --parts probe --threads 1                 # docs/cost.md's probe-cost table
     python benchmarks/overhead.py --sizes pythia-160m --parts overhead --bf16            # needs a CUDA GPU
 
 Everything runs in ONE process and writes one JSON (``--out``, default ``outputs/overhead.json``);

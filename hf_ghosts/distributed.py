@@ -1,7 +1,7 @@
 """Several processes: which backend is in use, and global reductions over ranks and shards.
 
 Every rank must compute the same ``rho``, the same scale and apply the same update. How that is
-reached depends on the backend (see the README's "Multiple GPUs"):
+reached depends on the backend (see docs/usage.md, "Multiple GPUs"):
 
 =============  ==========================  ===============================  =========================
 backend        weights the controller      update norm ``|u|``              probe estimator

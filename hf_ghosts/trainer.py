@@ -137,7 +137,7 @@ class RhoTrainerMixin:
             raise ValueError(
                 f"{type(self).__name__} does not support DeepSpeed: its engine steps the optimizer on flattened fp32 "
                 "partitions inside backward and copies them to the model afterwards, so the update cannot be measured "
-                "or rescaled after AdamW. Use DDP or FSDP (see the README's 'Multiple GPUs'), or the plain trainer."
+                "or rescaled after AdamW. Use DDP or FSDP (see docs/usage.md, 'Multiple GPUs'), or the plain trainer."
             )
         if self.is_fsdp_enabled:
             check_fsdp_plugin(self.accelerator.state.fsdp_plugin)  # FSDP2 in fp32 only; FSDP1 is refused

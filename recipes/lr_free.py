@@ -31,7 +31,7 @@ step ``K`` (0-based) to the end, on top of its own schedule (:func:`hf_ghosts.pr
 in set mode that multiplies ``r*(t)`` too, since the target follows the schedule.
 
     python recipes/lr_free.py              # pythia-tiny + llama-tiny, 11 methods, seed 0: 22 runs, about a third of the next
-    python recipes/lr_free.py --seeds 0 1 2   # the README's table: 66 runs, 22 min on 2 busy CPU cores
+    python recipes/lr_free.py --seeds 0 1 2   # docs/results.md's table: 66 runs, 22 min on 2 busy CPU cores
     python recipes/lr_free.py --presets pythia-tiny   # the quick look: 11 runs
     python recipes/lr_free.py --spike_factor 100 --seeds 0 --output_dir outputs/lr_free_spike100         # 10 min
     python recipes/lr_free.py --presets pythia-14m llama-14m --max_steps 300 --learning_rates 1e-3 3e-3 1e-2 \\
@@ -107,7 +107,7 @@ class LrFreeArguments:
     eval_points: int = field(default=10, metadata={"help": "Evaluations per run (the last at --max_steps)."})
     seeds: list[int] = field(
         default_factory=lambda: [0],
-        metadata={"help": "Seeds of initial weights and data order (the README's tables: 0 1 2)."},
+        metadata={"help": "Seeds of initial weights and data order (docs/results.md's tables: 0 1 2)."},
     )
     spike_factor: float = field(default=1.0, metadata={"help": "Learning-rate multiplier from --spike_at on (1: none)."})
     spike_at: int | None = field(default=None, metadata={"help": "0-based optimizer step of the spike (default: mid-run)."})

@@ -21,8 +21,6 @@ PACKAGE = ROOT / "hf_ghosts"
 MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARKER = "<!-- doctest: tests/test_doctests.py -->"
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-# Examples that build a model or a corpus: more than ~2 s on 2 CPU cores.
-SLOW = {"hf_ghosts.presets", "README.md[1]"}
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -55,11 +53,6 @@ def markdown_examples() -> list[doctest.DocTest]:
     return found
 
 
-def slow_if(test: doctest.DocTest) -> list:
-    slow = any(test.name == name or test.name.startswith(name + ".") for name in SLOW)
-    return [pytest.mark.slow] if slow else []
-
-
 DOCSTRINGS = docstring_examples()
 BLOCKS = markdown_examples()
 
@@ -72,12 +65,12 @@ def run(test: doctest.DocTest) -> None:
     assert runner.tries == len(test.examples) > 0
 
 
-@pytest.mark.parametrize("test", [pytest.param(t, id=t.name, marks=slow_if(t)) for t in DOCSTRINGS])
+@pytest.mark.parametrize("test", [pytest.param(t, id=t.name) for t in DOCSTRINGS])
 def test_docstring_example(test: doctest.DocTest) -> None:
     run(test)
 
 
-@pytest.mark.parametrize("test", [pytest.param(t, id=t.name, marks=slow_if(t)) for t in BLOCKS])
+@pytest.mark.parametrize("test", [pytest.param(t, id=t.name) for t in BLOCKS])
 def test_markdown_example(test: doctest.DocTest) -> None:
     run(test)
 
@@ -96,7 +89,7 @@ def test_every_documented_example_is_run() -> None:
                         prose.append(f"{module_name(path)}.{getattr(node, 'name', '')}")
     assert prose == [], "examples written as prose: show them as a >>> session"
     assert len(DOCSTRINGS) == sessions >= 24, "a docstring's >>> session that doctest does not find (and so never runs)"
-    assert [test.name for test in BLOCKS] == ["README.md", "README.md[1]"]  # the math API, the probe
+    assert [test.name for test in BLOCKS] == ["docs/math.md", "docs/probe.md"]
 
 
 def test_a_wrong_output_fails() -> None:

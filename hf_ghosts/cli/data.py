@@ -14,7 +14,7 @@ __all__ = ["DEFAULT_BATCHES", "build_batches", "check_data_options"]
 
 # Batches measured by default: r moves by orders of magnitude from batch to batch, and the verdict is the worst
 # batch's. At the main job's size (pythia-tiny, 8 x 128 tokens, jvp) 32 batches take 15-25 s on 2 lightly loaded CPU
-# cores (~8 s of imports and loading, ~0.33 s a batch; README, "Diagnose a checkpoint").
+# cores (~8 s of imports and loading, ~0.33 s a batch; docs/diagnose.md).
 DEFAULT_BATCHES = 32
 
 

@@ -153,7 +153,7 @@ def _over_batches(measured: Sequence[dict], key: str) -> dict[str, float | None]
 def diagnose(checkpoint: Checkpoint, batches: Sequence[Mapping[str, torch.Tensor]], *, radii_names: Sequence[str],
              estimator: str = "jvp", r_target: float = 1.0, learning_rate: float | None = None,
              max_grad_norm: float | None = None, top_tokens: int = 10, device: str = "cpu", seed: int = 0) -> dict:
-    """Measure ``r`` of the next step on each batch; return the diagnosis as a JSON-ready dict (see the README).
+    """Measure ``r`` of the next step on each batch; return the diagnosis as a JSON-ready dict (see docs/diagnose.md).
 
     ``r`` is at the next step's learning rate, ``r_at_measured_rate`` at the rate of the update measured (they
     differ only where the scheduled rate is 0: :func:`~hf_ghosts.cli.proposal.choose_rates`). The verdict

@@ -21,7 +21,7 @@ One job per module, read from the bottom up:
 =====================  ==================================================================================
 """
 
-from hf_ghosts.architectures import LINEAR_HEAD_MODELS  # the README names hf_ghosts.probe.LINEAR_HEAD_MODELS
+from hf_ghosts.architectures import LINEAR_HEAD_MODELS  # docs/probe.md names hf_ghosts.probe.LINEAR_HEAD_MODELS
 from hf_ghosts.probe.ffn import FfnRecorder
 from hf_ghosts.probe.inputs import IGNORE_INDEX, forward_kwargs, model_inputs, output_positions
 from hf_ghosts.probe.radius_probe import RadiusProbe
