@@ -157,8 +157,9 @@ def test_a_learning_rate_spike_shows_as_r_above_one(all_checkpoints) -> None:
         assert (output / name).stat().st_size > 0, name
 
 
-def test_report_contents_and_fragile_tokens_match_the_probe(all_checkpoints) -> None:
-    """The most fragile token's radius pi / Delta is the probe's rho_out; the report holds the table, heads and tokens."""
+def test_report_contents_and_fragile_tokens_match_the_probe(run, all_checkpoints) -> None:
+    """The most fragile token's radius pi / Delta is the probe's rho_out; each token's margin and prediction are those
+    of a float64 copy of the checkpoint on the batch measured; the report holds the table, heads and tokens."""
     _, output = all_checkpoints
     with open(output / "checkpoint-2" / "diagnosis.json") as handle:
         result = json.load(handle)
@@ -167,7 +168,15 @@ def test_report_contents_and_fragile_tokens_match_the_probe(all_checkpoints) -> 
     assert [t["spread"] for t in tokens] == sorted((t["spread"] for t in tokens), reverse=True)
     assert tokens[0]["radius"] == pytest.approx(result["rho_out"], rel=1e-5)
     assert all(t["radius"] == pytest.approx(math.pi / t["spread"], rel=1e-6) for t in tokens)
-    assert all(t["margin"] >= 0 and t["context"] for t in tokens)
+    model64 = float64_copy(load_checkpoint(str(run["dir"] / "checkpoint-2")).model)
+    batch = default_data_collator([run["data"][i] for i in range(BATCH)])  # --batches 1: the run's own batch
+    top = forward_logits(model64, batch).topk(2, dim=-1)
+    for t in tokens:
+        values, indices = top.values[t["row"], t["position"]], top.indices[t["row"], t["position"]]
+        assert t["batch"] == 0 and t["context"]
+        assert t["margin"] == pytest.approx(float(values[0] - values[1]), rel=1e-4, abs=1e-5)
+        assert t["predicted"] == run["tokenizer"].decode([int(indices[0])])
+    assert len({(t["row"], t["position"]) for t in tokens}) == len(tokens)
     heads = torch.tensor(result["rho_attn_heads"])
     assert heads.shape == (2, 4)
     assert heads.min().item() == pytest.approx(result["rho_attn"], rel=1e-6)
