@@ -41,8 +41,9 @@ from hf_ghosts.optimizers import (
 )
 from hf_ghosts.policy import ProbeSchedule, reused_scale, scheduled_target, step_scale
 from hf_ghosts.probe import RadiusProbe, RadiusReport, ShardedRadiusProbe
+from hf_ghosts.probe.radius_probe import MODEL_KEYWORDS
 from hf_ghosts.radii import normalized_step, update_norm
-from hf_ghosts.settings import SETTINGS, RhoSettings
+from hf_ghosts.settings import RhoSettings
 
 __all__ = ["RhoController", "build_probe", "measure_along"]
 
@@ -93,11 +94,7 @@ class RhoController:
         reduce: Callable[[RadiusReport], RadiusReport] = all_reduce_report,
         **probe_keywords: Any,
     ) -> None:
-        given = {key: probe_keywords.pop(key) for key in list(probe_keywords) if key in SETTINGS}
-        if settings is None:
-            settings = RhoSettings.of("RhoController", **given)
-        elif given:
-            raise TypeError(f"RhoController: pass the settings either as settings= or as keywords, not both ({sorted(given)})")
+        settings, probe_keywords = RhoSettings.from_call("RhoController", settings, probe_keywords, allowed=MODEL_KEYWORDS)
         self.settings, self.model, self.optimizer, self.mode = settings, model, optimizer, settings.mode
         self.r_target, self.radii, self.watch_radii = settings.target, settings.radii, settings.watch_radii
         if optimizer is not None:
