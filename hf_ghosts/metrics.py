@@ -297,16 +297,16 @@ class MetricWindow:
         self.minima = dict(state["minima"])
         heads = state["head_minima"]
         self.head_minima = None if heads is None else torch.tensor(heads, dtype=torch.float32)
-        self.steps = state.get("steps", state["probed"])  # absent in older states, which probed every step
+        self.steps = state["steps"]
         self.probed = state["probed"]
         self.clipped = state["clipped"]
         self.skipped_nonfinite = state["skipped_nonfinite"]
-        self.not_measured = {count: state.get(f"no_{count}", 0) for count in TOKEN_COUNTS}  # newer counts: absent in older states
-        self.fd_probed, self.fd_fallback = state.get("fd_probed", 0), state.get("fd_fallback", 0)
-        self.would_skip = state.get("would_skip", 0)  # absent in older states
-        self.would_clip = state.get("would_clip", 0)
-        self.bottleneck = dict(state.get("bottleneck", {}))
-        self.would_bind = dict(state.get("would_bind", {}))
+        self.not_measured = {count: state[f"no_{count}"] for count in TOKEN_COUNTS}
+        self.fd_probed, self.fd_fallback = state["fd_probed"], state["fd_fallback"]
+        self.would_skip = state["would_skip"]
+        self.would_clip = state["would_clip"]
+        self.bottleneck = dict(state["bottleneck"])
+        self.would_bind = dict(state["would_bind"])
 
 
 def define_wandb_metrics(args: TrainingArguments) -> bool:

@@ -51,10 +51,11 @@ def token_table(probe: RadiusProbe, batch: Mapping[str, torch.Tensor], direction
     """
     rows = int(batch["input_ids"].shape[0])
     spreads, margins, predicted = [], [], []
+    estimator, fd_step = probe.slope_estimator(batch, direction)  # fd: the step its control checks on this batch
     for row in range(rows):
         inputs = {key: value[row : row + 1] if torch.is_tensor(value) and value.dim() else value
                   for key, value in batch.items()}
-        logits, slopes = probe.logit_slopes(inputs, direction)
+        logits, slopes = probe.logit_slopes(inputs, direction, estimator=estimator, fd_step=fd_step)
         spreads.append(radii.spread(slopes.float(), dim=-1)[0])
         top = logits[0].float().topk(2, dim=-1)
         margins.append(top.values[:, 0] - top.values[:, 1])

@@ -40,7 +40,7 @@ class FfnRecorder:
         forms: Sequence[str],
         quantile: float,
         activation: str | None,
-        fd_step: float,
+        fd_step: float | None,
     ) -> None:
         self.modules, self.forms, self.quantile, self.activation = modules, tuple(forms), quantile, activation
         self.fd_step = fd_step
@@ -127,6 +127,7 @@ class FfnTargets:
         activation = resolve_ffn_activation(model, spec) if "activation" in forms.values() else None
         return cls(forms, modules, activation)
 
-    def recorder(self, quantile: float, fd_step: float) -> FfnRecorder:
-        """A fresh :class:`FfnRecorder` over the modules, each distinct form once."""
+    def recorder(self, quantile: float, fd_step: float | None) -> FfnRecorder:
+        """A fresh :class:`FfnRecorder` over the modules, each distinct form once (``fd_step``: the step of central
+        differences; ``None``: a jvp)."""
         return FfnRecorder(self.modules, tuple(dict.fromkeys(self.forms.values())), quantile, self.activation, fd_step)
