@@ -7,15 +7,18 @@ feed itself (what the optimizer is given before each step) is tested here with a
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from conftest import recipe
+from conftest import SMALL_DATA, recipe
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_ghosts.presets import build_model
@@ -215,3 +218,71 @@ def test_skip_step_without_a_skip_is_the_trainers_adamw(peers, tmp_path: Path) -
         assert not torch.equal(value, initial[key])
         noise = key.endswith("query_key_value.bias")
         torch.testing.assert_close(weights["skip-step"][key], value, rtol=1e-5, atol=5e-5 if noise else 1e-6)
+
+
+# --------------------------------------------------------------------------------------------- the recipes
+def needs_package(method: str) -> None:
+    if method == "skip-step":
+        pytest.importorskip("olmo_core.optim", reason="skip-step needs ai2-olmo-core, in the [peers] extra only")
+
+
+def test_existing_methods_keep_their_run_settings() -> None:
+    """The sweep's run files of the methods that were there before the peers are read back unchanged: the same
+    settings, no peer keys."""
+    module = recipe("lr_sensitivity")
+    spec, data = module.SensitivityArguments(), recipe("common").DataArguments()
+    base = {"max_steps", "batch_size", "logit_every", "logit_blocks", "block_size", "max_train_blocks", "max_eval_blocks",
+            "tokenizer_vocab_size", "dataset_name", "train_file"}
+    own = {"adamw+clip": {"max_grad_norm"}, "adamw+zloss": {"z_loss"}, "qk-norm+zloss": {"z_loss"}, "rho+zloss": {"z_loss"},
+           "rho-best": {"rho_target", "rho_radius", "rho_radii", "rho_every"}}
+    for method in ("adamw", "adamw+clip", "adamw+zloss", "qk-norm", "qk-norm+zloss", "rho", "rho+zloss", "rho+qk-norm",
+                   "rho-best"):
+        assert set(module.run_settings(spec, data, method)) == base | own.get(method, set()), method
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peer", ["zclip", "skip-step"])
+def test_spike_test_runs_each_peer_beside_adamw(tmp_path: Path, peer: str) -> None:
+    """Same data and initial weights as AdamW (the first training loss is the same); ZClip clips (its default bound 1
+    is below the tiny model's gradient norms); skip-step skips nothing in 6 steps and so is AdamW, loss for loss."""
+    needs_package(peer)
+    rows = recipe("spike_test").main([
+        "--output_dir", str(tmp_path), "--presets", "pythia-tiny", "--methods", "adamw", peer, "--factors", "1", "10000",
+        "--max_steps", "6", "--spike_step", "3", *SMALL_DATA,
+    ])
+    by = {(r["method"], r["factor"]): r for r in rows}
+    assert set(by) == {(m, f) for m in ("adamw", peer) for f in (1.0, 10000.0)}
+    for factor in (1.0, 10000.0):
+        assert by[peer, factor]["losses"][0] == by["adamw", factor]["losses"][0]
+    if peer == "zclip":
+        assert 0 < by[peer, 1.0]["clipped_fraction"] <= 1
+    else:
+        assert by[peer, 1.0]["skipped_steps"] == by[peer, 10000.0]["skipped_steps"] == 0
+        np.testing.assert_allclose([x for _, x in by[peer, 1.0]["losses"]], [x for _, x in by["adamw", 1.0]["losses"]],
+                                   rtol=1e-5)
+    with open(tmp_path / "spike_runs.csv") as handle:
+        assert ("skipped_steps" in next(csv.DictReader(handle))) == (peer == "skip-step")
+    assert f"| {recipe('spike_test').METHODS[peer]} |" in (tmp_path / "spike_table.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peer", ["zclip", "skip-step"])
+def test_lr_sensitivity_runs_each_peer_beside_adamw(tmp_path: Path, peer: str) -> None:
+    """A peer's run file sits beside AdamW's in the same layout, records the package version and defaults, and starts
+    from the same weights (initial eval loss)."""
+    needs_package(peer)
+    argv = ["--output_dir", str(tmp_path), "--presets", "pythia-tiny", "--methods", "adamw", peer, "--learning_rates",
+            "1e-3", "--seeds", "0", "--max_steps", "6", "--logit_every", "3", *SMALL_DATA]
+    summary = recipe("lr_sensitivity").main(argv)
+    assert summary["runs"] == 2 and summary["missing_runs"] == 0
+    runs = {m: json.loads((tmp_path / "runs" / "pythia-tiny" / m / "lr0.001-seed0.json").read_text()) for m in ("adamw", peer)}
+    distribution = {"zclip": "zclip", "skip-step": "ai2-olmo-core"}[peer]
+    assert runs[peer]["settings"]["peer"] == distribution and runs[peer]["settings"]["peer_version"] == version(distribution)
+    assert {k: v for k, v in runs[peer]["settings"].items() if not k.startswith("peer")} == runs["adamw"]["settings"]
+    assert runs[peer]["run"]["initial_eval_loss"] == runs["adamw"]["run"]["initial_eval_loss"]
+    if peer == "zclip":
+        assert runs[peer]["settings"]["peer_defaults"]["z_thresh"] == 2.5 and 0 < runs[peer]["run"]["clipped_fraction"] <= 1
+    else:
+        assert runs[peer]["settings"]["peer_defaults"]["rolling_interval_length"] == 128
+        assert runs[peer]["run"]["skipped_steps"] == 0
+        np.testing.assert_allclose(runs[peer]["run"]["train_losses"], runs["adamw"]["run"]["train_losses"], rtol=1e-5)
