@@ -15,7 +15,8 @@ method         what runs
 ``skip-step``  OLMo-core's ``SkipStepAdamW`` (PyPI ``ai2-olmo-core``) as the Trainer's optimizer class, fed as
                OLMo-core's ``TransformerTrainModule`` feeds it (:class:`SkipStepFeed`): ``latest_loss`` = the
                step's training loss (mean over processes), ``latest_grad_norm`` = the total gradient norm, both set
-               just before ``optimizer.step()``. The step is skipped (weights and moments unchanged) when the loss
+               just before ``optimizer.step()`` (OLMo-core takes the norm from its gradient clipping, before it
+               clips; here nothing clips, so it is the raw norm). The step is skipped (weights and moments unchanged) when the loss
                or the norm is more than 6 sigma above the mean of the previous up to 128 steps; the rule starts
                once 64 losses are in.
 =============  ==================================================================================================
