@@ -26,6 +26,10 @@ and ``.md`` (one row per run; ``zclip``: the fraction of steps ZClip clipped, ``
 skipped), ``spike_table.md`` (final eval loss and token accuracy, method x
 factor, per preset) and ``spike_test.png`` (final loss against the factor; training loss
 around the spike at the largest factor).
+
+With the peers, ``--presets pythia-tiny llama-tiny qwen3-tiny --methods adamw adamw+clip rho zclip skip-step``
+(75 runs) took 6 min 5 s on one thread on the shared 2 cores; the same with ``--max_steps 160 --spike_step 100``
+(where skip-step's rule acts after the spike) 16 min 23 s.
 """
 
 from __future__ import annotations
