@@ -40,6 +40,7 @@ __all__ = [
     "ESTIMATORS",
     "ESTIMATOR_CHOICES",
     "FFN_MODES",
+    "MODEL_KEYWORDS",
     "MODES",
     "PROBE_DTYPES",
     "RADII",
@@ -252,6 +253,10 @@ SETTINGS: dict[str, Setting] = {
         Setting("topk", "rho_topk", "an integer >= 1", lambda v: _is_int(v) and v >= 1),
     )
 }
+# The probe's model-specific keywords beside the settings: objects of one model, not settings. RadiusProbe takes them
+# as its own parameters, RhoController and RhoCallback pass them through, the trainer takes rho_<keyword>= in its
+# constructor (RhoSettings.probe_keyword).
+MODEL_KEYWORDS = ("ffn_spec", "shift_labels", "chunked_head")
 # How each caller spells a setting: the keyword itself, the Trainer's rho_* field, or RadiusProbe's keyword.
 SPELLINGS = ("keyword", "argument", "probe")
 _PROBE_KEYWORDS = {"probe_dtype": "dtype"}
@@ -369,6 +374,19 @@ class RhoSettings:
     def error(self, keyword: str, message: str) -> ValueError:
         """``ValueError("<caller>.<name>: <message>")``, the setting named as the caller spells it."""
         return ValueError(f"{self.caller}.{self.name(keyword)}: {message}")
+
+    def probe_keyword(self, keyword: str) -> tuple[str, str]:
+        """``(spelled, taker)``: the probe's model-specific ``keyword`` (:data:`MODEL_KEYWORDS`) as this caller passes
+        it, and to whom. The trainer takes ``rho_<keyword>=`` in its constructor (an object of one model, not a field
+        of the JSON/CLI arguments); the controller, the callback and the probe take ``<keyword>=``.
+
+        Example: ``RhoSettings(caller="RhoCallback").probe_keyword("ffn_spec")`` is ``("ffn_spec", "RhoCallback")``.
+        """
+        if keyword not in MODEL_KEYWORDS:
+            raise ValueError(f"RhoSettings.probe_keyword: got {keyword!r}; expected one of {list(MODEL_KEYWORDS)}")
+        if self.spelling == "argument":
+            return f"rho_{keyword}", "the trainer's constructor"
+        return keyword, self.caller
 
     @property
     def target(self) -> float:

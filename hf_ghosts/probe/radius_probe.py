@@ -44,14 +44,9 @@ from hf_ghosts.probe.ffn import FfnTargets
 from hf_ghosts.probe.head import HeadReached, LinearHead, output_spread, stopping_at, topk_output_radius
 from hf_ghosts.probe.inputs import forward_kwargs, logits_of, output_positions, query_positions, shifts_labels
 from hf_ghosts.probe.report import RadiusReport
-from hf_ghosts.settings import DEFAULT_RADII, ESTIMATORS, PROBE_DTYPES, RhoSettings
+from hf_ghosts.settings import DEFAULT_RADII, ESTIMATORS, MODEL_KEYWORDS, PROBE_DTYPES, RhoSettings
 
 __all__ = ["RadiusProbe"]
-
-
-# The probe's model-specific keywords beside the settings (RadiusProbe's own parameters; the controller and the
-# callback pass them through).
-MODEL_KEYWORDS = ("ffn_spec", "shift_labels", "chunked_head")
 
 
 def probe_settings(
@@ -185,9 +180,9 @@ class RadiusProbe:
         model = original_module(model)  # torch.compile(model): measure the eager module (same parameters)
         self.settings, self.model, self._shift_labels = settings, model, shift_labels
         _check_attention_routed(model, settings)
-        self._ffn = FfnTargets.of(model, settings.measured, settings.ffn_mode, ffn_spec, settings.name("radii"))
+        self._ffn = FfnTargets.of(model, settings, ffn_spec)
         self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        self._head = LinearHead.of(model, chunked_head)
+        self._head = LinearHead.of(model, chunked_head, settings)
         self._jvp_eager_experts = needs_eager_experts(model, "jvp")  # MoE experts a jvp runs eagerly
         self._weight_buffer, self._direction_buffer = FlatBuffer(settings.dtype), FlatBuffer(settings.dtype)
         # the attention JVPs the last measurement ran ("triton", "blocked"; empty: none ran, e.g. fd)
