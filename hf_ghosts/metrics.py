@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hf_ghosts._optional import require
 from hf_ghosts.settings import RADIUS_FIELDS, RADIUS_TABLE
 
 if TYPE_CHECKING:
@@ -310,10 +311,11 @@ class MetricWindow:
 
 
 def define_wandb_metrics(args: TrainingArguments) -> bool:
-    """Plot ``train/ghosts/*`` against ``train/global_step`` in the active W&B run; True once done."""
+    """Plot ``train/ghosts/*`` against ``train/global_step`` in the active W&B run; True once done. wandb is imported
+    only when ``args.report_to`` names it (the ``wandb`` extra)."""
     if "wandb" not in (args.report_to or []) or not args.should_log:
         return True
-    import wandb
+    wandb = require("wandb", extra="wandb")
 
     if wandb.run is None:
         return False

@@ -108,6 +108,7 @@ from lr_free import spread
 from peers import METHODS as PEER_METHODS
 from peers import peer_summary, require, wire
 from peers import settings as peer_settings
+from presets import MODEL_PRESETS, build_model, preset_config
 from pythia_finetune import FinetuneArguments
 from transformers import (
     AttentionInterface,
@@ -129,7 +130,6 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from hf_ghosts import RhoTrainer
 from hf_ghosts.compat import attention_implementation
 from hf_ghosts.plots import save_figure
-from hf_ghosts.presets import MODEL_PRESETS, build_model, preset_config
 from hf_ghosts.probe import output_positions
 from hf_ghosts.settings import DEFAULT_EVERY, RADII, RADIUS_KINDS
 

@@ -52,11 +52,11 @@ from common import (
 )
 from peers import METHODS as PEER_METHODS
 from peers import peer_summary, require, wire
+from presets import MODEL_PRESETS, build_model, spiked
 from transformers import HfArgumentParser, PrinterCallback, Trainer, default_data_collator
 
 from hf_ghosts import RhoTrainer, RhoTrainingArguments
 from hf_ghosts.plots import save_figure
-from hf_ghosts.presets import MODEL_PRESETS, build_model, spiked
 from hf_ghosts.settings import DEFAULT_RADIUS, default_target
 
 METHODS = {

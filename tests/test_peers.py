@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import SMALL_DATA, recipe
+from presets import build_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
-
-from hf_ghosts.presets import build_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 VOCAB, LENGTH, SPIKE = 64, 16, 1000.0

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import tiny_causal_lm, token_batch, token_dataset
+from presets import spike_loop
 from torch import nn
 
 from hf_ghosts import RhoController, RhoTrainer, RhoTrainingArguments, policy
 from hf_ghosts.policy import ProbeSchedule, reused_scale
-from hf_ghosts.presets import spike_loop
 from hf_ghosts.probe import attention
 from hf_ghosts.settings import DEFAULT_TARGETS, DEFAULT_TRIGGER_R
 

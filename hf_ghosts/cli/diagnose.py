@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from hf_ghosts import radii
+from hf_ghosts._optional import require
 from hf_ghosts.cli.checkpoint import Checkpoint, find_checkpoints, has_model, load_checkpoint
 from hf_ghosts.cli.data import build_batches, check_data_options
 from hf_ghosts.cli.errors import CliError
@@ -271,8 +272,9 @@ def _diagnose_one(args: argparse.Namespace, source: str, data: tuple | None = No
 
 def run_diagnose(args: argparse.Namespace) -> None:
     """``hf-ghosts diagnose``: one checkpoint, or with ``--all`` every checkpoint of a run."""
-    import datasets
     from transformers.utils import logging as hf_logging
+
+    datasets = require("datasets", extra="cli")
 
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
