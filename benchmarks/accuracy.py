@@ -6,7 +6,7 @@
 
 (``python benchmarks/overhead.py --parts accuracy ...`` runs the same with the same options.)
 
-A plain PyTorch loop (:func:`hf_ghosts.presets.spike_loop`), AdamW at ``--spike-lr`` with the LR
+A plain PyTorch loop (:func:`presets.spike_loop` (``recipes/presets.py``)), AdamW at ``--spike-lr`` with the LR
 multiplied by ``--spike-factor`` (x1000) for the middle third of the steps, on ``--spike-size``
 (default tiny). Every controller setting runs beside an :func:`oracle`, a ``RhoController(mode="monitor",
 every=1, estimator="jvp")`` on the optimizer's hooks that measures the exact, full-batch radius along the very
@@ -38,9 +38,9 @@ from harness import (
     token_blocks,
     write_result,
 )
+from presets import spike_loop
 
 from hf_ghosts import RhoController
-from hf_ghosts.presets import spike_loop
 from hf_ghosts.settings import DEFAULT_EVERY
 
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 from harness import median_time
+from presets import build_model
 
 from hf_ghosts import RadiusProbe
-from hf_ghosts.presets import build_model
 
 
 def main() -> None:

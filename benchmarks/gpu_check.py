@@ -67,7 +67,7 @@ def env(out: Path) -> dict[str, Any]:
 
     wandb_imported = "wandb" in sys.modules  # before anything else is imported here
     found = {}
-    for name in ("transformers", "accelerate", "datasets", "evaluate", "peft", "matplotlib", "flash_attn"):
+    for name in ("transformers", "accelerate", "datasets", "peft", "matplotlib", "flash_attn"):
         try:
             found[name] = getattr(importlib.import_module(name), "__version__", "?")
         except Exception as error:  # any failure to import is the answer

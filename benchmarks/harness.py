@@ -1,7 +1,8 @@
 """What the benchmarks share: model sizes, controller settings, data, peak memory, interleaved timing, tables.
 
 Not a script: ``benchmarks/overhead.py`` and ``benchmarks/accuracy.py`` import it as ``harness``
-(``python benchmarks/<name>.py`` puts ``benchmarks/`` on ``sys.path``).
+(``python benchmarks/<name>.py`` puts ``benchmarks/`` on ``sys.path``). It puts ``recipes/`` there too: the model
+presets and the LR spike are the recipes' (``recipes/presets.py``), imported as ``presets``.
 
 Timing runs everything in ONE process, interleaved, so that whatever else loads the machine hits
 every setting alike: :class:`RoundRobin` lets one ``Trainer`` (a thread each) run one optimizer step
@@ -28,14 +29,16 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainerCallback
 
 from hf_ghosts import RhoController, RhoTrainingArguments
-from hf_ghosts.presets import build_model, preset_config, pydoc_text
 from hf_ghosts.settings import MODES
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # for ``presets``, beside the recipes
+from presets import build_model, preset_config, pydoc_text
 
 
 # --------------------------------------------------------------------------------------------- sizes
 @dataclass(frozen=True)
 class Size:
-    """A GPT-NeoX in Pythia's layout (a preset of :mod:`hf_ghosts.presets`, shape overrides), its batch and LR."""
+    """A GPT-NeoX in Pythia's layout (a preset of ``recipes/presets.py``, shape overrides), its batch and LR."""
 
     preset: str
     vocab: int

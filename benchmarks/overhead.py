@@ -28,7 +28,7 @@ the timing harness (interleaving, step timer, peak memory, tables) is ``benchmar
    every setting once, the order rotating; ``--warmup`` repetitions are dropped, ``--probe-repeats`` timed.
 4. ``accuracy`` (and the LR spike): ``benchmarks/accuracy.py``, with the same ``--spike-*`` options.
 
-Sizes (``harness.SIZES``) are presets of ``hf_ghosts.presets`` (GPT-NeoX in Pythia's layout: parallel
+Sizes (``harness.SIZES``) are presets of ``recipes/presets.py`` (GPT-NeoX in Pythia's layout: parallel
 residual, 25% rotary, untied embeddings) with their batch: "8 x 128 tokens = 1,024 tokens/step" on
 CPU; Pythia-160m with 8 x 512 on a GPU.
 """

@@ -126,10 +126,14 @@ def _model_type(model: torch.nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def resolve_ffn_spec(model: torch.nn.Module, override: FfnSpec | None = None, radii_name: str = "radii") -> FfnSpec:
+def resolve_ffn_spec(
+    model: torch.nn.Module, override: FfnSpec | None = None, *, route: str = "`ffn_spec=...` to RadiusProbe",
+    drop: str = "'ffn' from radii",
+) -> FfnSpec:
     """The FFN spec for ``model``: ``override`` if given, else the table entry of its ``model_type``.
 
-    ``radii_name``: the radii setting as the caller knows it (``rho_radii`` from the Trainer), for the error.
+    ``route`` and ``drop`` say, in the caller's words, how to pass a spec (``rho_ffn_spec=...`` to the trainer) and
+    which radii to drop from which setting (``'ffn' from rho_watch_radii``), for the error.
     """
     if override is not None:
         return override
@@ -137,8 +141,8 @@ def resolve_ffn_spec(model: torch.nn.Module, override: FfnSpec | None = None, ra
     if model_type not in FFN_PREACTIVATIONS:
         raise ValueError(
             f"The FFN radius does not know model_type {model_type!r} (known: {', '.join(sorted(FFN_PREACTIVATIONS))}). "
-            "Pass `ffn_spec=FfnSpec(module_suffix=..., activation_attr=...)` to RadiusProbe naming the module whose "
-            f"output feeds the activation, or drop 'ffn' from {radii_name}."
+            f"Pass {route.replace('...', 'FfnSpec(module_suffix=..., activation_attr=...)', 1)} naming the module "
+            f"whose output feeds the activation, or drop {drop}."
         )
     return FFN_PREACTIVATIONS[model_type]
 
@@ -156,13 +160,17 @@ def resolve_ffn_activation(model: torch.nn.Module, spec: FfnSpec) -> str:
     return activation
 
 
-def find_ffn_modules(model: torch.nn.Module, spec: FfnSpec) -> dict[str, torch.nn.Module]:
-    """Modules whose qualified name ends with ``spec.module_suffix``; an error if there are none."""
+def find_ffn_modules(
+    model: torch.nn.Module, spec: FfnSpec, route: str = "`ffn_spec=...` to RadiusProbe"
+) -> dict[str, torch.nn.Module]:
+    """Modules whose qualified name ends with ``spec.module_suffix``; an error if there are none (``route``: how the
+    caller passes a spec, as for :func:`resolve_ffn_spec`)."""
     found = {name: module for name, module in model.named_modules() if name.endswith(spec.module_suffix)}
     if not found:
         raise ValueError(
-            f"No module of {type(model).__name__} ends with {spec.module_suffix!r}; "
-            "pass an `ffn_spec` whose module_suffix matches the FFN input projection"
+            f"No module of {type(model).__name__} ends with {spec.module_suffix!r}; pass "
+            f"{route.replace('...', 'FfnSpec(module_suffix=..., activation_attr=...)', 1)} whose module_suffix "
+            "matches the FFN input projection"
         )
     return found
 

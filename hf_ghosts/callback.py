@@ -15,7 +15,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from hf_ghosts.arguments import training_dtype
 from hf_ghosts.controller import RhoController
 from hf_ghosts.metrics import define_wandb_metrics
-from hf_ghosts.settings import SETTINGS, RhoSettings
+from hf_ghosts.probe.radius_probe import MODEL_KEYWORDS
+from hf_ghosts.settings import RhoSettings
 
 __all__ = ["RhoCallback"]
 
@@ -35,7 +36,7 @@ class RhoCallback(TrainerCallback):
         settings: as for :class:`~hf_ghosts.controller.RhoController` (``radii``, ``watch_radii``, ``estimator``,
             ``every``, ``log_per_head``, ``trigger_growth``, ``ffn_mode``, ...; defaults in :mod:`hf_ghosts.settings`),
             validated here, and the probe's model-specific keywords (``ffn_spec``, ``shift_labels``,
-            ``chunked_head``). Its mode is always ``"monitor"``: it probes every ``every`` steps and when ``|u|``
+            ``chunked_head``; any other name is a ``TypeError`` here, not at ``on_train_begin``). Its mode is always ``"monitor"``: it probes every ``every`` steps and when ``|u|``
             grows, and never changes the step, NaN and inf gradients included. ``every=1, estimator="jvp"`` measures
             every step exactly. ``radii`` are those that would limit under ``RhoTrainer`` (``ghosts/rho``,
             ``ghosts/bottleneck/*``), ``watch_radii`` the others.
@@ -44,8 +45,9 @@ class RhoCallback(TrainerCallback):
     def __init__(self, **settings: Any) -> None:
         if "mode" in settings or "settings" in settings:
             raise TypeError("RhoCallback: always monitors (mode='monitor'); to clip or set the step use RhoTrainer")
-        self.probe_keywords = {key: settings.pop(key) for key in list(settings) if key not in SETTINGS}
-        self.settings = RhoSettings.of("RhoCallback", mode="monitor", **settings)
+        self.settings, self.probe_keywords = RhoSettings.from_call(
+            "RhoCallback", None, settings, allowed=MODEL_KEYWORDS, mode="monitor"
+        )
         self.controller: RhoController | None = None
         self._hook: Any = None
         self._wandb_metrics_defined = False

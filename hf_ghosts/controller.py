@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -40,10 +39,11 @@ from hf_ghosts.optimizers import (
     scale_first_moments,
     snapshot,
 )
-from hf_ghosts.policy import ProbeSchedule, applied_record, probe_needed, scheduled_target, step_scale
+from hf_ghosts.policy import ProbeSchedule, reused_scale, scheduled_target, step_scale
 from hf_ghosts.probe import RadiusProbe, RadiusReport, ShardedRadiusProbe
-from hf_ghosts.radii import update_norm
-from hf_ghosts.settings import SETTINGS, RhoSettings
+from hf_ghosts.probe.radius_probe import MODEL_KEYWORDS
+from hf_ghosts.radii import normalized_step, update_norm
+from hf_ghosts.settings import RhoSettings
 
 __all__ = ["RhoController", "build_probe", "measure_along"]
 
@@ -57,7 +57,7 @@ class RhoController:
     along it. Only the ``radii`` limit; ``watch_radii`` are measured, logged and counted as ``would_bind``.
     ``"monitor"`` is passive: weights, gradients and optimizer state end exactly as without the controller,
     NaN and inf gradients included (logged as ``would_skip``). With ``every > 1`` a step may instead reuse the last
-    measured ``rho`` (when: :func:`probe_needed`); its true ``r_applied`` stays ``<= r_target`` as long as the radius
+    measured ``rho`` (when: :func:`~hf_ghosts.policy.reused_scale`); its true ``r_applied`` stays ``<= r_target`` as long as the radius
     along it is at least ``trigger_r`` times the last one measured (half, at the default ``trigger_r = 0.5``).
 
     Args:
@@ -94,11 +94,7 @@ class RhoController:
         reduce: Callable[[RadiusReport], RadiusReport] = all_reduce_report,
         **probe_keywords: Any,
     ) -> None:
-        given = {key: probe_keywords.pop(key) for key in list(probe_keywords) if key in SETTINGS}
-        if settings is None:
-            settings = RhoSettings.of("RhoController", **given)
-        elif given:
-            raise TypeError(f"RhoController: pass the settings either as settings= or as keywords, not both ({sorted(given)})")
+        settings, probe_keywords = RhoSettings.from_call("RhoController", settings, probe_keywords, allowed=MODEL_KEYWORDS)
         self.settings, self.model, self.optimizer, self.mode = settings, model, optimizer, settings.mode
         self.r_target, self.radii, self.watch_radii = settings.target, settings.radii, settings.watch_radii
         if optimizer is not None:
@@ -211,17 +207,18 @@ class RhoController:
             self._finish(StepRecord(step=self.steps, update_norm=0.0), None)
             return
         report = None
+        target = self.target()  # r* of this step
         since_probe = None if self._probe_step is None else self.steps - self._probe_step
-        if probe_needed(self.schedule, self.mode, norm, self.target(), self.last_rho, since_probe, self._probe_norm):
+        scale = reused_scale(self.schedule, self.mode, norm, target, self.last_rho, since_probe, self._probe_norm)
+        if scale is None:  # the last rho cannot be trusted for this step: measure afresh
             report = self.reduce(measure_along(self.probe, self.batch, self.names, update, self._old, norm))
             rho = float(report.rho_of(self.radii))  # host sync; the limiting radii only
             if math.isnan(rho):
                 self._skip(norm, "radius")
                 return
             self.last_rho, self.probes, self._probe_step, self._probe_norm = rho, self.probes + 1, self.steps, norm
-        target = self.target()
-        scale = step_scale(norm, self.last_rho, target, self.mode)
-        record = applied_record(self.steps, norm, self.last_rho, scale, target, self.r_target, probed=report is not None)
+            scale = step_scale(norm, rho, target, self.mode)
+        record = self._applied_record(norm, scale, target, probed=report is not None)
         if scale != 1.0:
             torch._foreach_lerp_(current, self._old, 1.0 - scale)
             if self.settings.rescale_moments:
@@ -233,6 +230,15 @@ class RhoController:
         ``set_schedule``, else ``r_target``."""
         follows_schedule = self.mode == "set" and self.settings.set_schedule
         return scheduled_target(self.r_target, self._lr if follows_schedule else None, self.peak_lr)
+
+    def _applied_record(self, norm: float, scale: float, target: float, probed: bool) -> StepRecord:
+        """The record of a step of length ``|u| = norm`` applied with ``scale`` against ``r* = target``:
+        ``r = |u| / rho`` (the last ``rho``), ``r_applied = scale * r``; ``would_clip = r > r_target`` on probed steps."""
+        r = float(normalized_step(norm, self.last_rho))
+        return StepRecord(
+            step=self.steps, update_norm=norm, r=r, r_applied=r * scale, scale=scale, rho=self.last_rho, probed=probed,
+            clipped=scale < 1.0, target=target, would_clip=r > self.r_target if probed else None,
+        )
 
     def _skip(self, norm: float, reason: str) -> None:
         """Record a step with a non-finite ``reason``; put the old weights back unless monitoring (the step stands)."""
@@ -260,18 +266,22 @@ class RhoController:
             "probe_step": self._probe_step, "probe_norm": self._probe_norm, "peak_lr": self.peak_lr,
             "window": self.window.state_dict(),
             "fd": None if self.probe.fd_control is None else self.probe.fd_control.state_dict(),
-            "config": {"mode": self.mode, "r_target": self.r_target, **asdict(self.schedule)},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved."""
+        """Restore what :meth:`state_dict` saved (fd's step control only where both runs measure by fd)."""
+        expected = set(self.state_dict())
+        missing = sorted(expected - set(state))
+        if missing:
+            raise ValueError(f"RhoController.load_state_dict: the state lacks {missing}; expected what "
+                             f"RhoController.state_dict() returns ({sorted(expected)})")
         self.steps, self.probes = int(state["steps"]), int(state["probes"])
         self.last_rho = state["last_rho"]
-        self._probe_step = state.get("probe_step")  # absent in older checkpoints: probe the next step
-        self._probe_norm = float(state.get("probe_norm", 0.0))
-        self.peak_lr = state.get("peak_lr", self.peak_lr)
+        self._probe_step = state["probe_step"]
+        self._probe_norm = float(state["probe_norm"])
+        self.peak_lr = state["peak_lr"]
         self.window.load_state_dict(state["window"])
-        if state.get("fd") is not None and self.probe.fd_control is not None:  # absent in older states
+        if state["fd"] is not None and self.probe.fd_control is not None:
             self.probe.fd_control.load_state_dict(state["fd"])
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hf_ghosts._optional import require
 from hf_ghosts.settings import RADIUS_FIELDS, RADIUS_TABLE
 
 if TYPE_CHECKING:
@@ -297,23 +298,24 @@ class MetricWindow:
         self.minima = dict(state["minima"])
         heads = state["head_minima"]
         self.head_minima = None if heads is None else torch.tensor(heads, dtype=torch.float32)
-        self.steps = state.get("steps", state["probed"])  # absent in older states, which probed every step
+        self.steps = state["steps"]
         self.probed = state["probed"]
         self.clipped = state["clipped"]
         self.skipped_nonfinite = state["skipped_nonfinite"]
-        self.not_measured = {count: state.get(f"no_{count}", 0) for count in TOKEN_COUNTS}  # newer counts: absent in older states
-        self.fd_probed, self.fd_fallback = state.get("fd_probed", 0), state.get("fd_fallback", 0)
-        self.would_skip = state.get("would_skip", 0)  # absent in older states
-        self.would_clip = state.get("would_clip", 0)
-        self.bottleneck = dict(state.get("bottleneck", {}))
-        self.would_bind = dict(state.get("would_bind", {}))
+        self.not_measured = {count: state[f"no_{count}"] for count in TOKEN_COUNTS}
+        self.fd_probed, self.fd_fallback = state["fd_probed"], state["fd_fallback"]
+        self.would_skip = state["would_skip"]
+        self.would_clip = state["would_clip"]
+        self.bottleneck = dict(state["bottleneck"])
+        self.would_bind = dict(state["would_bind"])
 
 
 def define_wandb_metrics(args: TrainingArguments) -> bool:
-    """Plot ``train/ghosts/*`` against ``train/global_step`` in the active W&B run; True once done."""
+    """Plot ``train/ghosts/*`` against ``train/global_step`` in the active W&B run; True once done. wandb is imported
+    only when ``args.report_to`` names it (the ``wandb`` extra)."""
     if "wandb" not in (args.report_to or []) or not args.should_log:
         return True
-    import wandb
+    wandb = require("wandb", extra="wandb")
 
     if wandb.run is None:
         return False

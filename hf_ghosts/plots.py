@@ -1,7 +1,7 @@
 """Figures of the normalized step and the radii: a run's history, per-head radii, a run's checkpoints.
 
 Used by the ``hf-ghosts`` command (:mod:`hf_ghosts.cli`); every function writes one PNG and returns its
-path. Matplotlib runs on the non-interactive ``Agg`` backend. Values that are ``None``, NaN, inf or
+path. Matplotlib (the ``cli`` extra) runs on the non-interactive ``Agg`` backend. Values that are ``None``, NaN, inf or
 ``<= 0`` are left out of the log-scale curves rather than drawn at an arbitrary height.
 """
 
@@ -11,14 +11,15 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import MaxNLocator
 
+from hf_ghosts._optional import require
 from hf_ghosts.settings import RADIUS_TABLE
+
+# matplotlib comes with the cli extra: importing this module without it is an ImportError naming the extra
+require("matplotlib", extra="cli").use("Agg")
+plt = require("matplotlib.pyplot", extra="cli")
+MaxNLocator = require("matplotlib.ticker", extra="cli").MaxNLocator
 
 __all__ = ["HISTORY_KEYS", "checkpoints_figure", "head_radii_heatmap", "history_figure", "save_figure"]
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from hf_ghosts.metrics import StepRecord
 from hf_ghosts.radii import clip_scale, normalized_step
 from hf_ghosts.settings import DEFAULT_EVERY, DEFAULT_TRIGGER_GROWTH, DEFAULT_TRIGGER_R
 
-__all__ = ["ProbeSchedule", "applied_record", "probe_due", "probe_needed", "scheduled_target", "step_scale"]
+__all__ = ["ProbeSchedule", "probe_due", "reused_scale", "scheduled_target", "step_scale"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,6 @@ def probe_due(
     return mode != "monitor" and estimated_r_applied > schedule.trigger_r * r_target
 
 
-
 def scheduled_target(r_target: float, lr: float | None, peak_lr: float | None) -> float:
     """``r*(t) = r_target * lr(t) / peak_lr``: warm-up and decay shape the step length; ``r_target`` when ``lr`` is
     unknown (``None``) or the peak unknown or zero.
@@ -73,24 +71,28 @@ def scheduled_target(r_target: float, lr: float | None, peak_lr: float | None) -
     return r_target * lr / peak_lr
 
 
-def probe_needed(
+def reused_scale(
     schedule: ProbeSchedule, mode: str, norm: float, target: float, last_rho: float | None,
     steps_since_probe: int | None, probe_norm: float,
-) -> bool:
-    """:func:`probe_due` for a step of length ``|u| = norm`` given the last probe (``steps_since_probe`` ago, at
-    ``|u_probe| = probe_norm``, measuring ``last_rho``): ``growth = |u| / |u_probe|`` (inf when 0) and the applied
-    ``r`` estimated as ``step_scale(|u|, last_rho, target, mode) * |u| / last_rho``. No probe yet (``None``) or a
-    non-finite ``last_rho``: ``True``.
+) -> float | None:
+    """The scale of a step of length ``|u| = norm`` that reuses ``last_rho`` (measured ``steps_since_probe`` steps ago,
+    at ``|u_probe| = probe_norm``), or ``None`` where it must be probed (:func:`probe_due`, with ``growth = |u| /
+    |u_probe|``, inf when 0, and the applied ``r`` estimated as ``scale * |u| / last_rho``). No probe yet (``None``)
+    or a non-finite ``last_rho``: ``None``. ``target`` is the step's ``r*``.
 
     So a step reuses the last ``rho`` only while its applied ``r`` estimated with that ``rho`` is at most
     ``trigger_r * r_target`` (in ``"clip"`` mode it then passes unchanged), ``|u|`` is within ``trigger_growth`` of
     ``|u|`` at the last probe, and fewer than ``every`` steps have passed.
+
+    Example: ``reused_scale(ProbeSchedule(every=16), "clip", 0.1, 2.0, 1.0, 3, 0.1)`` is ``1.0`` (``r = 0.1``);
+    ``reused_scale(ProbeSchedule(every=16), "clip", 0.15, 2.0, 0.1, 3, 0.1)`` is ``None`` (``r = 1.5 > 0.5 * 2``).
     """
     if steps_since_probe is None or last_rho is None or not math.isfinite(last_rho):
-        return True
-    estimated = step_scale(norm, last_rho, target, mode) * float(normalized_step(norm, last_rho))
+        return None
+    scale = step_scale(norm, last_rho, target, mode)
+    estimated = scale * float(normalized_step(norm, last_rho))
     growth = norm / probe_norm if probe_norm > 0 else math.inf
-    return probe_due(schedule, steps_since_probe, growth, estimated, target, mode)
+    return None if probe_due(schedule, steps_since_probe, growth, estimated, target, mode) else scale
 
 
 def step_scale(norm: float, rho: float, target: float, mode: str) -> float:
@@ -110,14 +112,3 @@ def step_scale(norm: float, rho: float, target: float, mode: str) -> float:
         return 0.0 if mode == "set" else 1.0
     return float(clip_scale(norm, rho, target, mode))
 
-
-def applied_record(
-    step: int, norm: float, rho: float, scale: float, target: float, r_target: float, probed: bool
-) -> StepRecord:
-    """The record of a step of length ``|u| = norm`` applied with ``scale``: ``r = |u| / rho``, ``r_applied = scale * r``;
-    ``would_clip = r > r_target`` on probed steps only."""
-    r = float(normalized_step(norm, rho))
-    return StepRecord(
-        step=step, update_norm=norm, r=r, r_applied=r * scale, scale=scale, rho=rho, probed=probed,
-        clipped=scale < 1.0, target=target, would_clip=r > r_target if probed else None,
-    )

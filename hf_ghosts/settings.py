@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -40,6 +40,7 @@ __all__ = [
     "ESTIMATORS",
     "ESTIMATOR_CHOICES",
     "FFN_MODES",
+    "MODEL_KEYWORDS",
     "MODES",
     "PROBE_DTYPES",
     "RADII",
@@ -48,7 +49,9 @@ __all__ = [
     "RADIUS_KINDS",
     "RADIUS_TABLE",
     "REDUCTIONS",
+    "REPORT_FIELDS",
     "SETTINGS",
+    "FieldKind",
     "Radius",
     "RhoSettings",
     "Setting",
@@ -113,17 +116,41 @@ RADIUS_TABLE: tuple[Radius, ...] = (
 RADIUS_BY_NAME = {radius.name: radius for radius in RADIUS_TABLE}
 RADII = tuple(RADIUS_BY_NAME)
 RADIUS_FIELDS = {radius.name: radius.field for radius in RADIUS_TABLE}
-#: How each raw field of a report agrees across processes, from the radius table: MAX of spreads, MIN of radii
-#: (and of the exact radii that replace a bound), SUM of the token counts; fd's step control: MIN of the step, MAX
-#: of its estimated error and of the JVP fallback flag.
-REDUCTIONS: dict[str, str] = {
-    **{radius.raw: "max" if radius.spread else "min" for radius in RADIUS_TABLE},
-    **{radius.exact: "min" for radius in RADIUS_TABLE if radius.exact is not None},
-    **{radius.tokens: "sum" for radius in RADIUS_TABLE if radius.tokens is not None},
-    "fd_step": "min",
-    "fd_error": "max",
-    "fd_fallback": "max",
+
+
+@dataclass(frozen=True)
+class FieldKind:
+    """What a :class:`~hf_ghosts.probe.RadiusReport` field holds, and so how it is combined: ``reduction`` across
+    processes (``"max"``, ``"min"``, ``"sum"``), and ``length_power``, how it scales with the length of the direction
+    it was measured along (``J d = |d| J v``: a report along ``d`` is one along ``v = d / |d|`` once each field is
+    multiplied by ``|d| ** length_power``)."""
+
+    name: str
+    reduction: str
+    length_power: int
+
+
+SPREAD = FieldKind("spread", "max", -1)  # a slope's spread, per unit length: the largest binds (rho = pi / spread)
+RADIUS = FieldKind("radius", "min", 1)  # a length along the direction: the least binds
+COUNT = FieldKind("count", "sum", 0)  # positions measured: they add up across processes
+FD_STEP = FieldKind("fd step", "min", 0)  # fd's step h, along the unit direction already: the narrowest any rank took
+FD_CHECK = FieldKind("fd check", "max", 0)  # fd's estimated error and its JVP fallback flag: the worst rank's
+
+#: What each report field holds, from the radius table (its spread or radius, the exact radius that replaces a bound,
+#: the count of positions it was taken over) and fd's step control. Adding a field means a kind here: nothing reduces
+#: or rescales a field by a guess.
+REPORT_FIELDS: dict[str, FieldKind] = {
+    **{radius.raw: SPREAD if radius.spread else RADIUS for radius in RADIUS_TABLE},
+    **{radius.exact: RADIUS for radius in RADIUS_TABLE if radius.exact is not None},
+    **{radius.tokens: COUNT for radius in RADIUS_TABLE if radius.tokens is not None},
+    "fd_step": FD_STEP,
+    "fd_error": FD_CHECK,
+    "fd_fallback": FD_CHECK,
 }
+#: How each report field agrees across processes (:data:`REPORT_FIELDS`): MAX of spreads, MIN of radii (and of the
+#: exact radii that replace a bound), SUM of the token counts; fd's step control: MIN of the step, MAX of its
+#: estimated error and of the JVP fallback flag.
+REDUCTIONS: dict[str, str] = {name: kind.reduction for name, kind in REPORT_FIELDS.items()}
 
 # ------------------------------------------------------------------------------------------ allowed values, defaults
 MODES = ("clip", "set", "monitor")
@@ -226,6 +253,10 @@ SETTINGS: dict[str, Setting] = {
         Setting("topk", "rho_topk", "an integer >= 1", lambda v: _is_int(v) and v >= 1),
     )
 }
+# The probe's model-specific keywords beside the settings: objects of one model, not settings. RadiusProbe takes them
+# as its own parameters, RhoController and RhoCallback pass them through, the trainer takes rho_<keyword>= in its
+# constructor (RhoSettings.probe_keyword).
+MODEL_KEYWORDS = ("ffn_spec", "shift_labels", "chunked_head")
 # How each caller spells a setting: the keyword itself, the Trainer's rho_* field, or RadiusProbe's keyword.
 SPELLINGS = ("keyword", "argument", "probe")
 _PROBE_KEYWORDS = {"probe_dtype": "dtype"}
@@ -315,6 +346,35 @@ class RhoSettings:
             raise TypeError(f"{caller}: unknown setting(s) {unknown}; known: {sorted(SETTINGS)}")
         return cls(**values, caller=caller, spelling=spelling)
 
+    @classmethod
+    def from_call(
+        cls, caller: str, settings: RhoSettings | None, keywords: Mapping[str, Any], *, allowed: Iterable[str] = (),
+        spelling: str = "keyword", **fixed: Any,
+    ) -> tuple[RhoSettings, dict[str, Any]]:
+        """The settings of a call that takes them either as ``settings=`` or as keywords, never both, and the call's
+        other keywords.
+
+        ``keywords`` naming a setting of :data:`SETTINGS` build the settings (with ``fixed``, the caller's own values,
+        e.g. the callback's ``mode="monitor"``) where ``settings`` is ``None``, and are a ``TypeError`` beside it; the
+        others must be in ``allowed`` (e.g. the probe's ``ffn_spec``) and are returned as they are. A keyword that is
+        neither is a ``TypeError`` naming both lists, at construction.
+
+        Example: ``RhoSettings.from_call("RhoController", None, {"every": 4, "ffn_spec": spec}, allowed=["ffn_spec"])``
+        is ``(RhoSettings(every=4), {"ffn_spec": spec})``.
+        """
+        allowed = tuple(allowed)
+        unknown = sorted(set(keywords) - set(SETTINGS) - set(allowed))
+        if unknown:
+            others = f"; other keywords: {sorted(allowed)}" if allowed else ""
+            raise TypeError(f"{caller}: unknown keyword(s) {unknown}; settings: {sorted(SETTINGS)}{others}")
+        given = {key: value for key, value in keywords.items() if key in SETTINGS}
+        rest = {key: value for key, value in keywords.items() if key not in SETTINGS}
+        if settings is None:
+            return cls.of(caller, spelling, **fixed, **given), rest
+        if given:
+            raise TypeError(f"{caller}: pass the settings either as settings= or as keywords, not both ({sorted(given)})")
+        return settings, rest
+
     def name(self, keyword: str) -> str:
         """The setting ``keyword`` as this settings' caller spells it (``radii``, ``rho_radii``, ``dtype``)."""
         if self.spelling == "argument":
@@ -324,6 +384,19 @@ class RhoSettings:
     def error(self, keyword: str, message: str) -> ValueError:
         """``ValueError("<caller>.<name>: <message>")``, the setting named as the caller spells it."""
         return ValueError(f"{self.caller}.{self.name(keyword)}: {message}")
+
+    def probe_keyword(self, keyword: str) -> tuple[str, str]:
+        """``(spelled, taker)``: the probe's model-specific ``keyword`` (:data:`MODEL_KEYWORDS`) as this caller passes
+        it, and to whom. The trainer takes ``rho_<keyword>=`` in its constructor (an object of one model, not a field
+        of the JSON/CLI arguments); the controller, the callback and the probe take ``<keyword>=``.
+
+        Example: ``RhoSettings(caller="RhoCallback").probe_keyword("ffn_spec")`` is ``("ffn_spec", "RhoCallback")``.
+        """
+        if keyword not in MODEL_KEYWORDS:
+            raise ValueError(f"RhoSettings.probe_keyword: got {keyword!r}; expected one of {list(MODEL_KEYWORDS)}")
+        if self.spelling == "argument":
+            return f"rho_{keyword}", "the trainer's constructor"
+        return keyword, self.caller
 
     @property
     def target(self) -> float:
@@ -387,7 +460,7 @@ def resolve_estimator(setting: str, probe_dtype: str, training_dtype: torch.dtyp
     if setting != "auto":
         return setting
     if probe_dtype == "auto":
-        sixteen = device_type == "cuda" and training_dtype in SIXTEEN_BIT
+        sixteen = _cuda_16_bit(training_dtype, device_type)
     else:
         sixteen = PROBE_DTYPES[probe_dtype] in SIXTEEN_BIT
     return "jvp" if sixteen else "fd"
@@ -407,9 +480,14 @@ def resolve_probe_dtype(setting: str, estimator: str, training_dtype: torch.dtyp
     """
     dtype = PROBE_DTYPES[setting]
     if dtype is None:
-        cuda_16 = device_type == "cuda" and training_dtype in SIXTEEN_BIT
-        dtype = training_dtype if cuda_16 and estimator == "jvp" else torch.float32
+        dtype = training_dtype if _cuda_16_bit(training_dtype, device_type) and estimator == "jvp" else torch.float32
     return dtype
+
+
+def _cuda_16_bit(training_dtype: torch.dtype, device_type: str) -> bool:
+    """Whether training runs in 16 bits on CUDA: where ``"auto"`` probes in that dtype, by JVP (on tensor-core GPUs
+    an fp32 matmul is ~10-15x slower than a bf16 one; bf16 central differences are 8-12% off)."""
+    return device_type == "cuda" and training_dtype in SIXTEEN_BIT
 
 
 def defaults_text(spelling: str = "keyword") -> str:

@@ -17,6 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from hf_ghosts.architectures import FfnSpec
 from hf_ghosts.arguments import (
     BUILT,
     RhoArgumentsMixin,
@@ -122,11 +123,27 @@ class RhoTrainerMixin:
     Accepts everything the base trainer accepts; its own arguments (``SFTConfig`` for ``SFTTrainer``, plain
     ``TrainingArguments``) are upgraded to :attr:`rho_arguments_class` with every value kept and default ``rho_*``
     settings. The controller is :attr:`rho_controller` (a :class:`~hf_ghosts.controller.RhoController`).
+
+    Besides, three keywords of the constructor tell the probe about the model (objects, not settings, so not fields
+    of the JSON/CLI arguments): ``rho_ffn_spec`` (an :class:`~hf_ghosts.architectures.FfnSpec`: where the FFN
+    pre-activations live, for a ``model_type`` the FFN table does not know), ``rho_shift_labels`` (whether logits
+    at ``t`` predict ``labels[t + 1]``; ``None``: for generative models) and ``rho_chunked_head`` (``None``: the
+    chunked head where it is provably the same computation; ``True``: require it; ``False``: the full logits). They
+    are :class:`~hf_ghosts.probe.RadiusProbe`'s ``ffn_spec``, ``shift_labels`` and ``chunked_head``.
     """
 
     rho_arguments_class: type = RhoTrainingArguments
 
-    def __init__(self, model: torch.nn.Module | None = None, args: TrainingArguments | None = None, *rest: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        *rest: Any,
+        rho_ffn_spec: FfnSpec | None = None,
+        rho_shift_labels: bool | None = None,
+        rho_chunked_head: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
         if args is not None and not isinstance(args, self.rho_arguments_class):
             # SFTConfig -> RhoSFTConfig; a plain TrainingArguments for SFTTrainer gets SFTConfig's defaults besides
             args = self.rho_arguments_class.from_training_arguments(args)
@@ -142,7 +159,8 @@ class RhoTrainerMixin:
         if self.is_fsdp_enabled:
             check_fsdp_plugin(self.accelerator.state.fsdp_plugin)  # FSDP2 in fp32 only; FSDP1 is refused
         self.rho_controller = RhoController(
-            self.model, settings=self.args.rho_settings(), training_dtype=training_dtype(self.args)
+            self.model, settings=self.args.rho_settings(), training_dtype=training_dtype(self.args),
+            ffn_spec=rho_ffn_spec, shift_labels=rho_shift_labels, chunked_head=rho_chunked_head,
         )
         self.rho_controller.peak_lr = self.args.learning_rate  # set mode: r*(t) = rho_target * lr(t) / learning_rate
         self.add_callback(RhoControllerState.bound_to(self.rho_controller))

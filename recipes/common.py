@@ -1,8 +1,9 @@
 """Code the recipes share: command-line options for model and data, loading, metrics, W&B, plots, tables.
 
-The reusable, tested building blocks (presets, tokenizer, corpus, LM blocks) live in
-:mod:`hf_ghosts.presets`; this module is the recipe glue around them. The recipes import it as
-``common`` (``python recipes/<name>.py`` puts ``recipes/`` on ``sys.path``).
+The reusable, tested building blocks live in ``presets`` (model presets, the tokenizer, the LR spike) and, for
+the corpus and the LM blocks that ``hf-ghosts diagnose`` measures on too, :mod:`hf_ghosts.cli.data`; this module is
+the recipe glue around them. The recipes import it as ``common`` (``python recipes/<name>.py`` puts ``recipes/`` on
+``sys.path``). The recipes need the ``recipes`` extra (``pip install -e ".[recipes]"``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from datasets import DatasetDict, load_dataset
+from presets import MODEL_PRESETS, build_model, train_bpe_tokenizer
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -33,8 +35,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from hf_ghosts.cli.data import lm_blocks, pydoc_splits
 from hf_ghosts.plots import save_figure
-from hf_ghosts.presets import MODEL_PRESETS, build_model, lm_blocks, pydoc_splits, train_bpe_tokenizer
 from hf_ghosts.probe import output_positions
 from hf_ghosts.radii import update_norm
 from hf_ghosts.settings import RADII, RADIUS_FIELDS

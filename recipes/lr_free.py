@@ -27,7 +27,7 @@ method             optimizer and schedule
 
 The rho-set target list marks the controller's default ``rho_target`` ("(default)"). With
 ``--spike_factor F --spike_at K`` every method's learning rate is multiplied by ``F`` from optimizer
-step ``K`` (0-based) to the end, on top of its own schedule (:func:`hf_ghosts.presets.spiked`, ``spike_how="multiply"``);
+step ``K`` (0-based) to the end, on top of its own schedule (:func:`presets.spiked`, ``spike_how="multiply"``);
 in set mode that multiplies ``r*(t)`` too, since the target follows the schedule.
 
     python recipes/lr_free.py              # pythia-tiny + llama-tiny, 11 methods, seed 0: 22 runs, about a third of the next
@@ -67,11 +67,11 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 from common import DataArguments, load_data, write_json, write_table
+from presets import MODEL_PRESETS, build_model, spiked
 from transformers import HfArgumentParser, PrinterCallback, Trainer, TrainingArguments, default_data_collator
 
 from hf_ghosts import RhoTrainer, RhoTrainingArguments
 from hf_ghosts.plots import save_figure
-from hf_ghosts.presets import MODEL_PRESETS, build_model, spiked
 from hf_ghosts.settings import DEFAULT_TARGETS
 
 KINDS = ("adamw", "rho-set", "prodigy", "schedule-free", "adamw-default")
@@ -178,7 +178,7 @@ def training_arguments(spec: LrFreeArguments, method: dict[str, Any], seed: int,
 
 
 def spike_kwargs(spec: LrFreeArguments) -> dict[str, Any]:
-    """The :func:`~hf_ghosts.presets.spiked` trainer's arguments: every method's own schedule, x ``spike_factor`` from
+    """The :func:`~presets.spiked` trainer's arguments: every method's own schedule, x ``spike_factor`` from
     optimizer step ``spike_at`` (0-based) to the end."""
     return dict(spike_start=spec.spike_at, spike_factor=spec.spike_factor, spike_how="multiply")
 

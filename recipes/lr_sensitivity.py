@@ -31,7 +31,16 @@ method             what differs
                    ``--best_rho_every``; the defaults (r* = 1, bound, output and attention, every 16) won a
                    search on llama-tiny, seed 0, against r* = 0.5 and 4, ``topk_exact``, attention alone
                    and output alone (docs/results.md, "Learning-rate sensitivity")
+``zclip``          AdamW + ZClip at its defaults (PyPI ``zclip``), at ``on_pre_optimizer_step`` (not in the default list)
+``skip-step``      OLMo-core's ``SkipStepAdamW`` (PyPI ``ai2-olmo-core``) at its skip defaults (window 128, 6 sigma)
+                   and AdamW's rate, betas, epsilon and weight decay, fed the step's loss and gradient norm (not in
+                   the default list)
 =================  ===============================================================================================
+
+``zclip`` and ``skip-step`` are the peers users reach for instead (``recipes/peers.py``: the wiring, one definition
+for this recipe and the spike test). They need the ``[peers]`` extra, ``pip install -e ".[peers]"``; asking for them
+without it is an ImportError with that line, at argument parsing. Their run files record the package's version and
+defaults; ``clipped_fraction`` is the fraction of steps ZClip clipped, ``skipped_steps`` the steps skip-step skipped.
 
 Recorded per run: the final eval loss (and the initial one, ``loss_0``), ``diverged`` (final loss not
 finite or above ``loss_0``), the largest training loss, the max attention logit (max over layers,
@@ -47,6 +56,7 @@ the binding radius (the one that bound most often), from the logged ``ghosts/*``
     python recipes/lr_sensitivity.py --presets llama-tiny --methods rho-best --best_rho_target 1 \\
         --best_rho_radius topk_exact --output_dir outputs/lr_sensitivity_best         # try a RhoTrainer setting
     python recipes/lr_sensitivity.py --methods adamw rho qk-norm+zloss rho+qk-norm --presets llama-tiny
+    python recipes/lr_sensitivity.py --methods adamw zclip skip-step  # the peers (pip install -e ".[peers]")
     python recipes/lr_sensitivity.py --replot                 # tables and figures again from the run files
 
 Measured wall time (``train_seconds``, one thread each, two runs at a time on this 2-core machine), mean
@@ -95,6 +105,10 @@ from common import (
     write_table,
 )
 from lr_free import spread
+from peers import METHODS as PEER_METHODS
+from peers import peer_summary, require, wire
+from peers import settings as peer_settings
+from presets import MODEL_PRESETS, build_model, preset_config
 from pythia_finetune import FinetuneArguments
 from transformers import (
     AttentionInterface,
@@ -116,7 +130,6 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from hf_ghosts import RhoTrainer
 from hf_ghosts.compat import attention_implementation
 from hf_ghosts.plots import save_figure
-from hf_ghosts.presets import MODEL_PRESETS, build_model, preset_config
 from hf_ghosts.probe import output_positions
 from hf_ghosts.settings import DEFAULT_EVERY, RADII, RADIUS_KINDS
 
@@ -124,13 +137,14 @@ from hf_ghosts.settings import DEFAULT_EVERY, RADII, RADIUS_KINDS
 @dataclass(frozen=True)
 class Method:
     """One method of the sweep: the trainer (``rho``: None for AdamW, ``"default"`` or ``"best"``), z-loss, qk-norm
-    architecture, gradient-norm clipping."""
+    architecture, gradient-norm clipping, a peer (``recipes/peers.py``: ``"zclip"`` or ``"skip-step"``)."""
 
     description: str
     rho: str | None = None
     z_loss: bool = False
     qk_norm: bool = False
     clip: bool = False
+    peer: str | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -143,12 +157,14 @@ METHODS: dict[str, Method] = {
     "rho+zloss": Method("RhoTrainer + z-loss", rho="default", z_loss=True),
     "rho+qk-norm": Method("RhoTrainer, qk-norm", rho="default", qk_norm=True),
     "rho-best": Method("RhoTrainer (best setting)", rho="best"),
+    **{name: Method(description, peer=name) for name, description in PEER_METHODS.items()},  # zclip, skip-step
 }
 DEFAULT_METHODS = ["adamw", "adamw+clip", "adamw+zloss", "qk-norm", "rho", "rho+zloss", "rho-best"]
 STYLES = {
     "adamw": ("tab:red", "-"), "adamw+clip": ("tab:orange", "--"), "adamw+zloss": ("tab:purple", "-."),
     "qk-norm": ("tab:green", "-"), "qk-norm+zloss": ("tab:olive", "-."), "rho": ("tab:blue", "-"),
     "rho+zloss": ("tab:cyan", "-."), "rho+qk-norm": ("navy", "--"), "rho-best": ("black", "-"),
+    "zclip": ("tab:brown", "--"), "skip-step": ("tab:pink", ":"),
 }
 TINY_LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
 LARGER_LRS = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
@@ -190,6 +206,8 @@ class SensitivityArguments:
                              f"{self.max_steps}, {self.logit_every}, {self.logit_blocks}, {self.batch_size}")
         if any(not (lr > 0 and math.isfinite(lr)) for lr in self.learning_rates):
             raise ValueError(f"--learning_rates must be finite numbers > 0; got {self.learning_rates}")
+        if not self.replot:
+            require(self.methods)  # the peers' packages, now rather than mid-sweep
 
     def learning_rates_of(self, preset: str) -> list[float]:
         return list(self.learning_rates) or (TINY_LRS if preset.endswith("-tiny") else LARGER_LRS)
@@ -395,6 +413,8 @@ def run_settings(spec: SensitivityArguments, data_args: DataArguments, method: s
     if chosen.rho == "best":
         settings.update(rho_target=spec.best_rho_target, rho_radius=spec.best_rho_radius, rho_radii=list(spec.best_rho_radii),
                         rho_every=spec.best_rho_every)
+    if chosen.peer:
+        settings.update(peer_settings(method))
     return settings
 
 
@@ -420,9 +440,10 @@ def train_run(spec: SensitivityArguments, preset: str, method: str, lr: float, s
     chosen = METHODS[method]
     model = (qk_norm_model if chosen.qk_norm else build_model)(preset, data["vocab"], seed)
     args = training_arguments(spec, method, lr, seed, os.path.join(scratch, f"{preset}-{method}-{lr:g}-{seed}"))
-    trainer_cls = SweepRhoTrainer if chosen.rho else SweepTrainer
+    trainer_cls, callbacks = wire(method, SweepRhoTrainer if chosen.rho else SweepTrainer)
     trainer = trainer_cls(model=model, args=args, train_dataset=data["train"], eval_dataset=data["eval"],
-                          data_collator=default_data_collator, z_loss_weight=spec.z_loss if chosen.z_loss else 0.0)
+                          data_collator=default_data_collator, z_loss_weight=spec.z_loss if chosen.z_loss else 0.0,
+                          callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)
     sampler = LogitSampler(*data["logit_batch"], spec.logit_every)
     trainer.add_callback(sampler)
@@ -444,7 +465,7 @@ def train_run(spec: SensitivityArguments, preset: str, method: str, lr: float, s
         "diverged": not math.isfinite(final) or final > initial,
         "max_train_loss": max(train_losses, key=lambda x: x if math.isfinite(x) else math.inf, default=math.nan),
         "max_attention_logit": max(s[1] for s in sampler.samples), "max_output_logit": max(s[2] for s in sampler.samples),
-        **ghosts_summary(history),
+        **ghosts_summary(history), **peer_summary(trainer),
         "train_seconds": round(seconds - eval_seconds, 2), "eval_seconds": round(eval_seconds, 2),
         "eval_curve": curve, "logit_samples": sampler.samples, "train_losses": train_losses,
     }

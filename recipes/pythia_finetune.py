@@ -81,6 +81,7 @@ from common import (
     write_json,
     write_table,
 )
+from presets import count_parameters
 from transformers import (
     HfArgumentParser,
     TrainerCallback,
@@ -93,7 +94,6 @@ from transformers import (
 
 from hf_ghosts import RhoController, RhoTrainer, RhoTrainingArguments
 from hf_ghosts.plots import head_radii_heatmap
-from hf_ghosts.presets import count_parameters
 
 _PARENT_FIELDS = {f.name: f for f in dataclasses.fields(RhoTrainingArguments)}
 

@@ -1,23 +1,35 @@
 """Learning-rate spike test on language models (the paper's Table 1): who survives a sudden x10 ... x10,000?
 
 At optimizer step ``--spike_step`` the learning rate is multiplied by a factor and held there
-to the end. Three methods see the same data order, the same initial weights and the same
+to the end. Every method sees the same data order, the same initial weights and the same
 schedule: plain AdamW, AdamW with gradient-norm clipping (``max_grad_norm``), and ``RhoTrainer``
-(AdamW proposes, the controller clips the step to ``r = |u| / rho <= 1``). Each runs on every
-preset in ``--presets`` (default a Pythia-style GPT-NeoX and a Llama) and every factor
-(factor 1 is the no-spike reference). A run "collapsed" when its final evaluation loss is not
+(AdamW proposes, the controller clips the step to ``r = |u| / rho <= 1``) by default; on request
+(``--methods``) the peers users reach for instead, from their real packages at their published
+defaults (``recipes/peers.py``): ``zclip`` (ZClip's adaptive clipping at ``on_pre_optimizer_step``)
+and ``skip-step`` (OLMo-core's ``SkipStepAdamW``, fed the step's loss and gradient norm). They need
+the ``[peers]`` extra, ``pip install -e ".[peers]"``; without it asking for them is an ImportError
+with that line. ``skip-step``'s rule starts once it has 64 losses: at the default 60 steps it never
+acts. Each runs on every preset in ``--presets`` (default a Pythia-style GPT-NeoX and a Llama) and
+every factor (factor 1 is the no-spike reference). A run "collapsed" when its final evaluation loss is not
 finite or worse than ``ln(vocabulary)``, the loss of a uniform guess.
 
     python recipes/spike_test.py                          # 2 presets x 3 methods x 5 factors, CPU
     python recipes/spike_test.py --presets pythia-14m --factors 1 100 10000 --max_steps 200 --spike_step 100
     python recipes/spike_test.py --rho_radii output attention ffn
     python recipes/spike_test.py --methods rho --rho_radius topk_exact --rho_target 2
+    python recipes/spike_test.py --presets pythia-tiny llama-tiny qwen3-tiny \
+        --methods adamw adamw+clip rho zclip skip-step                # with the peers (pip install -e ".[peers]")
 
 Batch arithmetic of the default: 4 sequences x 128 tokens = 512 tokens per step, 60 steps, spike
 at step 30; 30 runs. Writes to ``--output_dir`` (default ``outputs/spike_test``): ``spike_runs.csv``
-and ``.md`` (one row per run), ``spike_table.md`` (final eval loss and token accuracy, method x
+and ``.md`` (one row per run; ``zclip``: the fraction of steps ZClip clipped, ``skip-step``: the steps
+skipped), ``spike_table.md`` (final eval loss and token accuracy, method x
 factor, per preset) and ``spike_test.png`` (final loss against the factor; training loss
 around the spike at the largest factor).
+
+With the peers, ``--presets pythia-tiny llama-tiny qwen3-tiny --methods adamw adamw+clip rho zclip skip-step``
+(75 runs) took 6 min 5 s on one thread on the shared 2 cores; the same with ``--max_steps 160 --spike_step 100``
+(where skip-step's rule acts after the spike) 16 min 23 s.
 """
 
 from __future__ import annotations
@@ -38,19 +50,24 @@ from common import (
     token_accuracy,
     write_table,
 )
+from peers import METHODS as PEER_METHODS
+from peers import peer_summary, require, wire
+from presets import MODEL_PRESETS, build_model, spiked
 from transformers import HfArgumentParser, PrinterCallback, Trainer, default_data_collator
 
 from hf_ghosts import RhoTrainer, RhoTrainingArguments
 from hf_ghosts.plots import save_figure
-from hf_ghosts.presets import MODEL_PRESETS, build_model, spiked
 from hf_ghosts.settings import DEFAULT_RADIUS, default_target
 
 METHODS = {
     "adamw": "plain AdamW",
     "adamw+clip": "AdamW + max_grad_norm",
     "rho": "RhoTrainer (clip)",
+    **PEER_METHODS,  # zclip, skip-step: on request (the [peers] extra)
 }
-METHOD_COLORS = {"adamw": "tab:red", "adamw+clip": "tab:orange", "rho": "tab:blue"}
+DEFAULT_METHODS = ["adamw", "adamw+clip", "rho"]
+METHOD_COLORS = {"adamw": "tab:red", "adamw+clip": "tab:orange", "rho": "tab:blue", "zclip": "tab:green",
+                 "skip-step": "tab:purple"}
 
 
 @dataclass
@@ -62,7 +79,8 @@ class SpikeArguments:
         default_factory=lambda: ["pythia-tiny", "llama-tiny"],
         metadata={"help": "Model presets (architectures) to test.", "choices": list(MODEL_PRESETS)},
     )
-    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": "Methods.", "choices": list(METHODS)})
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS),
+                               metadata={"help": "Methods (zclip and skip-step need the [peers] extra).", "choices": list(METHODS)})
     factors: list[float] = field(
         default_factory=lambda: [1.0, 10.0, 100.0, 1000.0, 10000.0],
         metadata={"help": "Learning-rate multipliers applied from --spike_step on (1 = no spike)."},
@@ -92,6 +110,7 @@ class SpikeArguments:
             raise ValueError(f"--save_steps must be >= 0 (0: no checkpoints); got {self.save_steps}")
         if any(not (factor > 0 and math.isfinite(factor)) for factor in self.factors):
             raise ValueError(f"--factors must be finite numbers > 0; got {self.factors}")
+        require(self.methods)  # the peers' packages, now rather than mid-run
 
 
 def method_label(method: str, spec: SpikeArguments) -> str:
@@ -128,7 +147,8 @@ def run_one(spec: SpikeArguments, preset: str, method: str, factor: float, data:
         rho_radius=spec.rho_radius,
         rho_rescale_moments=spec.rho_rescale_moments,
     )
-    trainer = spiked(RhoTrainer if method == "rho" else Trainer)(
+    trainer_cls, callbacks = wire(method, RhoTrainer if method == "rho" else Trainer)
+    trainer = spiked(trainer_cls)(
         model=model,
         args=args,
         train_dataset=data["train"],
@@ -141,6 +161,7 @@ def run_one(spec: SpikeArguments, preset: str, method: str, factor: float, data:
         spike_factor=factor,
         spike_how="replace",
         processing_class=data["tokenizer"] if spec.save_steps else None,  # checkpoints carry their tokenizer
+        callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
@@ -166,6 +187,7 @@ def run_one(spec: SpikeArguments, preset: str, method: str, factor: float, data:
         probed = [h for h in trainer.state.log_history if "ghosts/clipped" in h]
         row["clipped_fraction"] = float(np.mean([h["ghosts/clipped"] for h in probed])) if probed else math.nan
         row["max_r_proposed"] = max((h["ghosts/r"] for h in trainer.state.log_history if "ghosts/r" in h), default=math.nan)
+    row.update(peer_summary(trainer))
     return row
 
 
@@ -194,7 +216,8 @@ def plot_spike(rows: list[dict[str, Any]], spec: SpikeArguments, vocab: int, pat
     finite += [loss for r in rows for _, loss in r["losses"] if math.isfinite(loss)]
     ceiling = 2 * max(finite, default=10 * math.log(vocab))  # where a NaN / inf is drawn
     largest = max(spec.factors)
-    styles = {"adamw": dict(lw=2.5, ls="-"), "adamw+clip": dict(lw=1.5, ls="--"), "rho": dict(lw=1.5, ls="-")}
+    styles = {"adamw": dict(lw=2.5, ls="-"), "adamw+clip": dict(lw=1.5, ls="--"), "rho": dict(lw=1.5, ls="-"),
+              "zclip": dict(lw=1.5, ls="-."), "skip-step": dict(lw=1.5, ls=":")}
     for column, preset in enumerate(spec.presets):
         top, bottom = axes[0, column], axes[1, column]
         for method in spec.methods:
@@ -241,6 +264,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                           f"{row['eval_accuracy']:.3f}{'  COLLAPSED' if row['collapsed'] else ''} ({row['seconds']:.0f} s)")
     columns = ["preset", "method", "factor", "final_eval_loss", "eval_accuracy", "collapsed", "loss_before_spike",
                "max_loss_after_spike", "clipped_fraction", "max_r_proposed", "seconds"]
+    if any("skipped_steps" in row for row in rows):  # a skip-step run: one more column (other runs' files unchanged)
+        columns.insert(-1, "skipped_steps")
     write_table(rows, os.path.join(spec.output_dir, "spike_runs"), columns)
     table = pivot_markdown(rows, spec)
     with open(os.path.join(spec.output_dir, "spike_table.md"), "w") as handle:

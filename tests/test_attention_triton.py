@@ -33,7 +33,7 @@ needs_triton = pytest.mark.skipif(
     not KERNEL_RUNS_HERE,
     reason="triton not installed (optional), or on CPU: run by test_kernel_in_the_triton_interpreter in a fresh process",
 )
-KERNEL_TESTS = 8  # the needs_triton tests below, with their parameters
+KERNEL_TESTS = 9  # the needs_triton tests below, with their parameters
 
 
 def run(q, k, v, tq, tk, tv, **kwargs):
@@ -113,6 +113,48 @@ def test_the_probe_through_the_kernel_matches_the_blocked_path(monkeypatch) -> N
     assert probe.attention_kernels == ("triton",)
     torch.testing.assert_close(fused.attn_spread, blocked.attn_spread, rtol=1e-5, atol=0)
     torch.testing.assert_close(fused.out_spread, blocked.out_spread, rtol=1e-5, atol=0)
+
+
+# (heads, kv_heads, q_len, k_len, causal, window): GQA throughout, one query block longer than the keys' offset
+MASK_CASES = [(4, 2, 20, 20, True, None), (4, 1, 20, 20, True, 5), (2, 2, 9, 14, False, None), (4, 2, 9, 20, True, 4)]
+
+
+@needs_triton
+def test_every_attention_path_sees_the_keys_of_one_reference_mask() -> None:
+    """The allowed-keys rule (hf_ghosts.probe.masks) as each path applies it, against ``reference_allowed`` (the
+    definition, loop by loop): the eager capture, the path of fd's forwards, here in forward mode to compare tangents
+    too (no mask given: the rule makes it; with padding it is handed transformers' 4-D mask instead), the blocked JVP
+    and the Triton kernel (key padding beside the rule)."""
+    import types
+
+    import torch.autograd.forward_ad as fwAD
+
+    from hf_ghosts.probe.attention import Pass, ScoreCapture, _eager_capture
+
+    for heads, kv_heads, q_len, k_len, causal, window in MASK_CASES:
+        q, k, v, tq, tk, tv = inputs(2, heads, kv_heads, q_len, k_len, dim=16)
+        pad = torch.ones(2, k_len, dtype=torch.bool)
+        pad[0, :3], pad[1, k_len - 2 :] = False, False  # left padding in one sequence, right in the other
+        options = dict(causal=causal, window=window)
+
+        # eager: no mask given, the keys the rule allows
+        expected = reference(q, k, v, tq, tk, tv, reference_allowed(2, heads, q_len, k_len, **options), scaling=0.3)
+        capture = ScoreCapture(Pass.JVP)
+        with fwAD.dual_level():
+            dual = [fwAD.make_dual(p, t) for p, t in ((q, tq), (k, tk), (v, tv))]
+            module = types.SimpleNamespace(is_causal=causal, layer_idx=0)
+            out = fwAD.unpack_dual(_eager_capture(capture, module, *dual, None, 0.3, None, window))
+        torch.testing.assert_close(out.primal, expected[0], atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(out.tangent, expected[1], atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(capture.spreads[0].double(), expected[2].amax(dim=(0, 2)), atol=1e-6, rtol=1e-6)
+
+        # blocked and Triton: the rule and key padding
+        allowed = reference_allowed(2, heads, q_len, k_len, key_padding=pad, **options)
+        expected = reference(q, k, v, tq, tk, tv, allowed, scaling=0.3)
+        rule = dict(causal=causal, sliding_window=window, key_padding=pad)
+        blocked = attention_jvp(q, k, v, tq, tk, tv, scaling=0.3, block_size=4, reduce=False, **rule)
+        check(blocked, expected, tol=1e-6)  # the spread in fp32, as the eager capture's
+        check(run(*(t.float() for t in (q, k, v, tq, tk, tv)), scaling=0.3, **rule), expected, tol=1e-5)
 
 
 @pytest.mark.gpu

@@ -22,15 +22,16 @@ import pytest
 import torch
 from conftest import causal_output_positions, float64_copy, forward_logits, reference_output_spreads
 from datasets import load_dataset
+from presets import build_model, train_bpe_tokenizer
 from transformers import BloomConfig, BloomForCausalLM, default_data_collator
 
 from hf_ghosts import RhoTrainer, RhoTrainingArguments
 from hf_ghosts.cli import main
 from hf_ghosts.cli.checkpoint import load_checkpoint
+from hf_ghosts.cli.data import lm_blocks, pydoc_corpus
 from hf_ghosts.cli.diagnose import diagnose as diagnose_batches
 from hf_ghosts.cli.diagnose import token_table
 from hf_ghosts.cli.proposal import StepProposer
-from hf_ghosts.presets import build_model, lm_blocks, pydoc_corpus, train_bpe_tokenizer
 from hf_ghosts.probe import RadiusProbe
 
 BASE_LR = 1e-3

@@ -18,11 +18,11 @@ import statistics
 import pytest
 import torch
 from datasets import load_dataset
+from presets import build_model, train_bpe_tokenizer
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from hf_ghosts.cli import main
-from hf_ghosts.cli.data import DEFAULT_BATCHES
-from hf_ghosts.presets import build_model, lm_blocks, pydoc_corpus, train_bpe_tokenizer
+from hf_ghosts.cli.data import DEFAULT_BATCHES, lm_blocks, pydoc_corpus
 
 BASE_LR = 3e-3
 STEPS = 20

@@ -12,8 +12,9 @@ import torch
 import transformers
 from conftest import float64_copy, tiny_causal_lm, token_batch
 
-from hf_ghosts import RadiusProbe, RhoController
+from hf_ghosts import RadiusProbe, RadiusReport, RhoController
 from hf_ghosts.probe import fd
+from hf_ghosts.radii import spread
 
 # Norms after the attention / MLP output (Gemma2/3: sandwich; OLMo2: post-norm) rescale outputs that are still tiny at
 # initialization: along a gradient step the slopes bend within h = 0.01 (measured: 37% / 39% / 1.6% off the output
@@ -64,15 +65,17 @@ def test_fd_is_within_1pct_of_float64_where_the_fixed_step_is_not(model_type: st
 
 
 def counting_probe(model: torch.nn.Module, radii=RADII) -> tuple[RadiusProbe, list[float]]:
+    """An fd probe that lists the step of every central-difference measurement it makes."""
     probe = RadiusProbe(model, radii, "fd")
     steps: list[float] = []
-    measure_at = probe._fd_at
+    measure_once = probe._measure_once
 
-    def at(*args):
-        steps.append(args[-1])
-        return measure_at(*args)
+    def once(*args):
+        if args[4] == "fd":  # (inputs, weights, pieces, norm, estimator, fd_step)
+            steps.append(args[5])
+        return measure_once(*args)
 
-    probe._fd_at = at
+    probe._measure_once = once
     return probe, steps
 
 
@@ -157,3 +160,58 @@ def test_the_controller_neither_limits_nor_logs_an_unmeasured_ffn_radius() -> No
     metrics = controller.pop_metrics()
     assert metrics["ghosts/no_ffn_tokens"] == 1.0 and "ghosts/rho_ffn" not in metrics and "ghosts/rho" not in metrics
     assert math.isfinite(metrics["ghosts/rho_out"])
+
+
+# ------------------------------------------------------------------------ the check's floor, rule by rule
+def bending(c: float, widen: dict[float, float] | None = None):
+    """``at(h)`` of a direction whose spread is ``1 + c h^2`` (the truncation error, exactly), listing the steps; the
+    rounding guard asks for ``widen[h]`` where given."""
+    steps: list[float] = []
+
+    def at(h: float):
+        steps.append(h)
+        return RadiusReport(out_spread=torch.tensor(1.0 + c * h * h, dtype=torch.float64)), (widen or {}).get(h)
+
+    return at, steps
+
+
+def checked(at) -> fd.FdStepControl:
+    control = fd.FdStepControl(1e-2, forward_ad=False)  # where the error stays large: no jvp in fd's place
+    control.measure(at, jvp=lambda: pytest.fail("no jvp expected"), pieces={"w": torch.ones(3)})
+    return control
+
+
+def test_the_check_never_tries_below_its_share_of_fd_step(monkeypatch) -> None:
+    monkeypatch.setattr(fd, "FD_MIN_STEP_SHARE", 1 / 4)
+    at, steps = bending(1e9)  # bends so sharply that the check aims far below 1e-2 / 4
+    checked(at)
+    assert min(steps) == 1e-2 / 4 and steps[:2] == [1e-2, 5e-3]
+
+
+def test_the_check_stays_above_half_the_step_the_rounding_guard_widened() -> None:
+    at, steps = bending(1e9, widen={1e-2: 4e-2})  # rounding: measure at 4e-2 instead of 1e-2
+    control = checked(at)
+    assert steps == [1e-2, 4e-2, 2e-2] and control.step == 2e-2  # never below 4e-2 / 2
+
+
+def test_the_first_try_halves_the_step_whatever_the_floor(monkeypatch) -> None:
+    monkeypatch.setattr(fd, "FD_MIN_STEP_SHARE", 1.0)  # a floor at fd_step itself: no further try, but the first
+    at, steps = bending(1e9)
+    control = checked(at)
+    assert steps == [1e-2, 5e-3] and control.step == 5e-3 and control.error > fd.FD_ERROR_LIMIT
+
+
+# ------------------------------------------------------------------------ logit_slopes at the control's step
+def test_logit_slopes_of_an_fd_probe_are_within_its_tolerance_where_the_fixed_step_is_not() -> None:
+    model, batch, direction = hard_case("gemma2")
+    _, reference = RadiusProbe(float64_copy(model), RADII, "jvp", dtype=torch.float64).logit_slopes(batch, direction)
+    probe = RadiusProbe(model, RADII, "fd")
+    _, slopes = probe.logit_slopes(batch, direction)
+    _, fixed = probe.logit_slopes(batch, direction, estimator="fd", fd_step=1e-2)  # the fixed step of before
+
+    def error(found: torch.Tensor) -> float:  # the largest spread, as the output radius takes it
+        return abs(float(spread(found.double(), dim=-1).amax() / spread(reference, dim=-1).amax()) - 1)
+
+    assert probe.slope_estimator(batch, direction) == ("fd", probe.fd_control.step) and probe.fd_control.step < 1e-2
+    assert error(slopes) < 2 * probe.fd_control.error + 1e-3 and probe.fd_control.error < fd.FD_ERROR_LIMIT
+    assert error(fixed) > 0.1

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import SMALL_DATA, assert_png, recipe, recorded_scores
+from presets import build_model
 from transformers import TrainingArguments
-
-from hf_ghosts.presets import build_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

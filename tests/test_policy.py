@@ -12,10 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import tiny_causal_lm, token_batch, token_dataset
+from presets import spike_loop
 from torch import nn
 
-from hf_ghosts import RhoController, RhoTrainer, RhoTrainingArguments
-from hf_ghosts.presets import spike_loop
+from hf_ghosts import RhoController, RhoTrainer, RhoTrainingArguments, policy
+from hf_ghosts.policy import ProbeSchedule, reused_scale
 from hf_ghosts.probe import attention
 from hf_ghosts.settings import DEFAULT_TARGETS, DEFAULT_TRIGGER_R
 
@@ -65,6 +66,50 @@ def test_without_triggers_every_k_is_a_fixed_schedule() -> None:
     records = [run.step(1e-4) for _ in range(7)]
     assert [rec["probed"] for rec in records] == [True, False, False, True, False, False, True]
     assert records[1]["rho"] == records[0]["rho"] and records[4]["rho"] == records[3]["rho"]
+
+
+def test_the_target_and_the_scale_are_computed_once_per_step(monkeypatch) -> None:
+    """``r*`` once per step; the scale once for the rho a step applies (a reused one inside ``reused_scale``, a
+    fresh one after the probe): the only second ``step_scale`` is the estimate with the old rho that a probe replaces."""
+    import hf_ghosts.controller as controller_module
+
+    calls: list[str] = []
+
+    def counted(name, function):
+        def wrapper(*args):
+            calls.append(name)
+            return function(*args)
+
+        return wrapper
+
+    monkeypatch.setattr(controller_module, "scheduled_target", counted("target", policy.scheduled_target))
+    monkeypatch.setattr(controller_module, "step_scale", counted("scale", policy.step_scale))
+    monkeypatch.setattr(policy, "step_scale", counted("scale", policy.step_scale))
+    run = FixedStep(every=3, trigger_r=math.inf, trigger_growth=math.inf)
+    per_step = []
+    for _ in range(4):
+        calls.clear()
+        record = run.step(1e-4)
+        per_step.append((record["probed"], sorted(calls)))
+    # probed (no rho yet), reused, reused, probed again after every = 3 steps (estimate with the old rho, then the new)
+    assert per_step == [(True, ["scale", "target"]), (False, ["scale", "target"]), (False, ["scale", "target"]),
+                        (True, ["scale", "scale", "target"])]
+
+
+def test_reused_scale_is_the_scale_of_the_last_rho_or_none_where_a_probe_is_due() -> None:
+    schedule = ProbeSchedule(every=4, trigger_r=0.5, trigger_growth=2.0)
+    # |u| = 0.3 against rho = 1 and r* = 2: r = 0.3 <= 0.5 * 2, clip leaves it (1.0); set scales to r* rho / |u|
+    assert reused_scale(schedule, "clip", 0.3, 2.0, 1.0, 1, 0.3) == 1.0
+    setting = ProbeSchedule(every=4, trigger_r=1.0, trigger_growth=2.0)  # "set" applies r = r*: trigger_r 1 reuses
+    assert reused_scale(setting, "set", 0.3, 2.0, 1.0, 1, 0.3) == pytest.approx(2.0 / 0.3)
+    assert reused_scale(schedule, "clip", 0.3, 2.0, None, 1, 0.3) is None  # no rho yet
+    assert reused_scale(schedule, "clip", 0.3, 2.0, math.nan, 1, 0.3) is None
+    assert reused_scale(schedule, "clip", 0.3, 2.0, 1.0, None, 0.3) is None  # the last probe is not to be trusted
+    assert reused_scale(schedule, "clip", 0.3, 2.0, 1.0, 4, 0.3) is None  # every
+    assert reused_scale(schedule, "clip", 0.7, 2.0, 1.0, 1, 0.3) is None  # |u| grew 2.3x
+    assert reused_scale(schedule, "clip", 1.1, 2.0, 1.0, 1, 1.0) is None  # r = 1.1 > 0.5 * 2
+    assert reused_scale(schedule, "monitor", 1.1, 2.0, 1.0, 1, 1.0) == 1.0  # the r trigger guards a rescale only
+    assert reused_scale(setting, "set", 0.3, 1.0, 1.0, 1, 0.3) == pytest.approx(1.0 / 0.3)  # the target it is given
 
 
 def test_a_tenfold_jump_of_the_update_norm_probes_at_once() -> None:
@@ -133,9 +178,10 @@ def test_resume_keeps_the_reference_of_the_last_probe() -> None:
     run.controller = resumed
     assert not run.step(1.5e-4)["probed"]  # within 2x of the |u| of the probe before the resume
     assert run.step(2.5e-4)["probed"]
-    legacy = {key: value for key, value in state.items() if key not in ("probe_step", "probe_norm")}
-    resumed.load_state_dict(legacy)  # a checkpoint written before the triggers existed: probe first
-    assert run.step(1e-4)["probed"]
+    partial = {key: value for key, value in state.items() if key not in ("probe_step", "probe_norm")}
+    with pytest.raises(ValueError, match=r"RhoController.load_state_dict: the state lacks \['probe_norm', 'probe_step'\]"):
+        resumed.load_state_dict(partial)  # no silent default: a state is what state_dict() returns
+    assert "config" not in state  # nothing is saved that load_state_dict does not read
 
 
 @pytest.mark.parametrize(

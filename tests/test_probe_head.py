@@ -486,7 +486,7 @@ class LlamaSubclass(LlamaForCausalLM):
 )
 def test_chunked_head_true_refuses_with_the_reason_and_the_fix(build, reason: str) -> None:
     model = build()
-    with pytest.raises(ValueError, match=rf"chunked_head=True, but {reason}.*Pass chunked_head=None .* \(or chunked_head=False\)"):
+    with pytest.raises(ValueError, match=rf"chunked_head=True given to RadiusProbe, but {reason}.*Pass chunked_head=None .* \(or chunked_head=False\)"):
         RadiusProbe(model, ("output",), chunked_head=True)
     RadiusProbe(model, ("output",))  # auto falls back to the full head
     RadiusProbe(model, ("output",), chunked_head=False)

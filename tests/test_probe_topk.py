@@ -104,7 +104,7 @@ def test_trainer_arguments_and_controller_carry_the_radius(tmp_path) -> None:
     args = RhoTrainingArguments(output_dir=str(tmp_path), rho_radius="topk_exact", rho_topk=3, report_to=[])
     assert args.rho_settings().radius == "topk_exact" and args.rho_settings().topk == 3
     controller = RhoController(tiny_causal_lm("gpt_neox"), settings=args.rho_settings())
-    assert controller.probe.radius == "topk_exact" and controller.probe.topk == 3
+    assert controller.probe.settings.radius == "topk_exact" and controller.probe.settings.topk == 3
     with pytest.raises(ValueError, match=r"RhoTrainingArguments.rho_radius: got 'exact'; expected one of \['bound', 'topk_exact'\]"):
         RhoTrainingArguments(output_dir=str(tmp_path), rho_radius="exact", report_to=[])
     with pytest.raises(ValueError, match=r"RhoTrainingArguments.rho_topk: got 0; expected an integer >= 1"):

@@ -1,4 +1,4 @@
-"""End-to-end smoke tests of the recipes (tiny presets, a few steps, offline) and of hf_ghosts.presets."""
+"""End-to-end smoke tests of the recipes (tiny presets, a few steps, offline) and of recipes/presets.py."""
 
 from __future__ import annotations
 
@@ -12,19 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SMALL_DATA, assert_png, recipe
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from hf_ghosts.presets import (
+from presets import (
     MODEL_PRESETS,
     build_model,
-    lm_blocks,
     preset_config,
-    pydoc_splits,
     spike_loop,
     spike_schedule,
     spiked,
     train_bpe_tokenizer,
 )
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_ghosts.cli.data import lm_blocks, pydoc_splits
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: a second thread buys nothing
 

@@ -346,7 +346,7 @@ def test_fd_on_saturated_softcapped_logits_stays_within_one_percent_of_jvp(norm_
     fd = probe.measure(batch, direction)
     torch.testing.assert_close(fd.rho_out, jvp.rho_out, rtol=1e-2, atol=0)
     # the guard fired: a second pair of forwards at the wider step w, then the step check's pair at w / 2
-    assert len(forwards) == 6 and float(fd.fd_step) > 2 * probe.fd_step
+    assert len(forwards) == 6 and float(fd.fd_step) > 2 * probe.settings.fd_step
 
 
 def test_fd_rounding_guard_costs_nothing_on_ordinary_logits() -> None:

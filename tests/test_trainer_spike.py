@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import rho_args, tiny_causal_lm
 from datasets import Dataset
+from presets import pydoc_text, spike_schedule
 from transformers import Trainer, TrainerCallback
 
 from hf_ghosts import RhoTrainer
-from hf_ghosts.presets import pydoc_text, spike_schedule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -6,7 +6,7 @@
     hf-ghosts plot outputs/run                                    # ghosts.png from trainer_state.json
 
 Bad input (not a checkpoint, no data, a radius the model cannot give, ...) exits with status 2 and a
-message that names the problem and the fix.
+message that names the problem and the fix; so does a missing ``cli`` extra (matplotlib, datasets).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from hf_ghosts._optional import MissingExtraError
 from hf_ghosts.cli.data import DEFAULT_BATCHES
 from hf_ghosts.cli.errors import CliError
 from hf_ghosts.settings import ESTIMATORS, SETTINGS, RhoSettings
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             from hf_ghosts.cli.plot import run_plot
 
             run_plot(args)
-    except CliError as error:
+    except (CliError, MissingExtraError) as error:  # bad input, or the cli extra not installed
         print(f"hf-ghosts {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from hf_ghosts import radii
+from hf_ghosts._optional import require
 from hf_ghosts.cli.checkpoint import Checkpoint, find_checkpoints, has_model, load_checkpoint
 from hf_ghosts.cli.data import build_batches, check_data_options
 from hf_ghosts.cli.errors import CliError
@@ -51,10 +52,11 @@ def token_table(probe: RadiusProbe, batch: Mapping[str, torch.Tensor], direction
     """
     rows = int(batch["input_ids"].shape[0])
     spreads, margins, predicted = [], [], []
+    estimator, fd_step = probe.slope_estimator(batch, direction)  # fd: the step its control checks on this batch
     for row in range(rows):
         inputs = {key: value[row : row + 1] if torch.is_tensor(value) and value.dim() else value
                   for key, value in batch.items()}
-        logits, slopes = probe.logit_slopes(inputs, direction)
+        logits, slopes = probe.logit_slopes(inputs, direction, estimator=estimator, fd_step=fd_step)
         spreads.append(radii.spread(slopes.float(), dim=-1)[0])
         top = logits[0].float().topk(2, dim=-1)
         margins.append(top.values[:, 0] - top.values[:, 1])
@@ -270,8 +272,9 @@ def _diagnose_one(args: argparse.Namespace, source: str, data: tuple | None = No
 
 def run_diagnose(args: argparse.Namespace) -> None:
     """``hf-ghosts diagnose``: one checkpoint, or with ``--all`` every checkpoint of a run."""
-    import datasets
     from transformers.utils import logging as hf_logging
+
+    datasets = require("datasets", extra="cli")
 
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()

@@ -8,6 +8,7 @@ One job per module, read from the bottom up:
                        (:func:`output_positions`)
 ``attention``          the ``"ghosts"`` attention: sdpa outside a probe; inside, the attention JVP with the score-slope
                        spread on the fly (jvp), eager with the capture (fd)
+``masks``              which keys a query may see: the one rule of the eager, blocked and Triton attention paths
 ``attention_jvp``      the query-blocked attention JVP (pure torch: every mask, softcap, GQA; no ``[B, H, T, T]``)
 ``attention_triton``   the fused Triton attention JVP on CUDA (``_attention_triton_kernel``: the kernel itself)
 ``norm_jvp``           LayerNorm / RMSNorm JVPs in closed form, and the norm modules run through them under forward AD
@@ -16,7 +17,8 @@ One job per module, read from the bottom up:
 ``head``               the chunked output head (logit-slope spreads over vocabulary blocks) and its glue
 ``core``               the ``jvp`` measuring path, probe mode, one measurement's session
 ``fd``                 the ``fd`` path: central differences, the rounding guard, the step control (error check, jvp fallback)
-``radius_probe``       :class:`RadiusProbe`: construction, ``measure``, ``logit_slopes``
+``radius_probe``       :class:`RadiusProbe`: construction, ``measure`` (fd: the step control chooses the step),
+                       ``measure_with`` (the estimator and fd step given), ``logit_slopes``
 ``sharded``            :class:`ShardedRadiusProbe`: central differences in the FSDP2 shards, in place
 =====================  ==================================================================================
 """

@@ -9,13 +9,22 @@ One program per (query block, batch x head); it streams the key blocks its queri
     acc_t = sum_k exp(S_k - m) (tS_k v_k + tv_k),    hi / lo: max / min of tS over allowed keys,
 
 rescaling by ``exp(m_old - m_new)`` when ``m`` grows. At the end ``O = acc / l`` and
-``tO = acc_t / l - (mu / l) O``; the row spread is ``hi - lo`` (``-inf`` for a row without keys).
+``tO = acc_t / l - (mu / l) O``; the row spread is ``hi - lo`` (``-inf`` for a row without keys). Which keys a
+query sees is :func:`hf_ghosts.probe.masks.causal_keys`, compiled by ``triton.jit``.
 """
 
 from __future__ import annotations
 
+import types
+
 import triton
 import triton.language as tl
+
+from hf_ghosts.probe.masks import causal_keys
+
+# The keys a query may see: the torch paths' definition itself, compiled. Bound to this module's globals, where
+# triton.language is (Triton's CPU interpreter looks for it there; hf_ghosts.probe.masks does not import triton).
+_causal_keys = triton.jit(types.FunctionType(causal_keys.__code__, globals(), causal_keys.__name__))
 
 
 @triton.jit
@@ -75,10 +84,8 @@ def attention_jvp_kernel(
         ts = tl.dot(tq, k_t, input_precision=DOT_PRECISION)
         ts = (ts + tl.dot(q, tl.trans(tk), input_precision=DOT_PRECISION)) * scaling
         allowed = m_valid[:, None] & n_valid[None, :]
-        if CAUSAL:
-            allowed = allowed & (offs_n[None, :] <= q_pos[:, None])
-            if HAS_WINDOW:
-                allowed = allowed & (offs_n[None, :] > q_pos[:, None] - window)
+        if CAUSAL:  # the rule of hf_ghosts.probe.masks, compiled here
+            allowed = _causal_keys(allowed, q_pos[:, None], offs_n[None, :], window, HAS_WINDOW)
         if HAS_KP:
             keep = tl.load(KP + b * k_len + offs_n, mask=n_valid, other=0)
             allowed = allowed & (keep != 0)[None, :]

@@ -29,6 +29,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from hf_ghosts.compat import repeat_kv, sdpa_attention_forward, sdpa_mask, sdpa_mask_without_sync
 from hf_ghosts.probe.attention_jvp import attention_jvp
 from hf_ghosts.probe.attention_triton import attention_jvp_triton, triton_available
+from hf_ghosts.probe.masks import allowed_keys
 from hf_ghosts.radii import spread
 
 __all__ = [
@@ -69,7 +70,7 @@ class ScoreCapture:
 
     mode: Pass
     query_mask: torch.Tensor | None = None
-    fd_step: float = 0.0
+    fd_step: float | None = None  # the step h of central differences (None: a jvp)
     spreads: dict[int, torch.Tensor] = field(default_factory=dict)
     plus_scores: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     calls: int = 0
@@ -113,6 +114,12 @@ def capture_scores(capture: ScoreCapture) -> Iterator[ScoreCapture]:
         _STATE.capture = None
 
 
+def _causal_call(module: torch.nn.Module, q_len: int, sliding_window: int | None) -> bool:
+    """Whether an attention call without a mask is causal: a causal module (``is_causal``, default True), unless it
+    attends with one query and no window (decoding: every key is in the past)."""
+    return getattr(module, "is_causal", True) and (q_len > 1 or sliding_window is not None)
+
+
 def _allowed_keys(
     module: torch.nn.Module,
     attention_mask: torch.Tensor | None,
@@ -127,15 +134,12 @@ def _allowed_keys(
     module, within ``sliding_window`` keys of the query if given, else everything), a boolean
     mask (True = attend) or an additive float mask. sdpa's mask function returns ``None`` for a
     batch without padding when causal attention (``is_causal``) is the same; with a window it is
-    materialized here: query ``q`` (at ``q + k_len - q_len``) sees keys ``q - window < k <= q``.
+    materialized here by :func:`~hf_ghosts.probe.masks.allowed_keys`: query ``q`` (at ``q + k_len - q_len``) sees
+    keys ``q - window < k <= q``.
     """
     if attention_mask is None:
-        if getattr(module, "is_causal", True) and (q_len > 1 or sliding_window is not None):
-            offset = k_len - q_len
-            allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(offset)
-            if sliding_window is not None:
-                allowed = allowed.triu(offset - int(sliding_window) + 1)
-            return allowed[None, None]
+        if _causal_call(module, q_len, sliding_window):
+            return allowed_keys((0, q_len), (0, k_len), k_len - q_len, causal=True, sliding_window=sliding_window, device=device)
         return torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=device)
     if attention_mask.dtype == torch.bool:
         return attention_mask[..., :k_len]
@@ -231,7 +235,7 @@ def _jvp_capture(
     q_len = q.shape[2]
     padding = next((pad for mask, pad in capture.causal_masks if mask is attention_mask), None)
     if attention_mask is None:
-        causal = getattr(module, "is_causal", True) and (q_len > 1 or sliding_window is not None)
+        causal = _causal_call(module, q_len, sliding_window)
         window = sliding_window if causal else None
     else:
         causal, window = padding is not None, None

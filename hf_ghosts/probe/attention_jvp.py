@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import torch
 
+from hf_ghosts.probe.masks import allowed_keys
+
 __all__ = ["AttentionJvp", "attention_jvp", "query_blocks"]
 
 
@@ -54,7 +56,6 @@ def query_blocks(q_len: int, k_len: int, block_size: int, causal: bool, sliding_
 
 def _block_allowed(
     *,
-    batch: int,
     heads: int,
     kv_heads: int,
     rows: tuple[int, int],
@@ -66,19 +67,13 @@ def _block_allowed(
     key_padding: torch.Tensor | None,
     device: torch.device,
 ) -> torch.Tensor | None:
-    """Boolean mask broadcastable to ``[B, Hkv, g, rows, keys]`` (True = attend), or None (all keys)."""
+    """Boolean mask broadcastable to ``[B, Hkv, g, rows, keys]`` (True = attend), or None (all keys): the causal rule
+    and key padding of :func:`~hf_ghosts.probe.masks.allowed_keys`, and ``attention_mask``."""
     (r0, r1), (lo, hi) = rows, keys
-    allowed = None
-    if causal:
-        q_pos = torch.arange(r0 + offset, r1 + offset, device=device)[:, None]
-        k_pos = torch.arange(lo, hi, device=device)[None, :]
-        allowed = k_pos <= q_pos
-        if sliding_window is not None:
-            allowed &= k_pos > q_pos - int(sliding_window)
-        allowed = allowed[None, None, None]
-    if key_padding is not None:
-        pad = key_padding[:, None, None, None, lo:hi].to(torch.bool)
-        allowed = pad if allowed is None else allowed & pad
+    allowed = allowed_keys(rows, keys, offset, causal=causal, sliding_window=sliding_window, key_padding=key_padding,
+                           device=device)
+    if allowed is not None:
+        allowed = allowed[:, :, None]  # [B|1, 1, 1, rows, keys]: every head of a GQA group alike
     if attention_mask is not None:
         mask = attention_mask[..., r0:r1, :] if attention_mask.shape[-2] != 1 else attention_mask
         mask = mask[..., lo:hi]
@@ -227,7 +222,6 @@ def attention_jvp(
         scores = scores.unflatten(2, (groups, n))  # [B, Hkv, g, n, keys]
         slopes = slopes.unflatten(2, (groups, n))
         allowed = _block_allowed(
-            batch=batch,
             heads=heads,
             kv_heads=kv_heads,
             rows=(r0, r1),

@@ -50,3 +50,9 @@ class FlatBuffer:
             self._layout, self._views, self.flat = layout, views, flat
         torch._foreach_copy_(list(self._views.values()), [t.detach() for t in tensors.values()])
         return dict(self._views)
+
+    def cast(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` detached, the floating ones in the buffer's dtype: as they are where they are in it (no copy),
+        else cast into the buffer by one :meth:`fill` (a bf16 probe of fp32 weights)."""
+        kept = {name: t.detach() for name, t in tensors.items()}
+        return {**kept, **self.fill({n: t for n, t in kept.items() if t.is_floating_point() and t.dtype != self.dtype})}

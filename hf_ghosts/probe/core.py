@@ -54,8 +54,9 @@ class Session:
     wider_step: float | None = None  # fd: a wider h to measure once more at (fd_wider_step)
 
     @classmethod
-    def start(cls, first: Pass, token_mask: torch.Tensor | None, fd_step: float, *, record: bool) -> Session:
-        """A session whose first forward is ``first``; the attention capture reads real queries off ``token_mask``."""
+    def start(cls, first: Pass, token_mask: torch.Tensor | None, fd_step: float | None, *, record: bool) -> Session:
+        """A session whose first forward is ``first`` (central differences: at the step ``fd_step``; ``None``: a
+        jvp); the attention capture reads real queries off ``token_mask``."""
         query_mask = None if token_mask is None else token_mask.bool()
         return cls(ScoreCapture(first, query_mask, fd_step, record=record))
 

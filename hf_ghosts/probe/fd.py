@@ -129,7 +129,9 @@ def step_errors(wide: RadiusReport, narrow: RadiusReport, h1: float, h2: float) 
     return change * h1 * h1 / gap, change * h2 * h2 / gap
 
 
-Measure = Callable[[float], tuple[RadiusReport, float | None]]  # h -> (report at h, the rounding guard's wider h)
+# h -> (the report measured by fd at the step h, the rounding guard's wider h or None): a measurement with the step as
+# its argument (RadiusProbe._measure_once), so the control changes nothing of the probe's
+Measure = Callable[[float], tuple[RadiusReport, float | None]]
 
 
 @dataclass
@@ -159,8 +161,9 @@ class FdStepControl:
     warned: bool = False
 
     def measure(self, at: Measure, jvp: Callable[[], RadiusReport], pieces: Tensors) -> RadiusReport:
-        """The report of this probe: ``at(h)`` measures by fd at ``h``, ``jvp()`` by forward-mode AD; ``pieces``
-        is the direction (its make-up decides a check). The report carries ``fd_step``, ``fd_error``, ``fd_fallback``."""
+        """The report of this probe at the step the control chose: ``at(h)`` measures by fd at the step ``h`` it is
+        given, ``jvp()`` by forward-mode AD; ``pieces`` is the direction (its make-up decides a check). The report
+        carries the step (``fd_step``; also :attr:`step`), ``fd_error`` and ``fd_fallback``."""
         if self._due(pieces):
             report, self.step, self.error = self._check(at)
             used, self.since_check = self.step, 0
@@ -173,7 +176,7 @@ class FdStepControl:
             report, used = (None, self.step) if self.fallback else self._guarded(at, self.step)
         if self.fallback:
             report = jvp()
-        device = _device_of(report)
+        device = report.device
         return replace(
             report, fd_step=torch.tensor(used, dtype=torch.float64, device=device),
             fd_error=None if self.error is None else torch.tensor(self.error, dtype=torch.float64, device=device),
@@ -226,11 +229,18 @@ class FdStepControl:
         wide, h1 = self._guarded(at, start)
         if all(getattr(wide, name) is None for name in _SPREADS):  # FFN radii only: nothing to estimate the error on
             return wide, h1, None
-        floor = min(h1 / 2, max(self.ceiling * FD_MIN_STEP_SHARE, h1 / 2 if h1 > start else 0.0))
+        # The narrowest step a further try may take (the first try halves h1 whatever the floor: it estimates the error).
+        smallest = self.ceiling * FD_MIN_STEP_SHARE  # never below a fixed share of fd_step (rounding grows as 1 / h)
+        widened = h1 / 2 if h1 > start else 0.0  # where the rounding guard widened h1, never below half of it
+        floor = max(smallest, widened)  # a floor at or above the step in hand ends the check (h2 >= h1 below)
         best = None
         error1 = math.inf
         for _ in range(FD_TRIES + 1):
-            h2 = h1 / 2 if best is None else max(floor, min(h1 / 2, h1 * math.sqrt(FD_TOLERANCE / (2 * error1))))
+            if best is None:
+                h2 = h1 / 2  # the first try halves the step
+            else:  # the error falls as h^2: aim at half the tolerance, at least halving, never below the floor
+                aimed = h1 * math.sqrt(FD_TOLERANCE / (2 * error1))
+                h2 = max(floor, min(h1 / 2, aimed))
             if h2 >= h1:
                 break
             narrow, _ = at(h2)
@@ -261,10 +271,3 @@ class FdStepControl:
             "ghosts/fd_fallback. (Warned once.)", self.error, self.step, FD_ERROR_LIMIT, then,
         )
 
-
-def _device_of(report: RadiusReport) -> torch.device:
-    for name in ("out_spread", "attn_spread", "ffn_radius", "ffn_activation_radius"):
-        value = getattr(report, name)
-        if value is not None:
-            return value.device
-    return torch.device("cpu")

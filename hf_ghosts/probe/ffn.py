@@ -18,6 +18,7 @@ import torch.autograd.forward_ad as fwAD
 from hf_ghosts.architectures import FfnSpec, find_ffn_modules, resolve_ffn_activation, resolve_ffn_spec
 from hf_ghosts.probe.attention import Pass
 from hf_ghosts.radii import activation_radius
+from hf_ghosts.settings import RhoSettings
 
 __all__ = ["FfnRecorder", "FfnTargets"]
 
@@ -40,7 +41,7 @@ class FfnRecorder:
         forms: Sequence[str],
         quantile: float,
         activation: str | None,
-        fd_step: float,
+        fd_step: float | None,
     ) -> None:
         self.modules, self.forms, self.quantile, self.activation = modules, tuple(forms), quantile, activation
         self.fd_step = fd_step
@@ -115,18 +116,24 @@ class FfnTargets:
     activation: str | None = None
 
     @classmethod
-    def of(
-        cls, model: torch.nn.Module, radii: tuple[str, ...], ffn_mode: str, ffn_spec: FfnSpec | None, radii_name: str
-    ) -> FfnTargets:
-        """Resolved for ``model`` (``ffn_spec``, else :data:`~hf_ghosts.architectures.ARCHITECTURES`)."""
-        forms = {name: form for name, form in (("ffn", ffn_mode), ("ffn_activation", "activation")) if name in radii}
+    def of(cls, model: torch.nn.Module, settings: RhoSettings, ffn_spec: FfnSpec | None) -> FfnTargets:
+        """Resolved for ``model`` (``ffn_spec``, else :data:`~hf_ghosts.architectures.ARCHITECTURES`); an error says
+        how ``settings``' caller passes ``ffn_spec`` (:meth:`~hf_ghosts.settings.RhoSettings.probe_keyword`)."""
+        measured = settings.measured
+        forms = {name: form for name, form in (("ffn", settings.ffn_mode), ("ffn_activation", "activation"))
+                 if name in measured}
         if not forms:
             return cls(forms, {})
-        spec = resolve_ffn_spec(model, ffn_spec, radii_name)
-        modules = find_ffn_modules(model, spec)
+        spelled, taker = settings.probe_keyword("ffn_spec")
+        route = f"`{spelled}=...` to {taker}"
+        held = [settings.name(key) for key in ("radii", "watch_radii") if set(forms) & set(getattr(settings, key))]
+        drop = f"{', '.join(map(repr, forms))} from {' and '.join(held)}"
+        spec = resolve_ffn_spec(model, ffn_spec, route=route, drop=drop)
+        modules = find_ffn_modules(model, spec, route)
         activation = resolve_ffn_activation(model, spec) if "activation" in forms.values() else None
         return cls(forms, modules, activation)
 
-    def recorder(self, quantile: float, fd_step: float) -> FfnRecorder:
-        """A fresh :class:`FfnRecorder` over the modules, each distinct form once."""
+    def recorder(self, quantile: float, fd_step: float | None) -> FfnRecorder:
+        """A fresh :class:`FfnRecorder` over the modules, each distinct form once (``fd_step``: the step of central
+        differences; ``None``: a jvp)."""
         return FfnRecorder(self.modules, tuple(dict.fromkeys(self.forms.values())), quantile, self.activation, fd_step)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from hf_ghosts.architectures import base_model_of, chunked_head_blocker
 from hf_ghosts.radii import TOPK_POOL, spread, topk_radius, widest_tokens
+from hf_ghosts.settings import RhoSettings
 
 __all__ = [
     "HeadReached",
@@ -190,14 +191,16 @@ class LinearHead:
     bias_name: str | None
 
     @classmethod
-    def of(cls, model: torch.nn.Module, chunked_head: bool | None) -> LinearHead | None:
-        """The head if the chunked head applies (``chunked_head`` not False; True: an error saying why it cannot)."""
+    def of(cls, model: torch.nn.Module, chunked_head: bool | None, settings: RhoSettings) -> LinearHead | None:
+        """The head if the chunked head applies (``chunked_head`` not False; True: an error saying why it cannot,
+        naming the keyword as ``settings``' caller passes it, :meth:`~hf_ghosts.settings.RhoSettings.probe_keyword`)."""
         blocker = None if chunked_head is False else chunked_head_blocker(model)
         if chunked_head is False or blocker is not None:
             if chunked_head:
+                spelled, taker = settings.probe_keyword("chunked_head")
                 raise ValueError(
-                    f"RadiusProbe: chunked_head=True, but {blocker}. Pass chunked_head=None to fall back to the "
-                    "full logits automatically (or chunked_head=False)"
+                    f"{spelled}=True given to {taker}, but {blocker}. Pass {spelled}=None to fall back to the "
+                    f"full logits automatically (or {spelled}=False)"
                 )
             return None
         module = base_model_of(model).get_output_embeddings()

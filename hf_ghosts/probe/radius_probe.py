@@ -21,6 +21,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 
 import torch
 from torch.func import functional_call
@@ -43,32 +44,46 @@ from hf_ghosts.probe.ffn import FfnTargets
 from hf_ghosts.probe.head import HeadReached, LinearHead, output_spread, stopping_at, topk_output_radius
 from hf_ghosts.probe.inputs import forward_kwargs, logits_of, output_positions, query_positions, shifts_labels
 from hf_ghosts.probe.report import RadiusReport
-from hf_ghosts.settings import DEFAULT_RADII, ESTIMATORS, PROBE_DTYPES, RhoSettings
+from hf_ghosts.settings import DEFAULT_RADII, ESTIMATORS, MODEL_KEYWORDS, PROBE_DTYPES, RhoSettings
 
 __all__ = ["RadiusProbe"]
 
 
 def probe_settings(
     caller: str, settings: RhoSettings | None, radii: tuple[str, ...] | list[str] | str, estimator: str,
-    dtype: torch.dtype | str, keywords: dict[str, object],
-) -> RhoSettings:
+    dtype: torch.dtype | str, keywords: Mapping[str, object],
+) -> tuple[RhoSettings, dict[str, object]]:
     """The probe's settings: ``settings`` as the controller resolved them (:meth:`RhoSettings.resolved`), or built
-    here, once, from the probe's own keywords (``radii``, ``estimator``, ``dtype``, ``fd_step``, ...). Either way the
+    here, once, from the probe's own keywords (``radii``, ``estimator``, ``dtype``, ``fd_step``, ...)
+    (:meth:`RhoSettings.from_call`); and the keywords that are no setting (:data:`MODEL_KEYWORDS`). Either way the
     estimator and the dtype must be resolved: ``"auto"`` is the controller's to decide."""
+    fixed = {}
     if settings is None:
         if estimator not in ESTIMATORS:  # "auto" is the controller's to resolve
             hint = " (resolve 'auto' with hf_ghosts.settings.RhoSettings.resolved)" if estimator == "auto" else ""
             raise ValueError(f"{caller}.estimator: got {estimator!r}; expected one of {list(ESTIMATORS)}{hint}")
         name = dtype if isinstance(dtype, str) else next((k for k, v in PROBE_DTYPES.items() if v == dtype), str(dtype))
-        settings = RhoSettings.of(caller, "probe", radii=radii, estimator=estimator, probe_dtype=name, **keywords)
-    elif keywords:
-        raise TypeError(f"{caller}: pass the settings either as settings= or as keywords, not both ({sorted(keywords)})")
+        fixed = dict(radii=radii, estimator=estimator, probe_dtype=name)
+    settings, rest = RhoSettings.from_call(caller, settings, keywords, allowed=MODEL_KEYWORDS, spelling="probe", **fixed)
     if settings.estimator not in ESTIMATORS:
         raise settings.error("estimator", f"got {settings.estimator!r}; resolve it first (RhoSettings.resolved)")
     if settings.dtype is None:
         raise settings.error("probe_dtype", f"got {settings.probe_dtype!r}; expected a torch dtype or one of "
                              f"{[name for name, value in PROBE_DTYPES.items() if value is not None]}")
-    return settings
+    return settings, rest
+
+
+def check_estimate(owner: str, settings: RhoSettings, estimator: str, fd_step: float | None, forward_ad: bool) -> None:
+    """Refuse a measurement by ``estimator`` (``"fd"``: at the step ``fd_step``) that the probe cannot make: an
+    unknown estimator, ``"jvp"`` without forward-mode AD (FSDP2), ``"fd"`` without a finite step > 0 or in 16 bits."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"{owner}: estimator {estimator!r}; expected one of {list(ESTIMATORS)}")
+    if estimator == "jvp" and not forward_ad:
+        raise ValueError(f"{owner}: this probe has no forward-mode AD (FSDP2); measure with estimator='fd'")
+    if estimator == "fd":
+        if isinstance(fd_step, bool) or not isinstance(fd_step, (int, float)) or not 0 < fd_step < math.inf:
+            raise ValueError(f"{owner}: estimator 'fd' needs fd_step, a finite number > 0; got {fd_step!r}")
+        settings.refuse_fd_in_16_bits(settings.dtype)
 
 
 def _check_attention_routed(model: torch.nn.Module, settings: RhoSettings) -> None:
@@ -100,6 +115,12 @@ def checked_norm(owner: str, norm: float) -> float:
             "direction (a zero update has nothing to measure; a NaN update must be rejected before probing)"
         )
     return norm
+
+
+def norm_of(owner: str, pieces: Mapping[str, torch.Tensor]) -> float:
+    """``|d| = sqrt(sum_i |d_i|^2)``: per-tensor norms by ``torch._foreach_norm``, summed in float64, checked."""
+    norms = torch.stack(torch._foreach_norm([d.detach() for d in pieces.values()])).double()
+    return checked_norm(owner, float(torch.linalg.vector_norm(norms)))  # host sync
 
 
 class RadiusProbe:
@@ -155,27 +176,36 @@ class RadiusProbe:
         chunked_head: bool | None = None,
         **keywords: object,
     ) -> None:
-        settings = probe_settings(type(self).__name__, settings, radii, estimator, dtype, keywords)
+        settings, _ = probe_settings(type(self).__name__, settings, radii, estimator, dtype, keywords)
         model = original_module(model)  # torch.compile(model): measure the eager module (same parameters)
-        self.settings, self.model, self.radii, self.estimator = settings, model, settings.measured, settings.estimator
-        self.fd_step, self.ffn_mode, self.ffn_quantile, self.dtype = (
-            settings.fd_step, settings.ffn_mode, settings.ffn_quantile, settings.dtype
-        )
-        self.shift_labels, self.vocab_chunk, self.radius, self.topk = (
-            shift_labels, settings.vocab_chunk, settings.radius, settings.topk
-        )
+        self.settings, self.model, self._shift_labels = settings, model, shift_labels
         _check_attention_routed(model, settings)
-        self._ffn = FfnTargets.of(model, self.radii, self.ffn_mode, ffn_spec, settings.name("radii"))
+        self._ffn = FfnTargets.of(model, settings, ffn_spec)
         self.trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        self._head = LinearHead.of(model, chunked_head)
-        self._eager_experts = needs_eager_experts(model, self.estimator)
-        self._weight_buffer, self._direction_buffer = FlatBuffer(self.dtype), FlatBuffer(self.dtype)
+        self._head = LinearHead.of(model, chunked_head, settings)
+        self._jvp_eager_experts = needs_eager_experts(model, "jvp")  # MoE experts a jvp runs eagerly
+        self._weight_buffer, self._direction_buffer = FlatBuffer(settings.dtype), FlatBuffer(settings.dtype)
         # the attention JVPs the last measurement ran ("triton", "blocked"; empty: none ran, e.g. fd)
         self.attention_kernels: tuple[str, ...] = ()
         # fd: the step that keeps its estimated error small, and a fallback to jvp where none does (hf_ghosts.probe.fd)
-        self.fd_control = FdStepControl(self.fd_step, self.forward_ad, self._agree) if self.estimator == "fd" else None
+        self.fd_control = FdStepControl(settings.fd_step, self.forward_ad, self._agree) if settings.estimator == "fd" else None
 
     forward_ad = True  # whether a jvp can stand in where fd cannot reach its error limit (not under FSDP2)
+
+    @property
+    def estimator(self) -> str:
+        """How :meth:`measure` takes the slopes (``settings.estimator``; fd's step control may measure by jvp)."""
+        return self.settings.estimator
+
+    @property
+    def radii(self) -> tuple[str, ...]:
+        """The radii measured: the limiting ones, then the watched ones (``settings.measured``)."""
+        return self.settings.measured
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the probe's forwards (``settings.dtype``)."""
+        return self.settings.dtype
 
     def _agree(self, value: float) -> float:
         """``value`` made the same on every process that measures together (one process: itself)."""
@@ -190,26 +220,17 @@ class RadiusProbe:
         ``norm``: ``|d|`` as the caller has it (the controller: no host sync here); ``None``: ``|d| = sqrt(sum_i
         |d_i|^2)``, per-tensor norms by ``torch._foreach_norm`` summed in float64, checked finite and non-zero.
         """
-        check_direction(type(self).__name__, direction, self.trainable)
+        owner = type(self).__name__
+        check_direction(owner, direction, self.trainable)
         if self.dtype == torch.float16:  # fp16 is subnormal below 6e-5 (an update's entries): cast the unit direction
-            norm = self._norm_of(direction) if norm is None else norm
+            norm = norm_of(owner, direction) if norm is None else norm
             return {name: (d.detach() / norm).to(self.dtype) for name, d in direction.items()}, 1.0
-        pieces = self._in_dtype(direction, self._direction_buffer)
-        return pieces, self._norm_of(pieces) if norm is None else norm
-
-    def _norm_of(self, pieces: Mapping[str, torch.Tensor]) -> float:
-        norms = torch.stack(torch._foreach_norm([d.detach() for d in pieces.values()])).double()
-        return checked_norm(type(self).__name__, float(torch.linalg.vector_norm(norms)))  # host sync
+        pieces = self._direction_buffer.cast(direction)
+        return pieces, norm_of(owner, pieces) if norm is None else norm
 
     def _weights(self, params: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        base = dict(self.trainable) if params is None else {**self.trainable, **params}
-        return self._in_dtype(base, self._weight_buffer)
-
-    def _in_dtype(self, tensors: Mapping[str, torch.Tensor], buffer: FlatBuffer) -> dict[str, torch.Tensor]:
-        """Floating tensors in the probe's dtype: as they are where they are in it (no copy), else cast into the
-        persistent flat ``buffer`` by one foreach copy (a bf16 probe of fp32 weights)."""
-        kept = {name: t.detach() for name, t in tensors.items()}
-        return {**kept, **buffer.fill({n: t for n, t in kept.items() if t.is_floating_point() and t.dtype != self.dtype})}
+        """The weights to measure at, in the probe's dtype: the trainable parameters, ``params`` where given."""
+        return self._weight_buffer.cast(dict(self.trainable) if params is None else {**self.trainable, **params})
 
     def _intact(self) -> contextlib.AbstractContextManager:
         """Around a whole measurement: what keeps the model's weights as found (nothing: forwards are functional)."""
@@ -229,20 +250,23 @@ class RadiusProbe:
             return None
 
     @contextlib.contextmanager
-    def _measuring(self, inputs: Mapping[str, torch.Tensor], *, record: bool) -> Iterator[Session]:
-        """Probe mode and ghosts attention; with ``record``, the attention capture, FFN hooks and the head's stop."""
-        token_mask = inputs.get("attention_mask")
-        first = Pass.JVP if self.estimator == "jvp" else Pass.FD_PLUS
-        session = Session.start(first, token_mask, self.fd_step, record=record and "attention" in self.radii)
-        session.wants_rows = record and self.radius == "topk_exact"
-        ghosts = routes_through_ghosts(self.model, self.radii, self.estimator)
+    def _measuring(
+        self, inputs: Mapping[str, torch.Tensor], *, estimator: str, fd_step: float | None, record: bool
+    ) -> Iterator[Session]:
+        """Probe mode and ghosts attention for one measurement by ``estimator`` (``"fd"``: at the step ``fd_step``);
+        with ``record``, the attention capture, FFN hooks and the head's stop."""
+        radii, token_mask, jvp = self.settings.measured, inputs.get("attention_mask"), estimator == "jvp"
+        first = Pass.JVP if jvp else Pass.FD_PLUS
+        session = Session.start(first, token_mask, fd_step, record=record and "attention" in radii)
+        session.wants_rows = record and self.settings.radius == "topk_exact"
+        ghosts = routes_through_ghosts(self.model, radii, estimator)
         with contextlib.ExitStack() as stack:
             if record and self._ffn.modules:
-                session.ffn = self._ffn.recorder(self.ffn_quantile, self.fd_step)
+                session.ffn = self._ffn.recorder(self.settings.ffn_quantile, fd_step)
                 stack.enter_context(session.ffn.attached(token_mask, first))
             if record and self._head is not None:
                 stack.enter_context(stopping_at(self._head.module, session.head_inputs))
-            stack.enter_context(probe_mode(self.model, ghosts, self._eager_experts, self.estimator == "jvp"))
+            stack.enter_context(probe_mode(self.model, ghosts, jvp and self._jvp_eager_experts, jvp))
             if ghosts:
                 stack.enter_context(capture_scores(session.capture))
             yield session
@@ -267,85 +291,107 @@ class RadiusProbe:
 
         Returns:
             A :class:`RadiusReport` (on the model's device). ``"jvp"`` measures along ``direction`` itself (``J`` is
-            linear) and rescales the report by ``|direction|`` (:meth:`RadiusReport.along_unit`).
+            linear) and rescales the report by ``|direction|`` (:meth:`RadiusReport.along_unit`). ``"fd"``: the step
+            control (:attr:`fd_control`) chooses the step and may measure by jvp instead (:mod:`hf_ghosts.probe.fd`);
+            :meth:`measure_with` measures with a given estimator and step.
         """
         with self._intact():
             pieces, norm = self._direction_and_norm(direction, norm)
-            weights = self._weights(params)
+            once = functools.partial(self._measure_once, inputs, self._weights(params), pieces, norm)
             if self.fd_control is None:
-                return self._measure_once(inputs, weights, pieces, norm)[0]
-            at = functools.partial(self._fd_at, inputs, weights, pieces, norm)
-            return self.fd_control.measure(at, functools.partial(self._jvp_instead, inputs, weights, pieces, norm), pieces)
+                return once("jvp")[0]
+            return self.fd_control.measure(functools.partial(once, "fd"), lambda: once("jvp")[0], pieces)
 
-    def _fd_at(self, inputs: Tensors, weights: Tensors, pieces: Tensors, norm: float, step: float):
-        """fd's report at the step ``step``, and the rounding guard's wider step (``None``: none needed)."""
-        saved, self.fd_step = self.fd_step, step
-        try:
-            return self._measure_once(inputs, weights, pieces, norm)
-        finally:
-            self.fd_step = saved
+    def measure_with(
+        self, inputs: Tensors, direction: Tensors, params: Tensors | None = None, *, estimator: str,
+        fd_step: float | None = None, norm: float | torch.Tensor | None = None,
+    ) -> RadiusReport:
+        """One measurement by ``estimator``, ``"jvp"`` or ``"fd"`` at exactly the step ``fd_step`` (e.g. one the step
+        control chose, ``fd_control.step``): no step control, no rounding guard, and the probe's state (the
+        control's included) neither read nor changed. The report's ``fd_step`` is the step (``None``: jvp);
+        ``fd_error`` and ``fd_fallback`` are not set. Arguments and report otherwise as :meth:`measure`.
 
-    def _jvp_instead(self, inputs: Tensors, weights: Tensors, pieces: Tensors, norm: float) -> RadiusReport:
-        """The report measured by jvp, where fd cannot reach its error limit (:class:`~hf_ghosts.probe.fd.FdStepControl`)."""
-        saved = self.estimator, self._eager_experts
-        self.estimator, self._eager_experts = "jvp", needs_eager_experts(self.model, "jvp")
-        try:
-            return self._measure_once(inputs, weights, pieces, norm)[0]
-        finally:
-            self.estimator, self._eager_experts = saved
+        Example: ``probe.measure_with(batch, block, estimator="fd", fd_step=probe.fd_control.step)`` measures another
+        direction (a block of the update) at the step the last :meth:`measure` chose.
+        """
+        check_estimate(f"{type(self).__name__}.measure_with", self.settings, estimator, fd_step, self.forward_ad)
+        with self._intact():
+            pieces, norm = self._direction_and_norm(direction, norm)
+            return self._measure_once(inputs, self._weights(params), pieces, norm, estimator, fd_step)[0]
 
     def _measure_once(
-        self, inputs: Tensors, weights: Tensors, pieces: Tensors, norm: float | torch.Tensor
+        self, inputs: Tensors, weights: Tensors, pieces: Tensors, norm: float | torch.Tensor, estimator: str,
+        fd_step: float | None = None,
     ) -> tuple[RadiusReport, float | None]:
-        """The report, and fd's wider step where rounding swamped the differences (``None``: none needed)."""
+        """The report by ``estimator`` (``"fd"``: at the step ``fd_step``), and fd's wider step where rounding swamped
+        the differences (``None``: none needed)."""
         run = functools.partial(self._run, inputs=inputs)
-        path = dict(output="output" in self.radii, linear_head=self._head, chunk=self.vocab_chunk)
-        with self._measuring(inputs, record=True) as session:
-            if self.estimator == "jvp":  # along d itself: J d = |d| J v
+        report_of = functools.partial(session_report, self.model, self.settings, self._shift_labels, self._ffn, inputs)
+        path = dict(output="output" in self.settings.measured, linear_head=self._head, chunk=self.settings.vocab_chunk)
+        with self._measuring(inputs, estimator=estimator, fd_step=fd_step, record=True) as session:
+            if estimator == "jvp":  # along d itself: J d = |d| J v
                 per_position = jvp_spreads(run, session, weights, pieces, **path)
                 self.attention_kernels = tuple(sorted(kernel.value for kernel in session.capture.kernels))
-                return self._report(per_position, inputs, session).along_unit(norm), None
-            per_position = fd_spreads(run, session, weights, pieces, float(norm), fd_step=self.fd_step, **path)
-        return self._report(per_position, inputs, session), session.wider_step
+                return report_of(per_position, session).along_unit(norm), None
+            per_position = fd_spreads(run, session, weights, pieces, float(norm), fd_step=fd_step, **path)
+        report = report_of(per_position, session)
+        return replace(report, fd_step=torch.tensor(fd_step, dtype=torch.float64, device=report.device)), session.wider_step
 
     def logit_slopes(
-        self,
-        inputs: Mapping[str, torch.Tensor],
-        direction: Mapping[str, torch.Tensor],
-        params: Mapping[str, torch.Tensor] | None = None,
+        self, inputs: Tensors, direction: Tensors, params: Tensors | None = None, *, estimator: str | None = None,
+        fd_step: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits ``z`` at ``params`` and their slopes ``a = dz/dt`` along ``v = direction / |direction|``.
 
         The full head runs (``[..., classes]`` each, the probe's dtype), for work on every slope, e.g. an
         exact radius (:func:`~hf_ghosts.radii.exact_radius`). ``jvp``: ``a = J v`` by one forward-mode pass;
-        ``fd``: ``a = (z(theta + h v) - z(theta - h v)) / 2h`` and a third forward for ``z``. Nothing is
-        recorded and the model is left as found. Arguments as :meth:`measure`.
+        ``fd``: ``a = (z(theta + h v) - z(theta - h v)) / 2h`` and a third forward for ``z``. ``estimator`` and
+        ``fd_step`` as :meth:`measure_with`; left out, the probe's own for this direction (:meth:`slope_estimator`).
+        Nothing is recorded and the model is left as found. Arguments otherwise as :meth:`measure`.
         """
+        if estimator is None:
+            estimator, fd_step = self.slope_estimator(inputs, direction, params)
+        check_estimate(f"{type(self).__name__}.logit_slopes", self.settings, estimator, fd_step, self.forward_ad)
         with self._intact():
             pieces, norm = self._direction_and_norm(direction)
             weights = self._weights(params)
             forward = functools.partial(self._forward, inputs=inputs)
-            with self._measuring(inputs, record=False):
-                return full_logit_slopes(forward, weights, pieces, norm, estimator=self.estimator, fd_step=self.fd_step)
+            with self._measuring(inputs, estimator=estimator, fd_step=fd_step, record=False):
+                return full_logit_slopes(forward, weights, pieces, norm, estimator=estimator, fd_step=fd_step)
 
-    def _report(self, per_position: torch.Tensor | None, inputs: Tensors, session: Session) -> RadiusReport:
-        """The report from the per-position logit-slope spreads (``None``: no output radius) and the recorders."""
-        out_spread = output_tokens = attn = out_radius = None
-        if per_position is not None:
-            shape, device = per_position.shape, per_position.device
-            shift = shifts_labels(self.model, self.shift_labels)
-            positions = output_positions(inputs, shape, shift_labels=shift, device=device)
-            out_spread, output_tokens = output_spread(per_position, positions)
-            if self.radius == "topk_exact":
-                out_radius = topk_output_radius(per_position, positions, session.rows, self.topk)
-        attention_tokens = None
-        if "attention" in self.radii:
-            attn = attention_spread(session.capture, self.model)
-            attention_tokens = query_positions(inputs, attn.device)
-        ffn = {name: session.ffn.radius(form) for name, form in self._ffn.forms.items()}
-        return RadiusReport(
-            out_spread=out_spread, attn_spread=attn, ffn_radius=ffn.get("ffn"), output_tokens=output_tokens,
-            ffn_activation_radius=ffn.get("ffn_activation"), out_radius=out_radius,
-            ffn_tokens=session.ffn.tokens(next(iter(ffn.values())).device) if ffn else None,
-            attention_tokens=attention_tokens,
-        )
+    def slope_estimator(
+        self, inputs: Tensors, direction: Tensors, params: Tensors | None = None
+    ) -> tuple[str, float | None]:
+        """``(estimator, fd_step)`` of a measurement along ``direction`` on ``inputs``: ``("jvp", None)`` for a jvp
+        probe; an fd probe measures once (:meth:`measure`: its step control checks the step where a check is due) and
+        gives the step it measured at, or ``("jvp", None)`` where the control fell back to jvp."""
+        if self.fd_control is None:
+            return "jvp", None
+        report = self.measure(inputs, direction, params)
+        return ("jvp", None) if float(report.fd_fallback) else ("fd", float(report.fd_step))  # host sync
+
+
+def session_report(
+    model: torch.nn.Module, settings: RhoSettings, shift_labels: bool | None, ffn: FfnTargets, inputs: Tensors,
+    per_position: torch.Tensor | None, session: Session,
+) -> RadiusReport:
+    """The report of one measurement of ``model`` from the per-position logit-slope spreads (``None``: no output
+    radius) and the session's recorders (``ffn``: the FFN radii recorded)."""
+    out_spread = output_tokens = attn = out_radius = None
+    if per_position is not None:
+        shape, device = per_position.shape, per_position.device
+        positions = output_positions(inputs, shape, shift_labels=shifts_labels(model, shift_labels), device=device)
+        out_spread, output_tokens = output_spread(per_position, positions)
+        if settings.radius == "topk_exact":
+            out_radius = topk_output_radius(per_position, positions, session.rows, settings.topk)
+    attention_tokens = None
+    if "attention" in settings.measured:
+        attn = attention_spread(session.capture, model)
+        attention_tokens = query_positions(inputs, attn.device)
+    radii = {name: session.ffn.radius(form) for name, form in ffn.forms.items()}
+    return RadiusReport(
+        out_spread=out_spread, attn_spread=attn, ffn_radius=radii.get("ffn"), output_tokens=output_tokens,
+        ffn_activation_radius=radii.get("ffn_activation"), out_radius=out_radius,
+        ffn_tokens=session.ffn.tokens(next(iter(radii.values())).device) if radii else None,
+        attention_tokens=attention_tokens,
+    )

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from hf_ghosts.radii import rho_bound
-from hf_ghosts.settings import RADIUS_BY_NAME, RADIUS_TABLE, REDUCTIONS, Radius
+from hf_ghosts.settings import RADIUS_BY_NAME, RADIUS_TABLE, REPORT_FIELDS, Radius
 
 __all__ = ["RadiusReport"]
 
@@ -18,9 +18,10 @@ __all__ = ["RadiusReport"]
 class RadiusReport:
     """Spreads measured along a unit direction, and the radii they imply.
 
-    The raw fields reduce across processes as :data:`~hf_ghosts.settings.REDUCTIONS` says: spreads (``out_spread``, ``attn_spread``) with
-    MAX, radii (``ffn_radius``, ``ffn_activation_radius``, ``out_radius``) with MIN, ``output_tokens`` and
-    ``ffn_tokens`` with SUM, ``fd_step`` with MIN, ``fd_error`` and ``fd_fallback`` with MAX.
+    Each field has a kind (:data:`~hf_ghosts.settings.REPORT_FIELDS`) that says how it reduces across processes
+    (:data:`~hf_ghosts.settings.REDUCTIONS`) and scales with the direction's length (:meth:`along_unit`): spreads
+    (``out_spread``, ``attn_spread``) MAX, radii (``ffn_radius``, ``ffn_activation_radius``, ``out_radius``) MIN,
+    ``output_tokens``, ``ffn_tokens`` and ``attention_tokens`` SUM, ``fd_step`` MIN, ``fd_error`` and ``fd_fallback`` MAX.
 
     Attributes:
         out_spread: scalar, max over valid positions of the logit-slope spread (0 if none).
@@ -53,6 +54,12 @@ class RadiusReport:
     fd_error: torch.Tensor | None = None
     fd_fallback: torch.Tensor | None = None
     attention_tokens: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the measured fields (cpu where none is set)."""
+        value = next((getattr(self, name) for name in REPORT_FIELDS if getattr(self, name) is not None), None)
+        return torch.device("cpu") if value is None else value.device
 
     @property
     def rho_out(self) -> torch.Tensor | None:
@@ -146,19 +153,18 @@ class RadiusReport:
     def along_unit(self, length: float | torch.Tensor) -> RadiusReport:
         """The report along ``v = d / |d|`` from one measured along ``d`` itself, ``length = |d|``.
 
-        The slopes are linear in the direction (``J d = |d| J v``): spreads divide by ``|d|``, radii (lengths along
-        the direction) multiply by it, counts stay. On the device, no host sync.
+        The slopes are linear in the direction (``J d = |d| J v``): each field is multiplied by
+        ``|d| ** length_power`` of its kind (:data:`~hf_ghosts.settings.REPORT_FIELDS`): spreads divide by ``|d|``,
+        radii (lengths along the direction) multiply by it, counts and fd's numbers stay. On the device, no host sync.
         """
 
         def scaled(value: torch.Tensor, power: int) -> torch.Tensor:
+            if power == 0:
+                return value
             factor = length.to(value.device, value.dtype) if isinstance(length, torch.Tensor) else length
             return value / factor if power < 0 else value * factor
 
-        return self.map(lambda s: scaled(s, -1), lambda r: scaled(r, 1), lambda n: n)
-
-    def map(self, fn_max, fn_min, fn_sum) -> RadiusReport:
-        """Apply reductions field-wise as :data:`~hf_ghosts.settings.REDUCTIONS` says (MAX to spreads, MIN to radii, SUM to counts)."""
-        reduce = {"max": fn_max, "min": fn_min, "sum": fn_sum}
         return replace(self, **{
-            name: None if getattr(self, name) is None else reduce[how](getattr(self, name)) for name, how in REDUCTIONS.items()
+            name: None if getattr(self, name) is None else scaled(getattr(self, name), kind.length_power)
+            for name, kind in REPORT_FIELDS.items()
         })

@@ -21,7 +21,7 @@ from hf_ghosts import compat
 from hf_ghosts.distributed import FSDPModule, global_norm, local_tensor, max_over_ranks
 from hf_ghosts.probe.inputs import forward_kwargs, logits_of
 from hf_ghosts.probe.radius_probe import RadiusProbe, check_direction, checked_norm, probe_settings
-from hf_ghosts.settings import DEFAULT_RADII, SETTINGS, RhoSettings
+from hf_ghosts.settings import DEFAULT_RADII, RhoSettings
 
 __all__ = ["ShardedRadiusProbe"]
 
@@ -35,7 +35,7 @@ class ShardedRadiusProbe(RadiusProbe):
     and reshards every FSDP module before and after, so no forward reuses unsharded parameters
     gathered earlier (``reshard_after_forward=False`` would keep them). Each measurement saves the
     shards first, moves from those copies and copies them back afterwards: the model is left
-    bit-identical. All ranks must call :meth:`measure` (or :meth:`logit_slopes`) together
+    bit-identical. All ranks must call :meth:`measure` (or :meth:`measure_with`, :meth:`logit_slopes`) together
     (collectives inside); its report is this rank's, to be reduced with
     :func:`~hf_ghosts.distributed.all_reduce_report`.
 
@@ -56,10 +56,9 @@ class ShardedRadiusProbe(RadiusProbe):
         settings: RhoSettings | None = None,
         **keywords: Any,
     ) -> None:
-        given = {key: keywords.pop(key) for key in list(keywords) if key in SETTINGS}
-        settings = probe_settings(type(self).__name__, settings, radii, estimator, dtype, given)
+        settings, model_keywords = probe_settings(type(self).__name__, settings, radii, estimator, dtype, keywords)
         # FSDP2 means the fp32 fd probe: decided by RhoSettings.resolved, as for the controller ("jvp" is logged)
-        super().__init__(model, settings=settings.resolved(torch.float32, "cpu", sharded=True), **keywords)
+        super().__init__(model, settings=settings.resolved(torch.float32, "cpu", sharded=True), **model_keywords)
         self._saved: dict[str, torch.Tensor] = {}
         self._fsdp_modules = [m for m in model.modules() if FSDPModule is not None and isinstance(m, FSDPModule)]
         wrong = sorted({str(p.dtype) for p in self.trainable.values() if p.dtype != self.dtype})

@@ -1,31 +1,27 @@
-"""Offline building blocks for the recipes: Pythia-shaped models, a local BPE tokenizer, a corpus.
+"""Offline building blocks of the recipes and benchmarks: Pythia-shaped models, a local BPE tokenizer, the LR spike.
 
-Nothing here touches the network. ``MODEL_PRESETS`` holds GPT-NeoX configs with the shapes of
-EleutherAI's Pythia suite (hidden size, layers, heads, FFN width, rotary fraction, parallel
-residual), plus tiny CPU presets and a tiny Llama for a second architecture family. The
-vocabulary is left to the tokenizer: :func:`build_model` sizes the embeddings to it.
-:func:`train_bpe_tokenizer` trains a byte-level BPE tokenizer (``tokenizers``) in well under a
-second on :func:`pydoc_corpus`, the English prose and code that ships with Python
-(``pydoc_data.topics``). :func:`lm_blocks` turns a text dataset into fixed-length causal-LM
-blocks whose ``labels`` equal ``input_ids`` (the model shifts them), ready for
-``transformers.default_data_collator``. :func:`spike_multiplier`, :func:`spike_schedule`, :func:`spiked`
-(a Trainer class whose schedule is spiked, replaced or multiplied) and :func:`spike_loop` are the
-learning-rate spike of the paper's Table 1, shared by ``recipes/spike_test.py``, ``recipes/lr_free.py``,
-``benchmarks/accuracy.py`` and the tests.
+Recipe code, not the library's (the package ships none of it): ``python recipes/<name>.py`` imports it as
+``presets``, the benchmarks put ``recipes/`` on ``sys.path`` for it. Nothing here touches the network.
+``MODEL_PRESETS`` holds GPT-NeoX configs with the shapes of EleutherAI's Pythia suite (hidden size, layers, heads,
+FFN width, rotary fraction, parallel residual), plus tiny CPU presets and a tiny Llama for a second architecture
+family. The vocabulary is left to the tokenizer: :func:`build_model` sizes the embeddings to it.
+:func:`train_bpe_tokenizer` trains a byte-level BPE tokenizer (``tokenizers``, the ``recipes`` extra) in well under
+a second on the pydoc corpus, the English prose and code that ships with Python (``pydoc_data.topics``; the corpus
+and the cutting of text into causal-LM blocks, :func:`~hf_ghosts.cli.data.pydoc_splits` and
+:func:`~hf_ghosts.cli.data.lm_blocks`, live in the package: ``hf-ghosts diagnose`` measures on them).
+:func:`spike_multiplier`, :func:`spike_schedule`, :func:`spiked` (a Trainer class whose schedule is spiked, replaced
+or multiplied) and :func:`spike_loop` are the learning-rate spike of the paper's Table 1, shared by
+``recipes/spike_test.py``, ``recipes/lr_free.py``, ``benchmarks/accuracy.py`` and the tests.
 
-Example:
+Example::
 
->>> from hf_ghosts.presets import build_model, lm_blocks, pydoc_splits, train_bpe_tokenizer
->>> splits = pydoc_splits()
->>> list(splits)
-['train', 'validation']
->>> tokenizer = train_bpe_tokenizer(splits["train"]["text"], vocab_size=2048)
->>> model = build_model("pythia-14m", vocab_size=len(tokenizer))
->>> model.config.model_type, model.config.hidden_size, model.config.vocab_size
-('gpt_neox', 128, 2048)
->>> train = lm_blocks(splits["train"], tokenizer, block_size=128)
->>> train.column_names, len(train[0]["input_ids"])
-(['input_ids', 'attention_mask', 'labels'], 128)
+    from presets import build_model, train_bpe_tokenizer
+    from hf_ghosts.cli.data import lm_blocks, pydoc_splits
+
+    splits = pydoc_splits()                       # DatasetDict(train=..., validation=...)
+    tokenizer = train_bpe_tokenizer(splits["train"]["text"], vocab_size=2048)
+    model = build_model("pythia-14m", vocab_size=len(tokenizer))
+    train = lm_blocks(splits["train"], tokenizer, block_size=128)
 """
 
 from __future__ import annotations
@@ -36,7 +32,6 @@ from functools import cache, partial
 from typing import Any
 
 import torch
-from datasets import Dataset, DatasetDict
 from transformers import (
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
@@ -49,6 +44,9 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from hf_ghosts._optional import require
+from hf_ghosts.cli.data import pydoc_corpus
+
 __all__ = [
     "EOS_TOKEN",
     "MODEL_PRESETS",
@@ -56,10 +54,7 @@ __all__ = [
     "SpikedSchedule",
     "build_model",
     "count_parameters",
-    "lm_blocks",
     "preset_config",
-    "pydoc_corpus",
-    "pydoc_splits",
     "pydoc_text",
     "spike_loop",
     "spike_multiplier",
@@ -154,30 +149,10 @@ def build_model(name: str, vocab_size: int | None = None, seed: int = 0, **overr
     return _CONFIGS[config.model_type][1](config)
 
 
-def pydoc_corpus() -> list[str]:
-    """The documents of ``pydoc_data.topics.topics`` (79 topics, ~465k characters), sorted by topic name."""
-    from pydoc_data.topics import topics
-
-    return [topics[key] for key in sorted(topics)]
-
-
 def pydoc_text(separator: str = "\n\n") -> str:
-    """The pydoc corpus as one string, documents joined by ``separator`` (byte-level data for tests and benchmarks)."""
+    """The pydoc corpus (:func:`~hf_ghosts.cli.data.pydoc_corpus`) as one string, documents joined by ``separator``
+    (byte-level data for tests and benchmarks)."""
     return separator.join(pydoc_corpus())
-
-
-def pydoc_splits(eval_every: int = 8) -> DatasetDict:
-    """The pydoc corpus as ``DatasetDict(train, validation)`` with a ``text`` column.
-
-    Whole documents go to one side (no text shared across the split): every ``eval_every``-th
-    topic, in name order, is held out for validation.
-    """
-    if eval_every < 2:
-        raise ValueError(f"pydoc_splits: eval_every must be >= 2; got {eval_every}")
-    documents = pydoc_corpus()
-    held_out = [doc for i, doc in enumerate(documents) if i % eval_every == eval_every - 1]
-    kept = [doc for i, doc in enumerate(documents) if i % eval_every != eval_every - 1]
-    return DatasetDict(train=Dataset.from_dict({"text": kept}), validation=Dataset.from_dict({"text": held_out}))
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> PreTrainedTokenizerFast:
@@ -186,54 +161,14 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_freque
     ``<|endoftext|>`` is the BOS, EOS and padding token (id 0), as in Pythia. Training is
     deterministic for the same texts; on the pydoc corpus it takes ~0.2 s.
     """
-    from tokenizers import ByteLevelBPETokenizer
-
+    bpe_class = require("tokenizers", extra="recipes").ByteLevelBPETokenizer
     if vocab_size < 257:
         raise ValueError(f"train_bpe_tokenizer: vocab_size must exceed the 256 byte symbols; got {vocab_size}")
-    bpe = ByteLevelBPETokenizer()
+    bpe = bpe_class()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS_TOKEN],
                             show_progress=False)
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
                                    pad_token=EOS_TOKEN, unk_token=None)
-
-
-def lm_blocks(
-    dataset: Dataset,
-    tokenizer: PreTrainedTokenizerFast,
-    block_size: int,
-    text_column: str = "text",
-    max_blocks: int | None = None,
-) -> Dataset:
-    """Tokenize ``dataset[text_column]``, join documents with EOS, and cut into blocks of ``block_size``.
-
-    Returns a dataset of ``input_ids``, ``attention_mask`` (all ones) and ``labels`` (= ``input_ids``;
-    causal LMs shift internally). The tail shorter than a block is dropped. ``max_blocks`` keeps
-    the first blocks only.
-    """
-    if text_column not in dataset.column_names:
-        raise ValueError(f"lm_blocks: no column {text_column!r} in the dataset; it has {dataset.column_names}")
-    if block_size < 2:
-        raise ValueError(f"lm_blocks: block_size must be >= 2; got {block_size}")
-    eos = tokenizer.eos_token_id
-
-    def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        ids = tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]
-        return {"input_ids": [[*row, eos] for row in ids]}
-
-    def group(batch: dict[str, list]) -> dict[str, list]:
-        joined = [token for row in batch["input_ids"] for token in row]
-        usable = (len(joined) // block_size) * block_size
-        blocks = [joined[i : i + block_size] for i in range(0, usable, block_size)]
-        return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": [list(b) for b in blocks]}
-
-    tokens = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="tokenize")
-    # One group over everything: the default batch of 1,000 rows would drop a tail per batch.
-    blocks = tokens.map(group, batched=True, batch_size=max(1, len(tokens)), desc=f"blocks of {block_size}")
-    if len(blocks) == 0:
-        raise ValueError(f"lm_blocks: the texts hold fewer than block_size={block_size} tokens")
-    if max_blocks is not None:
-        blocks = blocks.select(range(min(max_blocks, len(blocks))))
-    return blocks
 
 
 def count_parameters(model: torch.nn.Module) -> str:
@@ -250,14 +185,7 @@ SPIKE_HOW = ("replace", "multiply")  # what a spike does to a schedule: see :fun
 def spike_multiplier(step: int, start: int, factor: float, stop: int | None = None) -> float:
     """Learning-rate multiplier of optimizer step ``step`` (0-based): ``factor`` on ``[start, stop)``, else 1.
 
-    ``stop=None`` holds the spike to the end.
-
-    Example:
-
-    >>> spike_multiplier(5, start=4, factor=1000.0), spike_multiplier(3, start=4, factor=1000.0)
-    (1000.0, 1.0)
-    >>> spike_multiplier(6, start=4, factor=1000.0, stop=6)
-    1.0
+    ``stop=None`` holds the spike to the end. Example: ``spike_multiplier(5, start=4, factor=1000.0)`` is ``1000.0``.
     """
     return factor if _in_spike(step, start, stop) else 1.0
 
@@ -325,14 +253,7 @@ def spiked(trainer_cls: type) -> type:
     """``trainer_cls`` (``Trainer``, ``RhoTrainer``, ...) with :class:`SpikedSchedule`: ``Spiked<Name>``, whose
     constructor also takes ``spike_start``, ``spike_factor``, ``spike_how`` and ``spike_stop``.
 
-    ``spiked(Trainer)(model=model, args=args, spike_start=30, spike_factor=1000.0, spike_how="replace")`` trains at
-    1000 times the learning rate from step 30 on.
-
-    Example:
-
-    >>> from transformers import Trainer
-    >>> spiked(Trainer).__name__, spiked(Trainer) is spiked(Trainer), issubclass(spiked(Trainer), Trainer)
-    ('SpikedTrainer', True, True)
+    Example: ``spiked(Trainer)(model=model, args=args, spike_start=30, spike_factor=1000.0, spike_how="replace")``.
     """
     return type(f"Spiked{trainer_cls.__name__}", (SpikedSchedule, trainer_cls), {"__module__": __name__})
 
