@@ -5,8 +5,12 @@ needs torch, transformers, accelerate and numpy only. The rest comes with an ext
 and is imported through :func:`require`, which turns its absence into an ``ImportError`` that names the extra and
 the pip line (as TRL's ``is_*_available`` checks do).
 
-Example: ``require("matplotlib", extra="cli")`` returns the module, or raises ``MissingExtraError: hf_ghosts[cli]
-needs matplotlib, which is not installed: pip install "hf_ghosts[cli]"``.
+Example (``require("matplotlib", extra="cli")`` returns the module where the extra is installed):
+
+>>> require("no_such_package", extra="cli")
+Traceback (most recent call last):
+...
+hf_ghosts._optional.MissingExtraError: hf_ghosts[cli] needs no_such_package, which is not installed: pip install "hf_ghosts[cli]" ...
 """
 
 from __future__ import annotations

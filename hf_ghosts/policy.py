@@ -84,8 +84,12 @@ def reused_scale(
     ``trigger_r * r_target`` (in ``"clip"`` mode it then passes unchanged), ``|u|`` is within ``trigger_growth`` of
     ``|u|`` at the last probe, and fewer than ``every`` steps have passed.
 
-    Example: ``reused_scale(ProbeSchedule(every=16), "clip", 0.1, 2.0, 1.0, 3, 0.1)`` is ``1.0`` (``r = 0.1``);
-    ``reused_scale(ProbeSchedule(every=16), "clip", 0.15, 2.0, 0.1, 3, 0.1)`` is ``None`` (``r = 1.5 > 0.5 * 2``).
+    Example (``r = 0.1``: reused at scale 1; ``r = 1.5 > 0.5 * 2``: probed):
+
+    >>> reused_scale(ProbeSchedule(every=16), "clip", 0.1, 2.0, 1.0, 3, 0.1)
+    1.0
+    >>> reused_scale(ProbeSchedule(every=16), "clip", 0.15, 2.0, 0.1, 3, 0.1) is None
+    True
     """
     if steps_since_probe is None or last_rho is None or not math.isfinite(last_rho):
         return None

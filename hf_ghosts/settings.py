@@ -359,8 +359,15 @@ class RhoSettings:
         others must be in ``allowed`` (e.g. the probe's ``ffn_spec``) and are returned as they are. A keyword that is
         neither is a ``TypeError`` naming both lists, at construction.
 
-        Example: ``RhoSettings.from_call("RhoController", None, {"every": 4, "ffn_spec": spec}, allowed=["ffn_spec"])``
-        is ``(RhoSettings(every=4), {"ffn_spec": spec})``.
+        Example:
+
+        >>> settings, rest = RhoSettings.from_call("RhoController", None, {"every": 4, "ffn_spec": "spec"}, allowed=["ffn_spec"])
+        >>> settings == RhoSettings(every=4), rest
+        (True, {'ffn_spec': 'spec'})
+        >>> RhoSettings.from_call("RhoController", settings, {"every": 4})
+        Traceback (most recent call last):
+        ...
+        TypeError: RhoController: pass the settings either as settings= or as keywords, not both (['every'])
         """
         allowed = tuple(allowed)
         unknown = sorted(set(keywords) - set(SETTINGS) - set(allowed))
@@ -390,7 +397,12 @@ class RhoSettings:
         it, and to whom. The trainer takes ``rho_<keyword>=`` in its constructor (an object of one model, not a field
         of the JSON/CLI arguments); the controller, the callback and the probe take ``<keyword>=``.
 
-        Example: ``RhoSettings(caller="RhoCallback").probe_keyword("ffn_spec")`` is ``("ffn_spec", "RhoCallback")``.
+        Example:
+
+        >>> RhoSettings(caller="RhoCallback").probe_keyword("ffn_spec")
+        ('ffn_spec', 'RhoCallback')
+        >>> RhoSettings(caller="RhoTrainingArguments", spelling="argument").probe_keyword("ffn_spec")
+        ('rho_ffn_spec', "the trainer's constructor")
         """
         if keyword not in MODEL_KEYWORDS:
             raise ValueError(f"RhoSettings.probe_keyword: got {keyword!r}; expected one of {list(MODEL_KEYWORDS)}")

@@ -1,5 +1,5 @@
 """The pure functions of :mod:`hf_ghosts.policy`, on hand-computed values and invariants (no model, no controller):
-when a step is probed (:func:`probe_due`, :func:`probe_needed`), the scheduled target ``r*(t)`` and the step's scale.
+when a step is probed (:func:`probe_due`) or reuses the last radius (:func:`reused_scale`), the scheduled target ``r*(t)`` and the step's scale.
 
 The expected values are worked out from the definitions in the docstrings: ``scale = min(1, r* rho / |u|)`` (clip),
 ``r* rho / |u|`` (set), 1 (monitor); ``r*(t) = r_target lr(t) / peak``; a probe when any trigger fires.
@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from hf_ghosts.policy import ProbeSchedule, probe_due, probe_needed, scheduled_target, step_scale
+from hf_ghosts.policy import ProbeSchedule, probe_due, reused_scale, scheduled_target, step_scale
 
 SCHEDULE = ProbeSchedule(every=16, trigger_r=0.5, trigger_growth=2.0)
 MODES = ("clip", "set", "monitor")
@@ -126,32 +126,32 @@ def test_applied_r_meets_the_target_and_clipping_twice_changes_nothing() -> None
         assert set_ * norm / rho == pytest.approx(target, rel=1e-12)
 
 
-# -------------------------------------------------------------------------------------------------- probe_needed
-def test_probe_needed_without_a_usable_last_radius() -> None:
+# -------------------------------------------------------------------------------------------------- reused_scale
+def test_reused_scale_without_a_usable_last_radius_probes() -> None:
     for last_rho in (None, math.nan, math.inf, -math.inf):
-        assert probe_needed(SCHEDULE, "clip", 0.1, 1.0, last_rho, 3, 0.1) is True
-    assert probe_needed(SCHEDULE, "clip", 0.1, 1.0, 1.0, None, 0.1) is True  # no probe since the last skip
+        assert reused_scale(SCHEDULE, "clip", 0.1, 1.0, last_rho, 3, 0.1) is None
+    assert reused_scale(SCHEDULE, "clip", 0.1, 1.0, 1.0, None, 0.1) is None  # no probe since the last skip
 
 
-def test_probe_needed_estimates_the_applied_r_with_the_last_radius() -> None:
-    # clip, r* = 2, last rho = 1: |u| = 0.9 passes unchanged (r = 0.9 <= 0.5 * 2): reused
-    assert probe_needed(SCHEDULE, "clip", 0.9, 2.0, 1.0, 3, 0.9) is False
+def test_reused_scale_estimates_the_applied_r_with_the_last_radius() -> None:
+    # clip, r* = 2, last rho = 1: |u| = 0.9 passes unchanged (r = 0.9 <= 0.5 * 2): reused, scale 1
+    assert reused_scale(SCHEDULE, "clip", 0.9, 2.0, 1.0, 3, 0.9) == 1.0
     # |u| = 1.1: r = 1.1 > 1: probed, although the clip would not touch it
-    assert probe_needed(SCHEDULE, "clip", 1.1, 2.0, 1.0, 3, 1.1) is True
+    assert reused_scale(SCHEDULE, "clip", 1.1, 2.0, 1.0, 3, 1.1) is None
     # |u| = 3 would be clipped to r = 2 (scale 2/3): the applied r, 2, is above 1: probed
-    assert probe_needed(SCHEDULE, "clip", 3.0, 2.0, 1.0, 3, 3.0) is True
-    # with trigger_r = 1 the clipped step's applied r (2 against 1 * 2) is not above it: reused
-    assert probe_needed(ProbeSchedule(16, 1.0, 2.0), "clip", 3.0, 2.0, 1.0, 3, 3.0) is False
-    # set always applies r = r*: the default trigger 0.5 probes every step, trigger_r = 1 reuses
-    assert probe_needed(SCHEDULE, "set", 0.01, 1.0, 1.0, 3, 0.01) is True
-    assert probe_needed(ProbeSchedule(16, 1.0, 2.0), "set", 0.01, 1.0, 1.0, 3, 0.01) is False
-    # monitor: r is not a trigger
-    assert probe_needed(SCHEDULE, "monitor", 50.0, 2.0, 1.0, 3, 50.0) is False
+    assert reused_scale(SCHEDULE, "clip", 3.0, 2.0, 1.0, 3, 3.0) is None
+    # with trigger_r = 1 the clipped step's applied r (2 against 1 * 2) is not above it: reused at scale 2/3
+    assert reused_scale(ProbeSchedule(16, 1.0, 2.0), "clip", 3.0, 2.0, 1.0, 3, 3.0) == pytest.approx(2 / 3)
+    # set always applies r = r*: the default trigger 0.5 probes every step, trigger_r = 1 reuses (scale r* rho / |u|)
+    assert reused_scale(SCHEDULE, "set", 0.01, 1.0, 1.0, 3, 0.01) is None
+    assert reused_scale(ProbeSchedule(16, 1.0, 2.0), "set", 0.01, 1.0, 1.0, 3, 0.01) == pytest.approx(100.0)
+    # monitor: r is not a trigger, and nothing is scaled
+    assert reused_scale(SCHEDULE, "monitor", 50.0, 2.0, 1.0, 3, 50.0) == 1.0
 
 
-def test_probe_needed_measures_growth_against_the_last_probe() -> None:
-    assert probe_needed(SCHEDULE, "clip", 0.02, 2.0, 1.0, 3, 0.01) is False  # x2: not above the trigger
-    assert probe_needed(SCHEDULE, "clip", 0.021, 2.0, 1.0, 3, 0.01) is True  # x2.1
-    assert probe_needed(SCHEDULE, "monitor", 0.021, 2.0, 1.0, 3, 0.01) is True
-    assert probe_needed(SCHEDULE, "clip", 0.01, 2.0, 1.0, 3, 0.0) is True  # the last probe saw |u| = 0: inf growth
-    assert probe_needed(SCHEDULE, "clip", 0.01, 2.0, 1.0, 16, 0.01) is True  # every
+def test_reused_scale_measures_growth_against_the_last_probe() -> None:
+    assert reused_scale(SCHEDULE, "clip", 0.02, 2.0, 1.0, 3, 0.01) == 1.0  # x2: not above the trigger
+    assert reused_scale(SCHEDULE, "clip", 0.021, 2.0, 1.0, 3, 0.01) is None  # x2.1
+    assert reused_scale(SCHEDULE, "monitor", 0.021, 2.0, 1.0, 3, 0.01) is None
+    assert reused_scale(SCHEDULE, "clip", 0.01, 2.0, 1.0, 3, 0.0) is None  # the last probe saw |u| = 0: inf growth
+    assert reused_scale(SCHEDULE, "clip", 0.01, 2.0, 1.0, 16, 0.01) is None  # every

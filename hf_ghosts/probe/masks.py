@@ -21,7 +21,10 @@ def causal_keys(allowed, q_pos, k_pos, window, has_window):  # no annotations: T
     sliding window (``has_window``) only those at ``k_pos > q_pos - window``. Broadcasting operands (``q_pos`` as a
     column, ``k_pos`` as a row), torch's or, inside a kernel, Triton's; ``allowed`` may be ``True``.
 
-    Example: ``causal_keys(True, torch.tensor([[3]]), torch.arange(5)[None], 2, True)`` is ``[[F, F, T, T, F]]``.
+    Example (query 3, a window of 2: keys 2 and 3):
+
+    >>> causal_keys(True, torch.tensor([[3]]), torch.arange(5)[None], 2, True)
+    tensor([[False, False,  True,  True, False]])
     """
     allowed = allowed & (k_pos <= q_pos)
     if has_window:
@@ -38,7 +41,12 @@ def allowed_keys(
     ``causal`` (windowed with ``sliding_window``), and the ``[B, Tk]`` ``key_padding`` (True = a real key).
     ``None``: every key (not causal, no padding).
 
-    Example: ``allowed_keys((0, 3), (0, 3), 0, causal=True)[0, 0]`` is the lower triangle of a 3 x 3 matrix.
+    Example (the lower triangle of a 3 x 3 matrix):
+
+    >>> allowed_keys((0, 3), (0, 3), 0, causal=True)[0, 0]
+    tensor([[ True, False, False],
+            [ True,  True, False],
+            [ True,  True,  True]])
     """
     (r0, r1), (lo, hi) = rows, keys
     allowed = None

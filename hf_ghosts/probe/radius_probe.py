@@ -311,7 +311,7 @@ class RadiusProbe:
         control's included) neither read nor changed. The report's ``fd_step`` is the step (``None``: jvp);
         ``fd_error`` and ``fd_fallback`` are not set. Arguments and report otherwise as :meth:`measure`.
 
-        Example: ``probe.measure_with(batch, block, estimator="fd", fd_step=probe.fd_control.step)`` measures another
+        ``probe.measure_with(batch, block, estimator="fd", fd_step=probe.fd_control.step)`` measures another
         direction (a block of the update) at the step the last :meth:`measure` chose.
         """
         check_estimate(f"{type(self).__name__}.measure_with", self.settings, estimator, fd_step, self.forward_ad)
