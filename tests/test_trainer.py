@@ -471,12 +471,13 @@ def test_plain_training_arguments_are_upgraded(tmp_path) -> None:
     assert (probe.estimator, probe.dtype) == ("fd", torch.float32)
 
 
-# The 18 settings of the controller and the probe, as the arguments spell them, in declaration order (written out
+# The 20 settings of the controller and the probe, as the arguments spell them, in declaration order (written out
 # by hand: a field added, dropped or renamed must show here).
 RHO_FIELDS = [
     "rho_mode", "rho_target", "rho_radii", "rho_watch_radii", "rho_ffn_mode", "rho_set_schedule", "rho_estimator",
     "rho_probe_dtype", "rho_every", "rho_trigger_r", "rho_trigger_growth", "rho_log_per_head", "rho_fd_step",
-    "rho_radius", "rho_topk", "rho_rescale_moments", "rho_ffn_quantile", "rho_vocab_chunk",
+    "rho_radius", "rho_topk", "rho_rescale_moments", "rho_granularity", "rho_block_refresh", "rho_ffn_quantile",
+    "rho_vocab_chunk",
 ]
 
 
