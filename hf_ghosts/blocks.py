@@ -39,7 +39,7 @@ from hf_ghosts.radii import block_scale_up, knapsack_scales, normalized_step, up
 __all__ = ["BlockOutcome", "BlockStep", "ParameterBlocks"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Split:
     """A fused q/k/v parameter: the block of each slice along ``dim``, and the blocks it has a part in."""
 
@@ -52,7 +52,7 @@ class _Split:
         return values.reshape([-1 if d == self.dim else 1 for d in range(ndim)])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ParameterBlocks:
     """The blocks of an update over the parameters ``names``: ``kinds`` (those with a parameter, in
     :data:`~hf_ghosts.architectures.BLOCK_KINDS` order) and per parameter its block (an index into ``kinds``, or for a
