@@ -120,7 +120,7 @@ LOGIT_RESCALING_ATTRS = (
 #: q/k norms of all layers (they move the attention scores), the v/o projections of all layers, the MLPs (MoE routers
 #: and experts included), the layers' norms, the final norm, the output head, and whatever the table does not place.
 BLOCK_KINDS = ("embed", "qk", "vo", "mlp", "norm", "final_norm", "head", "other")
-_LAYER = r"\.(layers|h|blocks)\.\d+\."  # a parameter inside a numbered layer
+_LAYER = r"(^|\.)(layers|h|blocks)\.\d+\."  # a parameter inside a numbered layer
 
 
 @dataclass(frozen=True)
@@ -151,33 +151,33 @@ class BlockNames:
 
 _LLAMA = BlockNames(
     qk=r"\.(q_proj|k_proj|q_norm|k_norm)\.", vo=r"\.(v_proj|o_proj)\.", mlp=r"\.(mlp|block_sparse_moe)\.",
-    norm=_LAYER + r"(.*\.)?\w*norm\w*\.", embed=r"\.embed_tokens\.", final_norm=r"(^|\.)norm\.",
+    norm=_LAYER + r"(.*\.)?\w*norm\w*\.", embed=r"(^|\.)embed_tokens\.", final_norm=r"(^|\.)norm\.",
 )
-_GPT2 = BlockNames(qk=None, vo=r"\.attn\.c_proj\.", mlp=r"\.mlp\.", norm=_LAYER + r"ln_[12]\.", embed=r"\.(wte|wpe)\.",
-                   final_norm=r"\.ln_f\.", fused=r"\.attn\.c_attn\.", layout="concat")
+_GPT2 = BlockNames(qk=None, vo=r"\.attn\.c_proj\.", mlp=r"\.mlp\.", norm=_LAYER + r"ln_[12]\.", embed=r"(^|\.)(wte|wpe)\.",
+                   final_norm=r"(^|\.)ln_f\.", fused=r"\.attn\.c_attn\.", layout="concat")
 #: The block names per ``model_type`` (:class:`BlockNames`); a family not here gets :data:`DEFAULT_BLOCK_NAMES`.
 BLOCK_NAMES: dict[str, BlockNames] = {
     **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
                      "gemma3_text", "olmo", "olmo2", "granite", "cohere"), _LLAMA),
     "phi3": BlockNames(qk=None, vo=r"\.o_proj\.", mlp=r"\.mlp\.", norm=_LLAMA.norm, embed=_LLAMA.embed,
                        final_norm=_LLAMA.final_norm, fused=r"\.qkv_proj\.", layout="concat"),
-    "phi": BlockNames(qk=_LLAMA.qk, vo=r"\.(v_proj|dense)\.", mlp=r"\.mlp\.", norm=_LAYER + r"input_layernorm\.",
-                      embed=_LLAMA.embed, final_norm=r"\.final_layernorm\."),
+    "phi": BlockNames(qk=r"\.(q_proj|k_proj|q_layernorm|k_layernorm)\.", vo=r"\.(v_proj|dense)\.", mlp=r"\.mlp\.", norm=_LAYER + r"input_layernorm\.",
+                      embed=_LLAMA.embed, final_norm=r"(^|\.)final_layernorm\."),
     "gpt_neox": BlockNames(qk=None, vo=r"\.attention\.dense\.", mlp=r"\.mlp\.", norm=_LAYER + r"\w*layernorm\.",
-                           embed=r"\.embed_in\.", final_norm=r"\.final_layer_norm\.", head=r"(^|\.)(lm_head|embed_out)\.",
+                           embed=r"(^|\.)embed_in\.", final_norm=r"(^|\.)final_layer_norm\.", head=r"(^|\.)(lm_head|embed_out)\.",
                            fused=r"\.attention\.query_key_value\.", layout="heads"),
     "gpt2": _GPT2,
     "gpt_bigcode": replace(_GPT2, layout="bigcode"),
     "gptj": BlockNames(qk=_LLAMA.qk, vo=r"\.attn\.(v_proj|out_proj)\.", mlp=r"\.mlp\.", norm=_LAYER + r"ln_1\.",
-                       embed=r"\.wte\.", final_norm=r"\.ln_f\."),
+                       embed=r"(^|\.)wte\.", final_norm=r"(^|\.)ln_f\."),
     "opt": BlockNames(qk=_LLAMA.qk, vo=r"\.(v_proj|out_proj)\.", mlp=r"\.(fc1|fc2)\.",
-                      norm=_LAYER + r"(self_attn_layer_norm|final_layer_norm)\.", embed=r"\.(embed_tokens|embed_positions)\.",
+                      norm=_LAYER + r"(self_attn_layer_norm|final_layer_norm)\.", embed=r"(^|\.)(embed_tokens|embed_positions)\.",
                       final_norm=r"decoder\.final_layer_norm\."),
     "falcon": BlockNames(qk=None, vo=r"\.self_attention\.dense\.", mlp=r"\.mlp\.", norm=_LAYER + r"(\w*layernorm|ln_\w+)\.",
-                         embed=r"\.word_embeddings\.", final_norm=r"\.ln_f\.", fused=r"\.self_attention\.query_key_value\.",
+                         embed=r"(^|\.)word_embeddings\.", final_norm=r"(^|\.)ln_f\.", fused=r"\.self_attention\.query_key_value\.",
                          layout="falcon"),
-    "mamba": BlockNames(qk=None, vo=None, mlp=None, norm=_LAYER + r"norm\.", embed=r"\.embeddings\.",
-                        final_norm=r"\.norm_f\."),
+    "mamba": BlockNames(qk=None, vo=None, mlp=None, norm=_LAYER + r"norm\.", embed=r"(^|\.)embeddings\.",
+                        final_norm=r"(^|\.)norm_f\."),
 }
 #: An unknown ``model_type``: the Llama names (most decoders use them); a parameter they do not place is ``"other"``.
 DEFAULT_BLOCK_NAMES = _LLAMA

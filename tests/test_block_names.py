@@ -150,3 +150,25 @@ def test_fused_qkv_split_leaves_other_widths_whole() -> None:
     assert dim == 0 and is_qk.tolist() == ([True] * 16 + [False] * 8) * 4
     with pytest.raises(ValueError, match="fused_qkv_split: layout 'rows'"):
         fused_qkv_split((96, 32), "rows", config)
+
+
+@pytest.mark.parametrize(("model_type", "name", "kind"), [
+    ("llama", "embed_tokens.weight", "embed"),  # a bare backbone: no "model." in front
+    ("llama", "layers.0.input_layernorm.weight", "norm"),
+    ("llama", "norm.weight", "final_norm"),
+    ("gpt2", "h.1.ln_2.bias", "norm"),
+    ("gpt2", "ln_f.weight", "final_norm"),
+    ("phi", "model.layers.0.self_attn.q_layernorm.weight", "qk"),
+    ("phi", "model.layers.0.self_attn.dense.bias", "vo"),
+    ("phi", "model.final_layernorm.weight", "final_norm"),
+    ("gptj", "transformer.h.3.attn.out_proj.weight", "vo"),
+    ("gptj", "transformer.h.3.mlp.fc_in.bias", "mlp"),
+    ("opt", "model.decoder.layers.2.final_layer_norm.weight", "norm"),  # a layer's norm, not the final one
+    ("opt", "model.decoder.final_layer_norm.weight", "final_norm"),
+    ("opt", "model.decoder.project_in.weight", "other"),
+    ("gpt_neox", "embed_out.weight", "head"),
+    ("olmo2", "model.layers.0.self_attn.k_norm.weight", "qk"),
+])
+def test_block_names_by_hand(model_type: str, name: str, kind: str) -> None:
+    """Names of families the sweep does not build (and bare backbones), placed by hand."""
+    assert BLOCK_NAMES[model_type].kind_of(name) == kind
