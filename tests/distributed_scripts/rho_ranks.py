@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -205,18 +206,23 @@ def run(
     dist.barrier()
 
 
-def blocks_refused(out: Path) -> None:
-    """``rho_granularity="blocks"`` under FSDP2: the trainer must refuse it at construction."""
-    args = RhoTrainingArguments(output_dir=str(out / "fsdp2_blocks"), report_to=[], use_cpu=True,
-                                rho_granularity="blocks")
+def refusal(out: Path, name: str, build: Callable[[], object]) -> None:
+    """Save on rank 0, under ``out/name``, the ValueError ``build()`` raised (``None``: it raised none)."""
     try:
-        CpuFsdpRhoTrainer(model=tiny_causal_lm("gpt_neox"), args=args, train_dataset=Rows())
+        build()
         message = None
     except ValueError as error:
         message = str(error)
     if dist.get_rank() == 0:
-        (out / "fsdp2_blocks").mkdir(parents=True, exist_ok=True)
-        torch.save({"error": message}, out / "fsdp2_blocks" / "rank0.pt")
+        (out / name).mkdir(parents=True, exist_ok=True)
+        torch.save({"error": message}, out / name / "rank0.pt")
+
+
+def blocks_refused(out: Path) -> None:
+    """``rho_granularity="blocks"`` under FSDP2: the trainer must refuse it at construction."""
+    args = RhoTrainingArguments(output_dir=str(out / "fsdp2_blocks"), report_to=[], use_cpu=True,
+                                rho_granularity="blocks")
+    refusal(out, "fsdp2_blocks", lambda: CpuFsdpRhoTrainer(model=tiny_causal_lm("gpt_neox"), args=args, train_dataset=Rows()))
 
 
 def fsdp1_refused(out: Path) -> None:
@@ -224,14 +230,7 @@ def fsdp1_refused(out: Path) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     model = FullyShardedDataParallel(tiny_causal_lm("gpt_neox"), use_orig_params=True, device_id=torch.device("cpu"))
-    try:
-        RhoController(model, torch.optim.AdamW(model.parameters()))
-        message = None
-    except ValueError as error:
-        message = str(error)
-    if dist.get_rank() == 0:
-        (out / "fsdp1").mkdir(parents=True, exist_ok=True)
-        torch.save({"error": message}, out / "fsdp1" / "rank0.pt")
+    refusal(out, "fsdp1", lambda: RhoController(model, torch.optim.AdamW(model.parameters())))
 
 
 def main() -> None:
