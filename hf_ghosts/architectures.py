@@ -5,11 +5,16 @@ nonlinearity, the gate projection of gated MLPs, matched as a suffix of the modu
 name, and the config attribute naming the activation) and which causal-LM class returns its
 linear head's output unchanged as the logits (what the probe's chunked head relies on).
 :data:`FFN_PREACTIVATIONS` and :data:`LINEAR_HEAD_MODELS` are views of the table.
+
+:data:`BLOCK_NAMES` says, per ``model_type``, which parameters form which block kind of a block-wise step
+(:data:`BLOCK_KINDS`, ``granularity="blocks"``): :func:`parameter_block` places one parameter, splitting a fused
+q/k/v projection into its q/k and v parts (:func:`fused_qkv_split`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -22,18 +27,24 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "ARCHITECTURES",
+    "BLOCK_KINDS",
+    "BLOCK_NAMES",
+    "DEFAULT_BLOCK_NAMES",
     "FFN_PREACTIVATIONS",
     "LINEAR_HEAD_MODELS",
     "LOGIT_RESCALING_ATTRS",
     "NORM_STYLES",
     "Architecture",
+    "BlockNames",
     "FfnSpec",
     "attention_blocker",
     "base_model_of",
     "chunked_head_blocker",
     "find_ffn_modules",
+    "fused_qkv_split",
     "norm_style",
     "original_module",
+    "parameter_block",
     "resolve_ffn_activation",
     "resolve_ffn_spec",
 ]
@@ -103,6 +114,73 @@ LOGIT_RESCALING_ATTRS = (
     "logits_mup_width_multiplier",
     "lm_head_multiplier",
 )
+
+# ------------------------------------------------------------------------------------------ parameter blocks
+#: The block kinds of a block-wise step, in this order: the embeddings (token and position), the q/k projections and
+#: q/k norms of all layers (they move the attention scores), the v/o projections of all layers, the MLPs (MoE routers
+#: and experts included), the layers' norms, the final norm, the output head, and whatever the table does not place.
+BLOCK_KINDS = ("embed", "qk", "vo", "mlp", "norm", "final_norm", "head", "other")
+_LAYER = r"(^|\.)(layers|h|blocks)\.\d+\."  # a parameter inside a numbered layer
+
+
+@dataclass(frozen=True)
+class BlockNames:
+    """Where one family keeps each block kind: a regular expression per kind, searched in a parameter's qualified name
+    (so PEFT's ``q_proj.lora_A.default.weight`` lands where ``q_proj.weight`` does), tried in the order ``fused``,
+    ``qk``, ``vo``, ``mlp``, ``norm``, ``embed``, ``final_norm``, ``head``; ``None``: the family has none. ``fused``: a
+    q/k/v projection in one tensor, split by :func:`fused_qkv_split` per ``layout``."""
+
+    qk: str | None
+    vo: str | None
+    mlp: str | None
+    norm: str
+    embed: str
+    final_norm: str
+    head: str = r"(^|\.)lm_head\."
+    fused: str | None = None
+    layout: str | None = None
+
+    def kind_of(self, name: str) -> str:
+        """The kind of parameter ``name`` (``"qkv"`` for the fused projection), ``"other"`` where nothing matches."""
+        for kind in ("fused", "qk", "vo", "mlp", "norm", "embed", "final_norm", "head"):
+            pattern = getattr(self, kind)
+            if pattern is not None and re.search(pattern, name):
+                return "qkv" if kind == "fused" else kind
+        return "other"
+
+
+_LLAMA = BlockNames(
+    qk=r"\.(q_proj|k_proj|q_norm|k_norm)\.", vo=r"\.(v_proj|o_proj)\.", mlp=r"\.(mlp|block_sparse_moe)\.",
+    norm=_LAYER + r"(.*\.)?\w*norm\w*\.", embed=r"(^|\.)embed_tokens\.", final_norm=r"(^|\.)norm\.",
+)
+_GPT2 = BlockNames(qk=None, vo=r"\.attn\.c_proj\.", mlp=r"\.mlp\.", norm=_LAYER + r"ln_[12]\.", embed=r"(^|\.)(wte|wpe)\.",
+                   final_norm=r"(^|\.)ln_f\.", fused=r"\.attn\.c_attn\.", layout="concat")
+#: The block names per ``model_type`` (:class:`BlockNames`); a family not here gets :data:`DEFAULT_BLOCK_NAMES`.
+BLOCK_NAMES: dict[str, BlockNames] = {
+    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+                     "gemma3_text", "olmo", "olmo2", "granite", "cohere"), _LLAMA),
+    "phi3": BlockNames(qk=None, vo=r"\.o_proj\.", mlp=r"\.mlp\.", norm=_LLAMA.norm, embed=_LLAMA.embed,
+                       final_norm=_LLAMA.final_norm, fused=r"\.qkv_proj\.", layout="concat"),
+    "phi": BlockNames(qk=r"\.(q_proj|k_proj|q_layernorm|k_layernorm)\.", vo=r"\.(v_proj|dense)\.", mlp=r"\.mlp\.", norm=_LAYER + r"input_layernorm\.",
+                      embed=_LLAMA.embed, final_norm=r"(^|\.)final_layernorm\."),
+    "gpt_neox": BlockNames(qk=None, vo=r"\.attention\.dense\.", mlp=r"\.mlp\.", norm=_LAYER + r"\w*layernorm\.",
+                           embed=r"(^|\.)embed_in\.", final_norm=r"(^|\.)final_layer_norm\.", head=r"(^|\.)(lm_head|embed_out)\.",
+                           fused=r"\.attention\.query_key_value\.", layout="heads"),
+    "gpt2": _GPT2,
+    "gpt_bigcode": replace(_GPT2, layout="bigcode"),
+    "gptj": BlockNames(qk=_LLAMA.qk, vo=r"\.attn\.(v_proj|out_proj)\.", mlp=r"\.mlp\.", norm=_LAYER + r"ln_1\.",
+                       embed=r"(^|\.)wte\.", final_norm=r"(^|\.)ln_f\."),
+    "opt": BlockNames(qk=_LLAMA.qk, vo=r"\.(v_proj|out_proj)\.", mlp=r"\.(fc1|fc2)\.",
+                      norm=_LAYER + r"(self_attn_layer_norm|final_layer_norm)\.", embed=r"(^|\.)(embed_tokens|embed_positions)\.",
+                      final_norm=r"decoder\.final_layer_norm\."),
+    "falcon": BlockNames(qk=None, vo=r"\.self_attention\.dense\.", mlp=r"\.mlp\.", norm=_LAYER + r"(\w*layernorm|ln_\w+)\.",
+                         embed=r"(^|\.)word_embeddings\.", final_norm=r"(^|\.)ln_f\.", fused=r"\.self_attention\.query_key_value\.",
+                         layout="falcon"),
+    "mamba": BlockNames(qk=None, vo=None, mlp=None, norm=_LAYER + r"norm\.", embed=r"(^|\.)embeddings\.",
+                        final_norm=r"(^|\.)norm_f\."),
+}
+#: An unknown ``model_type``: the Llama names (most decoders use them); a parameter they do not place is ``"other"``.
+DEFAULT_BLOCK_NAMES = _LLAMA
 
 
 def norm_style(module: torch.nn.Module) -> tuple[str, float] | None:
@@ -260,3 +338,50 @@ def chunked_head_blocker(model: torch.nn.Module) -> str | None:
     if DTensor is not None and any(isinstance(p, DTensor) for p in head.parameters()):
         return "its output head is sharded (DTensor); the chunked head needs the full weight matrix"
     return None
+
+
+def fused_qkv_split(shape: tuple[int, ...], layout: str, config: object) -> tuple[int, torch.Tensor] | None:
+    """``(dim, is_qk)``: which slices along ``dim`` of a fused q/k/v tensor of ``shape`` are query or key (the rest:
+    value), or ``None`` where no dim has a q/k/v width (a LoRA ``A`` matrix: its input side).
+
+    The width is ``(H + 2 KV) d`` (``H`` query heads of ``d = head_dim`` or ``hidden_size / H``, ``KV`` key/value
+    heads, ``1 <= KV <= H``), laid out as ``layout`` says (transformers 5.25's attention forwards): ``"heads"``
+    ``[H, (q, k, v), d]`` (GPT-NeoX; Falcon and GPT-BigCode without multi-query), ``"concat"`` ``[q (H d), k (KV d),
+    v (KV d)]`` (GPT-2, whose Conv1D keeps it in dim 1; Phi-3; multi-query Falcon and GPT-BigCode), ``"groups"``
+    ``[KV, (H / KV queries, k, v), d]`` (Falcon's new decoder architecture); ``"falcon"`` and ``"bigcode"`` pick one
+    from the config.
+    """
+    heads = int(config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if layout == "falcon":
+        layout = "groups" if config.new_decoder_architecture else "concat" if config.multi_query else "heads"
+    elif layout == "bigcode":
+        layout = "concat" if config.multi_query else "heads"
+    widths = {(heads + 2 * kv) * head_dim: kv for kv in range(1, heads + 1)}
+    dims = [dim for dim, size in enumerate(shape) if size in widths]
+    if len(dims) != 1:
+        return None
+    width = shape[dims[0]]
+    kv, slot = widths[width], torch.arange(width) // head_dim  # the head slot of each row
+    if layout == "heads":
+        is_qk = slot % 3 < 2
+    elif layout == "concat":
+        is_qk = slot < heads + kv
+    elif layout == "groups":
+        per_group = heads // kv + 2
+        is_qk = slot % per_group < per_group - 1
+    else:
+        raise ValueError(f"fused_qkv_split: layout {layout!r}; expected 'heads', 'concat', 'groups', 'falcon' or 'bigcode'")
+    return dims[0], is_qk
+
+
+def parameter_block(name: str, shape: tuple[int, ...], model: torch.nn.Module) -> str | tuple[int, torch.Tensor]:
+    """The block kind (:data:`BLOCK_KINDS`) of parameter ``name`` of ``model``, by :data:`BLOCK_NAMES` of its
+    ``model_type`` (PEFT and ``torch.compile`` wrappers seen through); for a fused q/k/v projection ``(dim, is_qk)``
+    of :func:`fused_qkv_split` (a piece of it that cannot be split, such as LoRA's ``A``: ``"qk"``)."""
+    base = base_model_of(model)
+    names = BLOCK_NAMES.get(_model_type(base), DEFAULT_BLOCK_NAMES)
+    kind = names.kind_of(name)
+    if kind != "qkv":
+        return kind
+    return fused_qkv_split(shape, names.layout, base.config) or "qk"

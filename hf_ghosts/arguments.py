@@ -15,11 +15,13 @@ import torch
 from transformers import TrainingArguments
 
 from hf_ghosts.settings import (
+    DEFAULT_BLOCK_REFRESH,
     DEFAULT_ESTIMATOR,
     DEFAULT_EVERY,
     DEFAULT_FD_STEP,
     DEFAULT_FFN_MODE,
     DEFAULT_FFN_QUANTILE,
+    DEFAULT_GRANULARITY,
     DEFAULT_PROBE_DTYPE,
     DEFAULT_RADII,
     DEFAULT_RADIUS,
@@ -29,6 +31,7 @@ from hf_ghosts.settings import (
     DEFAULT_VOCAB_CHUNK,
     ESTIMATOR_CHOICES,
     FFN_MODES,
+    GRANULARITIES,
     MODES,
     PROBE_DTYPES,
     RADII,
@@ -156,6 +159,22 @@ class RhoArgumentsMixin:
         metadata={"help": "When a step is scaled by s, scale the optimizer's first moment (exp_avg) by s too, so the "
                   "momentum carries the step actually taken (Adam-family optimizers only: another optimizer is "
                   "refused when it is attached)."},
+    )
+    rho_granularity: str = field(
+        default=DEFAULT_GRANULARITY,
+        metadata={"help": "How a clipped step is shortened (rho_mode='clip' only): 'global' scales the whole update by one "
+                  "factor; 'blocks' scales its parameter blocks (embeddings, q/k, v/o, MLP, norms, final norm, head) one "
+                  "by one, keeping the blocks that lower the loss most per unit of spread, then measures the step taken "
+                  "and scales it to r <= rho_target (the certificate). Costs a probe per moving block where due "
+                  "(rho_block_refresh) and one for the step taken; unclipped steps are as with 'global'. Not under "
+                  "FSDP2. See docs/usage.md, 'Block-wise steps'.",
+                  "choices": list(GRANULARITIES)},
+    )
+    rho_block_refresh: int = field(
+        default=DEFAULT_BLOCK_REFRESH,
+        metadata={"help": "With rho_granularity='blocks': measure the blocks' spreads on every k-th block-wise step and "
+                  "reuse them in between, times each block's current |u_b| (>= 1; 1: every block-wise step). The step "
+                  "taken is measured every time, so the certificate holds whatever k."},
     )
 
     rho_ffn_quantile: float = field(

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from hf_ghosts.blocks import BlockStep
 from hf_ghosts.compat import is_bare_backbone
 from hf_ghosts.distributed import (
     FSDP1_ERROR,
@@ -48,13 +49,17 @@ from hf_ghosts.settings import RhoSettings
 __all__ = ["RhoController", "build_probe", "measure_along"]
 
 logger = logging.getLogger(__name__)
+BLOCKS_FSDP2_ERROR = (
+    "'blocks' is not supported under FSDP2: the sharded probe measures the whole update in place, not its blocks. "
+    "Set {name}='global' with FSDP2, or train with DDP for block-wise steps"
+)
 
 
 class RhoController:
     """Keep each optimizer step inside the convergence radius: ``u <- u * clip_scale(|u|, rho)``.
 
     What holds: a probed step has ``r_applied <= r_target`` (``"clip"``, ``"set"``) for the radius measured
-    along it. Only the ``radii`` limit; ``watch_radii`` are measured, logged and counted as ``would_bind``.
+    along it; with ``granularity="blocks"`` a clipped probed step is taken block by block (:mod:`hf_ghosts.blocks`). Only the ``radii`` limit; ``watch_radii`` are measured, logged and counted as ``would_bind``.
     ``"monitor"`` is passive: weights, gradients and optimizer state end exactly as without the controller,
     NaN and inf gradients included (logged as ``would_skip``). With ``every > 1`` a step may instead reuse the last
     measured ``rho`` (when: :func:`~hf_ghosts.policy.reused_scale`); its true ``r_applied`` stays ``<= r_target`` as long as the radius
@@ -118,10 +123,12 @@ class RhoController:
         self._probe_step: int | None = None  # step and |u| of the last probe; None: the next step probes
         self._probe_norm = 0.0
         self.last: StepRecord | None = None
-        self.window = MetricWindow(per_head=self.settings.log_per_head, radii=self.radii, watch_radii=self.watch_radii)
+        self.window = MetricWindow(per_head=self.settings.log_per_head, radii=self.radii, watch_radii=self.watch_radii,
+                                   blocks=self.block_step is not None)
         self._old: list[torch.Tensor] | None = None
-        if self.probe.fd_control is not None:
-            self.probe.fd_control.reset()
+        for part in (self.probe.fd_control, self.block_step):
+            if part is not None:
+                part.reset()
 
     # ------------------------------------------------------------------------- wiring
     def observe(self, batch: Mapping[str, torch.Tensor]) -> None:
@@ -143,16 +150,21 @@ class RhoController:
         """Measure ``model`` from now on, e.g. once FSDP has sharded it; settings, counters and hooks are kept.
 
         Under FSDP2 (``fully_shard``: DTensor parameters) the probe is sharded (:func:`build_probe`), the update norm
-        is reduced over the shards and the rescale is applied shard-locally.
+        is reduced over the shards and the rescale is applied shard-locally; ``granularity="blocks"`` is refused there.
         """
         self.backend = detect_backend(model)
         if self.backend == "fsdp1":
             raise ValueError(f"RhoController: {FSDP1_ERROR}")
         self.sharded = self.backend == "fsdp2"
+        blocks = self.settings.granularity == "blocks"
+        if blocks and self.sharded:
+            raise self.settings.error("granularity", BLOCKS_FSDP2_ERROR.format(name=self.settings.name("granularity")))
         self.model = model
         self.probe = build_probe(model, self.settings, self.training_dtype, self.sharded, **self._probe_keywords)
         self.names = list(self.probe.trainable)
         self.params = [self.probe.trainable[name] for name in self.names]
+        self.block_step = BlockStep(self.probe.model, self.names, self.params, self.settings.block_refresh,
+                                    self.settings.rescale_moments) if blocks else None
         self._old = None
 
     def _shards(self) -> list[torch.Tensor]:
@@ -219,6 +231,11 @@ class RhoController:
             self.last_rho, self.probes, self._probe_step, self._probe_norm = rho, self.probes + 1, self.steps, norm
             scale = step_scale(norm, rho, target, self.mode)
         record = self._applied_record(norm, scale, target, probed=report is not None)
+        if report is not None and scale < 1.0 and self.block_step is not None:  # clipped: block-wise (hf_ghosts.blocks)
+            taken = self.block_step.step(self.probe, self.batch, self._old, current, update, norm, target, self.radii,
+                                         reduce=self.reduce, optimizer=self.optimizer)
+            if taken is not None:  # None: no block lowers the loss, the global scale stands
+                return self._skip(norm, taken.skipped) if taken.skipped else self._finish(taken.record(record), report)
         if scale != 1.0:
             torch._foreach_lerp_(current, self._old, 1.0 - scale)
             if self.settings.rescale_moments:
@@ -266,6 +283,7 @@ class RhoController:
             "probe_step": self._probe_step, "probe_norm": self._probe_norm, "peak_lr": self.peak_lr,
             "window": self.window.state_dict(),
             "fd": None if self.probe.fd_control is None else self.probe.fd_control.state_dict(),
+            **({} if self.block_step is None else {"blocks": self.block_step.state_dict()}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -283,6 +301,8 @@ class RhoController:
         self.window.load_state_dict(state["window"])
         if state["fd"] is not None and self.probe.fd_control is not None:
             self.probe.fd_control.load_state_dict(state["fd"])
+        if self.block_step is not None:
+            self.block_step.load_state_dict(state["blocks"])
 
 
 def _require_logits(model: torch.nn.Module, settings: RhoSettings) -> None:

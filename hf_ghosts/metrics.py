@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hf_ghosts._optional import require
+from hf_ghosts.architectures import BLOCK_KINDS
 from hf_ghosts.settings import RADIUS_FIELDS, RADIUS_TABLE
 
 if TYPE_CHECKING:
@@ -45,6 +46,9 @@ class StepRecord:
     mode, which skips nothing. ``output_tokens``, ``attention_tokens`` and ``ffn_tokens`` count the positions the
     output, attention and FFN radii were taken over (0: not measured, and left out of ``radii``); ``fd_step``, ``fd_error`` and ``fd_fallback`` are fd's step, its estimated relative error
     and whether jvp stood in for it (:class:`~hf_ghosts.probe.fd.FdStepControl`), on probed fd steps.
+    A step taken block-wise (``granularity="blocks"``, :mod:`hf_ghosts.blocks`) has ``scale = |applied| / |u|`` (the
+    fraction of the update kept), ``r_applied`` as measured along the applied step, ``block_probes`` (the
+    measurements it took: blocks and the applied step) and ``block_scales`` (the scale applied to each block kind).
     """
 
     step: int
@@ -70,6 +74,8 @@ class StepRecord:
     fd_error: float | None = None
     fd_fallback: bool | None = None
     attention_tokens: int | None = None
+    block_probes: int | None = None
+    block_scales: Mapping[str, float] | None = None
 
     def __getattr__(self, name: str) -> float | None:
         """``record.rho_out``, ``record.rho_attn``, ...: a measured radius by its field (:data:`RADIUS_TABLE`), or
@@ -85,6 +91,8 @@ class StepRecord:
             value = getattr(self, f.name)
             if f.name == "radii":
                 values.update(value or {})
+            elif f.name == "block_scales":
+                values.update({f"block_scale/{kind}": scale for kind, scale in (value or {}).items()})
             elif value is not None and f.name != "rho_attn_heads":
                 values[f.name] = value
         return values
@@ -128,14 +136,18 @@ class LoggedKey:
 
 LOGGED_KEYS: tuple[LoggedKey, ...] = (
     LoggedKey("ghosts/r", "normalized step of the optimizer's proposed update, `|u| / rho`, before control", "max", "r"),
-    LoggedKey("ghosts/r_applied", "normalized step actually applied, `scale * r`", "max", "r_applied"),
+    LoggedKey("ghosts/r_applied", "normalized step actually applied, `scale * r` (block-wise: measured along it)", "max",
+              "r_applied"),
     LoggedKey("ghosts/rho", "binding radius, min of the limiting radii (`rho_radii`)", "min", "rho"),
     *(LoggedKey(radius.key, radius.meaning, "min", radius.field) for radius in RADIUS_TABLE),
     LoggedKey(
         "ghosts/rho_out_bound", "`pi / max Delta_out`, with `rho_radius=\"topk_exact\"` (how much the exact radius gained)",
         "min", "rho_out_bound",
     ),
-    LoggedKey("ghosts/scale", "factor applied to the update (1.0 when not clipped)", "min", "scale"),
+    LoggedKey(
+        "ghosts/scale", "factor applied to the update (1.0 when not clipped); on a block-wise step the fraction kept, "
+        "`|applied| / |u|`", "min", "scale",
+    ),
     LoggedKey("ghosts/update_norm", "`|u|` of the proposed update", "max", "update_norm"),
     LoggedKey("ghosts/clipped", "fraction of probed steps that were clipped", "fraction"),
     LoggedKey("ghosts/probed", "fraction of steps measured afresh (the others reused the last `rho`)", "fraction"),
@@ -172,6 +184,14 @@ LOGGED_KEYS: tuple[LoggedKey, ...] = (
         "ghosts/fd_fallback", "probed steps measured by jvp because fd's estimated error exceeded 1% (warned once)",
         "count, with fd",
     ),
+    LoggedKey(
+        "ghosts/block_probes", "measurements spent on block-wise steps (each moving block's spreads where due, and the "
+        "applied step), with `rho_granularity=\"blocks\"`", "count, with blocks",
+    ),
+    LoggedKey(
+        "ghosts/block_scale/{kind}", "scale applied to this kind's part of the update on block-wise steps ("
+        + ", ".join(f"`{kind}`" for kind in BLOCK_KINDS) + "; 0: left out)", "min",
+    ),
     LoggedKey("ghosts/rho_attn/layer_{l}/head_{h}", "per-head radius, with `rho_log_per_head`", "min"),
 )
 
@@ -184,11 +204,13 @@ class MetricWindow:
     Skipped steps count only in ``skipped_nonfinite`` (``would_skip`` in monitor mode); ``clipped`` = clipped /
     probed steps, ``would_clip`` likewise, ``probed`` = probed / other steps; ``bottleneck/<radius>`` for each of
     ``radii`` and ``would_bind/<radius>`` for each of ``watch_radii`` count probed steps; per-head radii
-    (``per_head``) are the elementwise min over the probed steps.
+    (``per_head``) are the elementwise min over the probed steps; with ``blocks``, ``block_probes`` is their sum and
+    ``block_scale/<kind>`` the min over the block-wise steps.
     """
 
-    def __init__(self, per_head: bool = False, radii: tuple[str, ...] = (), watch_radii: tuple[str, ...] = ()) -> None:
-        self.per_head = per_head
+    def __init__(self, per_head: bool = False, radii: tuple[str, ...] = (), watch_radii: tuple[str, ...] = (),
+                 blocks: bool = False) -> None:
+        self.per_head, self.blocks = per_head, blocks
         self.radii, self.watch_radii = tuple(radii), tuple(watch_radii)
         self.reset()
 
@@ -207,6 +229,8 @@ class MetricWindow:
         self.would_clip = 0
         self.bottleneck: dict[str, int] = {}
         self.would_bind: dict[str, int] = {}
+        self.block_probes = 0
+        self.block_scales: dict[str, float] = {}
 
     def add(self, record: StepRecord) -> None:
         """Take one optimizer step's record into the window."""
@@ -227,6 +251,9 @@ class MetricWindow:
                 self.minima[spec.field] = min(self.minima.get(spec.field, math.inf), value)
         if not record.probed:
             return
+        self.block_probes += record.block_probes or 0
+        for kind, scale in (record.block_scales or {}).items():
+            self.block_scales[kind] = min(self.block_scales.get(kind, math.inf), scale)
         self.probed += 1
         self.clipped += int(record.clipped)
         self.would_clip += int(bool(record.would_clip))
@@ -266,6 +293,9 @@ class MetricWindow:
                 metrics[f"ghosts/no_{count}"] = float(steps)
         if self.fd_probed:
             metrics["ghosts/fd_fallback"] = float(self.fd_fallback)
+        if self.blocks:
+            metrics["ghosts/block_probes"] = float(self.block_probes)
+            metrics.update({f"ghosts/block_scale/{kind}": scale for kind, scale in self.block_scales.items()})
         if self.per_head and self.head_minima is not None:
             for layer, row in enumerate(self.head_minima.tolist()):
                 for head, value in enumerate(row):
@@ -274,7 +304,8 @@ class MetricWindow:
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        """The open window, JSON-ready (saved with the controller, so a resumed run logs what it would have)."""
+        """The open window, JSON-ready (saved with the controller, so a resumed run logs what it would have); the
+        block-wise keys only with ``blocks`` (a global run's state is what it was before they existed)."""
         return {
             "maxima": dict(self.maxima),
             "minima": dict(self.minima),
@@ -290,6 +321,7 @@ class MetricWindow:
             "would_clip": self.would_clip,
             "bottleneck": dict(self.bottleneck),
             "would_bind": dict(self.would_bind),
+            **({"block_probes": self.block_probes, "block_scales": dict(self.block_scales)} if self.blocks else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -308,6 +340,8 @@ class MetricWindow:
         self.would_clip = state["would_clip"]
         self.bottleneck = dict(state["bottleneck"])
         self.would_bind = dict(state["would_bind"])
+        if self.blocks:
+            self.block_probes, self.block_scales = state["block_probes"], dict(state["block_scales"])
 
 
 def define_wandb_metrics(args: TrainingArguments) -> bool:

@@ -36,12 +36,15 @@ def check_first_moments(optimizer: Any, settings: RhoSettings) -> None:
         ))
 
 
-def scale_first_moments(optimizer: Any, params: Sequence[torch.Tensor], scale: float) -> None:
-    """``exp_avg <- scale * exp_avg`` for ``params`` (those with state): the momentum of the step as applied."""
+def scale_first_moments(optimizer: Any, params: Sequence[torch.Tensor], scale: float | Sequence[torch.Tensor]) -> None:
+    """``exp_avg <- scale * exp_avg`` for ``params`` (those with state): the momentum of the step as applied. ``scale``:
+    one number, or one tensor per parameter broadcasting against it (the block step's scale of each element)."""
     state = innermost(optimizer).state
-    moments = [state[p]["exp_avg"] for p in params if "exp_avg" in state.get(p, {})]
-    if moments:
-        torch._foreach_mul_(moments, scale)
+    per_parameter = not isinstance(scale, (int, float))
+    scales = list(scale) if per_parameter else [scale] * len(params)
+    pairs = [(state[p]["exp_avg"], s) for p, s in zip(params, scales, strict=True) if "exp_avg" in state.get(p, {})]
+    if pairs:
+        torch._foreach_mul_([moment for moment, _ in pairs], [s for _, s in pairs] if per_parameter else scale)
 
 
 def register_step_hooks(

@@ -17,6 +17,7 @@ finite or worse than ``ln(vocabulary)``, the loss of a uniform guess.
     python recipes/spike_test.py --presets pythia-14m --factors 1 100 10000 --max_steps 200 --spike_step 100
     python recipes/spike_test.py --rho_radii output attention ffn
     python recipes/spike_test.py --methods rho --rho_radius topk_exact --rho_target 2
+    python recipes/spike_test.py --presets pythia-tiny llama-tiny qwen3-tiny --methods adamw rho rho-blocks  # issue 30
     python recipes/spike_test.py --presets pythia-tiny llama-tiny qwen3-tiny \
         --methods adamw adamw+clip rho zclip skip-step                # with the peers (pip install -e ".[peers]")
 
@@ -63,11 +64,13 @@ METHODS = {
     "adamw": "plain AdamW",
     "adamw+clip": "AdamW + max_grad_norm",
     "rho": "RhoTrainer (clip)",
+    "rho-blocks": "RhoTrainer (clip, block-wise)",  # rho_granularity="blocks": on request
     **PEER_METHODS,  # zclip, skip-step: on request (the [peers] extra)
 }
 DEFAULT_METHODS = ["adamw", "adamw+clip", "rho"]
 METHOD_COLORS = {"adamw": "tab:red", "adamw+clip": "tab:orange", "rho": "tab:blue", "zclip": "tab:green",
-                 "skip-step": "tab:purple"}
+                 "skip-step": "tab:purple", "rho-blocks": "tab:gray"}
+RHO_METHODS = ("rho", "rho-blocks")  # RhoTrainer; "rho-blocks" with rho_granularity="blocks", "rho" at the default
 
 
 @dataclass
@@ -114,12 +117,13 @@ class SpikeArguments:
 
 
 def method_label(method: str, spec: SpikeArguments) -> str:
-    """``METHODS[method]``, and for ``"rho"`` its settings: ``RhoTrainer (clip, r* = 1, bound)``."""
-    if method != "rho":
+    """``METHODS[method]``, and for ``"rho"`` / ``"rho-blocks"`` its settings: ``RhoTrainer (clip, r* = 1, bound)``."""
+    if method not in RHO_METHODS:
         return METHODS[method]
     moments = ", moments rescaled" if spec.rho_rescale_moments else ""
+    blocks = ", block-wise" if method == "rho-blocks" else ""
     target = default_target("clip") if spec.rho_target is None else spec.rho_target
-    return f"RhoTrainer (clip, r* = {target:g}, {spec.rho_radius}{moments})"
+    return f"RhoTrainer (clip, r* = {target:g}, {spec.rho_radius}{moments}{blocks})"
 
 
 def run_one(spec: SpikeArguments, preset: str, method: str, factor: float, data: dict[str, Any], scratch: str) -> dict[str, Any]:
@@ -146,8 +150,9 @@ def run_one(spec: SpikeArguments, preset: str, method: str, factor: float, data:
         rho_radii=spec.rho_radii,
         rho_radius=spec.rho_radius,
         rho_rescale_moments=spec.rho_rescale_moments,
+        **({"rho_granularity": "blocks"} if method == "rho-blocks" else {}),
     )
-    trainer_cls, callbacks = wire(method, RhoTrainer if method == "rho" else Trainer)
+    trainer_cls, callbacks = wire(method, RhoTrainer if method in RHO_METHODS else Trainer)
     trainer = spiked(trainer_cls)(
         model=model,
         args=args,
@@ -183,7 +188,7 @@ def run_one(spec: SpikeArguments, preset: str, method: str, factor: float, data:
         "seconds": round(seconds, 2),
         "losses": losses,
     }
-    if method == "rho":
+    if method in RHO_METHODS:
         probed = [h for h in trainer.state.log_history if "ghosts/clipped" in h]
         row["clipped_fraction"] = float(np.mean([h["ghosts/clipped"] for h in probed])) if probed else math.nan
         row["max_r_proposed"] = max((h["ghosts/r"] for h in trainer.state.log_history if "ghosts/r" in h), default=math.nan)
@@ -217,7 +222,7 @@ def plot_spike(rows: list[dict[str, Any]], spec: SpikeArguments, vocab: int, pat
     ceiling = 2 * max(finite, default=10 * math.log(vocab))  # where a NaN / inf is drawn
     largest = max(spec.factors)
     styles = {"adamw": dict(lw=2.5, ls="-"), "adamw+clip": dict(lw=1.5, ls="--"), "rho": dict(lw=1.5, ls="-"),
-              "zclip": dict(lw=1.5, ls="-."), "skip-step": dict(lw=1.5, ls=":")}
+              "zclip": dict(lw=1.5, ls="-."), "skip-step": dict(lw=1.5, ls=":"), "rho-blocks": dict(lw=1.5, ls="--")}
     for column, preset in enumerate(spec.presets):
         top, bottom = axes[0, column], axes[1, column]
         for method in spec.methods:

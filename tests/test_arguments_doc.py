@@ -73,7 +73,7 @@ def test_the_readme_shows_the_key_fields_as_generated() -> None:
 def test_docs_arguments_shows_every_field_as_generated() -> None:
     assert generated_table(ARGUMENTS_PAGE) == table(), "regenerate with `python tests/test_arguments_doc.py`"
     documented = re.findall(r"^\| `(rho_\w+)` \|", generated_table(ARGUMENTS_PAGE), flags=re.MULTILINE)
-    assert documented == [f.name for f in rho_fields()] and len(documented) == 18
+    assert documented == [f.name for f in rho_fields()] and len(documented) == 20
 
 
 def test_every_field_has_help_and_the_table_renders_it() -> None:

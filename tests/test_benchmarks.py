@@ -205,3 +205,17 @@ def test_gpu_breakdown_smoke_form_times_every_piece(tmp_path: Path) -> None:
     assert [row["plain_steps"] for row in result["rows"]] == pytest.approx(
         [row["ms"] / plain_ms for row in result["rows"]], rel=1e-9)
     assert "aten::" in result["profile_top"]
+
+
+@pytest.mark.slow
+def test_block_cost_benchmark_times_both_granularities(tmp_path: Path, benchmark_module) -> None:
+    out = tmp_path / "block_cost.json"
+    benchmark_module("block_cost").main(["--sizes", "tiny", "--steps", "4", "--warmup", "1", "--lr", "0.3",
+                                         "--out", str(out)])
+    (tiny,) = json.loads(out.read_text())["sizes"]
+    assert tiny["size"] == "tiny" and tiny["params"] == TINY_PARAMS
+    flat, blocks = tiny["global"], tiny["blocks"]
+    assert flat["steps"] == blocks["steps"] == 4 and flat["clipped_fraction"] == 1.0
+    assert flat["probes_per_clipped_step"] == 1.0  # one measurement of u per clipped step
+    assert blocks["probes_per_clipped_step"] > 2.0  # u, then the blocks where due and the applied step
+    assert tiny["ratio"] == pytest.approx(blocks["after_step_s"] / flat["after_step_s"], rel=1e-12)

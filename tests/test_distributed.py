@@ -123,7 +123,7 @@ def assert_reduction_is_max(ranks: list[dict]) -> None:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_ddp_runs_two_real_processes(ddp):
-    assert set(ddp) == {"ddp_jvp", "ddp_noreduce", "ddp_fd"}
+    assert set(ddp) == {"ddp_jvp", "ddp_noreduce", "ddp_fd", "ddp_blocks"}
     for ranks in ddp.values():
         assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
         assert not ranks[0]["fsdp"] and ranks[0]["probes"][0]["backend"] == "ddp"
@@ -159,6 +159,22 @@ def test_ddp_without_the_reduction_ranks_diverge(ddp):
     assert any(not torch.equal(value, second["final"][name]) for name, value in first["final"].items())
     with pytest.raises(AssertionError):
         assert_ranks_agree([first, second])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_block_steps_are_rank_identical(ddp):
+    """Every step clipped block-wise (the block reports and the applied step's reduced like the step's own): the same
+    records, block scales included, and the same weights on both ranks."""
+    ranks = ddp["ddp_blocks"]
+    steps = ranks[0]["steps"]
+    assert all(step["clipped"] and step.get("block_probes") for step in steps), steps
+    for step in steps:  # not one scale for all: the blocks were scaled one by one
+        assert len({value for key, value in step.items() if key.startswith("block_scale/")}) >= 3, step
+    assert_ranks_agree(ranks)
+    assert ranks[0]["steps"] == ranks[1]["steps"]
+    assert all(step["r_applied"] <= 0.5 * (1 + 1e-6) for step in steps)
+    assert len(ranks[0]["probes"]) == len(ranks[1]["probes"]) > STEPS  # the blocks' reports went through reduce too
 
 
 # ----------------------------------------------------------------------------------------- FSDP2
@@ -270,6 +286,14 @@ def test_fsdp2_bf16_through_rho_trainer(fsdp):
 def test_fsdp1_is_refused(fsdp):
     error = fsdp["fsdp1"][0]["error"]
     assert error is not None and "FSDP2 only" in error
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_refuses_block_steps_at_construction(fsdp):
+    error = fsdp["fsdp2_blocks"][0]["error"]
+    assert error is not None and "RhoTrainingArguments.rho_granularity: 'blocks' is not supported under FSDP2" in error
+    assert "rho_granularity='global'" in error
 
 
 # ----------------------------------------------------------------------------------------- one process

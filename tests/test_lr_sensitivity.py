@@ -122,6 +122,30 @@ def test_ghosts_summary_by_hand(module) -> None:
     assert (summary["binding_radius"], summary["r_max"], summary["rho_min"]) == ("output", 9.0, 0.2)
     plain = module.ghosts_summary([{"step": 2, "loss": 5.0}, {"step": 2, "eval_loss": 4.0}])
     assert math.isnan(plain["probed_fraction"]) and plain["binding_radius"] == ""
+    assert "block_probes_per_step" not in summary  # a global run's record is as it was
+    history[1]["ghosts/block_probes"], history[2]["ghosts/block_probes"] = 9.0, 1.0
+    assert module.ghosts_summary(history)["block_probes_per_step"] == pytest.approx(10 / 5)
+
+
+def test_block_methods_leave_the_other_methods_run_settings_alone(module) -> None:
+    """``rho-blocks`` is ``rho`` plus ``rho_granularity="blocks"``; the run settings (what a run file must match to be
+    reused) of the methods that were there before are as they were, so their run files are reused."""
+    from common import DataArguments
+
+    from hf_ghosts.settings import DEFAULT_GRANULARITY
+
+    spec, data = module.SensitivityArguments(), DataArguments()
+    base = {"max_steps", "batch_size", "logit_every", "logit_blocks", "block_size", "max_train_blocks", "max_eval_blocks",
+            "tokenizer_vocab_size", "dataset_name", "train_file"}
+    assert set(module.run_settings(spec, data, "rho")) == set(module.run_settings(spec, data, "rho+qk-norm")) == base
+    assert set(module.run_settings(spec, data, "rho-best")) == base | {"rho_target", "rho_radius", "rho_radii", "rho_every"}
+    blocks = module.run_settings(spec, data, "rho-blocks")
+    assert {k: v for k, v in blocks.items() if k not in base} == {"rho_granularity": "blocks", "rho_block_refresh": 4}
+    assert module.run_settings(spec, data, "rho-blocks+qk-norm") == blocks
+    args = {method: module.training_arguments(spec, method, 1e-2, 0, "out") for method in ("rho", "rho-blocks")}
+    assert (args["rho"].rho_granularity, args["rho-blocks"].rho_granularity) == (DEFAULT_GRANULARITY, "blocks")
+    assert module.applies("llama-tiny", "rho-blocks+qk-norm") and not module.applies("pythia-tiny", "rho-blocks+qk-norm")
+    assert module.applies("pythia-tiny", "rho-blocks") and "rho-blocks" not in module.DEFAULT_METHODS
 
 
 def test_grid_defaults_and_applicability(module) -> None:
@@ -184,3 +208,15 @@ def test_lr_sensitivity_smoke(module, tmp_path: Path, monkeypatch: pytest.Monkey
     assert (tmp_path / "lr_sensitivity_table.csv").read_text() == text
     with pytest.raises(ValueError, match="other settings \\(max_steps\\)"):
         module.main([*argv, "--max_steps", "12"])
+
+
+@pytest.mark.slow
+def test_lr_sensitivity_runs_the_block_wise_clip(module, tmp_path: Path) -> None:
+    """``rho-blocks`` on llama-tiny at a huge rate: every probed step clipped block-wise, no divergence."""
+    argv = ["--output_dir", str(tmp_path), "--presets", "llama-tiny", "--methods", "rho-blocks", "--learning_rates", "30",
+            "--seeds", "0", "--max_steps", "6", "--logit_every", "3", *SMALL_DATA]
+    module.main(argv)
+    stored = json.loads((tmp_path / "runs" / "llama-tiny" / "rho-blocks" / "lr30-seed0.json").read_text())
+    run = stored["run"]
+    assert stored["settings"]["rho_granularity"] == "blocks" and not run["diverged"]
+    assert run["clipped_fraction"] == 1.0 and run["block_probes_per_step"] >= 1.0

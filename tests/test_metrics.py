@@ -11,6 +11,7 @@ import torch
 from conftest import rho_args, tiny_causal_lm, token_dataset
 
 from hf_ghosts import RhoTrainer
+from hf_ghosts.architectures import BLOCK_KINDS
 from hf_ghosts.metrics import LOGGED_KEYS, MetricWindow, StepRecord
 from hf_ghosts.settings import RADII, RADIUS_FIELDS
 
@@ -33,10 +34,11 @@ def readme_key_table() -> list[tuple[str, str, str]]:
 
 
 def key_pattern(key: str) -> re.Pattern:
-    """``ghosts/rho_attn/layer_{l}/head_{h}`` -> a regex with an integer for each ``{...}``; ``{radius}``: a radius name."""
-    names = "(" + "|".join(RADII) + ")"
+    """``ghosts/rho_attn/layer_{l}/head_{h}`` -> a regex with an integer for each ``{...}``; ``{radius}``: a radius name;
+    ``{kind}``: a block kind."""
+    names = {"{radius}": "(" + "|".join(RADII) + ")", "{kind}": "(" + "|".join(BLOCK_KINDS) + ")"}
     parts = re.split(r"(\{\w+\})", key)
-    return re.compile("".join((names if part == "{radius}" else r"\d+") if part.startswith("{") else re.escape(part) for part in parts))
+    return re.compile("".join(names.get(part, r"\d+") if part.startswith("{") else re.escape(part) for part in parts))
 
 
 def test_readme_table_is_the_metrics_table() -> None:
@@ -47,8 +49,8 @@ def test_readme_table_is_the_metrics_table() -> None:
 
 
 def test_a_training_run_logs_exactly_the_documented_keys(tmp_path) -> None:
-    """All three radii, per-head radii, and a probed batch without labels or unmasked positions (rows 2-3: step 2),
-    all in one log."""
+    """All three radii, per-head radii, a probed batch without labels or unmasked positions (rows 2-3: step 2), and
+    block-wise steps, all in one log."""
     data = token_dataset(rows=8)
     labels, mask = data["labels"], data["attention_mask"]
     data = data.remove_columns("labels").add_column("labels", [[-100] * len(row) if i in (2, 3) else row for i, row in enumerate(labels)])
@@ -58,7 +60,7 @@ def test_a_training_run_logs_exactly_the_documented_keys(tmp_path) -> None:
     args = rho_args(
         tmp_path, per_device_train_batch_size=2, train_sampling_strategy="sequential", max_steps=3, logging_steps=3,
         learning_rate=0.05, rho_radii=["output", "attention", "ffn"], rho_log_per_head=True, rho_every=1,
-        rho_watch_radii=["ffn_activation"], rho_radius="topk_exact", rho_topk=2,
+        rho_watch_radii=["ffn_activation"], rho_radius="topk_exact", rho_topk=2, rho_granularity="blocks",
     )
     trainer = RhoTrainer(model=tiny_causal_lm("gpt_neox"), args=args, train_dataset=data)
     trainer.train()
@@ -71,6 +73,7 @@ def test_a_training_run_logs_exactly_the_documented_keys(tmp_path) -> None:
     assert len([key for key in logged if "/layer_" in key]) == 2 * 4  # layers x heads of the tiny GPT-NeoX
     assert entry["ghosts/no_output_tokens"] == entry["ghosts/no_attention_tokens"] == entry["ghosts/no_ffn_tokens"] == 1.0
     assert entry["ghosts/probed"] == 1.0
+    assert entry["ghosts/block_probes"] > 0 and {key for key in logged if "/block_scale/" in key}
     assert entry["ghosts/fd_fallback"] == 0.0 and 0 < entry["ghosts/fd_error"] < 1e-2 and entry["ghosts/fd_step"] == 1e-2
 
 
@@ -150,6 +153,31 @@ def test_window_counts_bottlenecks_would_bind_would_clip_and_would_skip() -> Non
     assert metrics["ghosts/r"] == 2.0 and metrics["ghosts/update_norm"] == 1.0  # NaN norms stay out of the max
 
 
+def block_records() -> list[StepRecord]:
+    """A block-wise step, a global step (no block gave a decrease), a reused step, a second block-wise step."""
+    return [
+        StepRecord(step=1, update_norm=2.0, r=4.0, r_applied=2.0, scale=0.6, rho=0.5, probed=True, clipped=True,
+                   block_probes=8, block_scales={"embed": 0.25, "head": 1.0}),
+        StepRecord(step=2, update_norm=2.0, r=4.0, r_applied=2.0, scale=0.5, rho=0.5, probed=True, clipped=True),
+        StepRecord(step=3, update_norm=0.5, r=1.0, r_applied=1.0, scale=1.0, rho=0.5),
+        StepRecord(step=4, update_norm=2.0, r=3.0, r_applied=1.5, scale=0.7, rho=0.5, probed=True, clipped=True,
+                   block_probes=1, block_scales={"embed": 0.5, "head": 0.75}),
+    ]
+
+
+def test_window_sums_block_probes_and_takes_the_least_block_scale() -> None:
+    window = MetricWindow(blocks=True)
+    for record in block_records():
+        window.add(record)
+    metrics = window.pop()
+    assert metrics["ghosts/block_probes"] == 9.0 and metrics["ghosts/scale"] == 0.5
+    assert {k: v for k, v in metrics.items() if "/block_scale/" in k} == {"ghosts/block_scale/embed": 0.25,
+                                                                           "ghosts/block_scale/head": 0.75}
+    assert window.pop()["ghosts/block_probes"] == 0.0, "pop empties the window"
+    assert "ghosts/block_probes" not in MetricWindow().pop(), "a global run logs no block keys"
+    assert block_records()[0].scalars()["block_scale/embed"] == 0.25
+
+
 @pytest.mark.parametrize("split", [1, 2, 3])
 def test_window_state_round_trip_resumes_the_window_exactly(split: int) -> None:
     straight = MetricWindow(per_head=True)
@@ -163,3 +191,13 @@ def test_window_state_round_trip_resumes_the_window_exactly(split: int) -> None:
     for record in records()[split:]:
         resumed.add(record)
     assert resumed.pop() == straight.pop()
+    straight, first, resumed = (MetricWindow(blocks=True) for _ in range(3))
+    for record in block_records():
+        straight.add(record)
+    for record in block_records()[:split]:
+        first.add(record)
+    resumed.load_state_dict(first.state_dict())
+    for record in block_records()[split:]:
+        resumed.add(record)
+    assert resumed.pop() == straight.pop()
+    assert "block_probes" not in MetricWindow().state_dict(), "a global run's state is what it was before blocks"

@@ -90,3 +90,81 @@ def test_check_radius_passes_a_radius(rho: float) -> None:
 def test_check_radius_names_the_caller_and_the_value(rho: float) -> None:
     with pytest.raises(ValueError, match=rf"^caller: the measured radius is {rho!r}, .*contain NaN or inf"):
         radii.check_radius(rho, "caller")
+
+
+# ----------------------------------------------------------------------------- block-wise steps
+def brute_force_knapsack(decrease: list[float], cost: list[float], budget: float) -> float:
+    """The optimum of ``max d.s, c.s <= B, 0 <= s <= 1`` over its vertices: some blocks whole, at most one in part."""
+    n, best = len(decrease), 0.0
+    for mask in range(1 << n):
+        whole = [b for b in range(n) if mask >> b & 1]
+        left = budget - sum(cost[b] for b in whole)
+        if left < -1e-12:
+            continue
+        value = sum(decrease[b] for b in whole)
+        best = max(best, value)
+        for f in set(range(n)) - set(whole):
+            if cost[f] > 0:
+                best = max(best, value + decrease[f] * min(1.0, left / cost[f]))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_knapsack_scales_reach_the_brute_force_optimum(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    n = 1 + seed % 6
+    decrease = torch.randn(n, generator=generator, dtype=torch.float64)
+    cost = torch.rand(n, generator=generator, dtype=torch.float64) * 3
+    cost[torch.rand(n, generator=generator) < 0.2] = 0.0  # some blocks move nothing that bends
+    budget = float(torch.rand((), generator=generator, dtype=torch.float64) * cost.sum())
+    scales = radii.knapsack_scales(decrease, cost, budget)
+    assert scales.dtype == torch.float64 and bool(((scales >= 0) & (scales <= 1)).all())
+    assert float(scales @ cost) <= budget * (1 + 1e-12) + 1e-15
+    assert bool((scales[decrease <= 0] == 0).all())  # a block that would raise the loss is not taken
+    assert bool((scales[(decrease > 0) & (cost == 0)] == 1).all())  # a free block that lowers it is taken whole
+    assert float(scales @ decrease) == pytest.approx(brute_force_knapsack(decrease.tolist(), cost.tolist(), budget), rel=1e-12, abs=1e-12)
+
+
+def test_knapsack_scales_closed_forms() -> None:
+    # equal decrease per unit cost: value k * min(B, sum of the positive costs), whatever the order
+    cost = torch.tensor([1.0, 2.0, 3.0, 0.5], dtype=torch.float64)
+    for budget in (0.0, 1.7, 6.5, 100.0):
+        scales = radii.knapsack_scales(2.5 * cost, cost, budget)
+        assert float(scales @ (2.5 * cost)) == pytest.approx(2.5 * min(budget, float(cost.sum())))
+    # budget above every cost: every positive block whole, the rest 0
+    torch.testing.assert_close(radii.knapsack_scales(torch.tensor([1.0, -1.0, 0.0, 2.0]), torch.ones(4), 10.0),
+                               torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64))
+    # the best ratio first: 3/1 whole, then 4/2 half of it with the budget left (2 - 1 = 1)
+    torch.testing.assert_close(radii.knapsack_scales(torch.tensor([4.0, 3.0]), torch.tensor([2.0, 1.0]), 2.0),
+                               torch.tensor([0.5, 1.0], dtype=torch.float64))
+    # no budget (or a negative one): only the free blocks
+    torch.testing.assert_close(radii.knapsack_scales(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0]), -3.0),
+                               torch.tensor([1.0, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="knapsack_scales: expects decrease and cost of one shape"):
+        radii.knapsack_scales(torch.ones(3), torch.ones(2), 1.0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_spread_bound_bounds_the_spread_of_the_sum(seed: int) -> None:
+    """The certificate the block step relies on: the spread of ``sum_b s_b a_b`` (slopes per class, per instance)
+    is at most ``spread_bound(s, D)``, ``D_bj`` the spread of ``a_b`` on instance ``j``; the bound as its definition."""
+    slopes = randn64(4, 3, 11, seed=seed)  # [blocks, instances, classes]
+    spreads = slopes.amax(-1) - slopes.amin(-1)
+    scales = torch.rand(4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    combined = torch.einsum("b,bjk->jk", scales, slopes)
+    bound = radii.spread_bound(scales, spreads)
+    assert float((combined.amax(-1) - combined.amin(-1)).max()) <= float(bound) * (1 + 1e-12)
+    assert float(bound) == pytest.approx(max(sum(float(scales[b] * spreads[b, j]) for b in range(4)) for j in range(3)))
+    assert float(radii.spread_bound(scales, spreads[:, :0])) == 0.0
+    with pytest.raises(ValueError, match=r"spread_bound: expects scales \[blocks\]"):
+        radii.spread_bound(scales[:3], spreads)
+
+
+def test_block_scale_up() -> None:
+    assert radii.block_scale_up(2.0, 1.0, 0.25) == 2.0  # up to the target: r(c w) = 2
+    assert radii.block_scale_up(2.0, 1.0, 0.8) == 1.25  # never past the optimizer's own step: c * 0.8 = 1
+    assert radii.block_scale_up(2.0, 5.0, 1.0) == 0.4  # down to the target where the bound was exceeded
+    assert radii.block_scale_up(2.0, 0.0, 0.5) == 2.0  # nothing bends along w
+    for bad in ((2.0, 1.0, 0.0), (2.0, math.nan, 1.0), (0.0, 1.0, 1.0)):
+        with pytest.raises(ValueError, match="block_scale_up: expects"):
+            radii.block_scale_up(*bad)

@@ -291,6 +291,16 @@ def test_spike_test(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_spike_test_runs_the_block_wise_clip(tmp_path: Path) -> None:
+    (row,) = recipe("spike_test").main([
+        "--output_dir", str(tmp_path), "--presets", "llama-tiny", "--methods", "rho-blocks", "--factors", "10000",
+        "--max_steps", "6", "--spike_step", "3", *SMALL_DATA,
+    ])
+    assert row["method"] == "rho-blocks" and not row["collapsed"] and row["clipped_fraction"] > 0
+    assert "| RhoTrainer (clip, r* = 2, bound, block-wise) |" in (tmp_path / "spike_table.md").read_text()
+
+
+@pytest.mark.slow
 def test_spike_test_saves_checkpoints_that_hf_ghosts_diagnoses(tmp_path: Path) -> None:
     """``--save_steps`` keeps Trainer checkpoints (tokenizer included) that ``hf-ghosts diagnose`` reads; without
     it nothing is kept. The spiked run's checkpoint before the first spiked step shows a larger ``r`` than the

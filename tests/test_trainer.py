@@ -207,12 +207,14 @@ def test_gradient_accumulation_probes_once_per_step_on_the_last_micro_batch(tmp_
 # ----------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("restore_callbacks", [False, True])
-def test_resume_is_exact_including_the_gpt_neox_head(tmp_path, restore_callbacks: bool) -> None:
+@pytest.mark.parametrize(("restore_callbacks", "granularity"), [(False, "global"), (True, "global"), (False, "blocks")])
+def test_resume_is_exact_including_the_gpt_neox_head(tmp_path, restore_callbacks: bool, granularity: str) -> None:
     # Triggers off: probes at steps 1, 3, 5, so step 4 (the first after resuming) reuses the rho saved at step 3.
+    # Blocks: the block spreads measured at step 1 are reused at steps 3 and 5 (refresh every 4 block steps), so step 5
+    # after the resume takes them from the checkpoint.
     common = dict(
         max_steps=6, save_strategy="steps", save_steps=3, logging_steps=2, learning_rate=0.05,
-        rho_every=2, rho_trigger_r=math.inf, rho_trigger_growth=math.inf,
+        rho_every=2, rho_trigger_r=math.inf, rho_trigger_growth=math.inf, rho_granularity=granularity,
         restore_callback_states_from_checkpoint=restore_callbacks,
     )
     straight = RhoTrainer(model=tiny_causal_lm("gpt_neox"), args=rho_args(tmp_path, **common), train_dataset=token_dataset())
@@ -251,6 +253,10 @@ def test_resume_is_exact_including_the_gpt_neox_head(tmp_path, restore_callbacks
     # The window open at the checkpoint (step 3) is logged at step 4 by both runs.
     assert ghosts_after(resumed, 3) == ghosts_after(straight, 3)
     assert any(entry["ghosts/clipped"] > 0 for entry in ghosts_after(straight, 0))
+    if granularity == "blocks":  # steps 1, 3, 5 block-wise: the blocks measured at step 1 only (plus w each time)
+        probes = [entry["ghosts/block_probes"] for entry in ghosts_after(straight, 0)]
+        assert probes[0] > 2 and probes[1:] == [1.0, 1.0], probes
+        assert straight.rho_controller.state_dict()["blocks"]["since_refresh"] == 2
 
 
 def test_resume_from_a_plain_trainer_checkpoint_starts_the_controller_afresh(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
@@ -471,12 +477,13 @@ def test_plain_training_arguments_are_upgraded(tmp_path) -> None:
     assert (probe.estimator, probe.dtype) == ("fd", torch.float32)
 
 
-# The 18 settings of the controller and the probe, as the arguments spell them, in declaration order (written out
+# The 20 settings of the controller and the probe, as the arguments spell them, in declaration order (written out
 # by hand: a field added, dropped or renamed must show here).
 RHO_FIELDS = [
     "rho_mode", "rho_target", "rho_radii", "rho_watch_radii", "rho_ffn_mode", "rho_set_schedule", "rho_estimator",
     "rho_probe_dtype", "rho_every", "rho_trigger_r", "rho_trigger_growth", "rho_log_per_head", "rho_fd_step",
-    "rho_radius", "rho_topk", "rho_rescale_moments", "rho_ffn_quantile", "rho_vocab_chunk",
+    "rho_radius", "rho_topk", "rho_rescale_moments", "rho_granularity", "rho_block_refresh", "rho_ffn_quantile",
+    "rho_vocab_chunk",
 ]
 
 

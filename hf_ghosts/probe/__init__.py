@@ -20,6 +20,8 @@ One job per module, read from the bottom up:
 ``radius_probe``       :class:`RadiusProbe`: construction, ``measure`` (fd: the step control chooses the step),
                        ``measure_with`` (the estimator and fd step given), ``logit_slopes``
 ``sharded``            :class:`ShardedRadiusProbe`: central differences in the FSDP2 shards, in place
+``blocks``             per-block spreads for the block-wise step (``granularity="blocks"``): one ``measure_with`` per
+                       moving block, at the step fd's control chose
 =====================  ==================================================================================
 """
 

@@ -9,7 +9,8 @@ modulus of that zero, or turns it into a step size:
 - :mod:`~hf_ghosts.radii.exact`: the nearest zero by the argument principle;
 - :mod:`~hf_ghosts.radii.certified`: a Rouché-certified lower bound at any vocabulary size, and the top-k batch radius;
 - :mod:`~hf_ghosts.radii.activations`: FFN activations' radii (Appendix B);
-- :mod:`~hf_ghosts.radii.step`: ``r = |u| / rho`` (eq. 17) and the clip / set scale (eq. 19).
+- :mod:`~hf_ghosts.radii.step`: ``r = |u| / rho`` (eq. 17), the clip / set scale (eq. 19), and the block-wise
+  step's certificate and scales.
 
 The training-path functions make no host sync: NaN or inf inputs give NaN on the device, and the caller
 checks the one scalar it reads (:func:`check_radius`).
@@ -19,7 +20,16 @@ from hf_ghosts.radii.activations import ACTIVATION_FAMILIES, activation_radius
 from hf_ghosts.radii.bounds import binary_radius, rho_bound, spread, top2_radius
 from hf_ghosts.radii.certified import TOPK_POOL, certified_radius, topk_exact_radius, topk_radius, widest_tokens
 from hf_ghosts.radii.exact import exact_radius
-from hf_ghosts.radii.step import CLIP_MODES, check_radius, clip_scale, normalized_step, update_norm
+from hf_ghosts.radii.step import (
+    CLIP_MODES,
+    block_scale_up,
+    check_radius,
+    clip_scale,
+    knapsack_scales,
+    normalized_step,
+    spread_bound,
+    update_norm,
+)
 
 __all__ = [
     "ACTIVATION_FAMILIES",
@@ -27,13 +37,16 @@ __all__ = [
     "TOPK_POOL",
     "activation_radius",
     "binary_radius",
+    "block_scale_up",
     "certified_radius",
     "check_radius",
     "clip_scale",
     "exact_radius",
+    "knapsack_scales",
     "normalized_step",
     "rho_bound",
     "spread",
+    "spread_bound",
     "top2_radius",
     "topk_exact_radius",
     "topk_radius",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -205,19 +206,31 @@ def run(
     dist.barrier()
 
 
+def refusal(out: Path, name: str, build: Callable[[], object]) -> None:
+    """Save on rank 0, under ``out/name``, the ValueError ``build()`` raised (``None``: it raised none)."""
+    try:
+        build()
+        message = None
+    except ValueError as error:
+        message = str(error)
+    if dist.get_rank() == 0:
+        (out / name).mkdir(parents=True, exist_ok=True)
+        torch.save({"error": message}, out / name / "rank0.pt")
+
+
+def blocks_refused(out: Path) -> None:
+    """``rho_granularity="blocks"`` under FSDP2: the trainer must refuse it at construction."""
+    args = RhoTrainingArguments(output_dir=str(out / "fsdp2_blocks"), report_to=[], use_cpu=True,
+                                rho_granularity="blocks")
+    refusal(out, "fsdp2_blocks", lambda: CpuFsdpRhoTrainer(model=tiny_causal_lm("gpt_neox"), args=args, train_dataset=Rows()))
+
+
 def fsdp1_refused(out: Path) -> None:
     """A torch FSDP1 model: the controller must refuse it (FSDP1 would probe stale root weights)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     model = FullyShardedDataParallel(tiny_causal_lm("gpt_neox"), use_orig_params=True, device_id=torch.device("cpu"))
-    try:
-        RhoController(model, torch.optim.AdamW(model.parameters()))
-        message = None
-    except ValueError as error:
-        message = str(error)
-    if dist.get_rank() == 0:
-        (out / "fsdp1").mkdir(parents=True, exist_ok=True)
-        torch.save({"error": message}, out / "fsdp1" / "rank0.pt")
+    refusal(out, "fsdp1", lambda: RhoController(model, torch.optim.AdamW(model.parameters())))
 
 
 def main() -> None:
@@ -230,6 +243,8 @@ def main() -> None:
         run("ddp_jvp", out)
         run("ddp_noreduce", out, reduce=False)
         run("ddp_fd", out, rho_estimator="fd")
+        # clipped every step, block by block (the fused query_key_value split into q/k and v)
+        run("ddp_blocks", out, rho_mode="clip", rho_radii=["output", "attention"], rho_granularity="blocks")
     else:
         run("fsdp2", out, trainer_cls=CpuFsdpRhoTrainer)  # asks for jvp: the sharded probe uses fd
         CpuFsdp.fsdp_overrides = {"reshard_after_forward": False}
@@ -242,6 +257,7 @@ def main() -> None:
         run("fsdp2_plain", out, trainer_cls=CpuFsdpTrainer)
         run("fsdp2_callback", out, trainer_cls=CpuFsdpTrainer, callback=True)  # RhoCallback on plain Trainer
         fsdp1_refused(out)
+        blocks_refused(out)
     dist.destroy_process_group()
 
 
