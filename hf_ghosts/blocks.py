@@ -11,7 +11,7 @@ other) and, on a probed step whose proposed ``r(u)`` exceeds ``r*``:
 2. the unit spreads of each moving block per softmax instance (:func:`~hf_ghosts.probe.blocks.block_spreads`),
    measured on every ``block_refresh``-th block step and reused in between (``D_bj = unit_bj * |u_b|``, ``|u_b|`` of
    this step);
-3. scales ``s = knapsack_scales(decrease, max_j D_bj, pi r*)`` (blocks with ``decrease_b <= 0`` get 0), so that
+3. scales ``s = block_allocation(decrease, max_j D_bj, pi r*)`` (blocks with ``decrease_b <= 0`` get 0), so that
    ``spread_bound(s, D) <= pi r*``;
 4. ``w = sum_b s_b u_b`` is measured once more (the certificate) and ``old + c w`` applied with
    ``c = block_scale_up(r*, r(w), max_b s_b) = min(r* / r(w), 1 / max_b s_b)``: ``r(c w) <= r*`` as measured, and no
@@ -34,7 +34,7 @@ from hf_ghosts.metrics import StepRecord
 from hf_ghosts.optimizers import scale_first_moments
 from hf_ghosts.probe import RadiusProbe, RadiusReport
 from hf_ghosts.probe.blocks import block_estimate, block_spreads
-from hf_ghosts.radii import block_scale_up, knapsack_scales, normalized_step, update_norm
+from hf_ghosts.radii import block_allocation, block_scale_up, normalized_step, update_norm
 
 __all__ = ["BlockOutcome", "BlockStep", "ParameterBlocks"]
 
@@ -183,7 +183,7 @@ class BlockStep:
         if not bool(torch.isfinite(self.unit).all()):
             return BlockOutcome(skipped="radius")
         cost = (self.unit.cpu() * norms[:, None]).amax(1) if self.unit.shape[1] else torch.zeros_like(norms)
-        scales = knapsack_scales(decrease, cost, math.pi * target)
+        scales = block_allocation(decrease, cost, math.pi * target)
         w = self.blocks.combine(update, scales)
         w_norm = float(update_norm(w))  # host sync
         report = reduce(probe.measure_with(batch, dict(zip(names, w, strict=True)), at, estimator=estimator,

@@ -43,7 +43,7 @@ TRAINING_PATH: dict[str, Callable[[], object]] = {
     "clip_scale set": lambda: radii.clip_scale(2.0, math.inf, 1.5, mode="set"),
     "update_norm": lambda: radii.update_norm(UPDATE),
     "spread_bound": lambda: radii.spread_bound(torch.tensor([0.5, 1.0]), SLOPES[0, 0, :2]),
-    "knapsack_scales": lambda: radii.knapsack_scales(SLOPES[0, 0, 0], SLOPES[0, 1, 0].abs(), radii.update_norm(UPDATE)),
+    "block_allocation": lambda: radii.block_allocation(SLOPES[0, 0, 0], SLOPES[0, 1, 0].abs(), radii.update_norm(UPDATE)),
     "binary_radius": lambda: radii.binary_radius(SLOPES[..., 0], SLOPES[..., 1]),
     "top2_radius": lambda: radii.top2_radius(SLOPES.flip(-1), SLOPES),
     **{

@@ -93,55 +93,68 @@ def test_check_radius_names_the_caller_and_the_value(rho: float) -> None:
 
 
 # ----------------------------------------------------------------------------- block-wise steps
-def brute_force_knapsack(decrease: list[float], cost: list[float], budget: float) -> float:
-    """The optimum of ``max d.s, c.s <= B, 0 <= s <= 1`` over its vertices: some blocks whole, at most one in part."""
-    n, best = len(decrease), 0.0
-    for mask in range(1 << n):
-        whole = [b for b in range(n) if mask >> b & 1]
-        left = budget - sum(cost[b] for b in whole)
-        if left < -1e-12:
-            continue
-        value = sum(decrease[b] for b in whole)
-        best = max(best, value)
-        for f in set(range(n)) - set(whole):
-            if cost[f] > 0:
-                best = max(best, value + decrease[f] * min(1.0, left / cost[f]))
-    return best
+def bisected_allocation(decrease: list[float], cost: list[float], budget: float) -> list[float]:
+    """An independent solution of ``max sum_b d_b sqrt(s_b)``, ``sum_b s_b c_b <= B``, ``0 <= s <= 1``: by KKT the paid
+    blocks (``d > 0, c > 0``) have ``s_b(lam) = min(1, (d_b / (lam c_b))^2)``; ``lam`` by bisection on the budget."""
+    paid = [d > 0 and c > 0 for d, c in zip(decrease, cost, strict=True)]
+
+    def scales(lam: float) -> list[float]:
+        return [(1.0 if lam <= d / c else (d / c / lam) ** 2) if ok else float(d > 0)
+                for d, c, ok in zip(decrease, cost, paid, strict=True)]
+
+    def used(lam: float) -> float:
+        return sum(s * c for s, c, ok in zip(scales(lam), cost, paid, strict=True) if ok)
+
+    ratios = [d / c for d, c, ok in zip(decrease, cost, paid, strict=True) if ok]
+    if not ratios or used(min(ratios)) <= budget:  # every paid block whole
+        return scales(min(ratios, default=1.0))
+    low, high = min(ratios), max(ratios) * 1e12
+    for _ in range(3000):
+        middle = math.sqrt(low * high) if high / low > 4 else (low + high) / 2
+        low, high = (middle, high) if used(middle) > budget else (low, middle)
+    return scales(high)
+
+
+def utility(scales: torch.Tensor, decrease: torch.Tensor) -> float:
+    return float((decrease.clamp_min(0) * scales.clamp_min(0).sqrt()).sum())
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_knapsack_scales_reach_the_brute_force_optimum(seed: int) -> None:
+def test_block_allocation_is_the_optimum_of_its_objective(seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
-    n = 1 + seed % 6
+    n = 1 + seed % 7
     decrease = torch.randn(n, generator=generator, dtype=torch.float64)
     cost = torch.rand(n, generator=generator, dtype=torch.float64) * 3
     cost[torch.rand(n, generator=generator) < 0.2] = 0.0  # some blocks move nothing that bends
-    budget = float(torch.rand((), generator=generator, dtype=torch.float64) * cost.sum())
-    scales = radii.knapsack_scales(decrease, cost, budget)
+    budget = float(torch.rand((), generator=generator, dtype=torch.float64) * cost.sum() * 1.2)
+    scales = radii.block_allocation(decrease, cost, budget)
     assert scales.dtype == torch.float64 and bool(((scales >= 0) & (scales <= 1)).all())
-    assert float(scales @ cost) <= budget * (1 + 1e-12) + 1e-15
+    assert float(scales @ cost) <= budget * (1 + 1e-9) + 1e-12
     assert bool((scales[decrease <= 0] == 0).all())  # a block that would raise the loss is not taken
     assert bool((scales[(decrease > 0) & (cost == 0)] == 1).all())  # a free block that lowers it is taken whole
-    assert float(scales @ decrease) == pytest.approx(brute_force_knapsack(decrease.tolist(), cost.tolist(), budget), rel=1e-12, abs=1e-12)
+    expected = torch.tensor(bisected_allocation(decrease.tolist(), cost.tolist(), budget), dtype=torch.float64)
+    torch.testing.assert_close(scales, expected, rtol=1e-7, atol=1e-9)
+    for _ in range(50):  # no feasible point does better
+        other = torch.rand(n, generator=generator, dtype=torch.float64)
+        other = other * min(1.0, budget / max(float(other @ cost), 1e-300))
+        assert utility(other, decrease) <= utility(scales, decrease) * (1 + 1e-9) + 1e-12
 
 
-def test_knapsack_scales_closed_forms() -> None:
-    # equal decrease per unit cost: value k * min(B, sum of the positive costs), whatever the order
-    cost = torch.tensor([1.0, 2.0, 3.0, 0.5], dtype=torch.float64)
-    for budget in (0.0, 1.7, 6.5, 100.0):
-        scales = radii.knapsack_scales(2.5 * cost, cost, budget)
-        assert float(scales @ (2.5 * cost)) == pytest.approx(2.5 * min(budget, float(cost.sum())))
+def test_block_allocation_closed_forms() -> None:
+    # below the caps the budget is shared as d^2 / c: s_b c_b = B (d_b^2 / c_b) / sum (d^2 / c)
+    torch.testing.assert_close(radii.block_allocation(torch.tensor([2.0, 1.0]), torch.tensor([1.0, 2.0]), 1.0),
+                               torch.tensor([8 / 9, 1 / 18], dtype=torch.float64))
+    # a capped block leaves the rest of the budget to the others: [2, 1] at cost 1 each, budget 1.5 -> [1, 0.5]
+    torch.testing.assert_close(radii.block_allocation(torch.tensor([2.0, 1.0]), torch.ones(2), 1.5),
+                               torch.tensor([1.0, 0.5], dtype=torch.float64))
     # budget above every cost: every positive block whole, the rest 0
-    torch.testing.assert_close(radii.knapsack_scales(torch.tensor([1.0, -1.0, 0.0, 2.0]), torch.ones(4), 10.0),
+    torch.testing.assert_close(radii.block_allocation(torch.tensor([1.0, -1.0, 0.0, 2.0]), torch.ones(4), 10.0),
                                torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64))
-    # the best ratio first: 3/1 whole, then 4/2 half of it with the budget left (2 - 1 = 1)
-    torch.testing.assert_close(radii.knapsack_scales(torch.tensor([4.0, 3.0]), torch.tensor([2.0, 1.0]), 2.0),
-                               torch.tensor([0.5, 1.0], dtype=torch.float64))
     # no budget (or a negative one): only the free blocks
-    torch.testing.assert_close(radii.knapsack_scales(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0]), -3.0),
+    torch.testing.assert_close(radii.block_allocation(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0]), -3.0),
                                torch.tensor([1.0, 0.0], dtype=torch.float64))
-    with pytest.raises(ValueError, match="knapsack_scales: expects decrease and cost of one shape"):
-        radii.knapsack_scales(torch.ones(3), torch.ones(2), 1.0)
+    with pytest.raises(ValueError, match="block_allocation: expects decrease and cost of one shape"):
+        radii.block_allocation(torch.ones(3), torch.ones(2), 1.0)
 
 
 @pytest.mark.parametrize("seed", range(5))

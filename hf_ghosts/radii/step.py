@@ -7,7 +7,7 @@
 Block-wise steps (``granularity="blocks"``): ``u = sum_b u_b`` over parameter blocks, each scaled by ``s_b`` in
 [0, 1]. The spread of a sum is at most the sum of the spreads, so with ``D_bj = |u_b| * spread_j(u_b / |u_b|)`` per
 softmax instance ``j`` the step ``w = sum_b s_b u_b`` has ``pi r(w) <= max_j sum_b s_b D_bj``
-(:func:`spread_bound`); :func:`knapsack_scales` chooses ``s`` under that bound, and :func:`block_scale_up` the final
+(:func:`spread_bound`); :func:`block_allocation` chooses ``s`` under that bound, and :func:`block_scale_up` the final
 factor once ``r(w)`` is measured.
 
 No host sync: an invalid input (``|u| < 0``, ``rho <= 0``, NaN) gives NaN on the device. A caller that
@@ -121,33 +121,41 @@ def spread_bound(scales: torch.Tensor, spreads: torch.Tensor) -> torch.Tensor:
     return (scales.to(spreads.dtype) @ spreads).amax() if spreads.shape[1] else spreads.new_zeros(())
 
 
-def knapsack_scales(decrease: torch.Tensor, cost: torch.Tensor, budget: torch.Tensor | float) -> torch.Tensor:
-    """Per-block scales ``s`` in [0, 1] maximizing ``sum_b s_b decrease_b`` subject to ``sum_b s_b cost_b <= budget``.
+def block_allocation(decrease: torch.Tensor, cost: torch.Tensor, budget: torch.Tensor | float) -> torch.Tensor:
+    """Per-block scales ``s`` in [0, 1] maximizing ``sum_b decrease_b sqrt(s_b)`` subject to ``sum_b s_b cost_b <=
+    budget``: the predicted decrease with diminishing returns, so that every useful block keeps moving.
 
-    The fractional knapsack, solved greedily (optimal for it): the blocks with ``decrease_b > 0`` and ``cost_b > 0`` in
-    order of ``decrease_b / cost_b``, each taken up to 1 while the budget lasts, ``s_b = clamp((budget - C_b) /
-    cost_b, 0, 1)`` with ``C_b`` the cost of the blocks before it; a block with ``decrease_b > 0`` and no cost is taken
-    whole; a block with ``decrease_b <= 0`` gets 0. A negative budget counts as 0. Used with ``decrease_b = -g . u_b``
-    (the first-order loss decrease of block ``b``'s update) and ``cost_b = max_j D_bj`` (:func:`spread_bound` is then at
-    most ``budget``). Computed in float64; no host sync.
+    With ``decrease_b = -g . u_b`` (block ``b``'s first-order loss decrease) and ``cost_b = max_j D_bj`` (its spread,
+    so :func:`spread_bound` is at most ``budget = pi r*``). The first-order decrease itself (a fractional knapsack)
+    hands the whole budget to the block of best decrease per spread (the head), which then trains alone at a too high
+    rate; ``sqrt`` gives diminishing returns. The optimum (KKT): ``s_b = min(1, (decrease_b / (lambda cost_b))^2)``,
+    i.e. the budget shared in proportion to ``decrease_b^2 / cost_b`` among the blocks below 1, found by water-filling
+    (blocks at 1 leave the rest to the others, at most one round per block). A block with ``decrease_b > 0`` and no cost
+    is taken whole; one with ``decrease_b <= 0`` gets 0; a negative budget counts as 0. Float64, no host sync.
 
     Example:
 
-    >>> knapsack_scales(torch.tensor([3.0, 1.0, -1.0]), torch.tensor([1.0, 1.0, 1.0]), 1.5)
+    >>> block_allocation(torch.tensor([2.0, 1.0, -1.0]), torch.tensor([1.0, 1.0, 1.0]), 1.0)
+    tensor([0.8000, 0.2000, 0.0000], dtype=torch.float64)
+    >>> block_allocation(torch.tensor([2.0, 1.0, -1.0]), torch.tensor([1.0, 1.0, 1.0]), 1.5)
     tensor([1.0000, 0.5000, 0.0000], dtype=torch.float64)
     """
     if decrease.dim() != 1 or cost.shape != decrease.shape:
-        raise ValueError(f"knapsack_scales: expects decrease and cost of one shape [blocks]; got shapes "
+        raise ValueError(f"block_allocation: expects decrease and cost of one shape [blocks]; got shapes "
                          f"{tuple(decrease.shape)} and {tuple(cost.shape)}")
     decrease, cost = decrease.double(), cost.double().to(decrease.device)
     budget = torch.as_tensor(budget, dtype=torch.float64, device=decrease.device).clamp_min(0.0)
     paid = (decrease > 0) & (cost > 0)
-    ratio = torch.where(paid, decrease / torch.where(paid, cost, 1.0), -math.inf)
-    order = torch.argsort(ratio, descending=True, stable=True)
-    sorted_cost = torch.where(paid, cost, 0.0)[order]
-    before = torch.cumsum(sorted_cost, 0) - sorted_cost  # cost of the better blocks
-    taken = ((budget - before) / torch.where(sorted_cost > 0, sorted_cost, 1.0)).clamp(0.0, 1.0)
-    scales = torch.zeros_like(decrease).scatter(0, order, taken)
+    safe_cost = torch.where(paid, cost, 1.0)
+    weight = torch.where(paid, decrease * decrease / safe_cost, 0.0)  # each block's share of the budget
+    capped = torch.zeros_like(paid)
+    for _ in range(decrease.numel() + 1):  # water-filling: a round caps at least one block or changes nothing
+        free = paid & ~capped
+        left = (budget - torch.where(capped, cost, 0.0).sum()).clamp_min(0.0)
+        total = torch.where(free, weight, 0.0).sum()
+        share = torch.where(free, left * weight / (safe_cost * torch.where(total > 0, total, 1.0)), 0.0)
+        capped = capped | (free & (share >= 1.0))
+    scales = torch.where(capped, 1.0, share.clamp(0.0, 1.0))
     return torch.where(paid, scales, torch.where((decrease > 0) & (cost <= 0), 1.0, 0.0))
 
 
