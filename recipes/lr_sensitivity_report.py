@@ -42,6 +42,22 @@ def lr_sensitivity(losses: Sequence[float], initial_loss: float) -> float:
     return float(capped.mean() - values[finite].min()) if finite.any() else math.nan
 
 
+def mean_regret(losses: Sequence[float], initial_loss: float, best: float) -> float:
+    """Issue 30's measure: ``mean_lr min(loss(lr), loss_0) - best``, with ``best`` one common reference (the best loss
+    of ANY method on the preset and seed), so a method that lowers its own best is not counted as more sensitive
+    (Wortsman's sensitivity, :func:`lr_sensitivity`, compares each method with its own best). A loss that is not
+    finite counts as ``loss_0``.
+
+    >>> mean_regret([3.0, 2.0, float("nan"), 6.0], 5.0, 1.5)
+    2.25
+    """
+    values = np.asarray(losses, dtype=float)
+    if values.size == 0:
+        raise ValueError("mean_regret: expects at least one loss; got none")
+    capped = np.where(np.isfinite(values), np.minimum(values, initial_loss), initial_loss)
+    return float(capped.mean() - best)
+
+
 def ghosts_summary(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """From the ``ghosts/*`` entries of a ``log_history``: ``probed_fraction`` (probed / measured steps),
     ``clipped_fraction`` (clipped / probed), ``binding_radius`` (the limiting radius that bound most probed steps),
@@ -104,7 +120,14 @@ def summarize(rows: list[dict[str, Any]], spec: Any) -> list[dict[str, Any]]:
             lrs = sorted({r["learning_rate"] for r in mine})
             mean_loss = {lr: float(np.mean([r["final_eval_loss"] for r in mine if r["learning_rate"] == lr])) for lr in lrs}
             sensitivity = spread(values)
+            # one reference per seed: the best loss of any method of the table on this preset and seed
+            common = [_finite_min([r["final_eval_loss"] for r in rows if (r["preset"], r["seed"]) == (preset, seed)
+                                   and r["method"] in spec.methods]) for seed in seeds]
+            regrets = spread([mean_regret([r["final_eval_loss"] for r in runs],
+                                          float(np.mean([r["initial_eval_loss"] for r in runs])), reference)
+                              for runs, reference in zip(per_seed, common, strict=True)])
             table.append({
+                "regret_mean": regrets["mean"], "regret_std": regrets["std"], "loss_by_lr": mean_loss,
                 "preset": preset, "method": method, "seeds": len(seeds), "learning_rates": len(lrs),
                 "sensitivity_mean": sensitivity["mean"], "sensitivity_std": sensitivity["std"],
                 "best_loss_mean": float(np.mean(best)),
@@ -120,6 +143,13 @@ def summarize(rows: list[dict[str, Any]], spec: Any) -> list[dict[str, Any]]:
         adamw = next((r for r in table if (r["preset"], r["method"]) == (row["preset"], "adamw")), None)
         row["sensitivity_vs_adamw"] = _ratio(row["sensitivity_mean"], adamw["sensitivity_mean"]) if adamw else math.nan
         row["best_vs_adamw"] = _ratio(row["best_loss_mean"], adamw["best_loss_mean"]) - 1 if adamw else math.nan
+        row["regret_vs_adamw"] = _ratio(row["regret_mean"], adamw["regret_mean"]) if adamw else math.nan
+        # the rate where the method is furthest above AdamW's loss (seed means; rates both ran)
+        shared = [lr for lr in row["loss_by_lr"] if adamw and lr in adamw["loss_by_lr"]]
+        row["worst_rate_vs_adamw"] = max((row["loss_by_lr"][lr] / adamw["loss_by_lr"][lr] - 1 for lr in shared),
+                                         default=math.nan)
+    for row in table:
+        del row["loss_by_lr"]
     return table
 
 
@@ -225,7 +255,8 @@ def plot_logits(rows: list[dict[str, Any]], spec: Any, path: str) -> str:
 RUN_COLUMNS = ["preset", "method", "learning_rate", "seed", "initial_eval_loss", "final_eval_loss", "diverged",
                "max_train_loss", "max_attention_logit", "max_output_logit", "probed_fraction", "clipped_fraction",
                "binding_radius", "r_max", "rho_min", "skipped_steps", "train_seconds", "eval_seconds"]
-TABLE_COLUMNS = ["preset", "method", "seeds", "learning_rates", "sensitivity_mean", "sensitivity_std", "sensitivity_vs_adamw",
+TABLE_COLUMNS = ["preset", "method", "seeds", "learning_rates", "regret_mean", "regret_std", "regret_vs_adamw",
+                 "worst_rate_vs_adamw", "sensitivity_mean", "sensitivity_std", "sensitivity_vs_adamw",
                  "best_loss_mean", "best_vs_adamw", "best_lr", "diverged_runs", "runs", "max_attention_logit",
                  "max_output_logit", "clipped_fraction", "probed_fraction", "train_seconds"]
 
