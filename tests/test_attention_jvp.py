@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import attention_inputs as inputs
-from conftest import attention_reference as reference
-from conftest import reference_allowed
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_ghosts.probe.attention_jvp import attention_jvp, query_blocks
+from tests.references import attention_inputs as inputs
+from tests.references import attention_reference as reference
+from tests.references import reference_allowed
 
 
 def assert_matches(result, expected, reduce=True, tol=1e-10):

@@ -19,12 +19,12 @@ import sys
 
 import pytest
 import torch
-from conftest import attention_inputs as inputs
-from conftest import attention_reference as reference
-from conftest import reference_allowed
 
 from hf_ghosts.probe.attention_jvp import attention_jvp
 from hf_ghosts.probe.attention_triton import attention_jvp_triton, triton_available
+from tests.references import attention_inputs as inputs
+from tests.references import attention_reference as reference
+from tests.references import reference_allowed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -97,10 +97,9 @@ def test_float16_against_float32_reference() -> None:
 def test_the_probe_through_the_kernel_matches_the_blocked_path(monkeypatch) -> None:
     """The glue: a jvp probe of a padded tiny llama with the kernel taken wherever it applies (here forced, on CPU
     under the interpreter) reports what the blocked path reports; the causal & padding mask went in as key padding."""
-    from conftest import random_direction, tiny_causal_lm, token_batch
-
     import hf_ghosts.probe.attention as ghosts
     from hf_ghosts import RadiusProbe
+    from tests.helpers import random_direction, tiny_causal_lm, token_batch
 
     model = tiny_causal_lm("llama").to(DEVICE)
     batch = {key: value.to(DEVICE) for key, value in token_batch(length=20, pad_left=4).items()}

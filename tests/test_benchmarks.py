@@ -1,6 +1,7 @@
 """The benchmarks: a smoke run of benchmarks/overhead.py (every part, tiny size, no timing asserts: each ratio is
 checked against the timings it was made from), and the accuracy study's oracle against an independent float64
-reference. ``benchmark_module`` (conftest) imports a benchmark script."""
+reference. A benchmark script is imported by name when its test runs (``benchmarks/`` is on ``sys.path``:
+pytest's ``pythonpath`` setting)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ import math
 import os
 import statistics
 from collections.abc import Mapping, Sequence
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import causal_output_positions, float64_copy, reference_logit_slopes, tiny_causal_lm, token_batch
 
 from hf_ghosts.settings import ESTIMATORS, MODES
+from tests.helpers import tiny_causal_lm, token_batch
+from tests.references import causal_output_positions, float64_copy, reference_logit_slopes
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -49,9 +52,9 @@ def assert_step_costs(rows: Sequence[Mapping[str, Any]], steps: int, params: int
 
 
 @pytest.mark.slow
-def test_overhead_benchmark_writes_every_part(tmp_path: Path, capsys: pytest.CaptureFixture, benchmark_module) -> None:
+def test_overhead_benchmark_writes_every_part(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "overhead.json"
-    benchmark_module("overhead").main(["--sizes", "tiny", "--steps", "2", "--warmup", "1", "--every", "4",
+    import_module("overhead").main(["--sizes", "tiny", "--steps", "2", "--warmup", "1", "--every", "4",
                                 "--breakdown-repeats", "1", "--probe-repeats", "1", "--spike-steps", "6", "--out", str(out)])
     result = json.loads(out.read_text())
 
@@ -91,21 +94,21 @@ def test_overhead_benchmark_writes_every_part(tmp_path: Path, capsys: pytest.Cap
     assert "| setting | tiny (" in printed and "| measurement | median ms |" in printed and f"wrote {out}" in printed
 
 
-def test_tiny_size_parameter_count_by_hand(benchmark_module) -> None:
+def test_tiny_size_parameter_count_by_hand() -> None:
     """GPT-NeoX, hidden 32, FFN 128, 2 layers, vocabulary 256, untied: the count the smoke test expects."""
     hidden, ffn, layers, vocab = 32, 128, 2, 256
     per_layer = 2 * 2 * hidden + (3 * hidden * hidden + 3 * hidden) + (hidden * hidden + hidden)  # 2 LayerNorms, qkv, dense
     per_layer += (hidden * ffn + ffn) + (ffn * hidden + hidden)  # FFN in and out
     total = vocab * hidden + layers * per_layer + 2 * hidden + vocab * hidden  # embed_in, layers, final norm, embed_out
     assert total == TINY_PARAMS
-    model = benchmark_module("harness").SIZES["tiny"].model()
+    model = import_module("harness").SIZES["tiny"].model()
     assert sum(p.numel() for p in model.parameters()) == total
 
 
-def test_oracle_measures_the_radius_along_the_update_the_optimizer_made(benchmark_module) -> None:
+def test_oracle_measures_the_radius_along_the_update_the_optimizer_made() -> None:
     """The oracle's ``|u|`` and ``rho`` against float64 central differences at the old weights along AdamW's step;
     it leaves AdamW's step as it was."""
-    accuracy = benchmark_module("accuracy")
+    accuracy = import_module("accuracy")
     model = tiny_causal_lm("gpt_neox", seed=4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     oracle = accuracy.oracle(model, optimizer, ("output",))
@@ -172,9 +175,9 @@ def test_gpu_check_script_runs_to_the_end_on_cpu(tmp_path: Path) -> None:
     assert not mark.exists(), "something imported wandb with report_to none"
 
 
-def test_topk_radius_benchmark_smoke(tmp_path: Path, benchmark_module) -> None:
+def test_topk_radius_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "topk.json"
-    result = benchmark_module("topk_radius").main(
+    result = import_module("topk_radius").main(
         ["--vocabs", "600", "--ks", "0", "2", "--tokens", "6", "--repeats", "1", "--exact-rows", "1", "--out", str(out)]
     )
     assert json.loads(out.read_text()) == result
@@ -208,9 +211,9 @@ def test_gpu_breakdown_smoke_form_times_every_piece(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_block_cost_benchmark_times_both_granularities(tmp_path: Path, benchmark_module) -> None:
+def test_block_cost_benchmark_times_both_granularities(tmp_path: Path) -> None:
     out = tmp_path / "block_cost.json"
-    benchmark_module("block_cost").main(["--sizes", "tiny", "--steps", "4", "--warmup", "1", "--lr", "0.3",
+    import_module("block_cost").main(["--sizes", "tiny", "--steps", "4", "--warmup", "1", "--lr", "0.3",
                                          "--out", str(out)])
     (tiny,) = json.loads(out.read_text())["sizes"]
     assert tiny["size"] == "tiny" and tiny["params"] == TINY_PARAMS

@@ -9,11 +9,12 @@ import warnings
 import pytest
 import torch
 import transformers
-from conftest import float64_copy, recorded_scores, tiny_causal_lm, token_batch
-from test_probe_families import FAMILIES, tiny_family
 
 from hf_ghosts.architectures import BLOCK_KINDS, BLOCK_NAMES, DEFAULT_BLOCK_NAMES, fused_qkv_split, parameter_block
 from hf_ghosts.blocks import ParameterBlocks
+from tests.helpers import tiny_causal_lm, token_batch
+from tests.references import float64_copy, recorded_scores
+from tests.test_probe_families import FAMILIES, tiny_family
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

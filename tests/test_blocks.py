@@ -12,19 +12,18 @@ import math
 
 import pytest
 import torch
-from conftest import (
+
+from hf_ghosts import RadiusProbe, RhoCallback, RhoController, RhoTrainingArguments
+from hf_ghosts.architectures import parameter_block
+from hf_ghosts.probe.blocks import block_estimate, block_spreads, instance_spreads
+from tests.helpers import tiny_causal_lm, token_batch
+from tests.references import (
     AdamWReplay,
     causal_output_positions,
     float64_copy,
     reference_attention_spreads,
     reference_output_spreads,
-    tiny_causal_lm,
-    token_batch,
 )
-
-from hf_ghosts import RadiusProbe, RhoCallback, RhoController, RhoTrainingArguments
-from hf_ghosts.architectures import parameter_block
-from hf_ghosts.probe.blocks import block_estimate, block_spreads, instance_spreads
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import StepRecorder, rho_args, tiny_causal_lm, token_dataset
 from transformers import Trainer, TrainerControl, TrainerState
 
 from hf_ghosts import RhoCallback, RhoTrainer
+from tests.helpers import StepRecorder, rho_args, tiny_causal_lm, token_dataset
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

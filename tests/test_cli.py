@@ -20,7 +20,6 @@ import tomllib
 
 import pytest
 import torch
-from conftest import causal_output_positions, float64_copy, forward_logits, reference_output_spreads
 from datasets import load_dataset
 from presets import build_model, train_bpe_tokenizer
 from transformers import BloomConfig, BloomForCausalLM, default_data_collator
@@ -33,6 +32,7 @@ from hf_ghosts.cli.diagnose import diagnose as diagnose_batches
 from hf_ghosts.cli.diagnose import token_table
 from hf_ghosts.cli.proposal import StepProposer
 from hf_ghosts.probe import RadiusProbe
+from tests.references import causal_output_positions, float64_copy, forward_logits, reference_output_spreads
 
 BASE_LR = 1e-3
 SPIKE = 1000.0

@@ -10,11 +10,11 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, rho_args, tiny_causal_lm, tiny_config, token_dataset
 from safetensors.torch import load_file
 from transformers import AutoModel, Trainer
 
 from hf_ghosts import compat
+from tests.helpers import FAMILIES, rho_args, tiny_causal_lm, tiny_config, token_dataset
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -265,8 +265,9 @@ def test_attention_routed_since_matches_the_installed_transformers(model_type: s
 def test_dispatches_attention_by_running_the_model() -> None:
     """The behavioural check: Llama dispatches; a model with its own attention code and Mamba (none) do not; the
     model's implementation is restored."""
-    from own_attention import own_attention_lm
     from transformers import MambaConfig, MambaForCausalLM
+
+    from tests.own_attention import own_attention_lm
 
     ids = torch.randint(0, 64, (1, 5))
     llama = tiny_causal_lm("llama")

@@ -14,9 +14,10 @@ import math
 
 import pytest
 import torch
-from conftest import AdamWReplay, backward, batch_of, classifier, flat_norm, reference_rho, weights
 
 from hf_ghosts import RhoController
+from tests.helpers import backward, batch_of, classifier, flat_norm, weights
+from tests.references import AdamWReplay, reference_rho
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

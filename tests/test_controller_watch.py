@@ -3,7 +3,7 @@ included); ``"set"`` mode follows the learning-rate schedule; the probe schedule
 ``"clip"`` and ``"set"``.
 
 References are independent of the code under test: a plain ``Trainer`` run (bit for bit), hand-computed
-linear-decay learning rates, and float64 radii from ``torch.func.jvp`` (conftest's ``reference_rho``).
+linear-decay learning rates, and float64 radii from ``torch.func.jvp`` (``tests.references.reference_rho``).
 """
 
 from __future__ import annotations
@@ -12,23 +12,22 @@ import math
 
 import pytest
 import torch
-from conftest import (
-    AdamWReplay,
+from transformers import Trainer, TrainerCallback
+
+from hf_ghosts import RhoCallback, RhoController, RhoTrainer, RhoTrainingArguments
+from hf_ghosts.policy import ProbeSchedule, probe_due
+from tests.helpers import (
     StepRecorder,
     backward,
     batch_of,
     classifier,
     flat_norm,
-    reference_rho,
     rho_args,
     tiny_causal_lm,
     token_dataset,
     weights,
 )
-from transformers import Trainer, TrainerCallback
-
-from hf_ghosts import RhoCallback, RhoController, RhoTrainer, RhoTrainingArguments
-from hf_ghosts.policy import ProbeSchedule, probe_due
+from tests.references import AdamWReplay, reference_rho
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

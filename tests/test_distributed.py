@@ -18,10 +18,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_causal_lm
 
 from hf_ghosts.distributed import any_rank, check_fsdp_plugin, detect_backend, global_norm
 from hf_ghosts.probe import RadiusProbe, RadiusReport
+from tests.helpers import tiny_causal_lm
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "distributed_scripts" / "rho_ranks.py"
@@ -45,7 +45,7 @@ def launch(config: str, suite: str, out: Path, *extra: str) -> dict[str, list[di
     ]  # fmt: skip
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),  # the root: tests.helpers
         "OMP_NUM_THREADS": "1",
         "WANDB_MODE": "offline",
         "HF_HUB_OFFLINE": "1",
@@ -71,7 +71,7 @@ def fsdp_mixed(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("fsdp_mixed")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                str(REPO / "tests" / "distributed_scripts" / "fsdp_mixed_loop.py"), "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),  # tests.helpers
            "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"launch failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"

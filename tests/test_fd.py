@@ -10,11 +10,12 @@ import warnings
 import pytest
 import torch
 import transformers
-from conftest import float64_copy, tiny_causal_lm, token_batch
 
 from hf_ghosts import RadiusProbe, RadiusReport, RhoController
 from hf_ghosts.probe import fd
 from hf_ghosts.radii import spread
+from tests.helpers import tiny_causal_lm, token_batch
+from tests.references import float64_copy
 
 # Norms after the attention / MLP output (Gemma2/3: sandwich; OLMo2: post-norm) rescale outputs that are still tiny at
 # initialization: along a gradient step the slopes bend within h = 0.01 (measured: 37% / 39% / 1.6% off the output

@@ -12,9 +12,9 @@ import math
 
 import pytest
 import torch
-from conftest import random_direction, rho_args, tiny_causal_lm, token_batch
 
 from hf_ghosts import RadiusProbe, RhoController, RhoTrainer
+from tests.helpers import random_direction, rho_args, tiny_causal_lm, token_batch
 
 pytestmark = pytest.mark.gpu
 

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_DATA, assert_png, recipe, recorded_scores
 from presets import build_model
 from transformers import TrainingArguments
+
+from tests.helpers import SMALL_DATA, assert_png, recipe
+from tests.references import recorded_scores
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -78,7 +80,7 @@ def test_qk_norm_model_is_the_llama_plus_qk_norms(module) -> None:
 
 @pytest.mark.parametrize("family", ["pythia-tiny", "llama-tiny", "qk-norm"])
 def test_max_logits_against_the_recorded_scores(module, family: str) -> None:
-    """Max |score| over causal keys from an independent recording attention (tests/conftest.py), max |z| over the
+    """Max |score| over causal keys from an independent recording attention (tests/references.py), max |z| over the
     positions that predict a label; the model's mode and attention implementation are restored."""
     model = module.qk_norm_model("llama-tiny", 64, 0) if family == "qk-norm" else build_model(family, vocab_size=64, seed=0)
     with torch.no_grad():  # grow the weights so that the maxima are not all alike

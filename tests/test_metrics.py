@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import rho_args, tiny_causal_lm, token_dataset
 
 from hf_ghosts import RhoTrainer
 from hf_ghosts.architectures import BLOCK_KINDS
 from hf_ghosts.metrics import LOGGED_KEYS, MetricWindow, StepRecord
 from hf_ghosts.settings import RADII, RADIUS_FIELDS
+from tests.helpers import rho_args, tiny_causal_lm, token_dataset
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,8 +1,9 @@
 """W&B offline round trip: what RhoTrainer logs is what the run file holds, under ``train/`` against ``train/global_step``.
 
 Training runs in a subprocess so the W&B run is finished (and its ``run-<id>.wandb`` complete) before
-it is read back. wandb 0.31 ships no Python reader for that file, so conftest's ``read_wandb_records``
-fixture parses it: a LevelDB-style log of 32 KiB blocks holding ``wandb_internal_pb2.Record`` protobufs.
+it is read back (the repository root on its ``PYTHONPATH``, for ``tests.helpers``). wandb 0.31 ships no
+Python reader for that file, so conftest's ``read_wandb_records`` fixture parses it: a LevelDB-style log
+of 32 KiB blocks holding ``wandb_internal_pb2.Record`` protobufs.
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ import pytest
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TESTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
-    sys.path.insert(0, {tests!r})
     import wandb
-    from conftest import rho_args, tiny_causal_lm, token_dataset
+    from tests.helpers import rho_args, tiny_causal_lm, token_dataset
     from hf_ghosts import RhoTrainer
 
     out = Path(sys.argv[1])
@@ -43,8 +43,9 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_wandb_offline_run_holds_the_logged_ghost_metrics(tmp_path: Path, read_wandb_records) -> None:
     script = tmp_path / "train.py"
-    script.write_text(SCRIPT.format(tests=str(TESTS)))
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
            "WANDB_PROJECT": "hf-ghosts-tests", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_DATA, recipe
 from presets import build_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from tests.helpers import SMALL_DATA, recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 VOCAB, LENGTH, SPIKE = 64, 16, 1000.0

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_causal_lm, token_batch, token_dataset
 from presets import spike_loop
 from torch import nn
 
@@ -19,6 +18,7 @@ from hf_ghosts import RhoController, RhoTrainer, RhoTrainingArguments, policy
 from hf_ghosts.policy import ProbeSchedule, reused_scale
 from hf_ghosts.probe import attention
 from hf_ghosts.settings import DEFAULT_TARGETS, DEFAULT_TRIGGER_R
+from tests.helpers import tiny_causal_lm, token_batch, token_dataset
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

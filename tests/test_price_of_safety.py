@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import copy
 import json
+from importlib import import_module
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
 import torch
-from conftest import tiny_causal_lm, token_batch
 from transformers import Trainer, TrainingArguments
 
 from hf_ghosts import RhoController, RhoTrainer, RhoTrainingArguments
+from tests.helpers import tiny_causal_lm, token_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -68,16 +69,15 @@ def replay_eval_loss(harness, fields: dict | None, steps: int, eval_blocks: int,
 
 
 @pytest.mark.slow
-def test_price_of_safety_benchmark_writes_every_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        benchmark_module) -> None:
+def test_price_of_safety_benchmark_writes_every_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "price.json"
-    module = benchmark_module("price_of_safety")
+    module = import_module("price_of_safety")
     module.main(["--size", "tiny", "--steps", "4", "--eval_blocks", "4", "--out", str(out), "--png", str(tmp_path / "p.png")])
     result = json.loads(out.read_text())
     rows = {row["setting"]: row for row in result["rows"]}
     assert list(rows) == list(module.SETTINGS)
     # Interleaving changes nothing: plain AdamW and the default (bound_r2) trained alone reach the same eval loss.
-    harness = benchmark_module("harness")
+    harness = import_module("harness")
     for name in ("plain", "bound_r2"):
         replayed = replay_eval_loss(harness, module.SETTINGS[name], 4, 4, tmp_path / f"replay_{name}")
         assert rows[name]["eval_loss"] == pytest.approx(replayed, rel=1e-6), name

@@ -2,7 +2,7 @@
 
 References never call hf_ghosts.probe: weights moved in place with central differences in float64,
 pre-softmax scores recorded by our own attention function, masks rebuilt by hand from the batch
-(see conftest). Tight comparisons run on float64 copies (``float64_copy``) with ``dtype=torch.float64``.
+(see tests/references.py). Tight comparisons run on float64 copies (``float64_copy``) with ``dtype=torch.float64``.
 """
 
 from __future__ import annotations
@@ -12,24 +12,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import (
-    FAMILIES,
-    VOCAB,
-    causal_output_positions,
-    central_difference,
-    float64_copy,
-    forward_logits,
-    hide_widest_label,
-    module_outputs,
-    random_direction,
-    reference_attention_spreads,
-    reference_logit_slopes,
-    reference_output_spreads,
-    tiny_causal_lm,
-    tiny_config,
-    token_batch,
-    unit_direction,
-)
 from transformers import (
     AttentionInterface,
     AttentionMaskInterface,
@@ -45,6 +27,19 @@ from hf_ghosts import FfnSpec, RadiusProbe, RadiusReport, compat, radii
 from hf_ghosts.architectures import FFN_PREACTIVATIONS
 from hf_ghosts.probe import output_positions
 from hf_ghosts.probe.inputs import query_positions
+from tests.helpers import FAMILIES, VOCAB, random_direction, tiny_causal_lm, tiny_config, token_batch
+from tests.references import (
+    causal_output_positions,
+    central_difference,
+    float64_copy,
+    forward_logits,
+    hide_widest_label,
+    module_outputs,
+    reference_attention_spreads,
+    reference_logit_slopes,
+    reference_output_spreads,
+    unit_direction,
+)
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("single_thread")

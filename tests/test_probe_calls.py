@@ -8,12 +8,12 @@ from dataclasses import fields
 
 import pytest
 import torch
-from conftest import random_direction, tiny_causal_lm, token_batch
 
 from hf_ghosts import RadiusProbe, RadiusReport, RhoCallback, RhoController
 from hf_ghosts.probe import ShardedRadiusProbe, fd
 from hf_ghosts.probe.radius_probe import MODEL_KEYWORDS
 from hf_ghosts.settings import RADIUS_TABLE, REDUCTIONS, REPORT_FIELDS, RhoSettings
+from tests.helpers import random_direction, tiny_causal_lm, token_batch
 
 RADII = ("output", "attention", "ffn")
 

@@ -1,7 +1,7 @@
 """The probe's dtype (``rho_probe_dtype``) and the estimator ``"auto"``: resolution, the fd refusal, bf16 accuracy.
 
-Accuracy is checked against the float64 central-difference references of conftest (never against the probe
-itself), on every family of ``conftest.FAMILIES``. The ``device`` parameter runs each accuracy test on CPU (bf16
+Accuracy is checked against the float64 central-difference references of tests/references.py (never against the
+probe itself), on every family of ``tests.helpers.FAMILIES``. The ``device`` parameter runs each accuracy test on CPU (bf16
 works there) and on CUDA; the CUDA cases carry the ``gpu`` marker and are deselected where CUDA is missing
 (``-m "not gpu"``, which conftest applies automatically on a CPU-only machine): not skipped, deselected.
 """
@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (
-    FAMILIES,
-    causal_output_positions,
-    float64_copy,
-    random_direction,
-    reference_attention_spreads,
-    reference_output_spreads,
-    rho_args,
-    tiny_causal_lm,
-    token_batch,
-    token_dataset,
-)
 
 from hf_ghosts import RadiusProbe, RhoController, RhoTrainer, RhoTrainingArguments
 from hf_ghosts.settings import RhoSettings, resolve_estimator, resolve_probe_dtype
+from tests.helpers import FAMILIES, random_direction, rho_args, tiny_causal_lm, token_batch, token_dataset
+from tests.references import (
+    causal_output_positions,
+    float64_copy,
+    reference_attention_spreads,
+    reference_output_spreads,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32

@@ -1,7 +1,7 @@
 """The family sweep: jvp, fd and a float64 reference for the output and attention radii on tiny models of each
 family, and the README's family table generated from it and :data:`~hf_ghosts.architectures.ARCHITECTURES`.
 
-Regenerate the README table with ``python tests/test_probe_families.py`` (prints it).
+Regenerate the README table with ``python -m tests.test_probe_families`` from the repository root (prints it).
 """
 
 from __future__ import annotations
@@ -14,17 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import (
-    causal_output_positions,
-    float64_copy,
-    random_direction,
-    reference_attention_spreads,
-    reference_output_spreads,
-    token_batch,
-)
 
 from hf_ghosts import RadiusProbe, compat
 from hf_ghosts.architectures import FFN_PREACTIVATIONS, attention_blocker, chunked_head_blocker
+from tests.helpers import random_direction, token_batch
+from tests.references import (
+    causal_output_positions,
+    float64_copy,
+    reference_attention_spreads,
+    reference_output_spreads,
+)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 V = 256
@@ -176,7 +175,7 @@ def test_falcon_attention_where_transformers_routes_it(variant: dict) -> None:
 
 @pytest.mark.slow
 def test_readme_family_table_is_generated_from_the_sweep(rows: list[Row]) -> None:
-    assert table(rows) in README.read_text(), f"regenerate with `python tests/test_probe_families.py`:\n{table(rows)}"
+    assert table(rows) in README.read_text(), f"regenerate with `python -m tests.test_probe_families`:\n{table(rows)}"
 
 
 if __name__ == "__main__":

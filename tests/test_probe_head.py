@@ -3,7 +3,7 @@
 ``chunked_head=True`` stops the forward at the head's input and builds the logit slopes a block of
 ``vocab_chunk`` vocabulary rows at a time; ``chunked_head=False`` runs the model's own head. Tight
 comparisons run on float64 copies with ``dtype=torch.float64`` and ``vocab_chunk=7`` (256 rows:
-36 blocks of 7 and one of 4). References come from conftest and never call hf_ghosts.probe.
+36 blocks of 7 and one of 4). References come from tests/references.py and never call hf_ghosts.probe.
 """
 
 from __future__ import annotations
@@ -13,21 +13,6 @@ import types
 
 import pytest
 import torch
-from conftest import (
-    FAMILIES,
-    VOCAB,
-    causal_output_positions,
-    float64_copy,
-    forward_logits,
-    hide_widest_label,
-    module_outputs,
-    random_direction,
-    reference_logit_slopes,
-    reference_output_spreads,
-    tiny_causal_lm,
-    tiny_config,
-    token_batch,
-)
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -42,6 +27,16 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from hf_ghosts import RadiusProbe, RadiusReport
 from hf_ghosts.architectures import ARCHITECTURES, LINEAR_HEAD_MODELS, find_ffn_modules, resolve_ffn_activation
 from hf_ghosts.probe import head
+from tests.helpers import FAMILIES, VOCAB, random_direction, tiny_causal_lm, tiny_config, token_batch
+from tests.references import (
+    causal_output_positions,
+    float64_copy,
+    forward_logits,
+    hide_widest_label,
+    module_outputs,
+    reference_logit_slopes,
+    reference_output_spreads,
+)
 
 F64 = torch.float64
 ESTIMATORS = ("jvp", "fd")

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from conftest import random_direction, tiny_causal_lm, token_batch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_ghosts import RadiusProbe
 from hf_ghosts.probe.attention import Kernel, Pass, ScoreCapture, _eager_capture, _jvp_capture
+from tests.helpers import random_direction, tiny_causal_lm, token_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 LENGTH = 160  # > the blocked path's 128 query rows per block: the whole [B, H, T, T] would be one tensor otherwise

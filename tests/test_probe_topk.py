@@ -7,19 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import (
-    causal_output_positions,
-    float64_copy,
-    forward_logits,
-    random_direction,
-    reference_logit_slopes,
-    tiny_causal_lm,
-    token_batch,
-    turns,
-)
 
 from hf_ghosts import RadiusProbe, RhoController, RhoTrainingArguments
 from hf_ghosts.radii import TOPK_POOL, rho_bound, topk_radius, widest_tokens
+from tests.helpers import random_direction, tiny_causal_lm, token_batch
+from tests.references import causal_output_positions, float64_copy, forward_logits, reference_logit_slopes, turns
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

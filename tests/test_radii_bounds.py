@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import exp_sum, randn64
 
 from hf_ghosts import radii
+from tests.helpers import randn64
+from tests.references import exp_sum
 
 PI = math.pi
 pytestmark = pytest.mark.usefixtures("single_thread")

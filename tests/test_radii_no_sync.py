@@ -16,13 +16,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import randn64, tiny_causal_lm, token_batch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from hf_ghosts import RadiusProbe, RadiusReport, RhoController, all_reduce_report, radii
 from hf_ghosts.cli.diagnose import Checkpoint, diagnose
 from hf_ghosts.cli.errors import CliError
+from tests.helpers import randn64, tiny_causal_lm, token_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

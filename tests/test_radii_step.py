@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import randn64
 
 from hf_ghosts import radii
+from tests.helpers import randn64
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

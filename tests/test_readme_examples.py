@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import text_dataset, tiny_causal_lm, tiny_tokenizer, token_dataset
+
+from tests.helpers import text_dataset, tiny_causal_lm, tiny_tokenizer, token_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

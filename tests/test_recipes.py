@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_DATA, assert_png, recipe
 from presets import (
     MODEL_PRESETS,
     build_model,
@@ -24,6 +23,7 @@ from presets import (
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_ghosts.cli.data import lm_blocks, pydoc_splits
+from tests.helpers import SMALL_DATA, assert_png, recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: a second thread buys nothing
 

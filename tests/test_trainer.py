@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import AdamWReplay, StepRecorder, rho_args, tiny_causal_lm, tiny_config, token_dataset
 from safetensors import safe_open
 from transformers import (
     BertConfig,
@@ -26,6 +25,8 @@ from transformers import (
 
 from hf_ghosts import RadiusProbe, RhoTrainer, RhoTrainingArguments
 from hf_ghosts.settings import DEFAULT_TARGETS, SETTINGS
+from tests.helpers import StepRecorder, rho_args, tiny_causal_lm, tiny_config, token_dataset
+from tests.references import AdamWReplay
 
 ARGUMENTS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "arguments.md"
 

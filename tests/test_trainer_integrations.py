@@ -12,17 +12,6 @@ import pickle
 import pytest
 import torch
 import transformers
-from conftest import (
-    float64_copy,
-    random_direction,
-    reference_output_spreads,
-    text_dataset,
-    tiny_causal_lm,
-    tiny_tokenizer,
-    token_batch,
-    token_dataset,
-)
-from own_attention import own_attention_lm
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hf_ghosts import (
@@ -35,6 +24,9 @@ from hf_ghosts import (
     rho_trainer,
 )
 from hf_ghosts.probe import model_inputs
+from tests.helpers import random_direction, text_dataset, tiny_causal_lm, tiny_tokenizer, token_batch, token_dataset
+from tests.own_attention import own_attention_lm
+from tests.references import float64_copy, reference_output_spreads
 
 trl = pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
@@ -246,7 +238,7 @@ def test_compiled_model_is_measured_as_the_uncompiled_one(how: str) -> None:
 # ------------------------------------------------------------------------------------------ sliding windows
 def windowed_reference(model, batch, direction, window: int) -> torch.Tensor:
     """``[layers, heads]`` score-slope spreads by float64 central differences, keys ``q - window < k <= q``."""
-    from conftest import central_difference, recorded_scores
+    from tests.references import central_difference, recorded_scores
 
     slopes = central_difference(model, direction, lambda: recorded_scores(model, batch))
     length = batch["input_ids"].shape[1]

@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-from conftest import StepRecorder, rho_args, tiny_causal_lm, token_batch
 from transformers import BloomConfig, BloomForCausalLM
 
 from hf_ghosts import FfnSpec, RadiusProbe, RhoTrainer
+from tests.helpers import StepRecorder, rho_args, tiny_causal_lm, token_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

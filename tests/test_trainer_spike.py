@@ -11,12 +11,12 @@ import math
 
 import pytest
 import torch
-from conftest import rho_args, tiny_causal_lm
 from datasets import Dataset
 from presets import pydoc_text, spike_schedule
 from transformers import Trainer, TrainerCallback
 
 from hf_ghosts import RhoTrainer
+from tests.helpers import rho_args, tiny_causal_lm
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,8 +1,9 @@
 """RhoController in a plain loop on a ``fully_shard`` model with a bf16 ``MixedPrecisionPolicy`` (2 gloo processes).
 
-Launched by tests/test_distributed.py::fsdp_mixed::
+Launched by tests/test_distributed.py::fsdp_mixed, from the repository root and with it on ``PYTHONPATH`` (for
+``tests.helpers``)::
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_scripts/fsdp_mixed_loop.py --out DIR
+    PYTHONPATH=. python -m torch.distributed.run --nproc_per_node 2 tests/distributed_scripts/fsdp_mixed_loop.py --out DIR
 
 Writes ``DIR/rank<r>.pt``: the first step's batch, old weights and direction (full tensors), the local and
 reduced reports, each step's record, the dtypes the weights had in the probe's forwards and in training's, the
@@ -12,7 +13,6 @@ shards before and after a direct ``measure`` call, the FSDP params' ``param_dtyp
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for conftest's tiny builders
-
-from conftest import tiny_causal_lm, token_batch
-
 from hf_ghosts import RhoController, all_reduce_report, compat
+from tests.helpers import tiny_causal_lm, token_batch
 
 STEPS = 3
 

@@ -1,10 +1,11 @@
 """RhoTrainer on 2 real processes (gloo, CPU): records what every rank measured and applied.
 
-Launched by tests/test_distributed.py with the shipped accelerate configs::
+Launched by tests/test_distributed.py with the shipped accelerate configs, from the repository root and with it on
+``PYTHONPATH`` (for ``tests.helpers``)::
 
-    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml --num_processes 2 \
+    PYTHONPATH=. accelerate launch --config_file recipes/accelerate/multi_gpu.yaml --num_processes 2 \
         --mixed_precision no tests/distributed_scripts/rho_ranks.py --suite ddp --out DIR
-    accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 \
+    PYTHONPATH=. accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 \
         tests/distributed_scripts/rho_ranks.py --suite fsdp --out DIR
 
 Each run writes ``DIR/<run>/rank<r>.pt``: the world size, per-step controller records, the
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,11 +31,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for conftest's tiny builders
-
-from conftest import tiny_causal_lm, token_batch
-
 from hf_ghosts import RhoCallback, RhoController, RhoTrainer, RhoTrainingArguments, all_reduce_report, compat
+from tests.helpers import tiny_causal_lm, token_batch
 
 STEPS = 4
 ROWS = 32
