@@ -182,8 +182,7 @@ class BlockStep:
         probes = self._refresh(probe, batch, update, norms, at, radii, estimator, fd_step, reduce)
         if not bool(torch.isfinite(self.unit).all()):
             return BlockOutcome(skipped="radius")
-        cost = (self.unit.cpu() * norms[:, None]).amax(1) if self.unit.shape[1] else torch.zeros_like(norms)
-        scales = block_allocation(decrease, cost, math.pi * target)
+        scales = self.allocate(decrease, self.unit.cpu() * norms[:, None], math.pi * target)
         w = self.blocks.combine(update, scales)
         w_norm = float(update_norm(w))  # host sync
         report = reduce(probe.measure_with(batch, dict(zip(names, w, strict=True)), at, estimator=estimator,
@@ -199,6 +198,14 @@ class BlockStep:
             scale_first_moments(optimizer, self.params, torch._foreach_mul(self.blocks.coefficients(scales, update), c))
         kept = c * w_norm / norm
         return BlockOutcome(kept, c * r_w, probes + 1, {k: c * float(s) for k, s in zip(self.blocks.kinds, scales, strict=True)})
+
+    def allocate(self, decrease: torch.Tensor, spreads: torch.Tensor, budget: float) -> torch.Tensor:
+        """The scales ``s`` (``[blocks]``, float64) of a block step from each block's ``decrease_b = -g . u_b`` and
+        spreads ``D_bj`` (``[blocks, instances]``) at ``budget = pi r*``: :func:`~hf_ghosts.radii.block_allocation` on
+        each block's largest spread ``max_j D_bj``, so that ``spread_bound(s, D) <= budget``. The one place the rule is
+        chosen (``benchmarks/block_study.py`` overrides it to compare rules)."""
+        cost = spreads.amax(1) if spreads.shape[1] else torch.zeros_like(decrease)
+        return block_allocation(decrease, cost, budget)
 
     def _refresh(
         self, probe: RadiusProbe, batch: Mapping[str, torch.Tensor], update: Sequence[torch.Tensor], norms: torch.Tensor,
