@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_DATA, tiny_causal_lm, token_batch
 
 from hf_ghosts import RhoController
 from hf_ghosts.blocks import ParameterBlocks
+from tests.helpers import SMALL_DATA, tiny_causal_lm, token_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None

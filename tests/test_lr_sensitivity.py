@@ -36,6 +36,26 @@ def test_lr_sensitivity_by_hand(module) -> None:
         sensitivity([], 5.0)
 
 
+def test_mean_regret_against_one_common_best_by_hand() -> None:
+    """Issue 30's measure: each method's mean over the rates of ``min(loss, loss_0)`` minus the best loss of ANY method
+    on that preset and seed; a method that lowers its own best is not more sensitive for it (unlike Wortsman's)."""
+    from types import SimpleNamespace
+
+    report = recipe("lr_sensitivity_report")
+    assert report.mean_regret([3.0, 2.0, math.nan, 6.0], 5.0, 1.5) == pytest.approx((3 + 2 + 5 + 5) / 4 - 1.5)
+    run = dict(preset="p", seed=0, initial_eval_loss=5.0, diverged=False, max_attention_logit=1.0, max_output_logit=1.0,
+               clipped_fraction=0.0, probed_fraction=0.0, train_seconds=1.0)
+    losses = {"adamw": [3.0, 4.0], "other": [2.0, 4.5]}
+    rows = [dict(run, method=m, learning_rate=lr, final_eval_loss=loss)
+            for m, values in losses.items() for lr, loss in zip((1e-3, 1e-2), values, strict=True)]
+    table = {row["method"]: row for row in report.summarize(rows, SimpleNamespace(presets=["p"], methods=list(losses)))}
+    # common best 2.0: adamw (3 + 4) / 2 - 2 = 1.5, other (2 + 4.5) / 2 - 2 = 1.25; Wortsman's: 0.5 and 1.25
+    assert table["adamw"]["regret_mean"] == pytest.approx(1.5) and table["other"]["regret_mean"] == pytest.approx(1.25)
+    assert table["other"]["regret_vs_adamw"] == pytest.approx(1.25 / 1.5)
+    assert table["other"]["sensitivity_vs_adamw"] == pytest.approx(1.25 / 0.5)
+    assert table["other"]["worst_rate_vs_adamw"] == pytest.approx(4.5 / 4.0 - 1)
+
+
 def test_z_loss_against_a_float64_hand_computation(module, tmp_path: Path) -> None:
     """Training loss = cross-entropy + 1e-4 x mean of logsumexp(z)^2 over the positions that predict a label;
     with the Trainer's ``num_items_in_batch`` the sum is divided by it; evaluation sees the plain loss."""
