@@ -25,7 +25,7 @@ EXTRAS = {
     "wandb": "wandb: W&B logging (`report_to=[\"wandb\"]`)",
     "cli": "matplotlib, datasets: the `hf-ghosts diagnose` / `plot` command",
     "recipes": "`cli`, `wandb`, tokenizers: the recipes in `recipes/` (the main job reports to W&B, offline by default)",
-    "test": "`recipes`, pytest, ruff, trl, peft, prodigyopt, schedulefree, triton, zclip: the tests and `.ci/run`",
+    "test": "`recipes`, pytest, ruff, trl, peft, prodigyopt, schedulefree, triton, zclip, scipy: the tests and `.ci/run`",
     "peers": "zclip, ai2-olmo-core: the recipes' `zclip` and `skip-step` methods (`recipes/peers.py`)",
 }
 

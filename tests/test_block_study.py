@@ -5,9 +5,9 @@ run of the study's command line."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+from importlib import import_module
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +19,11 @@ from hf_ghosts.blocks import ParameterBlocks
 from tests.helpers import SMALL_DATA, tiny_causal_lm, token_batch
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-HAS_SCIPY = importlib.util.find_spec("scipy") is not None
 
 
 @pytest.fixture
-def variants(benchmark_module):
-    return benchmark_module("block_variants")
+def variants():
+    return import_module("block_variants")  # benchmarks/ is on pytest's pythonpath
 
 
 # --------------------------------------------------------------------------------------------- the rules
@@ -102,7 +101,6 @@ def test_nonpositive_blocks_get_the_global_scale_reserved_first(variants):
     np.testing.assert_allclose(scales, [0.6, 0.15, 0.25], rtol=1e-12)  # 0.75 shared 4 : 1
 
 
-@pytest.mark.skipif(not HAS_SCIPY, reason="the lp rule needs scipy")
 def test_knapsack_is_the_lp_on_one_instance(variants):
     """With one softmax instance the LP is the fractional knapsack: same objective (scipy's HiGHS as reference)."""
     rng = np.random.default_rng(1)
@@ -192,7 +190,7 @@ def test_kinds_prop2_is_the_product_step_bit_for_bit(variants):
 
 
 @pytest.mark.parametrize("name", ["two-knapsack-r1", "layers-prop-r1", "kinds-sqrt-global-r1", "kinds-prop2-r1-m50",
-                                  pytest.param("kinds-lp-r1-p2", marks=pytest.mark.skipif(not HAS_SCIPY, reason="scipy"))])
+                                  "kinds-lp-r1-p2"])  # lp: scipy, in [test]
 def test_every_variant_is_certified_and_its_bound_holds(variants, name):
     """Each block step: ``r(applied) = c r(w) <= r*`` as measured, ``c s_b <= 1``, and with spreads measured on this
     step (``r1``) the sum bound ``spread_bound(s, D) / pi >= r(w)`` (by jvp at the same weights: the triangle
@@ -212,10 +210,10 @@ def test_every_variant_is_certified_and_its_bound_holds(variants, name):
 
 # --------------------------------------------------------------------------------------------- the study's runs
 @pytest.mark.slow
-def test_block_study_smoke(benchmark_module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_block_study_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Two variants for 4 steps on llama-tiny at a huge rate, then the tables: every step clipped and certified, the
     run files where ``--summarize`` finds them, a rerun trains nothing."""
-    study = benchmark_module("block_study")
+    study = import_module("block_study")
     argv = ["--output_dir", str(tmp_path), "--presets", "llama-tiny", "--variants", "rho", "layers-knapsack-r2-m25",
             "--learning_rates", "30", "--seeds", "0", "--max_steps", "4", *SMALL_DATA]
     text = study.main(argv)
