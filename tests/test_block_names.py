@@ -12,6 +12,7 @@ import transformers
 
 from hf_ghosts.architectures import BLOCK_KINDS, BLOCK_NAMES, DEFAULT_BLOCK_NAMES, fused_qkv_split, parameter_block
 from hf_ghosts.blocks import ParameterBlocks
+from hf_ghosts.compat import dispatches_attention
 from tests.helpers import tiny_causal_lm, token_batch
 from tests.references import float64_copy, recorded_scores
 from tests.test_probe_families import FAMILIES, tiny_family
@@ -109,11 +110,30 @@ FUSED = {  # model_type and config changes of each fused q/k/v layout
 }
 
 
+def layer0_scores(model: transformers.PreTrainedModel, batch: dict[str, torch.Tensor], routed: bool) -> torch.Tensor:
+    """Layer 0's pre-softmax scores, recorded by an attention function of our own where transformers routes the
+    family's attention; where it does not (Falcon before 5.25), the queries and keys Falcon's own ``_split_heads``
+    reads from the fused projection's output (what its attention multiplies into scores)."""
+    if routed:
+        return recorded_scores(model, batch)[0]
+    attention = model.transformer.h[0].self_attention
+    seen = []
+    handle = attention.query_key_value.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        handle.remove()
+    query, key, _ = attention._split_heads(seen[0])
+    return torch.cat([query.flatten(), key.flatten()])
+
+
 @pytest.mark.parametrize("case", list(FUSED))
 def test_fused_qkv_split_matches_what_the_attention_reads(case: str) -> None:
     """Behaviour, not the layout written out again: moving any head slot of layer 0's fused projection that the split
-    calls q/k changes layer 0's attention scores (recorded by an attention function of our own); moving one it calls v
-    leaves them exactly as they were."""
+    calls q/k changes layer 0's attention scores (recorded by an attention function of our own; Falcon's queries and
+    keys as its own attention splits them, where transformers does not route it); moving one it calls v leaves them
+    exactly as they were."""
     model_type = case.split()[0]
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model(model_type, **{**FAMILIES[model_type], **FUSED[case]})
@@ -121,7 +141,9 @@ def test_fused_qkv_split_matches_what_the_attention_reads(case: str) -> None:
         warnings.simplefilter("ignore")
         model = float64_copy(transformers.AutoModelForCausalLM.from_config(config))
     batch = token_batch(batch=2, length=8)
-    base = recorded_scores(model, batch)[0]
+    routed = dispatches_attention(model, batch["input_ids"])
+    assert routed or model_type == "falcon", f"{model_type} no longer routes its attention"
+    base = layer0_scores(model, batch, routed)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     checked = 0
     for name, p in model.named_parameters():
@@ -136,7 +158,7 @@ def test_fused_qkv_split_matches_what_the_attention_reads(case: str) -> None:
             saved = p.detach().clone()
             with torch.no_grad():
                 p.add_(torch.randn_like(p) * rows.reshape([-1 if d == dim else 1 for d in range(p.dim())]).double())
-            moved = float((recorded_scores(model, batch)[0] - base).abs().max())
+            moved = float((layer0_scores(model, batch, routed) - base).abs().max())
             with torch.no_grad():
                 p.copy_(saved)
             assert (moved > 1e-6) == bool(is_qk[start]), (name, start, moved)
