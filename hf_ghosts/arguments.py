@@ -164,8 +164,9 @@ class RhoArgumentsMixin:
         default=DEFAULT_GRANULARITY,
         metadata={"help": "How a clipped step is shortened (rho_mode='clip' only): 'global' scales the whole update by one "
                   "factor; 'blocks' scales its parameter blocks (embeddings, q/k, v/o, MLP, norms, final norm, head) one "
-                  "by one, keeping the blocks that lower the loss most per unit of spread, then measures the step taken "
-                  "and scales it to r <= rho_target (the certificate). Costs a probe per moving block where due "
+                  "by one, sharing the spread budget among the blocks that lower the loss (in proportion to d_b^2 / C_b: "
+                  "a block's predicted decrease squared over its spread, radii.block_allocation), then measures the "
+                  "step taken and scales it to r <= rho_target (the certificate). Costs a probe per moving block where due "
                   "(rho_block_refresh) and one for the step taken; unclipped steps are as with 'global'. Not under "
                   "FSDP2. See docs/usage.md, 'Block-wise steps'.",
                   "choices": list(GRANULARITIES)},

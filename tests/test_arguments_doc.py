@@ -18,7 +18,8 @@ README = ROOT / "README.md"
 ARGUMENTS_PAGE = ROOT / "docs" / "arguments.md"
 MARKER = "<!-- generated from the rho_* fields: python tests/test_arguments_doc.py -->"
 # The README's table: the fields a first run is most likely to set; docs/arguments.md has them all.
-KEY_FIELDS = ("rho_mode", "rho_target", "rho_radii", "rho_watch_radii", "rho_estimator", "rho_every", "rho_radius")
+KEY_FIELDS = ("rho_mode", "rho_target", "rho_radii", "rho_watch_radii", "rho_estimator", "rho_every", "rho_radius",
+              "rho_granularity")
 HEADER = ["| field | default | meaning |", "|---|---|---|"]
 
 
