@@ -62,11 +62,11 @@ the binding radius (the one that bound most often), from the logged ``ghosts/*``
     python recipes/lr_sensitivity.py --methods adamw zclip skip-step  # the peers (pip install -e ".[peers]")
     python recipes/lr_sensitivity.py --replot                 # tables and figures again from the run files
 
-Measured wall time (``train_seconds``, one thread each, two runs at a time on this 2-core machine), mean
-over the rates 3e-3, 3e-2, 3e-1: pythia-tiny AdamW 28 s, RhoTrainer 50 s; llama-tiny 31 s and 53 s; pythia-14m
-87 s and 148 s; llama-14m 77 s and 114 s (plus ~2-5 s of evaluation and the logit samples). The 180 runs of
-docs/results.md (4 presets, 3 rates, 3 seeds on the tiny presets) took 3.0 h of training on one thread each,
-~1.6 h of wall time two at a time; the full default grid (6 rates) about twice that.
+Measured wall time (``train_seconds``, one thread each, two to three runs at a time on this 2-core machine), mean
+over the rates 1e-3 ... 3e-1: pythia-tiny AdamW 15 s, RhoTrainer 24 s, block-wise 34 s; llama-tiny 13, 21 and 40 s;
+pythia-14m 55, 83 and 143 s; llama-14m 52, 80 and 164 s (plus ~2-5 s of evaluation and the logit samples). The 280
+runs of docs/results.md (4 presets, 4 rates, 8 methods, 3 seeds on the tiny presets and 2 at 14m) took 3.75 h of
+training on one thread each, ~2.1 h of wall time two at a time.
 Presets can run as parallel processes into one ``--output_dir`` (one run file each); then ``--replot``
 with every preset rebuilds the joint tables.
 
