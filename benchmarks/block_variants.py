@@ -40,7 +40,7 @@ from hf_ghosts import RhoController
 from hf_ghosts.blocks import BlockOutcome, BlockStep, ParameterBlocks
 from hf_ghosts.policy import step_scale
 from hf_ghosts.probe.blocks import block_estimate
-from hf_ghosts.radii import block_allocation, normalized_step, spread_bound, update_norm
+from hf_ghosts.radii import block_allocation, normalized_step, spread_bound
 
 GROUPINGS = ("two", "kinds", "layers")
 RULES = ("knapsack", "lp", "prop", "sqrt", "prop2")
@@ -289,14 +289,11 @@ class StudyBlockStep(BlockStep):
     def _measure(self, scales: torch.Tensor) -> float:
         """``r(w)`` of ``w = sum_b s_b u_b`` at the old weights, measured as the product measures it (one probe)."""
         probe, batch, old, update, radii, reduce = self._context
-        w = self.blocks.combine(update, scales)
-        w_norm = float(update_norm(w))
         estimator, fd_step = block_estimate(probe)
-        at, names = dict(zip(self.blocks.names, old, strict=True)), self.blocks.names
-        report = reduce(probe.measure_with(batch, dict(zip(names, w, strict=True)), at, estimator=estimator,
-                                           fd_step=fd_step, norm=w_norm))
+        at = dict(zip(self.blocks.names, old, strict=True))
+        _, w_norm, rho = self._measure_combined(probe, batch, at, update, scales, radii, estimator, fd_step, reduce)
         self._extra += 1
-        return float(normalized_step(w_norm, float(report.rho_of(radii))))
+        return float(normalized_step(w_norm, rho))
 
 
 class StudyController(RhoController):

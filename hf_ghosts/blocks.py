@@ -178,16 +178,12 @@ class BlockStep:
         if not bool((decrease > 0).any()):
             return None
         estimator, fd_step = block_estimate(probe)
-        names, at = self.blocks.names, dict(zip(self.blocks.names, old, strict=True))
+        at = dict(zip(self.blocks.names, old, strict=True))
         probes = self._refresh(probe, batch, update, norms, at, radii, estimator, fd_step, reduce)
         if not bool(torch.isfinite(self.unit).all()):
             return BlockOutcome(skipped="radius")
         scales = self.allocate(decrease, self.unit.cpu() * norms[:, None], math.pi * target)
-        w = self.blocks.combine(update, scales)
-        w_norm = float(update_norm(w))  # host sync
-        report = reduce(probe.measure_with(batch, dict(zip(names, w, strict=True)), at, estimator=estimator,
-                                           fd_step=fd_step, norm=w_norm))
-        rho = float(report.rho_of(radii))  # host sync
+        w, w_norm, rho = self._measure_combined(probe, batch, at, update, scales, radii, estimator, fd_step, reduce)
         if math.isnan(rho):
             return BlockOutcome(skipped="radius")
         r_w = float(normalized_step(w_norm, rho))
@@ -206,6 +202,19 @@ class BlockStep:
         chosen (``benchmarks/block_study.py`` overrides it to compare rules)."""
         cost = spreads.amax(1) if spreads.shape[1] else torch.zeros_like(decrease)
         return block_allocation(decrease, cost, budget)
+
+    def _measure_combined(
+        self, probe: RadiusProbe, batch: Mapping[str, torch.Tensor], at: Mapping[str, torch.Tensor],
+        update: Sequence[torch.Tensor], scales: torch.Tensor, radii: Sequence[str], estimator: str,
+        fd_step: float | None, reduce: Callable[[RadiusReport], RadiusReport],
+    ) -> tuple[list[torch.Tensor], float, float]:
+        """``w = sum_b s_b u_b``, ``|w|`` and the binding radius along ``w`` at the old weights ``at``: one probe, its
+        report agreed across processes by ``reduce``."""
+        w = self.blocks.combine(update, scales)
+        w_norm = float(update_norm(w))  # host sync
+        report = reduce(probe.measure_with(batch, dict(zip(self.blocks.names, w, strict=True)), at, estimator=estimator,
+                                           fd_step=fd_step, norm=w_norm))
+        return w, w_norm, float(report.rho_of(radii))  # host sync
 
     def _refresh(
         self, probe: RadiusProbe, batch: Mapping[str, torch.Tensor], update: Sequence[torch.Tensor], norms: torch.Tensor,
