@@ -1,15 +1,16 @@
 """Block-wise certificate study (issue 30): which grouping, rule and refresh lets a clipped Llama keep learning; the
 evidence behind ``rho_granularity="blocks"`` (:mod:`hf_ghosts.blocks`).
 
-Today's global clip scales AdamW's whole proposed update ``u`` by ``min(1, r* rho / |u|)``; on Llama at a too-high
-learning rate the attention radius along ``u`` collapses and training freezes. The block step (the product's
+The global clip (``rho_granularity="global"``, the default until issue 30) scales AdamW's whole proposed update ``u``
+by ``min(1, r* rho / |u|)``; on Llama at a too-high learning rate the attention radius along ``u`` collapses and
+training freezes. The block step (the product's
 :class:`~hf_ghosts.blocks.BlockStep`) splits a clipped ``u`` into parameter blocks ``u_b``, measures each block's
 spreads ``D_bj`` per softmax instance, chooses scales ``s_b`` in [0, 1] under ``max_j sum_b s_b D_bj <= pi r*``,
 measures the applied ``w = sum_b s_b u_b`` and applies ``c w``, ``c = min(r* / r(w), 1 / max_b s_b)``: the
 certificate is that measurement. The variants (``benchmarks/block_variants.py``) change only the grouping, the rule
-choosing ``s``, the refresh period of the block spreads, a mix with today's step and extra passes; ``kinds-prop2-r4``
+choosing ``s``, the refresh period of the block spreads, a mix with the global clip's step and extra passes; ``kinds-prop2-r4``
 is the product's step at its defaults (``recipes/lr_sensitivity.py --methods rho-blocks``). Also ``adamw`` and ``rho``
-(today's global clip), all trained by ``recipes/lr_sensitivity.py``'s ``train_run``: same data, order, initial weights
+(the global clip), all trained by ``recipes/lr_sensitivity.py``'s ``train_run``: same data, order, initial weights
 per seed, 300 steps of 8 x 128 tokens, warm-up 20 + cosine, eval loss at the end.
 
     export OMP_NUM_THREADS=1 WANDB_MODE=offline HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -13,9 +13,9 @@ A variant is ``<grouping>-<rule>[-global][-r<N>][-p<P>][-m<percent>]`` (:meth:`V
   shares by ``d_b``), ``sqrt`` (``max sum_b sqrt(d_b) log s_b``: budget shares by ``sqrt(d_b)``); ``prop``, ``sqrt``
   and ``prop2`` water-filled alike. ``lp``: ``max sum_b d_b s_b`` under one constraint per softmax instance
   (``scipy.optimize.linprog``; refused where scipy is not installed).
-- ``global``: blocks with ``d_b <= 0`` get today's global scale, reserved from the budget first (else 0).
+- ``global``: blocks with ``d_b <= 0`` get the global clip's scale, reserved from the budget first (else 0).
 - ``r<N>``: the block spreads measured on every N-th block step (the product's ``block_refresh``; default 1).
-- ``m<percent>``: the scales ``a s_global + (1 - a) s`` with ``a = percent / 100`` (today's step and the block step;
+- ``m<percent>``: the scales ``a s_global + (1 - a) s`` with ``a = percent / 100`` (the global clip's step and the block step;
   the spread is convex, so the mixture is within the budget before it is measured).
 - ``p<P>``: ``P - 1`` extra passes: ``w`` measured, the spreads calibrated by ``r(w) / bound``, the scales chosen again.
 
@@ -236,7 +236,7 @@ class StudyBlockStep(BlockStep):
     by ``variant`` (:meth:`allocate`); ``detail`` holds what the last :meth:`step` chose (``None`` after a skipped or
     unclipped step, ``{"fallback": True}`` where no block lowered the loss and the global scale stood).
 
-    ``rho_now`` returns the radius along ``u`` the controller measured for this step (today's global scale, for
+    ``rho_now`` returns the radius along ``u`` the controller measured for this step (the global clip's scale, for
     ``mix`` and ``global``).
     """
 
@@ -297,7 +297,7 @@ class StudyBlockStep(BlockStep):
 
 
 class StudyController(RhoController):
-    """The product's controller, its block step the ``variant``'s (``None``: today's global clip); every step that was
+    """The product's controller, its block step the ``variant``'s (``None``: the global clip); every step that was
     taken is traced (``trace``: ``r``, ``kept``, ``r_applied``, ``probes``, ``clipped``, ``probed``, and what the block
     step chose)."""
 

@@ -17,7 +17,8 @@ clipped trajectory larger than plain AdamW's). Writes one JSON (``--out``).
 The settings (``RhoTrainingArguments`` fields; every other field at its default):
 ``bound`` (``pi / max Delta``, ``r* = 1``), ``topk_exact`` (``rho_radius="topk_exact"``), ``bound_r2``,
 ``bound_r3``, ``bound_r4``, ``topk_exact_r2``, ``topk_exact_r3`` (``rho_target`` 2, 3 and 4), ``bound_moments`` and ``topk_exact_moments``
-(``rho_rescale_moments=True``: the first moment scaled with the step).
+(``rho_rescale_moments=True``: the first moment scaled with the step), ``bound_r2_global`` and ``bound_r2_blocks``
+(``r* = 2`` with ``rho_granularity`` "global" and "blocks", whatever the default).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ SETTINGS: dict[str, dict[str, Any] | None] = {
     "bound_r4": {"rho_target": 4.0},
     "topk_exact_r2": {"rho_radius": "topk_exact", "rho_target": 2.0},
     "topk_exact_r3": {"rho_radius": "topk_exact", "rho_target": 3.0},
+    "bound_r2_global": {"rho_target": 2.0, "rho_granularity": "global"},
+    "bound_r2_blocks": {"rho_target": 2.0, "rho_granularity": "blocks"},
     "bound_moments": {"rho_rescale_moments": True},
     "topk_exact_moments": {"rho_radius": "topk_exact", "rho_rescale_moments": True},
 }

@@ -21,7 +21,6 @@ from hf_ghosts.settings import (
     DEFAULT_FD_STEP,
     DEFAULT_FFN_MODE,
     DEFAULT_FFN_QUANTILE,
-    DEFAULT_GRANULARITY,
     DEFAULT_PROBE_DTYPE,
     DEFAULT_RADII,
     DEFAULT_RADIUS,
@@ -160,15 +159,17 @@ class RhoArgumentsMixin:
                   "momentum carries the step actually taken (Adam-family optimizers only: another optimizer is "
                   "refused when it is attached)."},
     )
-    rho_granularity: str = field(
-        default=DEFAULT_GRANULARITY,
-        metadata={"help": "How a clipped step is shortened (rho_mode='clip' only): 'global' scales the whole update by one "
-                  "factor; 'blocks' scales its parameter blocks (embeddings, q/k, v/o, MLP, norms, final norm, head) one "
-                  "by one, sharing the spread budget among the blocks that lower the loss (in proportion to d_b^2 / C_b: "
-                  "a block's predicted decrease squared over its spread, radii.block_allocation), then measures the "
-                  "step taken and scales it to r <= rho_target (the certificate). Costs a probe per moving block where due "
-                  "(rho_block_refresh) and one for the step taken; unclipped steps are as with 'global'. Not under "
-                  "FSDP2. See docs/usage.md, 'Block-wise steps'.",
+    rho_granularity: str | None = field(
+        default=None,
+        metadata={"help": "How a clipped step is shortened. None: the mode's default, 'blocks' for 'clip' and 'global' "
+                  "for 'set' and 'monitor' (which clip no step; 'blocks' is refused there). 'global' scales the whole "
+                  "update by one factor; 'blocks' scales its parameter blocks (embeddings, q/k, v/o, MLP, norms, final "
+                  "norm, head) one by one, sharing the spread budget among the blocks that lower the loss (in "
+                  "proportion to d_b^2 / C_b: a block's predicted decrease squared over its spread, "
+                  "radii.block_allocation), then measures the step taken and scales it to r <= rho_target (the "
+                  "certificate). Costs a probe per moving block where due (rho_block_refresh) and one for the step "
+                  "taken; unclipped steps are as with 'global'. Under DDP and FSDP2 alike. See docs/usage.md, "
+                  "'Block-wise steps'.",
                   "choices": list(GRANULARITIES)},
     )
     rho_block_refresh: int = field(

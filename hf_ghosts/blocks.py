@@ -1,4 +1,5 @@
-"""The block-wise step (``granularity="blocks"``): a clipped step keeps the part of the update that is safe to take.
+"""The block-wise step (``granularity="blocks"``, the clip's default): a clipped step keeps the part of the update
+that is safe to take.
 
 One global scale shortens the whole update ``u`` when any part of it bends a softmax; on a Llama at a too-high
 learning rate the embeddings' part collapses the attention radius and the whole step shrinks 400x while the head,
@@ -17,7 +18,9 @@ other) and, on a probed step whose proposed ``r(u)`` exceeds ``r*``:
    ``c = block_scale_up(r*, r(w), max_b s_b) = min(r* / r(w), 1 / max_b s_b)``: ``r(c w) <= r*`` as measured, and no
    block moves further than the optimizer proposed.
 
-Where no block lowers the loss to first order, the step is today's global one. Pure math: :mod:`hf_ghosts.radii.step`.
+Where no block lowers the loss to first order, the step is the global clip's. Under FSDP2 each rank holds a piece of
+every parameter: the blocks' sums are reduced over the shards (:func:`~hf_ghosts.distributed.shard_sum`) and each rank
+scales its pieces. Pure math: :mod:`hf_ghosts.radii.step`.
 """
 
 from __future__ import annotations
@@ -30,11 +33,12 @@ from typing import Any
 import torch
 
 from hf_ghosts.architectures import BLOCK_KINDS, parameter_block
+from hf_ghosts.distributed import full_norm, local_offset, local_tensor, shard_sum
 from hf_ghosts.metrics import StepRecord
 from hf_ghosts.optimizers import scale_first_moments
 from hf_ghosts.probe import RadiusProbe, RadiusReport
 from hf_ghosts.probe.blocks import block_estimate, block_spreads
-from hf_ghosts.radii import block_allocation, block_scale_up, normalized_step, update_norm
+from hf_ghosts.radii import block_allocation, block_scale_up, normalized_step
 
 __all__ = ["BlockOutcome", "BlockStep", "ParameterBlocks"]
 
@@ -57,7 +61,9 @@ class ParameterBlocks:
     """The blocks of an update over the parameters ``names``: ``kinds`` (those with a parameter, in
     :data:`~hf_ghosts.architectures.BLOCK_KINDS` order) and per parameter its block (an index into ``kinds``, or for a
     fused q/k/v projection the block of each slice, :func:`~hf_ghosts.architectures.fused_qkv_split`). Every element
-    of every parameter is in exactly one block: the pieces of ``u`` sum to ``u``."""
+    of every parameter is in exactly one block: the pieces of ``u`` sum to ``u``. Under FSDP2 (DTensor parameters)
+    the tensors it is handed are this rank's local pieces, and a fused projection's slices are those of its piece
+    (:func:`~hf_ghosts.distributed.local_offset`)."""
 
     names: tuple[str, ...]
     kinds: tuple[str, ...]
@@ -76,6 +82,8 @@ class ParameterBlocks:
                 where.append(index[at])
             else:
                 dim, is_qk = at
+                start = local_offset(p)[dim]
+                is_qk = is_qk[start : start + local_tensor(p).shape[dim]]  # this rank's slices (all of them unsharded)
                 slices = torch.where(is_qk, index["qk"], index["vo"]).to(p.device)
                 where.append(_Split(dim, slices, (index["qk"], index["vo"])))
         return cls(tuple(names), kinds, tuple(where))
@@ -91,12 +99,14 @@ class ParameterBlocks:
                     out[b][name] = u * at.along(at.index == b, u.dim()).to(u.dtype)
         return out
 
-    def sums(self, products: Sequence[torch.Tensor]) -> torch.Tensor:
+    def sums(self, products: Sequence[torch.Tensor], only: Sequence[int] | None = None) -> torch.Tensor:
         """``[blocks]`` float64: the sum of each block's elements of ``products`` (one tensor per parameter, e.g.
-        ``g * u`` for ``g . u_b``). On the device, no host sync."""
+        ``g * u`` for ``g . u_b``), over the parameters ``only`` (indices; default all). On the device, no host sync."""
+        indices = range(len(products)) if only is None else only
         device = products[0].device if products else None
         total = torch.zeros(len(self.kinds), dtype=torch.float64, device=device)
-        for product, at in zip(products, self.where, strict=True):
+        for i in indices:
+            product, at = products[i], self.where[i]
             if isinstance(at, int):
                 total[at] += product.sum(dtype=torch.float64)
             else:
@@ -169,9 +179,11 @@ class BlockStep:
         """Take the clipped step ``update = current - old`` (``|u| = norm``, proposed ``r(u) > r* = target``) block-wise
         into ``current``; ``None`` where no block lowers the loss to first order (the caller applies its global scale).
         ``reduce`` agrees each report across processes, ``radii`` are the limiting ones."""
-        grads = [torch.zeros_like(u) if p.grad is None else p.grad.detach() for p, u in zip(self.params, update, strict=True)]
-        totals = torch.stack([self.blocks.sums(torch._foreach_mul(update, update)), self.blocks.sums(torch._foreach_mul(grads, update))])
-        squares, dots = totals.cpu()  # host sync: |u_b|^2 and g . u_b
+        grads = [torch.zeros_like(u) if p.grad is None else local_tensor(p.grad.detach())
+                 for p, u in zip(self.params, update, strict=True)]
+        products = torch._foreach_mul(update, update), torch._foreach_mul(grads, update)
+        local = lambda only: torch.stack([self.blocks.sums(p, only) for p in products])  # noqa: E731
+        squares, dots = shard_sum(local, self.params)  # host sync: |u_b|^2 and g . u_b, over all shards
         norms, decrease = squares.sqrt(), -dots
         if not bool(torch.isfinite(decrease).all() and torch.isfinite(norms).all()):
             return BlockOutcome(skipped="update")
@@ -211,7 +223,7 @@ class BlockStep:
         """``w = sum_b s_b u_b``, ``|w|`` and the binding radius along ``w`` at the old weights ``at``: one probe, its
         report agreed across processes by ``reduce``."""
         w = self.blocks.combine(update, scales)
-        w_norm = float(update_norm(w))  # host sync
+        w_norm = float(full_norm(w, self.params))  # host sync; over all shards under FSDP2
         report = reduce(probe.measure_with(batch, dict(zip(self.blocks.names, w, strict=True)), at, estimator=estimator,
                                            fd_step=fd_step, norm=w_norm))
         return w, w_norm, float(report.rho_of(radii))  # host sync

@@ -26,7 +26,7 @@ from hf_ghosts.distributed import (
     FSDP1_ERROR,
     all_reduce_report,
     detect_backend,
-    global_norm,
+    full_norm,
     is_main_process,
     local_tensor,
 )
@@ -43,16 +43,12 @@ from hf_ghosts.optimizers import (
 from hf_ghosts.policy import ProbeSchedule, reused_scale, scheduled_target, step_scale
 from hf_ghosts.probe import RadiusProbe, RadiusReport, ShardedRadiusProbe
 from hf_ghosts.probe.radius_probe import MODEL_KEYWORDS
-from hf_ghosts.radii import normalized_step, update_norm
+from hf_ghosts.radii import normalized_step
 from hf_ghosts.settings import RhoSettings
 
 __all__ = ["RhoController", "build_probe", "measure_along"]
 
 logger = logging.getLogger(__name__)
-BLOCKS_FSDP2_ERROR = (
-    "'blocks' is not supported under FSDP2: the sharded probe measures the whole update in place, not its blocks. "
-    "Set {name}='global' with FSDP2, or train with DDP for block-wise steps"
-)
 
 
 class RhoController:
@@ -150,15 +146,14 @@ class RhoController:
         """Measure ``model`` from now on, e.g. once FSDP has sharded it; settings, counters and hooks are kept.
 
         Under FSDP2 (``fully_shard``: DTensor parameters) the probe is sharded (:func:`build_probe`), the update norm
-        is reduced over the shards and the rescale is applied shard-locally; ``granularity="blocks"`` is refused there.
+        is reduced over the shards and the rescale is applied shard-locally (block-wise too: each rank scales the
+        blocks' pieces it holds).
         """
         self.backend = detect_backend(model)
         if self.backend == "fsdp1":
             raise ValueError(f"RhoController: {FSDP1_ERROR}")
         self.sharded = self.backend == "fsdp2"
         blocks = self.settings.granularity == "blocks"
-        if blocks and self.sharded:
-            raise self.settings.error("granularity", BLOCKS_FSDP2_ERROR.format(name=self.settings.name("granularity")))
         self.model = model
         self.probe = build_probe(model, self.settings, self.training_dtype, self.sharded, **self._probe_keywords)
         self.names = list(self.probe.trainable)
@@ -211,7 +206,7 @@ class RhoController:
         current = self._shards()
         update = torch._foreach_sub(current, self._old)
         # |u| over all shards under FSDP2 (all-reduce SUM of the squares), else over the full tensors
-        norm = float(global_norm(update, self.params) if self.sharded else update_norm(update))  # host sync
+        norm = float(full_norm(update, self.params))  # host sync
         if self._nonfinite_reason is not None or not math.isfinite(norm):
             self._skip(norm, self._nonfinite_reason or "update")
             return

@@ -24,19 +24,22 @@ with MIN) across processes; the scale is then computed from identical numbers ev
 applied to whatever each rank holds (its replica, or its shard).
 
 Under FSDP2 the probe is :class:`~hf_ghosts.probe.ShardedRadiusProbe` (central differences written into
-the local shards in place; why ``fd`` there: :mod:`hf_ghosts.probe.sharded`).
+the local shards in place; why ``fd`` there: :mod:`hf_ghosts.probe.sharded`). A block-wise step
+(:mod:`hf_ghosts.blocks`) sums each block's ``|u_b|^2`` and ``g . u_b`` over the shards (:func:`shard_sum`) and
+splits a fused q/k/v projection at this rank's offset in it (:func:`local_offset`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+from hf_ghosts.radii import update_norm
 from hf_ghosts.settings import REDUCTIONS
 
 if TYPE_CHECKING:  # the probe imports this module (its collectives); a report is only handed in
@@ -49,10 +52,13 @@ __all__ = [
     "any_rank",
     "check_fsdp_plugin",
     "detect_backend",
+    "full_norm",
     "global_norm",
     "is_main_process",
+    "local_offset",
     "local_tensor",
     "max_over_ranks",
+    "shard_sum",
 ]
 
 BACKENDS = ("single", "ddp", "fsdp2", "fsdp1")
@@ -189,20 +195,52 @@ def _shard_groups(param: torch.Tensor) -> tuple[Any, ...]:
     return tuple(mesh.get_group(i) for i in dims)
 
 
-def global_norm(local: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``sqrt(sum_i |u_i|^2)`` over the full tensors whose local pieces are ``local`` (float64, same on every rank).
+def shard_sum(sum_of: Callable[[list[int]], torch.Tensor], like: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The sum over all ranks' pieces of the parameters ``like`` (float64 on the CPU, the same on every rank).
 
-    ``like[i]`` is the parameter ``local[i]`` belongs to: for a DTensor, the squares are summed
-    (all-reduce SUM) over the mesh dimensions it is sharded on and not over those it is replicated
-    on; plain tensors are replicas and are not reduced. One all-reduce per distinct sharding.
+    ``sum_of(indices)`` is this rank's sum over its local pieces of ``like[i]``, ``i in indices``; it is called once per
+    distinct sharding and summed (all-reduce SUM) over the mesh dimensions those parameters are sharded on, not over
+    those they are replicated on. Plain tensors are replicas and are not reduced: without DTensors this is
+    ``sum_of(all indices)`` itself, with no collective.
     """
-    groups: dict[tuple[Any, ...], list[torch.Tensor]] = {}
-    for piece, param in zip(local, like, strict=True):
-        groups.setdefault(_shard_groups(param), []).append(piece)
-    total = torch.zeros((), dtype=torch.float64)
-    for process_groups, pieces in groups.items():
-        squares = torch.stack(torch._foreach_norm(pieces)).double().pow(2).sum()
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, param in enumerate(like):
+        groups.setdefault(_shard_groups(param), []).append(i)
+    total: torch.Tensor | None = None
+    for process_groups, indices in groups.items():
+        summed = sum_of(indices).double()
         for group in process_groups:
-            dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=group)
-        total = total + squares.cpu()  # host sync
-    return total.sqrt()
+            dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+        total = summed.cpu() if total is None else total + summed.cpu()  # host sync
+    if total is None:
+        raise ValueError("shard_sum: no parameters to sum over")
+    return total
+
+
+def global_norm(local: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sqrt(sum_i |u_i|^2)`` over the full tensors whose local pieces are ``local`` (float64, same on every rank):
+    the :func:`shard_sum` of the local squares; 0 for an empty list."""
+    if not local:
+        return torch.zeros((), dtype=torch.float64)
+    squares = lambda indices: torch.stack(torch._foreach_norm([local[i] for i in indices])).double().pow(2).sum()  # noqa: E731
+    return shard_sum(squares, like).sqrt()
+
+
+def full_norm(local: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``|u|`` of the update whose pieces on this rank are ``local`` (of the parameters ``like``): :func:`global_norm`
+    under FSDP2 (any DTensor), else :func:`~hf_ghosts.radii.update_norm` of the full tensors this rank holds."""
+    if DTensor is not None and any(isinstance(p, DTensor) for p in like):
+        return global_norm(local, like)
+    return update_norm(local)
+
+
+def local_offset(param: torch.Tensor) -> tuple[int, ...]:
+    """Where this rank's piece of ``param`` starts in the full tensor, per dimension (zeros for a plain tensor).
+
+    For a DTensor, torch's own ``compute_local_shape_and_global_offset`` of its shape, mesh and placements (the
+    rule ``DTensor.to_local()`` follows: FSDP2's ``Shard(0)`` chunks, uneven ones included)."""
+    if DTensor is None or not isinstance(param, DTensor):
+        return (0,) * param.dim()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    return tuple(compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)[1])

@@ -38,11 +38,12 @@ def check_first_moments(optimizer: Any, settings: RhoSettings) -> None:
 
 def scale_first_moments(optimizer: Any, params: Sequence[torch.Tensor], scale: float | Sequence[torch.Tensor]) -> None:
     """``exp_avg <- scale * exp_avg`` for ``params`` (those with state): the momentum of the step as applied. ``scale``:
-    one number, or one tensor per parameter broadcasting against it (the block step's scale of each element)."""
+    one number, or one tensor per parameter broadcasting against it (the block step's scale of each element; under
+    FSDP2 against this rank's piece)."""
     state = innermost(optimizer).state
     per_parameter = not isinstance(scale, (int, float))
     scales = list(scale) if per_parameter else [scale] * len(params)
-    pairs = [(state[p]["exp_avg"], s) for p, s in zip(params, scales, strict=True) if "exp_avg" in state.get(p, {})]
+    pairs = [(local_tensor(state[p]["exp_avg"]), s) for p, s in zip(params, scales, strict=True) if "exp_avg" in state.get(p, {})]
     if pairs:
         torch._foreach_mul_([moment for moment, _ in pairs], [s for _, s in pairs] if per_parameter else scale)
 

@@ -41,7 +41,7 @@ __all__ = [
     "DEFAULT_ESTIMATOR",
     "DEFAULT_EVERY",
     "DEFAULT_FD_STEP",
-    "DEFAULT_GRANULARITY",
+    "DEFAULT_GRANULARITIES",
     "DEFAULT_PROBE_DTYPE",
     "DEFAULT_RADII",
     "DEFAULT_RADIUS",
@@ -118,8 +118,13 @@ DEFAULT_TARGETS = {"clip": 2.0, "set": 1.0, "monitor": 2.0}
 # (hf_ghosts.blocks), chosen by the block study of issue 30 (llama-tiny at 3e-2: eval loss 5.69 against 6.41 global).
 # Block spreads are measured on every DEFAULT_BLOCK_REFRESH-th block step and reused in between: 2.9 probes per clipped
 # step instead of 6.7 when measured every time, at nearly the same loss (5.690 against 5.684).
+# granularity None: the mode's default. clip: "blocks", by recipes/lr_sensitivity.py (docs/results.md, "Learning-rate
+# sensitivity"; 4 rates 1e-3 ... 3e-1, 4 presets): mean regret 0.62x / 0.50x / 0.29x / 0.28x AdamW's against the global
+# clip's 0.72x / 0.75x / 0.54x / 1.09x (pythia-tiny, llama-tiny, pythia-14m, llama-14m; the global clip freezes Llama
+# at a too-high rate), best loss within 0.3% of AdamW's or below it; benchmarks/price_of_safety.py at 42M, 60 steps:
+# eval loss +1.3% over AdamW as the global clip's (docs/cost.md). set and monitor clip no step: "global".
 GRANULARITIES = ("global", "blocks")
-DEFAULT_GRANULARITY = "global"
+DEFAULT_GRANULARITIES = {"clip": "blocks", "set": "global", "monitor": "global"}
 DEFAULT_BLOCK_REFRESH = 4
 
 
@@ -183,7 +188,8 @@ SETTINGS: dict[str, Setting] = {
         Setting("vocab_chunk", "rho_vocab_chunk", "a positive integer", lambda v: _is_int(v) and v >= 1),
         Setting("radius", "rho_radius", f"one of {list(RADIUS_KINDS)}", lambda v: v in RADIUS_KINDS),
         Setting("topk", "rho_topk", "an integer >= 1", lambda v: _is_int(v) and v >= 1),
-        Setting("granularity", "rho_granularity", f"one of {list(GRANULARITIES)}", lambda v: v in GRANULARITIES),
+        Setting("granularity", "rho_granularity", f"one of {list(GRANULARITIES)} (None: the mode's default)",
+                lambda v: v is None or v in GRANULARITIES),
         Setting("block_refresh", "rho_block_refresh", "an integer >= 1", lambda v: _is_int(v) and v >= 1),
     )
 }
@@ -250,7 +256,7 @@ class RhoSettings:
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK
     radius: str = DEFAULT_RADIUS
     topk: int = DEFAULT_TOPK
-    granularity: str = DEFAULT_GRANULARITY
+    granularity: str | None = None
     block_refresh: int = DEFAULT_BLOCK_REFRESH
     caller: str = field(default="RhoController", compare=False)
     spelling: str = field(default="keyword", compare=False)
@@ -275,6 +281,8 @@ class RhoSettings:
             self.refuse_fd_in_16_bits(PROBE_DTYPES[self.probe_dtype])
         if self.granularity == "blocks" and self.mode != "clip":
             self._refuse_blocks()
+        if self.granularity is None:  # the mode's default, resolved once (DEFAULT_GRANULARITIES)
+            object.__setattr__(self, "granularity", DEFAULT_GRANULARITIES[self.mode])
 
     def _refuse_blocks(self) -> None:
         """Refuse ``granularity="blocks"`` outside ``"clip"``: it takes a clipped step block by block."""

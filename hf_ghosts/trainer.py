@@ -27,7 +27,7 @@ from hf_ghosts.arguments import (
     training_dtype,
 )
 from hf_ghosts.compat import checkpoint_keys_renamed
-from hf_ghosts.controller import BLOCKS_FSDP2_ERROR, RhoController
+from hf_ghosts.controller import RhoController
 from hf_ghosts.distributed import check_fsdp_plugin
 from hf_ghosts.metrics import define_wandb_metrics
 
@@ -159,8 +159,6 @@ class RhoTrainerMixin:
         settings = self.args.rho_settings()
         if self.is_fsdp_enabled:
             check_fsdp_plugin(self.accelerator.state.fsdp_plugin)  # FSDP2 in fp32 only; FSDP1 is refused
-            if settings.granularity == "blocks":  # now, not when the model is sharded at the first step
-                raise settings.error("granularity", BLOCKS_FSDP2_ERROR.format(name=settings.name("granularity")))
         self.rho_controller = RhoController(
             self.model, settings=settings, training_dtype=training_dtype(self.args),
             ffn_spec=rho_ffn_spec, shift_labels=rho_shift_labels, chunked_head=rho_chunked_head,

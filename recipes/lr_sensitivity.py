@@ -24,13 +24,14 @@ method             what differs
 ``qk-norm``        AdamW on Qwen3 at the Llama preset's shape: Llama plus per-head RMSNorm on q and k, the
                    shared weights bit-identical at initialization (Llama presets only)
 ``qk-norm+zloss``  both of Wortsman's mitigations (Llama presets only; not in the default list)
-``rho``            ``RhoTrainer`` at its defaults (clip, r* = 2, output and attention radii)
-``rho+zloss``      ``RhoTrainer`` at its defaults, plus the z-loss
-``rho+qk-norm``    ``RhoTrainer`` at its defaults on the qk-norm model (Llama presets only; not in the default list)
-``rho-blocks``     ``RhoTrainer`` at its defaults but ``rho_granularity="blocks"``: a clipped step is taken block by
+``rho``            ``RhoTrainer`` at its defaults (clip, r* = 2, output and attention radii) but
+                   ``rho_granularity="global"``: one scale for the whole update (the default before issue 30)
+``rho+zloss``      ``rho``, plus the z-loss
+``rho+qk-norm``    ``rho`` on the qk-norm model (Llama presets only; not in the default list)
+``rho-blocks``     ``RhoTrainer`` at its defaults, ``rho_granularity="blocks"``: a clipped step is taken block by
                    block (issue 30; not in the default list)
 ``rho-blocks+qk-norm``  ``rho-blocks`` on the qk-norm model (Llama presets only; not in the default list)
-``rho-best``       ``RhoTrainer`` with ``--best_rho_target``, ``--best_rho_radius``, ``--best_rho_radii``,
+``rho-best``       ``RhoTrainer`` (global clip) with ``--best_rho_target``, ``--best_rho_radius``, ``--best_rho_radii``,
                    ``--best_rho_every``; the defaults (r* = 1, bound, output and attention, every 16) won a
                    search on llama-tiny, seed 0, against r* = 0.5 and 4, ``topk_exact``, attention alone
                    and output alone (docs/results.md, "Learning-rate sensitivity")
@@ -133,7 +134,7 @@ from hf_ghosts.settings import DEFAULT_BLOCK_REFRESH, DEFAULT_EVERY, RADII, RADI
 
 @dataclass(frozen=True)
 class Method:
-    """One method of the sweep: the trainer (``rho``: None for AdamW, ``"default"``, ``"best"`` or ``"blocks"``), z-loss,
+    """One method of the sweep: the trainer (``rho``: None for AdamW, ``"global"``, ``"best"`` or ``"blocks"``), z-loss,
     qk-norm architecture, gradient-norm clipping, a peer (``recipes/peers.py``: ``"zclip"`` or ``"skip-step"``)."""
 
     description: str
@@ -150,11 +151,11 @@ METHODS: dict[str, Method] = {
     "adamw+zloss": Method("AdamW + z-loss", z_loss=True),
     "qk-norm": Method("AdamW, qk-norm (Qwen3)", qk_norm=True),
     "qk-norm+zloss": Method("AdamW, qk-norm + z-loss", z_loss=True, qk_norm=True),
-    "rho": Method("RhoTrainer (defaults)", rho="default"),
-    "rho+zloss": Method("RhoTrainer + z-loss", rho="default", z_loss=True),
-    "rho+qk-norm": Method("RhoTrainer, qk-norm", rho="default", qk_norm=True),
-    "rho-best": Method("RhoTrainer (best setting)", rho="best"),
-    "rho-blocks": Method("RhoTrainer, block-wise clip", rho="blocks"),
+    "rho": Method("RhoTrainer, global clip", rho="global"),
+    "rho+zloss": Method("RhoTrainer, global clip + z-loss", rho="global", z_loss=True),
+    "rho+qk-norm": Method("RhoTrainer, global clip, qk-norm", rho="global", qk_norm=True),
+    "rho-best": Method("RhoTrainer (best setting, global clip)", rho="best"),
+    "rho-blocks": Method("RhoTrainer, block-wise clip (the default)", rho="blocks"),
     "rho-blocks+qk-norm": Method("RhoTrainer, block-wise clip, qk-norm", rho="blocks", qk_norm=True),
     **{name: Method(description, peer=name) for name, description in PEER_METHODS.items()},  # zclip, skip-step
 }
@@ -367,8 +368,8 @@ def training_arguments(spec: SensitivityArguments, method: str, lr: float, seed:
     if chosen.rho == "best":
         rho.update(rho_target=spec.best_rho_target, rho_radius=spec.best_rho_radius, rho_radii=list(spec.best_rho_radii),
                    rho_every=spec.best_rho_every)
-    if chosen.rho == "blocks":
-        rho.update(rho_granularity="blocks")
+    if chosen.rho is not None:  # every method names its granularity: a run file means one step rule whatever the default
+        rho.update(rho_granularity="blocks" if chosen.rho == "blocks" else "global")
     return FinetuneArguments(
         output_dir=output_dir, max_steps=spec.max_steps, learning_rate=lr, per_device_train_batch_size=spec.batch_size,
         max_grad_norm=spec.max_grad_norm if chosen.clip else 0.0, logging_steps=1, logging_nan_inf_filter=False,

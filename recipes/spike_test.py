@@ -63,14 +63,14 @@ from hf_ghosts.settings import DEFAULT_RADIUS, default_target
 METHODS = {
     "adamw": "plain AdamW",
     "adamw+clip": "AdamW + max_grad_norm",
-    "rho": "RhoTrainer (clip)",
-    "rho-blocks": "RhoTrainer (clip, block-wise)",  # rho_granularity="blocks": on request
+    "rho": "RhoTrainer (clip, global)",  # rho_granularity="global": one scale (the default before issue 30)
+    "rho-blocks": "RhoTrainer (clip, block-wise)",  # rho_granularity="blocks": the default
     **PEER_METHODS,  # zclip, skip-step: on request (the [peers] extra)
 }
-DEFAULT_METHODS = ["adamw", "adamw+clip", "rho"]
+DEFAULT_METHODS = ["adamw", "adamw+clip", "rho", "rho-blocks"]
 METHOD_COLORS = {"adamw": "tab:red", "adamw+clip": "tab:orange", "rho": "tab:blue", "zclip": "tab:green",
                  "skip-step": "tab:purple", "rho-blocks": "tab:gray"}
-RHO_METHODS = ("rho", "rho-blocks")  # RhoTrainer; "rho-blocks" with rho_granularity="blocks", "rho" at the default
+RHO_METHODS = ("rho", "rho-blocks")  # RhoTrainer; each names its rho_granularity, whatever the default
 
 
 @dataclass
@@ -150,7 +150,7 @@ def run_one(spec: SpikeArguments, preset: str, method: str, factor: float, data:
         rho_radii=spec.rho_radii,
         rho_radius=spec.rho_radius,
         rho_rescale_moments=spec.rho_rescale_moments,
-        **({"rho_granularity": "blocks"} if method == "rho-blocks" else {}),
+        rho_granularity="blocks" if method == "rho-blocks" else "global",
     )
     trainer_cls, callbacks = wire(method, RhoTrainer if method in RHO_METHODS else Trainer)
     trainer = spiked(trainer_cls)(

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from hf_ghosts import RadiusProbe, RhoCallback, RhoController, RhoTrainingArguments
+from hf_ghosts import RadiusProbe, RhoCallback, RhoController, RhoSettings, RhoTrainingArguments
 from hf_ghosts.architectures import parameter_block
 from hf_ghosts.probe.blocks import block_estimate, block_spreads, instance_spreads
 from tests.helpers import tiny_causal_lm, token_batch
@@ -44,7 +44,7 @@ def reference_r(model: torch.nn.Module, at: dict[str, torch.Tensor], step: dict[
     return norm * float(torch.maximum(output, attention)) / math.pi
 
 
-def train(granularity: str, lr: float, steps: int = STEPS, family: str = "llama", **settings) -> list[dict]:
+def train(granularity: str | None, lr: float, steps: int = STEPS, family: str = "llama", **settings) -> list[dict]:
     """A plain loop of ``steps`` AdamW steps under a controller; per step its record, the old and new weights, the
     batch and the ``u`` a lockstep AdamW replay proposed."""
     model = tiny_causal_lm(family)
@@ -214,7 +214,17 @@ def test_the_trainer_arguments_and_the_callback_name_their_own_settings() -> Non
     assert RhoTrainingArguments(output_dir="out", rho_granularity="blocks").rho_settings().block_refresh == 4
 
 
-def test_blocks_are_refused_under_fsdp2(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("hf_ghosts.controller.detect_backend", lambda model: "fsdp2")
-    with pytest.raises(ValueError, match=r"RhoController\.granularity: 'blocks' is not supported under FSDP2.*granularity='global'"):
-        RhoController(tiny_causal_lm("llama"), granularity="blocks")
+
+def test_the_clip_defaults_to_blocks_and_the_other_modes_to_global(clipped_runs) -> None:
+    """``granularity=None`` (the default) is the mode's: block-wise in ``"clip"``, global in ``"set"`` and ``"monitor"``
+    (which clip no step); a controller at its defaults takes the block-wise step, bit for bit."""
+    resolved = {mode: RhoSettings(mode=mode).granularity for mode in ("clip", "set", "monitor")}
+    assert resolved == {"clip": "blocks", "set": "global", "monitor": "global"}
+    args = RhoTrainingArguments(output_dir="out")
+    assert args.rho_granularity is None and args.rho_settings().granularity == "blocks"
+    assert RhoTrainingArguments(output_dir="out", rho_mode="set").rho_settings().granularity == "global"
+    assert RhoCallback().settings.granularity == "global"
+    default = train(None, 0.1, steps=2)
+    for got, want in zip(default, clipped_runs["blocks"][:2], strict=True):
+        assert got["record"].block_probes and got["record"].scalars() == want["record"].scalars()
+        assert all(torch.equal(got["new"][name], want["new"][name]) for name in want["new"])

@@ -65,7 +65,8 @@ def test_plain_loop_window_aggregates_max_r_and_min_radii() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     # every=2 with the triggers off: steps 1, 3, 5 are probed, 2 and 4 reuse the last rho.
     controller = RhoController(
-        model, optimizer, radii=("output",), r_target=2.0, every=2, trigger_r=math.inf, trigger_growth=math.inf
+        model, optimizer, radii=("output",), r_target=2.0, every=2, trigger_r=math.inf, trigger_growth=math.inf,
+        granularity="global",  # one scale per step: the window's aggregates of r, scale and rho
     )
     records = []
     for step in range(5):

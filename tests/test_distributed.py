@@ -123,7 +123,7 @@ def assert_reduction_is_max(ranks: list[dict]) -> None:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_ddp_runs_two_real_processes(ddp):
-    assert set(ddp) == {"ddp_jvp", "ddp_noreduce", "ddp_fd", "ddp_blocks"}
+    assert set(ddp) == {"ddp_jvp", "ddp_noreduce", "ddp_fd", "ddp_blocks", "ddp_blocks_fd"}
     for ranks in ddp.values():
         assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
         assert not ranks[0]["fsdp"] and ranks[0]["probes"][0]["backend"] == "ddp"
@@ -290,10 +290,24 @@ def test_fsdp1_is_refused(fsdp):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_fsdp2_refuses_block_steps_at_construction(fsdp):
-    error = fsdp["fsdp2_blocks"][0]["error"]
-    assert error is not None and "RhoTrainingArguments.rho_granularity: 'blocks' is not supported under FSDP2" in error
-    assert "rho_granularity='global'" in error
+def test_fsdp2_block_steps_are_rank_identical_and_equal_to_ddp(fsdp, ddp):
+    """Block-wise clip under FSDP2 (fd, the first moment scaled per element): every step clipped block by block, the
+    same records and weights on both ranks, and the same steps as DDP's block-wise fd run (GPT-2): the blocks' sums and
+    norms over the shards, the fused c_attn's slices of each rank's piece, the moments' local pieces."""
+    ranks, reference = fsdp["fsdp2_blocks"], ddp["ddp_blocks_fd"][0]
+    full_shape, local_shape = ranks[0]["probes"][0]["shards"]["transformer.h.0.attn.c_attn.bias"]
+    assert local_shape == (full_shape[0] // 2,)  # the fused q | k | v bias is split across the ranks: rank 0 q and k
+    steps = ranks[0]["steps"]
+    assert all(step["clipped"] and step.get("block_probes") for step in steps), steps
+    assert_ranks_agree(ranks)
+    assert ranks[0]["steps"] == ranks[1]["steps"]
+    assert all(step["r_applied"] <= 0.5 * (1 + 1e-6) for step in steps)
+    for got, want in zip(steps, reference["steps"], strict=True):
+        assert got.keys() == want.keys()
+        for key in ("rho", "scale", "r_applied", "update_norm", *(k for k in want if k.startswith("block_scale/"))):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-9), key
+    for name, value in ranks[0]["final"].items():
+        torch.testing.assert_close(value, reference["final"][name], rtol=0, atol=2e-6)
 
 
 # ----------------------------------------------------------------------------------------- one process

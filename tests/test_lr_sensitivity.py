@@ -154,8 +154,6 @@ def test_block_methods_leave_the_other_methods_run_settings_alone(module) -> Non
     reused) of the methods that were there before are as they were, so their run files are reused."""
     from common import DataArguments
 
-    from hf_ghosts.settings import DEFAULT_GRANULARITY
-
     spec, data = module.SensitivityArguments(), DataArguments()
     base = {"max_steps", "batch_size", "logit_every", "logit_blocks", "block_size", "max_train_blocks", "max_eval_blocks",
             "tokenizer_vocab_size", "dataset_name", "train_file"}
@@ -165,7 +163,7 @@ def test_block_methods_leave_the_other_methods_run_settings_alone(module) -> Non
     assert {k: v for k, v in blocks.items() if k not in base} == {"rho_granularity": "blocks", "rho_block_refresh": 4}
     assert module.run_settings(spec, data, "rho-blocks+qk-norm") == blocks
     args = {method: module.training_arguments(spec, method, 1e-2, 0, "out") for method in ("rho", "rho-blocks")}
-    assert (args["rho"].rho_granularity, args["rho-blocks"].rho_granularity) == (DEFAULT_GRANULARITY, "blocks")
+    assert (args["rho"].rho_granularity, args["rho-blocks"].rho_granularity) == ("global", "blocks")
     assert module.applies("llama-tiny", "rho-blocks+qk-norm") and not module.applies("pythia-tiny", "rho-blocks+qk-norm")
     assert module.applies("pythia-tiny", "rho-blocks") and "rho-blocks" not in module.DEFAULT_METHODS
 

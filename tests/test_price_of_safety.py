@@ -24,7 +24,8 @@ def test_rescale_moments_scales_the_first_moment_only() -> None:
     reference = copy.deepcopy(model)
     opt_a = torch.optim.AdamW(model.parameters(), lr=0.05)
     opt_b = torch.optim.AdamW(reference.parameters(), lr=0.05)
-    controller = RhoController(model, opt_a, r_target=0.05, estimator="jvp", every=1, rescale_moments=True)
+    controller = RhoController(model, opt_a, r_target=0.05, estimator="jvp", every=1, rescale_moments=True,
+                               granularity="global")
     batch = token_batch()
     model(**batch).loss.backward()
     reference(**batch).loss.backward()

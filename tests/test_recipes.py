@@ -269,22 +269,24 @@ def test_spike_test(tmp_path: Path) -> None:
     with open(tmp_path / "spike_runs.csv") as handle:
         table = list(csv.DictReader(handle))
     keys = {(row["preset"], row["method"], float(row["factor"])) for row in table}
-    assert keys == {(p, m, f) for p in ("pythia-tiny", "llama-tiny") for m in ("adamw", "adamw+clip", "rho") for f in (1, 10000)}
-    assert len(table) == len(rows) == 12
+    methods = ("adamw", "adamw+clip", "rho", "rho-blocks")  # the global clip and the default block-wise one
+    assert keys == {(p, m, f) for p in ("pythia-tiny", "llama-tiny") for m in methods for f in (1, 10000)}
+    assert len(table) == len(rows) == 16
     for row in rows:
         assert 0.0 <= row["eval_accuracy"] <= 1.0
         assert len(row["losses"]) == 6
-        if row["method"] == "rho" or row["factor"] == 1:
+        if row["method"] in ("rho", "rho-blocks") or row["factor"] == 1:
             assert math.isfinite(row["final_eval_loss"]) and not row["collapsed"]
             assert math.isfinite(row["loss_before_spike"])
         if row["method"] == "adamw" and row["factor"] == 10000:
             assert row["collapsed"]  # the point of the test: plain AdamW does not survive the spike ...
-        if row["method"] == "rho":
+        if row["method"] in ("rho", "rho-blocks"):
             assert 0.0 <= row["clipped_fraction"] <= 1.0 and row["max_r_proposed"] > 0
-    # ... and before the spike the three methods agree on the same data (same weights, same order, no clip yet).
+    # ... and before the spike the methods agree on the same data (same weights, same order, no clip yet).
     by_key = {(r["preset"], r["method"], r["factor"]): r for r in rows}
     for preset in ("pythia-tiny", "llama-tiny"):
-        assert by_key[(preset, "adamw", 1.0)]["losses"][0] == pytest.approx(by_key[(preset, "rho", 10000.0)]["losses"][0])
+        for method in ("rho", "rho-blocks"):
+            assert by_key[(preset, "adamw", 1.0)]["losses"][0] == pytest.approx(by_key[(preset, method, 10000.0)]["losses"][0])
     markdown = (tmp_path / "spike_table.md").read_text()
     assert markdown.count("| plain AdamW |") == 2 and "x10000" in markdown
     assert_png(tmp_path / "spike_test.png")

@@ -112,7 +112,8 @@ class Lockstep(TrainerCallback):
 @pytest.mark.parametrize(("mode", "lr"), [("clip", 0.05), ("set", 1e-3)])
 def test_update_is_scale_times_plain_adamw_and_rho_matches_a_fresh_probe(tmp_path, mode: str, lr: float) -> None:
     r_target = 0.5
-    args = rho_args(tmp_path, rho_mode=mode, rho_target=r_target, learning_rate=lr, weight_decay=0.1, max_steps=5)
+    args = rho_args(tmp_path, rho_mode=mode, rho_target=r_target, learning_rate=lr, weight_decay=0.1, max_steps=5,
+                    rho_granularity="global")  # one scale: the applied update is scale * AdamW's
     trainer = RhoTrainer(model=tiny_causal_lm("gpt_neox"), args=args, train_dataset=token_dataset())
     lockstep = Lockstep(trainer)
     trainer.add_callback(lockstep)
@@ -168,7 +169,7 @@ def test_gradient_accumulation_probes_once_per_step_on_the_last_micro_batch(tmp_
     args = rho_args(
         tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
         train_sampling_strategy="sequential", max_grad_norm=0.05, learning_rate=0.05, weight_decay=0.1,
-        lr_scheduler_type="linear", rho_radii=["output", "attention", "ffn"],
+        lr_scheduler_type="linear", rho_radii=["output", "attention", "ffn"], rho_granularity="global",
     )
     base_lr = 0.08 if user_optimizer else args.learning_rate
     optimizers = (torch.optim.AdamW(model.parameters(), lr=base_lr), None) if user_optimizer else (None, None)

@@ -36,6 +36,11 @@ from tests.helpers import tiny_causal_lm, token_batch
 
 STEPS = 4
 ROWS = 32
+# clipped every step block by block, by fd (the sharded probe's estimator), Adam's first moment scaled per element;
+# on GPT-2, whose fused c_attn splits q | k | v along the columns: FSDP2's dim-0 shards hold all the weight's columns
+# and different halves of the bias (rank 0: q and half of k; rank 1: the rest of k and v)
+BLOCKS_FD = dict(rho_mode="clip", rho_radii=["output", "attention"], rho_granularity="blocks", rho_estimator="fd",
+                 rho_rescale_moments=True)
 
 
 class Rows(torch.utils.data.Dataset):
@@ -161,9 +166,10 @@ class CallbackRecorder(TrainerCallback):
 
 
 def run(
-    name: str, out: Path, *, trainer_cls: type = RhoTrainer, reduce: bool = True, callback: bool = False, **rho: Any
+    name: str, out: Path, *, trainer_cls: type = RhoTrainer, reduce: bool = True, callback: bool = False,
+    family: str = "gpt_neox", **rho: Any,
 ) -> None:
-    model = tiny_causal_lm("gpt_neox")
+    model = tiny_causal_lm(family)
     args = TrainingArguments(
         output_dir=str(out / name),
         per_device_train_batch_size=2,  # x 2 ranks = 4 rows of 12 tokens per optimizer step
@@ -215,13 +221,6 @@ def refusal(out: Path, name: str, build: Callable[[], object]) -> None:
         torch.save({"error": message}, out / name / "rank0.pt")
 
 
-def blocks_refused(out: Path) -> None:
-    """``rho_granularity="blocks"`` under FSDP2: the trainer must refuse it at construction."""
-    args = RhoTrainingArguments(output_dir=str(out / "fsdp2_blocks"), report_to=[], use_cpu=True,
-                                rho_granularity="blocks")
-    refusal(out, "fsdp2_blocks", lambda: CpuFsdpRhoTrainer(model=tiny_causal_lm("gpt_neox"), args=args, train_dataset=Rows()))
-
-
 def fsdp1_refused(out: Path) -> None:
     """A torch FSDP1 model: the controller must refuse it (FSDP1 would probe stale root weights)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -242,6 +241,7 @@ def main() -> None:
         run("ddp_fd", out, rho_estimator="fd")
         # clipped every step, block by block (the fused query_key_value split into q/k and v)
         run("ddp_blocks", out, rho_mode="clip", rho_radii=["output", "attention"], rho_granularity="blocks")
+        run("ddp_blocks_fd", out, family="gpt2", **BLOCKS_FD)  # the reference of fsdp2_blocks
     else:
         run("fsdp2", out, trainer_cls=CpuFsdpRhoTrainer)  # asks for jvp: the sharded probe uses fd
         CpuFsdp.fsdp_overrides = {"reshard_after_forward": False}
@@ -254,7 +254,7 @@ def main() -> None:
         run("fsdp2_plain", out, trainer_cls=CpuFsdpTrainer)
         run("fsdp2_callback", out, trainer_cls=CpuFsdpTrainer, callback=True)  # RhoCallback on plain Trainer
         fsdp1_refused(out)
-        blocks_refused(out)
+        run("fsdp2_blocks", out, trainer_cls=CpuFsdpRhoTrainer, family="gpt2", **BLOCKS_FD)
     dist.destroy_process_group()
 
 
