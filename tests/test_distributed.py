@@ -19,8 +19,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hf_ghosts.distributed import any_rank, check_fsdp_plugin, detect_backend, global_norm
+from hf_ghosts.distributed import (
+    any_rank,
+    check_fsdp_plugin,
+    detect_backend,
+    full_norm,
+    global_norm,
+    local_offset,
+    shard_sum,
+)
 from hf_ghosts.probe import RadiusProbe, RadiusReport
+from hf_ghosts.radii import update_norm
 from tests.helpers import tiny_causal_lm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -328,3 +337,13 @@ def test_single_process_helpers():
     assert any_rank(True) and not any_rank(False)
     pieces = [torch.full((3,), 2.0), torch.full((2, 2), -1.0)]
     assert float(global_norm(pieces, pieces)) == pytest.approx(math.sqrt(4 * 3 + 4))
+    calls = []
+
+    def sum_of(indices: list[int]) -> torch.Tensor:
+        calls.append(list(indices))
+        return torch.stack([pieces[i].sum() for i in indices])
+
+    # plain tensors are replicas: one call over every parameter, no reduction
+    assert torch.equal(shard_sum(sum_of, pieces), torch.tensor([6.0, -4.0], dtype=torch.float64)) and calls == [[0, 1]]
+    assert local_offset(pieces[1]) == (0, 0)
+    assert torch.equal(full_norm(pieces, pieces), update_norm(pieces))
