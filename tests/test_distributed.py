@@ -319,6 +319,20 @@ def test_fsdp2_block_steps_are_rank_identical_and_equal_to_ddp(fsdp, ddp):
         torch.testing.assert_close(value, reference["final"][name], rtol=0, atol=2e-6)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_bf16_block_steps_are_rank_identical_and_certified(fsdp):
+    """Block-wise clip under FSDP2 with a bf16 policy (training all-gathers bf16, every block measurement fp32): every
+    step clipped block by block, the same records and weights on both ranks, r <= r* as measured, the policy restored."""
+    ranks = fsdp["fsdp2_blocks_bf16"]
+    steps = ranks[0]["steps"]
+    assert ranks[0]["probes"][0]["param_dtypes"] == ["torch.bfloat16"]
+    assert all(step["clipped"] and step.get("block_probes") for step in steps), steps
+    assert_ranks_agree(ranks)
+    assert ranks[0]["steps"] == ranks[1]["steps"]
+    assert all(step["r_applied"] <= 0.5 * (1 + 1e-6) for step in steps)
+
+
 # ----------------------------------------------------------------------------------------- one process
 def test_check_fsdp_plugin_refuses_fsdp1_and_serves_16_bit_params():
     from accelerate.utils import FullyShardedDataParallelPlugin

@@ -255,6 +255,9 @@ def main() -> None:
         run("fsdp2_callback", out, trainer_cls=CpuFsdpTrainer, callback=True)  # RhoCallback on plain Trainer
         fsdp1_refused(out)
         run("fsdp2_blocks", out, trainer_cls=CpuFsdpRhoTrainer, family="gpt2", **BLOCKS_FD)
+        CpuFsdp.fsdp_overrides = {"mixed_precision_policy": "bf16"}  # training all-gathers bf16, the probe fp32
+        run("fsdp2_blocks_bf16", out, trainer_cls=CpuFsdpRhoTrainer, family="gpt2", **BLOCKS_FD)
+        CpuFsdp.fsdp_overrides = {}
     dist.destroy_process_group()
 
 
