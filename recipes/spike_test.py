@@ -117,11 +117,11 @@ class SpikeArguments:
 
 
 def method_label(method: str, spec: SpikeArguments) -> str:
-    """``METHODS[method]``, and for ``"rho"`` / ``"rho-blocks"`` its settings: ``RhoTrainer (clip, r* = 1, bound)``."""
+    """``METHODS[method]``, and for ``"rho"`` / ``"rho-blocks"`` its settings: ``RhoTrainer (clip, r* = 2, bound, global)``."""
     if method not in RHO_METHODS:
         return METHODS[method]
     moments = ", moments rescaled" if spec.rho_rescale_moments else ""
-    blocks = ", block-wise" if method == "rho-blocks" else ""
+    blocks = ", block-wise" if method == "rho-blocks" else ", global"
     target = default_target("clip") if spec.rho_target is None else spec.rho_target
     return f"RhoTrainer (clip, r* = {target:g}, {spec.rho_radius}{moments}{blocks})"
 

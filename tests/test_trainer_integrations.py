@@ -89,7 +89,27 @@ def test_sft_trainer_clips_every_step(tmp_path) -> None:
     logs = [h for h in trainer.state.log_history if "ghosts/r" in h]
     assert len(logs) == 2 and all(h["ghosts/clipped"] == 1 for h in logs)
     assert all(h["ghosts/r_applied"] == pytest.approx(0.05, rel=1e-4) for h in logs)
+    assert all(h["ghosts/block_probes"] > 0 for h in logs)  # the clip's default: block by block
     assert "mean_token_accuracy" in logs[0]  # SFTTrainer's own metrics are still there
+
+
+def test_lora_sft_trainer_clips_the_adapters_block_by_block(tmp_path) -> None:
+    """LoRA on q_proj and v_proj under the clip's default: the adapters join their base modules' blocks (q/k, v/o),
+    each scaled on its own, and the applied step stays within r*."""
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    args = rho_arguments(SFTConfig)(**sft_kwargs(tmp_path, learning_rate=1e-1), rho_target=0.05, rho_every=1,
+                                    rho_estimator="jvp")
+    trainer = rho_trainer(SFTTrainer)(model=tiny_causal_lm("llama"), args=args, train_dataset=text_dataset(),
+                                      processing_class=tiny_tokenizer(),
+                                      peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert trainer.rho_controller.block_step.blocks.kinds == ("qk", "vo")
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "ghosts/r" in h]
+    assert logs and all(h["ghosts/clipped"] == 1 and h["ghosts/block_probes"] > 0 for h in logs)
+    assert all(h["ghosts/r_applied"] <= 0.05 * (1 + 1e-6) for h in logs)
+    assert all({"ghosts/block_scale/qk", "ghosts/block_scale/vo"} <= set(h) for h in logs)
 
 
 def test_rho_callback_on_sft_trainer_measures_with_model_inputs_only(tmp_path) -> None:
