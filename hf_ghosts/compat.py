@@ -192,6 +192,19 @@ def without_compiled_call(model: torch.nn.Module) -> Iterator[None]:
             model._compiled_call_impl = compiled_call
 
 
+# ----------------------------------------------------------------------------- DTensor shard offsets (torch private)
+__all__ += ["dtensor_offset"]
+
+
+def dtensor_offset(tensor: Any) -> tuple[int, ...]:
+    """Where this rank's piece of the DTensor ``tensor`` starts in the full tensor, per dimension: torch's private
+    ``torch.distributed.tensor._utils.compute_local_shape_and_global_offset`` (torch 2.13), the rule ``to_local()``
+    follows (FSDP2's ``Shard(0)`` chunks, uneven ones included)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    return tuple(compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)[1])
+
+
 # ----------------------------------------------------------------------------- FSDP2 all-gather dtype (torch 2.11-2.13)
 __all__ += ["fsdp_full_precision", "fsdp_param_groups"]
 

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from hf_ghosts import compat
 from hf_ghosts.radii import update_norm
 from hf_ghosts.settings import REDUCTIONS
 
@@ -235,12 +236,8 @@ def full_norm(local: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> to
 
 
 def local_offset(param: torch.Tensor) -> tuple[int, ...]:
-    """Where this rank's piece of ``param`` starts in the full tensor, per dimension (zeros for a plain tensor).
-
-    For a DTensor, torch's own ``compute_local_shape_and_global_offset`` of its shape, mesh and placements (the
-    rule ``DTensor.to_local()`` follows: FSDP2's ``Shard(0)`` chunks, uneven ones included)."""
+    """Where this rank's piece of ``param`` starts in the full tensor, per dimension: for a DTensor
+    :func:`hf_ghosts.compat.dtensor_offset` (torch's rule for ``to_local()``), zeros for a plain tensor."""
     if DTensor is None or not isinstance(param, DTensor):
         return (0,) * param.dim()
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    return tuple(compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)[1])
+    return compat.dtensor_offset(param)
