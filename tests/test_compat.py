@@ -95,6 +95,26 @@ def test_model_mapping_names_still_names_the_bare_backbones() -> None:
     assert not compat.is_bare_backbone(torch.nn.Linear(2, 2))
 
 
+# ----------------------------------------------------------------------------- DTensor shard offsets
+def test_dtensor_offset_still_reads_torchs_shard_rule(tmp_path) -> None:
+    """One gloo process, a DTensor sharded on dim 0: ``compat.dtensor_offset`` reaches torch's private rule (fails,
+    naming compat, if it moved). What it gives on 2 ranks, a fused projection split at each rank's offset, is checked
+    by tests/test_distributed.py (test_fsdp2_block_steps_are_rank_identical_and_equal_to_ddp)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from hf_ghosts.distributed import local_offset
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sharded = distribute_tensor(torch.randn(6, 4), init_device_mesh("cpu", (1,)), [Shard(0)])
+        assert compat.dtensor_offset(sharded) == local_offset(sharded) == (0, 0)
+        assert local_offset(torch.zeros(6, 4)) == (0, 0)
+    finally:
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- FSDP2 all-gather dtype
 def test_fsdp_full_precision_switches_the_all_gather_dtype_and_back(tmp_path) -> None:
     """One gloo process, ``fully_shard`` with a bf16 policy: inside the switch the forward sees fp32 weights and
